@@ -1,0 +1,348 @@
+//! The backend trait: device buffers and the MoE hot-path kernels.
+//!
+//! # Contract (every backend, checked by the conformance suite)
+//!
+//! - **Routing** follows [`crate::spec`]: ids ordered by selection score
+//!   descending, **ties to the lower expert id**, NaN logits treated as `-inf`.
+//!   Expert ids equal the float64 reference exactly.
+//! - **Permute** is a stable counting sort: expert `e`'s rows occupy slots
+//!   `offsets[e] .. offsets[e+1]`, in ascending flat index `t * k + j`.
+//! - **Grouped matmul** accumulates in f32 whatever the storage dtype and
+//!   rounds once when storing; SwiGLU is `silu(gate) * up` in f32.
+//! - **Combine** sums each token's `k` contributions in f32, **in ascending
+//!   expert id** (then ascending `j` for a repeated id), then adds the
+//!   previous output when accumulating, and rounds once when storing.
+//! - **Router GEMM** runs in f32 whatever the activation dtype.
+//! - **Tolerances** against float64, as relative L2 error (NaN never passes):
+//!   see [`tolerance`]. Results are deterministic: the same inputs give the
+//!   same bits on the same backend, whatever the thread count.
+//! - **Bad input** (lengths, dtypes, ranges) is a [`MoeError`], never a panic.
+//!
+//! Buffers are flat and typed; shapes travel as small `*Shape` structs so that
+//! one buffer can be reused for any token count up to its capacity (a buffer
+//! may be longer than a kernel needs; never shorter).
+
+use crate::dtype::{DType, HostSlice, HostVec};
+use crate::error::{MoeError, Result};
+use crate::spec::RouterSpec;
+use std::fmt;
+
+/// Relative L2 error allowed against the float64 reference for results
+/// stored in `dtype` (routing weights are always f32).
+///
+/// f32: 1e-5. bf16: 1.6e-2 (8-bit mantissa, a few roundings of intermediate
+/// activations). f16: 4e-3 (11-bit mantissa).
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::U32 => 1e-5,
+        DType::BF16 => 1.6e-2,
+        DType::F16 => 4e-3,
+    }
+}
+
+/// What a device buffer knows about itself.
+pub trait DeviceBuffer: Send + Sync {
+    fn dtype(&self) -> DType;
+    /// Length in elements.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The kernels of the trait, for capability queries and error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    RouterLogits,
+    Route,
+    TopK,
+    Permute,
+    GroupedMatmul,
+    Combine,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 6] = [
+        Kernel::RouterLogits,
+        Kernel::Route,
+        Kernel::TopK,
+        Kernel::Permute,
+        Kernel::GroupedMatmul,
+        Kernel::Combine,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::RouterLogits => "router_logits",
+            Kernel::Route => "route",
+            Kernel::TopK => "topk",
+            Kernel::Permute => "permute",
+            Kernel::GroupedMatmul => "grouped_matmul",
+            Kernel::Combine => "combine",
+        }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which activation/weight dtypes a kernel accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelCaps {
+    pub kernel: Kernel,
+    /// Storage dtypes of the kernel's activations (and weights, which match them).
+    pub dtypes: Vec<DType>,
+}
+
+/// What a backend can do; ask before dispatching.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub kernels: Vec<KernelCaps>,
+    /// Largest single buffer in bytes.
+    pub max_buffer_bytes: u64,
+    /// Largest `num_experts` the route kernel handles.
+    pub max_experts: usize,
+    /// Largest `top_k` the route and topk kernels handle.
+    pub max_top_k: usize,
+}
+
+impl Capabilities {
+    pub fn kernel(&self, kernel: Kernel) -> Option<&KernelCaps> {
+        self.kernels.iter().find(|k| k.kernel == kernel)
+    }
+
+    pub fn supports(&self, kernel: Kernel, dtype: DType) -> bool {
+        self.kernel(kernel).is_some_and(|k| k.dtypes.contains(&dtype))
+    }
+
+    /// `Ok` when `kernel` runs in `dtype`, else an `Unsupported` error naming both.
+    pub fn check(&self, backend: &str, kernel: Kernel, dtype: DType) -> Result<()> {
+        match self.kernel(kernel) {
+            None => Err(MoeError::unsupported(backend, kernel, "the kernel is not available")),
+            Some(k) if !k.dtypes.contains(&dtype) => Err(MoeError::unsupported(
+                backend,
+                format!("{kernel} in {dtype}"),
+                format!(
+                    "supported dtypes are {}",
+                    k.dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// `Ok` when the route kernel handles `spec`.
+    pub fn check_route(&self, backend: &str, spec: &RouterSpec) -> Result<()> {
+        if spec.num_experts > self.max_experts {
+            return Err(MoeError::unsupported(
+                backend,
+                format!("route with {} experts", spec.num_experts),
+                format!("at most {} experts", self.max_experts),
+            ));
+        }
+        if spec.top_k > self.max_top_k {
+            return Err(MoeError::unsupported(
+                backend,
+                format!("route with top_k = {}", spec.top_k),
+                format!("top_k at most {}", self.max_top_k),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Router GEMM: `logits[T, E] = hidden[T, H] · weight[E, H]^T`, in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterShape {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub experts: usize,
+}
+
+/// Dispatch of `tokens` rows of width `hidden`, each to `top_k` of `experts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PermuteShape {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub top_k: usize,
+    pub experts: usize,
+}
+
+/// Epilogue of a grouped matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `out = x · W_e^T` with `W` `[E, N, K]`.
+    None,
+    /// `out = silu(x · G_e^T) * (x · U_e^T)` with `W` `[E, 2N, K]`, gate rows first.
+    SwiGlu,
+}
+
+/// One GEMM per expert over ragged row groups.
+///
+/// `input` is `[rows, in_features]`; rows `offsets[e] .. offsets[e+1]` belong
+/// to expert `e`; `output` is `[rows, out_features]`. Rows beyond
+/// `offsets[experts]` are left untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub rows: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub experts: usize,
+    pub activation: Activation,
+}
+
+impl GemmShape {
+    /// Rows of each expert's weight matrix (`2N` for SwiGLU).
+    pub fn weight_rows(&self) -> usize {
+        match self.activation {
+            Activation::None => self.out_features,
+            Activation::SwiGlu => 2 * self.out_features,
+        }
+    }
+}
+
+/// Weighted un-permute of `tokens * top_k` expert rows back to `tokens` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CombineShape {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub top_k: usize,
+    /// Add into the existing output instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// Outputs of [`Backend::permute`].
+pub struct Permuted<B> {
+    /// `[E]` u32: rows per expert.
+    pub counts: B,
+    /// `[E + 1]` u32: exclusive prefix sum of `counts`; `offsets[E] = T * k`.
+    pub offsets: B,
+    /// `[T * k]` u32: for flat index `t * k + j`, its slot in permuted order.
+    pub slot_of: B,
+    /// `[T * k]` u32: for each slot, its flat index `t * k + j` (inverse of `slot_of`).
+    pub source_of: B,
+    /// `[T * k, H]`: the gathered hidden rows, in the hidden dtype.
+    pub rows: B,
+}
+
+impl<B: DeviceBuffer> Permuted<B> {
+    /// Allocates outputs for `shape` with rows in `dtype`.
+    pub fn alloc<K: Backend<Buffer = B> + ?Sized>(
+        backend: &K,
+        shape: PermuteShape,
+        dtype: DType,
+    ) -> Result<Self> {
+        let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;
+        Ok(Permuted {
+            counts: backend.alloc(DType::U32, shape.experts)?,
+            offsets: backend.alloc(DType::U32, shape.experts + 1)?,
+            slot_of: backend.alloc(DType::U32, tk)?,
+            source_of: backend.alloc(DType::U32, tk)?,
+            rows: backend.alloc(dtype, checked_mul(tk, shape.hidden, "tokens * top_k * hidden")?)?,
+        })
+    }
+}
+
+/// `a * b`, or a shape error when it overflows.
+pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| MoeError::shape(what, format!("{a} * {b}"), "a product that fits in usize"))
+}
+
+/// One accelerator (or the CPU) behind the MoE hot-path kernels.
+///
+/// Every kernel checks its arguments (see [`crate::check`]) and returns an
+/// error for bad input. Kernels may run asynchronously; [`Backend::download`]
+/// and [`Backend::synchronize`] wait for them.
+pub trait Backend: Send + Sync {
+    type Buffer: DeviceBuffer;
+
+    /// Short name: `cpu`, `wgpu`, `cuda`, `cann`.
+    fn name(&self) -> &'static str;
+    /// The device, in words.
+    fn device_name(&self) -> String;
+    fn capabilities(&self) -> Capabilities;
+
+    /// A zero-filled buffer of `len` elements.
+    fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;
+    fn upload(&self, data: HostSlice<'_>) -> Result<Self::Buffer>;
+    /// Overwrites the first `data.len()` elements of `buf`.
+    fn write(&self, buf: &mut Self::Buffer, data: HostSlice<'_>) -> Result<()>;
+    /// Waits for pending work and copies the whole buffer to the host.
+    fn download(&self, buf: &Self::Buffer) -> Result<HostVec>;
+    /// Waits for all pending work.
+    fn synchronize(&self) -> Result<()>;
+
+    /// `logits[T, E]` (f32) `= hidden[T, H] · weight[E, H]^T`; `weight` is f32,
+    /// `hidden` any float dtype, accumulated in f32.
+    fn router_logits(
+        &self,
+        hidden: &Self::Buffer,
+        weight: &Self::Buffer,
+        logits: &mut Self::Buffer,
+        shape: RouterShape,
+    ) -> Result<()>;
+
+    /// Routes `tokens` rows of f32 `logits[T, E]` into `ids[T, k]` (u32) and
+    /// `weights[T, k]` (f32) as [`crate::spec`] says.
+    fn route(
+        &self,
+        logits: &Self::Buffer,
+        spec: &RouterSpec,
+        tokens: usize,
+        ids: &mut Self::Buffer,
+        weights: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Top-`k` of each row of f32 `values[rows, cols]`: `ids[rows, k]` (u32),
+    /// `out[rows, k]` (f32), descending, ties to the lower index, NaN ranked
+    /// below every number.
+    #[allow(clippy::too_many_arguments)]
+    fn topk(
+        &self,
+        values: &Self::Buffer,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        ids: &mut Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Stable dispatch of `hidden[T, H]` by `ids[T, k]` (u32, each `< E`).
+    fn permute(
+        &self,
+        hidden: &Self::Buffer,
+        ids: &Self::Buffer,
+        shape: PermuteShape,
+        out: &mut Permuted<Self::Buffer>,
+    ) -> Result<()>;
+
+    /// One GEMM per expert: `weight` is `[E, N, K]` (`[E, 2N, K]` for SwiGLU),
+    /// stored like checkpoints store Linear weights; `offsets` is u32 `[E + 1]`.
+    /// `input`, `weight` and `output` share one float dtype.
+    fn grouped_matmul(
+        &self,
+        input: &Self::Buffer,
+        offsets: &Self::Buffer,
+        weight: &Self::Buffer,
+        output: &mut Self::Buffer,
+        shape: GemmShape,
+    ) -> Result<()>;
+
+    /// `output[t] (+)= sum_j weights[t, j] * expert_out[slot_of[t*k + j]]`,
+    /// summed in f32 in ascending expert id. `expert_out` and `output` share
+    /// one float dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &self,
+        expert_out: &Self::Buffer,
+        ids: &Self::Buffer,
+        weights: &Self::Buffer,
+        slot_of: &Self::Buffer,
+        output: &mut Self::Buffer,
+        shape: CombineShape,
+    ) -> Result<()>;
+}

@@ -1,0 +1,183 @@
+//! Argument checks shared by every backend, so that bad input gets the same
+//! error everywhere. Each backend calls these first, then its own limits.
+
+use crate::backend::{
+    checked_mul, Capabilities, CombineShape, DeviceBuffer, GemmShape, Kernel, PermuteShape, Permuted, RouterShape,
+};
+use crate::dtype::DType;
+use crate::error::{MoeError, Result};
+use crate::spec::RouterSpec;
+
+/// `buf` has dtype `dtype` and at least `len` elements.
+pub fn buffer<B: DeviceBuffer + ?Sized>(what: &str, buf: &B, dtype: DType, len: usize) -> Result<()> {
+    if buf.dtype() != dtype {
+        return Err(MoeError::DType {
+            what: what.to_string(),
+            got: buf.dtype(),
+            expected: dtype.to_string(),
+        });
+    }
+    if buf.len() < len {
+        return Err(MoeError::shape(
+            format!("{what} length"),
+            buf.len(),
+            format!("at least {len} elements"),
+        ));
+    }
+    Ok(())
+}
+
+fn float_dtype<B: DeviceBuffer + ?Sized>(what: &str, buf: &B) -> Result<DType> {
+    if !buf.dtype().is_float() {
+        return Err(MoeError::DType {
+            what: what.to_string(),
+            got: buf.dtype(),
+            expected: "f32, bf16 or f16".to_string(),
+        });
+    }
+    Ok(buf.dtype())
+}
+
+fn nonzero(what: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(MoeError::shape(what, 0, "at least 1"));
+    }
+    Ok(())
+}
+
+pub fn router_logits<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    hidden: &B,
+    weight: &B,
+    logits: &B,
+    s: RouterShape,
+) -> Result<()> {
+    nonzero("hidden size", s.hidden)?;
+    nonzero("experts", s.experts)?;
+    let dt = float_dtype("hidden", hidden)?;
+    caps.check(backend, Kernel::RouterLogits, dt)?;
+    buffer("hidden", hidden, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)?;
+    buffer("router weight", weight, DType::F32, checked_mul(s.experts, s.hidden, "experts * hidden")?)?;
+    buffer("logits", logits, DType::F32, checked_mul(s.tokens, s.experts, "tokens * experts")?)
+}
+
+pub fn route<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    logits: &B,
+    spec: &RouterSpec,
+    tokens: usize,
+    ids: &B,
+    weights: &B,
+) -> Result<()> {
+    spec.validate()?;
+    caps.check(backend, Kernel::Route, DType::F32)?;
+    caps.check_route(backend, spec)?;
+    let e = spec.num_experts;
+    let k = spec.top_k;
+    buffer("logits", logits, DType::F32, checked_mul(tokens, e, "tokens * experts")?)?;
+    let tk = checked_mul(tokens, k, "tokens * top_k")?;
+    buffer("ids", ids, DType::U32, tk)?;
+    buffer("weights", weights, DType::F32, tk)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn topk<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    values: &B,
+    rows: usize,
+    cols: usize,
+    k: usize,
+    ids: &B,
+    out: &B,
+) -> Result<()> {
+    caps.check(backend, Kernel::TopK, DType::F32)?;
+    if k == 0 || k > cols {
+        return Err(MoeError::shape("k", k, format!("1 ..= cols ({cols})")));
+    }
+    if k > caps.max_top_k {
+        return Err(MoeError::unsupported(backend, format!("topk with k = {k}"), format!("k at most {}", caps.max_top_k)));
+    }
+    buffer("values", values, DType::F32, checked_mul(rows, cols, "rows * cols")?)?;
+    let rk = checked_mul(rows, k, "rows * k")?;
+    buffer("ids", ids, DType::U32, rk)?;
+    buffer("out", out, DType::F32, rk)
+}
+
+pub fn permute<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    hidden: &B,
+    ids: &B,
+    s: PermuteShape,
+    out: &Permuted<B>,
+) -> Result<()>
+where
+    B: Sized,
+{
+    nonzero("experts", s.experts)?;
+    nonzero("top_k", s.top_k)?;
+    let dt = float_dtype("hidden", hidden)?;
+    caps.check(backend, Kernel::Permute, dt)?;
+    let tk = checked_mul(s.tokens, s.top_k, "tokens * top_k")?;
+    if tk > u32::MAX as usize {
+        return Err(MoeError::shape("tokens * top_k", tk, "at most 2^32 - 1 (slots are u32)"));
+    }
+    buffer("hidden", hidden, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)?;
+    buffer("ids", ids, DType::U32, tk)?;
+    buffer("counts", &out.counts, DType::U32, s.experts)?;
+    buffer("offsets", &out.offsets, DType::U32, s.experts + 1)?;
+    buffer("slot_of", &out.slot_of, DType::U32, tk)?;
+    buffer("source_of", &out.source_of, DType::U32, tk)?;
+    buffer("permuted rows", &out.rows, dt, checked_mul(tk, s.hidden, "tokens * top_k * hidden")?)
+}
+
+pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    input: &B,
+    offsets: &B,
+    weight: &B,
+    output: &B,
+    s: GemmShape,
+) -> Result<()> {
+    nonzero("experts", s.experts)?;
+    nonzero("in_features", s.in_features)?;
+    nonzero("out_features", s.out_features)?;
+    let dt = float_dtype("input", input)?;
+    caps.check(backend, Kernel::GroupedMatmul, dt)?;
+    buffer("input", input, dt, checked_mul(s.rows, s.in_features, "rows * in_features")?)?;
+    buffer("offsets", offsets, DType::U32, s.experts + 1)?;
+    let weight_rows = checked_mul(s.out_features, 2, "2 * out_features")?;
+    let per_expert = checked_mul(
+        if s.activation == crate::backend::Activation::SwiGlu { weight_rows } else { s.out_features },
+        s.in_features,
+        "weight rows * in_features",
+    )?;
+    buffer("weight", weight, dt, checked_mul(s.experts, per_expert, "experts * weight size")?)?;
+    buffer("output", output, dt, checked_mul(s.rows, s.out_features, "rows * out_features")?)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn combine<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    expert_out: &B,
+    ids: &B,
+    weights: &B,
+    slot_of: &B,
+    output: &B,
+    s: CombineShape,
+) -> Result<()> {
+    nonzero("top_k", s.top_k)?;
+    let dt = float_dtype("expert_out", expert_out)?;
+    caps.check(backend, Kernel::Combine, dt)?;
+    let tk = checked_mul(s.tokens, s.top_k, "tokens * top_k")?;
+    buffer("expert_out", expert_out, dt, checked_mul(tk, s.hidden, "tokens * top_k * hidden")?)?;
+    buffer("ids", ids, DType::U32, tk)?;
+    buffer("weights", weights, DType::F32, tk)?;
+    buffer("slot_of", slot_of, DType::U32, tk)?;
+    buffer("output", output, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)
+}

@@ -1,0 +1,366 @@
+//! Reading the MoE part of a Hugging Face `config.json`.
+
+use crate::error::{MoeError, Result};
+use crate::spec::{Renorm, RouterSpec};
+use serde_json::Value;
+
+/// Model families whose routing moe-hal reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// DeepSeek-V3 and Kimi-K2 (`model_type` `deepseek_v3` / `kimi_k2`).
+    DeepseekV3,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+}
+
+/// Shared expert of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedExpertConfig {
+    /// Intermediate size of the shared MLP.
+    pub intermediate_size: usize,
+    /// Qwen2-MoE multiplies the shared output by `sigmoid(x · w_sg)`.
+    pub gated: bool,
+}
+
+/// The MoE shape of a model, from its `config.json`.
+///
+/// The router spec's correction bias is left empty here: its values live in
+/// the checkpoint, not the config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub family: ModelFamily,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub router: RouterSpec,
+    /// DeepSeek-V3 routers carry `e_score_correction_bias`.
+    pub has_correction_bias: bool,
+    pub shared: Option<SharedExpertConfig>,
+    first_k_dense_replace: usize,
+    moe_layer_freq: usize,
+    decoder_sparse_step: usize,
+    mlp_only_layers: Vec<usize>,
+}
+
+fn get_usize(cfg: &Value, key: &str) -> Result<Option<usize>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|x| Some(x as usize))
+            .ok_or_else(|| MoeError::Config(format!("{key} = {v}; expected a non-negative integer"))),
+    }
+}
+
+fn need_usize(cfg: &Value, keys: &[&str]) -> Result<usize> {
+    for k in keys {
+        if let Some(v) = get_usize(cfg, k)? {
+            return Ok(v);
+        }
+    }
+    Err(MoeError::Config(format!("missing {}", keys.join(" or "))))
+}
+
+fn get_bool(cfg: &Value, key: &str, default: bool) -> Result<bool> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(MoeError::Config(format!("{key} = {v}; expected true or false"))),
+    }
+}
+
+fn get_f32(cfg: &Value, key: &str, default: f32) -> Result<f32> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| MoeError::Config(format!("{key} = {v}; expected a number"))),
+    }
+}
+
+impl ModelFamily {
+    /// Recognises the family from `model_type`, else from `architectures`.
+    pub fn detect(cfg: &Value) -> Result<ModelFamily> {
+        let by_type = |t: &str| match t {
+            "deepseek_v3" | "kimi_k2" => Some(ModelFamily::DeepseekV3),
+            "mixtral" => Some(ModelFamily::Mixtral),
+            "qwen2_moe" => Some(ModelFamily::Qwen2Moe),
+            "qwen3_moe" => Some(ModelFamily::Qwen3Moe),
+            _ => None,
+        };
+        let by_arch = |a: &str| match a {
+            "DeepseekV3ForCausalLM" | "KimiK2ForCausalLM" => Some(ModelFamily::DeepseekV3),
+            "MixtralForCausalLM" => Some(ModelFamily::Mixtral),
+            "Qwen2MoeForCausalLM" => Some(ModelFamily::Qwen2Moe),
+            "Qwen3MoeForCausalLM" => Some(ModelFamily::Qwen3Moe),
+            _ => None,
+        };
+        let model_type = cfg.get("model_type").and_then(Value::as_str);
+        if let Some(f) = model_type.and_then(by_type) {
+            return Ok(f);
+        }
+        let archs: Vec<&str> = cfg
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(f) = archs.iter().find_map(|a| by_arch(a)) {
+            return Ok(f);
+        }
+        Err(MoeError::Config(format!(
+            "unsupported model: model_type {:?}, architectures {:?}; expected deepseek_v3, kimi_k2, mixtral, qwen2_moe or qwen3_moe",
+            model_type.unwrap_or("(none)"),
+            archs
+        )))
+    }
+}
+
+impl MoeConfig {
+    /// Parses the text of a `config.json`.
+    pub fn from_json_str(text: &str) -> Result<MoeConfig> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| MoeError::Config(format!("config.json is not valid JSON: {e}")))?;
+        Self::from_json(&v)
+    }
+
+    /// Reads the MoE fields of a parsed `config.json` and validates the router.
+    pub fn from_json(cfg: &Value) -> Result<MoeConfig> {
+        let family = ModelFamily::detect(cfg)?;
+        let hidden_size = need_usize(cfg, &["hidden_size"])?;
+        let num_layers = need_usize(cfg, &["num_hidden_layers"])?;
+        let top_k = need_usize(cfg, &["num_experts_per_tok"])?;
+        let mut c = MoeConfig {
+            family,
+            hidden_size,
+            intermediate_size: 0,
+            num_layers,
+            router: RouterSpec::softmax_topk(1, 1, false),
+            has_correction_bias: false,
+            shared: None,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+            decoder_sparse_step: 1,
+            mlp_only_layers: Vec::new(),
+        };
+        match family {
+            ModelFamily::DeepseekV3 => {
+                let e = need_usize(cfg, &["n_routed_experts"])?;
+                let scoring = cfg.get("scoring_func").and_then(Value::as_str).unwrap_or("sigmoid");
+                if scoring != "sigmoid" {
+                    return Err(MoeError::Config(format!(
+                        "scoring_func = {scoring:?}; expected \"sigmoid\" for DeepSeek-V3"
+                    )));
+                }
+                c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
+                c.router = RouterSpec::deepseek_v3(
+                    e,
+                    top_k,
+                    get_usize(cfg, "n_group")?.unwrap_or(1),
+                    get_usize(cfg, "topk_group")?.unwrap_or(1),
+                    None,
+                    get_bool(cfg, "norm_topk_prob", true)?,
+                    get_f32(cfg, "routed_scaling_factor", 1.0)?,
+                );
+                c.has_correction_bias = true;
+                let n_shared = get_usize(cfg, "n_shared_experts")?.unwrap_or(0);
+                if n_shared > 0 {
+                    c.shared = Some(SharedExpertConfig {
+                        intermediate_size: c.intermediate_size * n_shared,
+                        gated: false,
+                    });
+                }
+                c.first_k_dense_replace = get_usize(cfg, "first_k_dense_replace")?.unwrap_or(0);
+                c.moe_layer_freq = get_usize(cfg, "moe_layer_freq")?.unwrap_or(1).max(1);
+            }
+            ModelFamily::Mixtral => {
+                let e = need_usize(cfg, &["num_local_experts"])?;
+                c.intermediate_size = need_usize(cfg, &["intermediate_size"])?;
+                c.router = RouterSpec::softmax_topk(e, top_k, true);
+            }
+            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
+                let e = need_usize(cfg, &["num_experts"])?;
+                c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
+                c.router = RouterSpec::softmax_topk(e, top_k, get_bool(cfg, "norm_topk_prob", false)?);
+                if family == ModelFamily::Qwen2Moe {
+                    let si = get_usize(cfg, "shared_expert_intermediate_size")?.unwrap_or(0);
+                    if si > 0 {
+                        c.shared = Some(SharedExpertConfig {
+                            intermediate_size: si,
+                            gated: true,
+                        });
+                    }
+                }
+                c.decoder_sparse_step = get_usize(cfg, "decoder_sparse_step")?.unwrap_or(1).max(1);
+                c.mlp_only_layers = match cfg.get("mlp_only_layers") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|x| {
+                            x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                                MoeError::Config(format!("mlp_only_layers holds {x}; expected integers"))
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                    Some(v) => {
+                        return Err(MoeError::Config(format!(
+                            "mlp_only_layers = {v}; expected a list of layer indices"
+                        )))
+                    }
+                };
+            }
+        }
+        if hidden_size == 0 || c.intermediate_size == 0 {
+            return Err(MoeError::Config(format!(
+                "hidden_size = {hidden_size}, intermediate size = {}; expected both > 0",
+                c.intermediate_size
+            )));
+        }
+        // Validate the router with a stand-in bias of the right length.
+        let mut probe = c.router.clone();
+        if c.has_correction_bias {
+            probe.correction_bias = Some(vec![0.0; probe.num_experts]);
+        }
+        probe.validate()?;
+        Ok(c)
+    }
+
+    /// Ok when layer `layer` is a MoE layer; a clear error when it is dense or out of range.
+    pub fn check_moe_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.num_layers {
+            return Err(MoeError::Config(format!(
+                "layer {layer} is out of range; the model has {} layers (0 ..= {})",
+                self.num_layers,
+                self.num_layers.saturating_sub(1)
+            )));
+        }
+        let dense_why = match self.family {
+            ModelFamily::DeepseekV3 => {
+                if layer < self.first_k_dense_replace {
+                    Some(format!("first_k_dense_replace = {}", self.first_k_dense_replace))
+                } else if layer % self.moe_layer_freq != 0 {
+                    Some(format!("moe_layer_freq = {}", self.moe_layer_freq))
+                } else {
+                    None
+                }
+            }
+            ModelFamily::Mixtral => None,
+            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
+                if self.mlp_only_layers.contains(&layer) {
+                    Some("it is listed in mlp_only_layers".to_string())
+                } else if (layer + 1) % self.decoder_sparse_step != 0 {
+                    Some(format!("decoder_sparse_step = {}", self.decoder_sparse_step))
+                } else {
+                    None
+                }
+            }
+        };
+        match dense_why {
+            Some(why) => Err(MoeError::Config(format!(
+                "layer {layer} is a dense MLP layer in this model ({why}); choose a MoE layer"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// True when the routing renormalises (for reporting).
+    pub fn renormalizes(&self) -> bool {
+        !matches!(self.router.renorm, Renorm::None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{GroupScore, Grouping, Scoring};
+
+    #[test]
+    fn deepseek_v3_config() {
+        let c = MoeConfig::from_json_str(
+            r#"{"model_type":"deepseek_v3","hidden_size":7168,"num_hidden_layers":61,
+            "num_experts_per_tok":8,"n_routed_experts":256,"n_group":8,"topk_group":4,
+            "moe_intermediate_size":2048,"n_shared_experts":1,"routed_scaling_factor":2.5,
+            "norm_topk_prob":true,"scoring_func":"sigmoid","first_k_dense_replace":3,"moe_layer_freq":1}"#,
+        )
+        .unwrap();
+        assert_eq!(c.family, ModelFamily::DeepseekV3);
+        assert_eq!(c.router.scoring, Scoring::Sigmoid);
+        assert_eq!(
+            c.router.grouping,
+            Some(Grouping {
+                n_group: 8,
+                topk_group: 4,
+                score: GroupScore::Top2Sum
+            })
+        );
+        assert_eq!(c.router.renorm, Renorm::SumEps(1e-20));
+        assert_eq!(c.router.routed_scaling_factor, 2.5);
+        assert_eq!(c.shared.unwrap().intermediate_size, 2048);
+        assert!(c.check_moe_layer(2).unwrap_err().to_string().contains("dense"));
+        c.check_moe_layer(3).unwrap();
+        assert!(c.check_moe_layer(61).unwrap_err().to_string().contains("out of range"));
+    }
+
+    #[test]
+    fn kimi_k2_is_deepseek_without_groups() {
+        let c = MoeConfig::from_json_str(
+            r#"{"model_type":"kimi_k2","hidden_size":7168,"num_hidden_layers":61,
+            "num_experts_per_tok":8,"n_routed_experts":384,"n_group":1,"topk_group":1,
+            "moe_intermediate_size":2048,"n_shared_experts":1,"routed_scaling_factor":2.827,"norm_topk_prob":true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.family, ModelFamily::DeepseekV3);
+        assert_eq!(c.router.grouping, None);
+        assert_eq!(c.router.num_experts, 384);
+    }
+
+    #[test]
+    fn mixtral_and_qwen_configs() {
+        let m = MoeConfig::from_json_str(
+            r#"{"architectures":["MixtralForCausalLM"],"hidden_size":4096,"num_hidden_layers":32,
+            "num_experts_per_tok":2,"num_local_experts":8,"intermediate_size":14336}"#,
+        )
+        .unwrap();
+        assert_eq!(m.router, RouterSpec::softmax_topk(8, 2, true));
+        let q2 = MoeConfig::from_json_str(
+            r#"{"model_type":"qwen2_moe","hidden_size":2048,"num_hidden_layers":24,"num_experts_per_tok":4,
+            "num_experts":60,"moe_intermediate_size":1408,"shared_expert_intermediate_size":5632,
+            "decoder_sparse_step":1,"mlp_only_layers":[0]}"#,
+        )
+        .unwrap();
+        assert_eq!(q2.router.renorm, Renorm::None);
+        assert_eq!(
+            q2.shared,
+            Some(SharedExpertConfig {
+                intermediate_size: 5632,
+                gated: true
+            })
+        );
+        assert!(q2.check_moe_layer(0).unwrap_err().to_string().contains("mlp_only_layers"));
+        let q3 = MoeConfig::from_json_str(
+            r#"{"model_type":"qwen3_moe","hidden_size":2048,"num_hidden_layers":48,"num_experts_per_tok":8,
+            "num_experts":128,"moe_intermediate_size":768,"norm_topk_prob":true,"decoder_sparse_step":2}"#,
+        )
+        .unwrap();
+        assert_eq!(q3.router.renorm, Renorm::Sum);
+        assert!(q3.check_moe_layer(0).is_err());
+        q3.check_moe_layer(1).unwrap();
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        for (text, needle) in [
+            (r#"{"model_type":"llama"}"#, "unsupported model"),
+            (r#"{"model_type":"mixtral","hidden_size":8}"#, "missing num_hidden_layers"),
+            (
+                r#"{"model_type":"qwen3_moe","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":9,"num_experts":8,"moe_intermediate_size":4}"#,
+                "top_k = 9",
+            ),
+            ("not json", "not valid JSON"),
+        ] {
+            let msg = MoeConfig::from_json_str(text).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
+        }
+    }
+}

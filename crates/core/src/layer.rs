@@ -1,0 +1,357 @@
+//! A whole MoE layer (routed plus shared experts) built from the trait's kernels.
+
+use crate::backend::{Activation, Backend, CombineShape, DeviceBuffer, GemmShape, PermuteShape, Permuted, RouterShape};
+use crate::dtype::{DType, HostSlice, HostVec};
+use crate::error::{MoeError, Result};
+use crate::reference::{self, LayerRef};
+use crate::spec::{Renorm, RouterSpec, Scoring};
+use ndarray::{Array2, ArrayView2};
+
+/// A shared expert's weights (DeepSeek's plain shared MLP or Qwen2-MoE's gated one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedWeights {
+    pub intermediate_size: usize,
+    /// `[2 * Is, H]`, gate rows then up rows.
+    pub gate_up: HostVec,
+    /// `[H, Is]`.
+    pub down: HostVec,
+    /// Qwen2-MoE's `shared_expert_gate` `[H]` (f32): output scaled by `sigmoid(x · gate)`.
+    pub gate: Option<Vec<f32>>,
+}
+
+/// One layer's weights on the host, in checkpoint layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerWeights {
+    pub router: RouterSpec,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// `[E, H]`, f32 (the router always runs in f32).
+    pub router_weight: Vec<f32>,
+    /// `[E, 2I, H]`, gate rows first, then up rows (transformers' `gate_up_proj`).
+    pub gate_up: HostVec,
+    /// `[E, H, I]`.
+    pub down: HostVec,
+    pub shared: Option<SharedWeights>,
+}
+
+fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(MoeError::shape(format!("{what} length"), got, want));
+    }
+    Ok(())
+}
+
+impl LayerWeights {
+    /// The compute dtype: that of the expert weights.
+    pub fn dtype(&self) -> DType {
+        self.gate_up.dtype()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.router.validate()?;
+        let (e, h, i) = (self.router.num_experts, self.hidden_size, self.intermediate_size);
+        if h == 0 || i == 0 {
+            return Err(MoeError::shape("hidden/intermediate size", format!("{h}/{i}"), "both > 0"));
+        }
+        let dt = self.dtype();
+        if !dt.is_float() {
+            return Err(MoeError::DType { what: "expert weights".into(), got: dt, expected: "f32, bf16 or f16".into() });
+        }
+        expect_len("router weight [E, H]", self.router_weight.len(), e * h)?;
+        expect_len("gate_up [E, 2I, H]", self.gate_up.len(), e * 2 * i * h)?;
+        expect_len("down [E, H, I]", self.down.len(), e * h * i)?;
+        if self.down.dtype() != dt {
+            return Err(MoeError::DType { what: "down weights".into(), got: self.down.dtype(), expected: dt.to_string() });
+        }
+        if let Some(s) = &self.shared {
+            let si = s.intermediate_size;
+            if si == 0 {
+                return Err(MoeError::shape("shared intermediate size", 0, "> 0"));
+            }
+            expect_len("shared gate_up [2Is, H]", s.gate_up.len(), 2 * si * h)?;
+            expect_len("shared down [H, Is]", s.down.len(), h * si)?;
+            for (what, w) in [("shared gate_up", &s.gate_up), ("shared down", &s.down)] {
+                if w.dtype() != dt {
+                    return Err(MoeError::DType { what: what.into(), got: w.dtype(), expected: dt.to_string() });
+                }
+            }
+            if let Some(g) = &s.gate {
+                expect_len("shared expert gate [H]", g.len(), h)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The same weights stored in `dtype` (router weight and gate stay f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<LayerWeights> {
+        let conv = |v: &HostVec| -> Result<HostVec> {
+            let f = v.to_f32().ok_or_else(|| MoeError::DType { what: "weights".into(), got: v.dtype(), expected: "a float dtype".into() })?;
+            HostVec::from_f32(&f, dtype).ok_or_else(|| MoeError::DType { what: "target".into(), got: dtype, expected: "f32, bf16 or f16".into() })
+        };
+        Ok(LayerWeights {
+            gate_up: conv(&self.gate_up)?,
+            down: conv(&self.down)?,
+            shared: match &self.shared {
+                None => None,
+                Some(s) => Some(SharedWeights { gate_up: conv(&s.gate_up)?, down: conv(&s.down)?, ..s.clone() }),
+            },
+            ..self.clone()
+        })
+    }
+
+    /// The float64 reference forward of `x[T, H]` (values as stored).
+    pub fn reference_forward(&self, x: &[f64], tokens: usize) -> LayerRef {
+        let (e, h, i) = (self.router.num_experts, self.hidden_size, self.intermediate_size);
+        let wr: Vec<f64> = self.router_weight.iter().map(|&v| v as f64).collect();
+        let gu = self.gate_up.to_f64();
+        let dn = self.down.to_f64();
+        let logits: Vec<f64> = (0..tokens)
+            .flat_map(|t| {
+                let row = &x[t * h..(t + 1) * h];
+                (0..e).map(|ex| row.iter().zip(&wr[ex * h..(ex + 1) * h]).map(|(a, b)| a * b).sum::<f64>()).collect::<Vec<_>>()
+            })
+            .collect();
+        let (ids, weights) = reference::route(&logits, tokens, &self.router);
+        let k = self.router.top_k;
+        let shared = self.shared.as_ref().map(|s| (s, s.gate_up.to_f64(), s.down.to_f64()));
+        let mut output = vec![0.0; tokens * h];
+        for t in 0..tokens {
+            let row = &x[t * h..(t + 1) * h];
+            let mut js: Vec<usize> = (0..k).collect();
+            js.sort_by_key(|&j| (ids[t * k + j], j));
+            let out = &mut output[t * h..(t + 1) * h];
+            for j in js {
+                let ex = ids[t * k + j] as usize;
+                let y = reference::mlp(row, &gu[ex * 2 * i * h..(ex + 1) * 2 * i * h], &dn[ex * h * i..(ex + 1) * h * i], i);
+                for (o, y) in out.iter_mut().zip(y) {
+                    *o += weights[t * k + j] * y;
+                }
+            }
+            if let Some((s, sgu, sdn)) = &shared {
+                let y = reference::mlp(row, sgu, sdn, s.intermediate_size);
+                let g = match &s.gate {
+                    Some(g) => {
+                        let z: f64 = row.iter().zip(g).map(|(a, &b)| a * b as f64).sum();
+                        1.0 / (1.0 + (-z).exp())
+                    }
+                    None => 1.0,
+                };
+                for (o, y) in out.iter_mut().zip(y) {
+                    *o += g * y;
+                }
+            }
+        }
+        LayerRef { output, ids, weights, logits }
+    }
+}
+
+struct SharedDev<B: Backend> {
+    inter: usize,
+    gate_up: B::Buffer,
+    down: B::Buffer,
+    gate: Option<B::Buffer>,
+}
+
+/// Work buffers, reused across calls and grown to the largest token count seen.
+struct Scratch<B: Backend> {
+    capacity: usize,
+    logits: B::Buffer,
+    ids: B::Buffer,
+    weights: B::Buffer,
+    perm: Permuted<B::Buffer>,
+    act: B::Buffer,
+    expert_out: B::Buffer,
+    shared: Option<SharedScratch<B>>,
+}
+
+struct SharedScratch<B: Backend> {
+    offsets: B::Buffer,
+    act: B::Buffer,
+    out: B::Buffer,
+    zeros: B::Buffer,
+    iota: B::Buffer,
+    weights: B::Buffer,
+    gate_logits: B::Buffer,
+}
+
+/// One MoE layer's weights on a backend.
+///
+/// `forward` runs: router GEMM (f32), route, permute, grouped matmul with
+/// SwiGLU, grouped matmul down, combine, then the shared expert (as a
+/// one-expert grouped matmul, combined into the output with weight 1 or the
+/// Qwen2-MoE gate). Nothing is read back to the host between kernels.
+pub struct MoeLayer<B: Backend> {
+    backend: B,
+    spec: RouterSpec,
+    dtype: DType,
+    hidden: usize,
+    inter: usize,
+    router_weight: B::Buffer,
+    gate_up: B::Buffer,
+    down: B::Buffer,
+    shared: Option<SharedDev<B>>,
+    scratch: Option<Scratch<B>>,
+    last_tokens: usize,
+}
+
+/// The gate of Qwen2-MoE's shared expert, as a one-expert sigmoid router.
+fn shared_gate_spec() -> RouterSpec {
+    RouterSpec { scoring: Scoring::Sigmoid, renorm: Renorm::None, ..RouterSpec::softmax_topk(1, 1, false) }
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// Validates `weights`, checks the backend's capabilities, uploads.
+    pub fn new(backend: B, weights: &LayerWeights) -> Result<Self> {
+        weights.validate()?;
+        let dtype = weights.dtype();
+        let caps = backend.capabilities();
+        for k in [crate::Kernel::Permute, crate::Kernel::GroupedMatmul, crate::Kernel::Combine, crate::Kernel::RouterLogits] {
+            caps.check(backend.name(), k, dtype)?;
+        }
+        caps.check_route(backend.name(), &weights.router)?;
+        let router_weight = backend.upload(HostSlice::F32(&weights.router_weight))?;
+        let gate_up = backend.upload(weights.gate_up.as_slice())?;
+        let down = backend.upload(weights.down.as_slice())?;
+        let shared = match &weights.shared {
+            None => None,
+            Some(s) => Some(SharedDev {
+                inter: s.intermediate_size,
+                gate_up: backend.upload(s.gate_up.as_slice())?,
+                down: backend.upload(s.down.as_slice())?,
+                gate: s.gate.as_ref().map(|g| backend.upload(HostSlice::F32(g))).transpose()?,
+            }),
+        };
+        Ok(MoeLayer {
+            spec: weights.router.clone(),
+            dtype,
+            hidden: weights.hidden_size,
+            inter: weights.intermediate_size,
+            router_weight,
+            gate_up,
+            down,
+            shared,
+            scratch: None,
+            last_tokens: 0,
+            backend,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+    pub fn router(&self) -> &RouterSpec {
+        &self.spec
+    }
+
+    fn ensure_scratch(&mut self, tokens: usize) -> Result<()> {
+        if self.scratch.as_ref().is_some_and(|s| s.capacity >= tokens) {
+            return Ok(());
+        }
+        let cap = tokens.max(1);
+        let b = &self.backend;
+        let (e, k, h) = (self.spec.num_experts, self.spec.top_k, self.hidden);
+        let tk = cap * k;
+        let shared = match &self.shared {
+            None => None,
+            Some(s) => {
+                let iota: Vec<u32> = (0..cap as u32).collect();
+                Some(SharedScratch {
+                    offsets: b.alloc(DType::U32, 2)?,
+                    act: b.alloc(self.dtype, cap * s.inter)?,
+                    out: b.alloc(self.dtype, cap * h)?,
+                    zeros: b.alloc(DType::U32, cap)?,
+                    iota: b.upload(HostSlice::U32(&iota))?,
+                    weights: b.upload(HostSlice::F32(&vec![1.0; cap]))?,
+                    gate_logits: b.alloc(DType::F32, cap)?,
+                })
+            }
+        };
+        self.scratch = Some(Scratch {
+            capacity: cap,
+            logits: b.alloc(DType::F32, cap * e)?,
+            ids: b.alloc(DType::U32, tk)?,
+            weights: b.alloc(DType::F32, tk)?,
+            perm: Permuted::alloc(b, PermuteShape { tokens: cap, hidden: h, top_k: k, experts: e }, self.dtype)?,
+            act: b.alloc(self.dtype, tk * self.inter)?,
+            expert_out: b.alloc(self.dtype, tk * h)?,
+            shared,
+        });
+        Ok(())
+    }
+
+    /// Runs the layer on `x[T, H]` (layer dtype) into `out[T, H]` (layer dtype).
+    pub fn forward_into(&mut self, x: &B::Buffer, tokens: usize, out: &mut B::Buffer) -> Result<()> {
+        let (e, k, h, i) = (self.spec.num_experts, self.spec.top_k, self.hidden, self.inter);
+        crate::check::buffer("layer input", x, self.dtype, crate::backend::checked_mul(tokens, h, "tokens * hidden")?)?;
+        crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
+        self.ensure_scratch(tokens)?;
+        self.last_tokens = tokens;
+        let b = &self.backend;
+        let s = self.scratch.as_mut().expect("scratch was just ensured");
+        b.router_logits(x, &self.router_weight, &mut s.logits, RouterShape { tokens, hidden: h, experts: e })?;
+        b.route(&s.logits, &self.spec, tokens, &mut s.ids, &mut s.weights)?;
+        b.permute(x, &s.ids, PermuteShape { tokens, hidden: h, top_k: k, experts: e }, &mut s.perm)?;
+        let rows = tokens * k;
+        let gate_up = GemmShape { rows, in_features: h, out_features: i, experts: e, activation: Activation::SwiGlu };
+        b.grouped_matmul(&s.perm.rows, &s.perm.offsets, &self.gate_up, &mut s.act, gate_up)?;
+        let down = GemmShape { rows, in_features: i, out_features: h, experts: e, activation: Activation::None };
+        b.grouped_matmul(&s.act, &s.perm.offsets, &self.down, &mut s.expert_out, down)?;
+        b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, CombineShape { tokens, hidden: h, top_k: k, accumulate: false })?;
+        if let (Some(sh), Some(ss)) = (&self.shared, s.shared.as_mut()) {
+            b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
+            let up = GemmShape { rows: tokens, in_features: h, out_features: sh.inter, experts: 1, activation: Activation::SwiGlu };
+            b.grouped_matmul(x, &ss.offsets, &sh.gate_up, &mut ss.act, up)?;
+            let dn = GemmShape { rows: tokens, in_features: sh.inter, out_features: h, experts: 1, activation: Activation::None };
+            b.grouped_matmul(&ss.act, &ss.offsets, &sh.down, &mut ss.out, dn)?;
+            if let Some(g) = &sh.gate {
+                b.router_logits(x, g, &mut ss.gate_logits, RouterShape { tokens, hidden: h, experts: 1 })?;
+                b.route(&ss.gate_logits, &shared_gate_spec(), tokens, &mut ss.zeros, &mut ss.weights)?;
+            }
+            b.combine(&ss.out, &ss.zeros, &ss.weights, &ss.iota, out, CombineShape { tokens, hidden: h, top_k: 1, accumulate: true })?;
+        }
+        Ok(())
+    }
+
+    /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
+    pub fn forward(&mut self, x: &B::Buffer, tokens: usize) -> Result<B::Buffer> {
+        let mut out = self.backend.alloc(self.dtype, tokens * self.hidden)?;
+        self.forward_into(x, tokens, &mut out)?;
+        Ok(out)
+    }
+
+    /// Host convenience: f32 in, f32 out (converted to and from the layer dtype).
+    pub fn forward_host(&mut self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        let (t, h) = x.dim();
+        if h != self.hidden {
+            return Err(MoeError::shape("hidden_states columns", h, self.hidden));
+        }
+        let flat: Vec<f32> = x.iter().copied().collect();
+        let host = HostVec::from_f32(&flat, self.dtype).expect("layer dtype is a float");
+        let xb = self.backend.upload(host.as_slice())?;
+        let out = self.forward(&xb, t)?;
+        let v = self.backend.download(&out)?.to_f32().expect("layer dtype is a float");
+        Array2::from_shape_vec((t, h), v[..t * h].to_vec()).map_err(|e| MoeError::shape("output", t * h, e.to_string()))
+    }
+
+    /// Expert ids `[T, k]` and weights `[T, k]` of the last forward.
+    pub fn last_routing(&self) -> Result<(Array2<u32>, Array2<f32>)> {
+        let (t, k) = (self.last_tokens, self.spec.top_k);
+        let Some(s) = &self.scratch else {
+            return Ok((Array2::zeros((0, k)), Array2::zeros((0, k))));
+        };
+        let ids = self.backend.download(&s.ids)?.into_u32().expect("ids are u32");
+        let w = self.backend.download(&s.weights)?.to_f32().expect("weights are f32");
+        let n = t * k;
+        debug_assert!(s.ids.len() >= n);
+        Ok((
+            Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
+            Array2::from_shape_vec((t, k), w[..n].to_vec()).map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
+        ))
+    }
+}

@@ -1,0 +1,28 @@
+//! moe-hal core: the routing contract ([`spec`]), the [`Backend`] trait, the
+//! error type, the float64 [`reference`] of every kernel, and [`MoeLayer`].
+//!
+//! Read [`backend`] for the numerical contract that every backend meets.
+
+pub mod backend;
+pub mod check;
+pub mod config;
+pub mod conformance;
+pub mod dtype;
+pub mod error;
+pub mod host;
+pub mod layer;
+pub mod reference;
+pub mod spec;
+
+pub use backend::{
+    tolerance, Activation, Backend, Capabilities, CombineShape, DeviceBuffer, GemmShape, Kernel, KernelCaps, PermuteShape,
+    Permuted, RouterShape,
+};
+pub use config::{ModelFamily, MoeConfig, SharedExpertConfig};
+pub use dtype::{DType, Element, HostSlice, HostVec};
+pub use error::{MoeError, Result};
+pub use layer::{LayerWeights, MoeLayer, SharedWeights};
+pub use spec::{GroupScore, Grouping, Renorm, RouterSpec, Scoring};
+
+pub use half::{bf16, f16};
+pub use ndarray;

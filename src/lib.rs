@@ -1,0 +1,1 @@
+//! moe-hal facade
