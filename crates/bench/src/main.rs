@@ -1,1 +1,156 @@
-fn main() {}
+//! `moe-bench`: backend info, verification against the float64 reference,
+//! (later) real checkpoint layers and benchmarks.
+//!
+//! Every error is one line on stderr and a non-zero exit; nothing panics on
+//! user input.
+
+use clap::{Parser, Subcommand};
+use moe_hal::conformance::{self, Report};
+use moe_hal::registry::{self, BackendStatus};
+use moe_hal::{Backend, Kernel, MoeError};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "moe-bench", version, about = "Mixture-of-Experts kernels on every backend: info, verify")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Which backends are compiled in, whether each runs here (and if not, why), devices and capabilities.
+    Info {
+        /// One backend: cpu, wgpu, cuda, cann (default: all).
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Every available backend against the float64 reference on a battery of seeded cases.
+    Verify {
+        /// A backend name or `all` (every available backend).
+        #[arg(long, default_value = "all")]
+        backend: String,
+        /// Fewer token counts (a few seconds).
+        #[arg(long)]
+        quick: bool,
+        /// Print every case, not only the summary.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { backend } => info(backend.as_deref()),
+        Command::Verify { backend, quick, verbose } => verify(&backend, quick, verbose),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("moe-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn known(name: &str) -> Result<BackendStatus, String> {
+    registry::probe(name).ok_or_else(|| format!("unknown backend {name:?}; expected one of {}", registry::BACKENDS.join(", ")))
+}
+
+fn info(backend: Option<&str>) -> Result<ExitCode, String> {
+    let statuses = match backend {
+        Some(name) => vec![known(name)?],
+        None => registry::probe_all(),
+    };
+    for s in &statuses {
+        println!("{}", s.name);
+        println!("  compiled in : {}", if s.compiled { "yes".to_string() } else { format!("no (feature `{}`)", s.feature) });
+        match &s.device {
+            Ok(d) => println!("  available   : yes\n  device      : {d}"),
+            Err(why) => println!("  available   : no: {why}"),
+        }
+        if let Some(c) = &s.capabilities {
+            for k in Kernel::ALL {
+                let d = c.kernel(k).map(|k| k.dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+                println!("  {:<14}: {}", k.name(), d.unwrap_or_else(|| "not supported".into()));
+            }
+            println!(
+                "  limits      : max buffer {} MiB, max experts {}, max top-k {}",
+                c.max_buffer_bytes >> 20,
+                c.max_experts,
+                c.max_top_k
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `f` on the named backend (generic at this edge only).
+fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: bool) -> Result<T, MoeError> {
+    match name {
+        "cpu" => {
+            let b = moe_hal::cpu::CpuBackend::new()?;
+            Ok(f(&|| conformance::run_all(&b, quick)))
+        }
+        other => {
+            let why = registry::probe(other).and_then(|s| s.device.err()).unwrap_or_else(|| "unknown backend".into());
+            Err(MoeError::unavailable(other, why))
+        }
+    }
+}
+
+fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String> {
+    let names: Vec<String> = if backend == "all" {
+        registry::probe_all()
+            .into_iter()
+            .filter_map(|s| match s.device {
+                Ok(_) => Some(s.name.to_string()),
+                Err(why) => {
+                    eprintln!("skipping {}: {why}", s.name);
+                    None
+                }
+            })
+            .collect()
+    } else {
+        known(backend)?;
+        vec![backend.to_string()]
+    };
+    let mut ok = true;
+    println!("{:<6} {:<15} {:>6} {:>6}  {:>12}  {:>10}", "backend", "kernel", "cases", "failed", "worst error", "tolerance");
+    for name in &names {
+        let report = with_backend(name, |run| run(), quick).map_err(|e| e.to_string())?;
+        let mut by_kernel: BTreeMap<&str, (usize, usize, f64, f64)> = BTreeMap::new();
+        for r in &report.results {
+            let e = by_kernel.entry(r.kernel).or_default();
+            e.0 += 1;
+            e.1 += r.failure.is_some() as usize;
+            if r.error.is_finite() && r.tolerance > 0.0 && r.error / r.tolerance >= e.2 / e.3.max(f64::MIN_POSITIVE) {
+                e.2 = r.error;
+                e.3 = r.tolerance;
+            }
+        }
+        for (k, (n, failed, err, tol)) in by_kernel {
+            let (err, tol) = if tol > 0.0 { (format!("{err:.2e}"), format!("{tol:.1e}")) } else { ("exact".into(), "exact".into()) };
+            println!("{name:<7} {k:<15} {n:>6} {failed:>6}  {err:>12}  {tol:>10}");
+        }
+        for f in report.failures() {
+            println!("  FAIL {} {} {}: {}", f.kernel, f.dtype, f.case, f.failure.as_deref().unwrap_or(""));
+        }
+        if verbose {
+            print!("{report}");
+        }
+        ok &= report.passed();
+    }
+    if names.is_empty() {
+        return Err("no backend is available to verify".into());
+    }
+    if ok {
+        println!("all cases match the float64 reference");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("moe-bench: verification failed (see FAIL lines above)");
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -480,8 +480,7 @@ pub fn layer_input(seed: u64, w: &LayerWeights, tokens: usize, dtype: DType) -> 
     for t in 0..tokens {
         for _ in 0..200 {
             let row: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
-            let r = w.reference_forward(&row, 1);
-            let d = reference::route_token(&r.logits, &w.router);
+            let d = reference::route_token(&w.reference_logits(&row, 1), &w.router);
             if decisive(&d, &w.router) {
                 break;
             }

@@ -99,18 +99,25 @@ impl LayerWeights {
         })
     }
 
-    /// The float64 reference forward of `x[T, H]` (values as stored).
-    pub fn reference_forward(&self, x: &[f64], tokens: usize) -> LayerRef {
-        let (e, h, i) = (self.router.num_experts, self.hidden_size, self.intermediate_size);
-        let wr: Vec<f64> = self.router_weight.iter().map(|&v| v as f64).collect();
-        let gu = self.gate_up.to_f64();
-        let dn = self.down.to_f64();
-        let logits: Vec<f64> = (0..tokens)
+    /// Router logits `[T, E]` of `x[T, H]` in float64.
+    pub fn reference_logits(&self, x: &[f64], tokens: usize) -> Vec<f64> {
+        let (e, h) = (self.router.num_experts, self.hidden_size);
+        (0..tokens)
             .flat_map(|t| {
                 let row = &x[t * h..(t + 1) * h];
-                (0..e).map(|ex| row.iter().zip(&wr[ex * h..(ex + 1) * h]).map(|(a, b)| a * b).sum::<f64>()).collect::<Vec<_>>()
+                (0..e).map(move |ex| {
+                    row.iter().zip(&self.router_weight[ex * h..(ex + 1) * h]).map(|(a, &b)| a * b as f64).sum::<f64>()
+                })
             })
-            .collect();
+            .collect()
+    }
+
+    /// The float64 reference forward of `x[T, H]` (values as stored).
+    pub fn reference_forward(&self, x: &[f64], tokens: usize) -> LayerRef {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let gu = self.gate_up.to_f64();
+        let dn = self.down.to_f64();
+        let logits = self.reference_logits(x, tokens);
         let (ids, weights) = reference::route(&logits, tokens, &self.router);
         let k = self.router.top_k;
         let shared = self.shared.as_ref().map(|s| (s, s.gate_up.to_f64(), s.down.to_f64()));

@@ -1,1 +1,231 @@
-//! placeholder
+//! The CPU backend: always present, the embedded default.
+//!
+//! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls call
+//! the `gemm` crate's cache-blocked, SIMD micro-kernels, one single-threaded
+//! call per fixed tile of (expert, rows, columns); tiles are spread over the
+//! pool. The tile grid does not depend on the thread count, so results are
+//! bit-identical whatever the number of threads. bf16/f16 weights are widened
+//! to f32 one tile at a time (in per-thread work buffers that are reused
+//! across calls); accumulation is always f32.
+
+mod combine;
+mod matmul;
+mod permute;
+mod route;
+
+use moe_hal_core::{
+    check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, KernelCaps,
+    MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
+};
+use std::sync::Arc;
+
+const NAME: &str = "cpu";
+
+/// A host-memory buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuBuffer(HostVec);
+
+impl CpuBuffer {
+    /// The data, for zero-copy host access.
+    pub fn host(&self) -> &HostVec {
+        &self.0
+    }
+}
+
+impl DeviceBuffer for CpuBuffer {
+    fn dtype(&self) -> DType {
+        self.0.dtype()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// The CPU backend. Cheap to clone: clones share the thread pool.
+#[derive(Clone)]
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CpuBackend {
+    /// A backend using every core.
+    pub fn new() -> Result<Self> {
+        Self::with_threads(0)
+    }
+
+    /// A backend with `threads` worker threads (0: one per core).
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("moe-hal-cpu-{i}"))
+            .build()
+            .map_err(|e| MoeError::Device { backend: NAME.into(), message: format!("cannot start threads: {e}") })?;
+        Ok(CpuBackend { pool: Arc::new(pool) })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+fn float_slice(b: &CpuBuffer) -> matmul::Floats<'_> {
+    match &b.0 {
+        HostVec::F32(v) => matmul::Floats::F32(v),
+        HostVec::BF16(v) => matmul::Floats::BF16(v),
+        HostVec::F16(v) => matmul::Floats::F16(v),
+        HostVec::U32(_) => unreachable!("dtype checked before"),
+    }
+}
+
+fn u32_slice(b: &CpuBuffer) -> &[u32] {
+    match &b.0 {
+        HostVec::U32(v) => v,
+        _ => unreachable!("dtype checked before"),
+    }
+}
+
+fn f32_slice(b: &CpuBuffer) -> &[f32] {
+    match &b.0 {
+        HostVec::F32(v) => v,
+        _ => unreachable!("dtype checked before"),
+    }
+}
+
+fn u32_mut(b: &mut CpuBuffer) -> &mut [u32] {
+    match &mut b.0 {
+        HostVec::U32(v) => v,
+        _ => unreachable!("dtype checked before"),
+    }
+}
+
+fn f32_mut(b: &mut CpuBuffer) -> &mut [f32] {
+    match &mut b.0 {
+        HostVec::F32(v) => v,
+        _ => unreachable!("dtype checked before"),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device_name(&self) -> String {
+        format!("host CPU, {} threads{}", self.threads(), matmul::simd_note())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let all = vec![DType::F32, DType::BF16, DType::F16];
+        Capabilities {
+            kernels: Kernel::ALL
+                .into_iter()
+                .map(|kernel| KernelCaps {
+                    kernel,
+                    dtypes: match kernel {
+                        Kernel::Route | Kernel::TopK => vec![DType::F32],
+                        _ => all.clone(),
+                    },
+                })
+                .collect(),
+            max_buffer_bytes: isize::MAX as u64,
+            max_experts: 1 << 20,
+            max_top_k: 1 << 20,
+        }
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
+        if len.checked_mul(dtype.size()).is_none_or(|b| b > isize::MAX as usize) {
+            return Err(MoeError::shape("buffer length", len, "a size that fits in memory"));
+        }
+        let zero = |n| match dtype {
+            DType::F32 => HostVec::F32(vec![0.0; n]),
+            DType::BF16 => HostVec::BF16(vec![half::bf16::ZERO; n]),
+            DType::F16 => HostVec::F16(vec![half::f16::ZERO; n]),
+            DType::U32 => HostVec::U32(vec![0; n]),
+        };
+        Ok(CpuBuffer(zero(len)))
+    }
+
+    fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(data.to_vec()))
+    }
+
+    fn write(&self, buf: &mut CpuBuffer, data: HostSlice<'_>) -> Result<()> {
+        check::buffer("write destination", buf, data.dtype(), data.len())?;
+        match (&mut buf.0, data) {
+            (HostVec::F32(d), HostSlice::F32(s)) => d[..s.len()].copy_from_slice(s),
+            (HostVec::BF16(d), HostSlice::BF16(s)) => d[..s.len()].copy_from_slice(s),
+            (HostVec::F16(d), HostSlice::F16(s)) => d[..s.len()].copy_from_slice(s),
+            (HostVec::U32(d), HostSlice::U32(s)) => d[..s.len()].copy_from_slice(s),
+            _ => unreachable!("dtype checked above"),
+        }
+        Ok(())
+    }
+
+    fn download(&self, buf: &CpuBuffer) -> Result<HostVec> {
+        Ok(buf.0.clone())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn router_logits(&self, hidden: &CpuBuffer, weight: &CpuBuffer, logits: &mut CpuBuffer, s: RouterShape) -> Result<()> {
+        check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
+        let out = matmul::OutPtr::new(f32_mut(logits));
+        self.pool.install(|| {
+            matmul::router_logits(float_slice(hidden), f32_slice(weight), out, s);
+        });
+        Ok(())
+    }
+
+    fn route(&self, logits: &CpuBuffer, spec: &RouterSpec, tokens: usize, ids: &mut CpuBuffer, weights: &mut CpuBuffer) -> Result<()> {
+        check::route(NAME, &self.capabilities(), logits, spec, tokens, ids, weights)?;
+        let (ids, weights) = (u32_mut(ids), f32_mut(weights));
+        self.pool.install(|| route::route(f32_slice(logits), spec, tokens, ids, weights));
+        Ok(())
+    }
+
+    fn topk(&self, values: &CpuBuffer, rows: usize, cols: usize, k: usize, ids: &mut CpuBuffer, out: &mut CpuBuffer) -> Result<()> {
+        check::topk(NAME, &self.capabilities(), values, rows, cols, k, ids, out)?;
+        let (ids, out) = (u32_mut(ids), f32_mut(out));
+        self.pool.install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
+        Ok(())
+    }
+
+    fn permute(&self, hidden: &CpuBuffer, ids: &CpuBuffer, s: PermuteShape, out: &mut Permuted<CpuBuffer>) -> Result<()> {
+        check::permute(NAME, &self.capabilities(), hidden, ids, s, out)?;
+        self.pool.install(|| permute::permute(hidden, u32_slice(ids), s, out))
+    }
+
+    fn grouped_matmul(&self, input: &CpuBuffer, offsets: &CpuBuffer, weight: &CpuBuffer, output: &mut CpuBuffer, s: GemmShape) -> Result<()> {
+        check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
+        let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
+        let out = matmul::OutPtr::from_buffer(&mut output.0);
+        self.pool.install(|| matmul::grouped_matmul(float_slice(input), &offsets, float_slice(weight), out, s));
+        Ok(())
+    }
+
+    fn combine(
+        &self,
+        expert_out: &CpuBuffer,
+        ids: &CpuBuffer,
+        weights: &CpuBuffer,
+        slot_of: &CpuBuffer,
+        output: &mut CpuBuffer,
+        s: CombineShape,
+    ) -> Result<()> {
+        check::combine(NAME, &self.capabilities(), expert_out, ids, weights, slot_of, output, s)?;
+        let rows = expert_out.len() / s.hidden.max(1);
+        let slots = &u32_slice(slot_of)[..s.tokens * s.top_k];
+        if let Some((i, &v)) = slots.iter().enumerate().find(|(_, &v)| v as usize >= rows) {
+            return Err(MoeError::shape(format!("slot_of[{i}]"), v, format!("below the {rows} rows of expert_out")));
+        }
+        self.pool.install(|| {
+            combine::combine(float_slice(expert_out), u32_slice(ids), f32_slice(weights), slots, &mut output.0, s)
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! Grouped matmul and the router GEMM.
+//!
+//! The output is cut into a fixed grid of tiles (one expert, up to
+//! `TILE_ROWS` rows, up to `TILE_COLS` output columns); each tile is one
+//! single-threaded call to `gemm`'s cache-blocked SIMD kernels, and rayon
+//! spreads tiles over threads, so work is balanced by rows times columns
+//! rather than by expert, and the grid (hence every result bit) does not
+//! depend on the thread count.
+
+use half::{bf16, f16};
+use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+const TILE_ROWS: usize = 128;
+const TILE_COLS: usize = 64;
+
+/// A read-only float buffer of any storage dtype.
+#[derive(Clone, Copy)]
+pub enum Floats<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl Floats<'_> {
+    /// Widens `len` elements from `start` into `dst` (cleared first).
+    fn widen(&self, start: usize, len: usize, dst: &mut Vec<f32>) {
+        dst.clear();
+        match self {
+            Floats::F32(v) => dst.extend_from_slice(&v[start..start + len]),
+            Floats::BF16(v) => dst.extend(v[start..start + len].iter().map(|x| x.to_f32())),
+            Floats::F16(v) => dst.extend(v[start..start + len].iter().map(|x| x.to_f32())),
+        }
+    }
+
+    /// A pointer to `len` f32 values from `start`, widening into `scratch` when stored narrower.
+    fn as_f32(&self, start: usize, len: usize, scratch: &mut Vec<f32>) -> *const f32 {
+        match self {
+            Floats::F32(v) => v[start..start + len].as_ptr(),
+            _ => {
+                self.widen(start, len, scratch);
+                scratch.as_ptr()
+            }
+        }
+    }
+}
+
+/// A raw view of an output buffer that tiles write disjoint parts of.
+#[derive(Clone, Copy)]
+pub enum OutPtr {
+    F32(*mut f32, usize),
+    BF16(*mut bf16, usize),
+    F16(*mut f16, usize),
+}
+
+// SAFETY: an OutPtr is only built from a `&mut` buffer that outlives the
+// parallel section using it, and every tile writes a disjoint index range.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub fn new(v: &mut [f32]) -> Self {
+        OutPtr::F32(v.as_mut_ptr(), v.len())
+    }
+
+    pub fn from_buffer(v: &mut HostVec) -> Self {
+        match v {
+            HostVec::F32(v) => OutPtr::F32(v.as_mut_ptr(), v.len()),
+            HostVec::BF16(v) => OutPtr::BF16(v.as_mut_ptr(), v.len()),
+            HostVec::F16(v) => OutPtr::F16(v.as_mut_ptr(), v.len()),
+            HostVec::U32(_) => unreachable!("dtype checked before"),
+        }
+    }
+
+    /// Stores `vals` at `start..start + vals.len()`, rounding to the buffer's dtype.
+    ///
+    /// # Safety
+    /// No other thread may access that range during the call.
+    unsafe fn store(self, start: usize, vals: &[f32]) {
+        let end = start + vals.len();
+        match self {
+            OutPtr::F32(p, n) => {
+                assert!(end <= n);
+                std::slice::from_raw_parts_mut(p.add(start), vals.len()).copy_from_slice(vals)
+            }
+            OutPtr::BF16(p, n) => {
+                assert!(end <= n);
+                let d = std::slice::from_raw_parts_mut(p.add(start), vals.len());
+                d.iter_mut().zip(vals).for_each(|(d, &v)| *d = bf16::from_f32(v));
+            }
+            OutPtr::F16(p, n) => {
+                assert!(end <= n);
+                let d = std::slice::from_raw_parts_mut(p.add(start), vals.len());
+                d.iter_mut().zip(vals).for_each(|(d, &v)| *d = f16::from_f32(v));
+            }
+        }
+    }
+}
+
+/// Offsets as usize after checking they are non-decreasing and end within `rows`.
+pub fn checked_offsets(offsets: &[u32], rows: usize) -> Result<Vec<usize>> {
+    let off: Vec<usize> = offsets.iter().map(|&o| o as usize).collect();
+    if let Some(e) = (0..off.len() - 1).find(|&e| off[e] > off[e + 1]) {
+        return Err(MoeError::shape(format!("offsets[{}]", e + 1), off[e + 1], format!(">= offsets[{e}] = {}", off[e])));
+    }
+    let last = off[off.len() - 1];
+    if last > rows {
+        return Err(MoeError::shape(format!("offsets[{}]", off.len() - 1), last, format!("at most rows = {rows}")));
+    }
+    Ok(off)
+}
+
+/// CPU features the `gemm` kernels will use, for `device_name`.
+pub fn simd_note() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return ", AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return ", AVX2+FMA";
+        }
+    }
+    ""
+}
+
+struct Tile {
+    expert: usize,
+    row0: usize,
+    rows: usize,
+    col0: usize,
+    cols: usize,
+}
+
+#[derive(Default)]
+struct Scratch {
+    lhs: Vec<f32>,
+    gate_w: Vec<f32>,
+    up_w: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+thread_local! {
+    // Per-thread work buffers, reused across calls (the pool's threads live as long as the backend).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// `dst[m, n] = lhs[m, k] · w[n, k]^T`, row-major, single-threaded.
+///
+/// # Safety
+/// `lhs` points to `m * k` readable f32, `w` to `n * k`, `dst` to `m * n` writable.
+unsafe fn gemm_nt(m: usize, n: usize, k: usize, lhs: *const f32, w: *const f32, dst: *mut f32) {
+    ::gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        false,
+        lhs,
+        1,
+        k as isize,
+        w,
+        k as isize,
+        1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        ::gemm::Parallelism::None,
+    )
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range.
+fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutPtr, s: GemmShape) {
+    let (k, n) = (s.in_features, s.out_features);
+    let wrows = s.weight_rows();
+    let mut tiles = Vec::new();
+    for (expert, &(a, b)) in groups.iter().enumerate() {
+        for row0 in (a..b).step_by(TILE_ROWS) {
+            for col0 in (0..n).step_by(TILE_COLS) {
+                tiles.push(Tile { expert, row0, rows: TILE_ROWS.min(b - row0), col0, cols: TILE_COLS.min(n - col0) });
+            }
+        }
+    }
+    tiles.par_iter().for_each(|t| {
+        SCRATCH.with(|sc| {
+            let sc = &mut *sc.borrow_mut();
+            let lhs = input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs);
+            let wbase = t.expert * wrows * k;
+            let gw = weight.as_f32(wbase + t.col0 * k, t.cols * k, &mut sc.gate_w);
+            sc.gate.resize(t.rows * t.cols, 0.0);
+            // SAFETY: lhs covers rows*k, gw covers cols*k, gate holds rows*cols (all sized above).
+            unsafe { gemm_nt(t.rows, t.cols, k, lhs, gw, sc.gate.as_mut_ptr()) };
+            if s.activation == Activation::SwiGlu {
+                let uw = weight.as_f32(wbase + (n + t.col0) * k, t.cols * k, &mut sc.up_w);
+                sc.up.resize(t.rows * t.cols, 0.0);
+                // SAFETY: as above, for the up rows of the same expert.
+                unsafe { gemm_nt(t.rows, t.cols, k, lhs, uw, sc.up.as_mut_ptr()) };
+                sc.gate.iter_mut().zip(&sc.up).for_each(|(g, &u)| *g = silu(*g) * u);
+            }
+            for r in 0..t.rows {
+                // SAFETY: tile (row0 + r, col0 .. col0 + cols) belongs to this tile only.
+                unsafe { out.store((t.row0 + r) * n + t.col0, &sc.gate[r * t.cols..(r + 1) * t.cols]) };
+            }
+        })
+    });
+}
+
+pub fn grouped_matmul(input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
+    let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
+    run_tiles(input, &groups, weight, out, s);
+}
+
+pub fn router_logits(hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
+    let shape =
+        GemmShape { rows: s.tokens, in_features: s.hidden, out_features: s.experts, experts: 1, activation: Activation::None };
+    run_tiles(hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
+}

@@ -1,0 +1,78 @@
+//! CPU-specific guarantees: bit-identical results whatever the thread count,
+//! and the documented summation order of combine, checked bit for bit.
+
+use moe_hal_core::conformance::{layer_input, random_layer, Rng};
+use moe_hal_core::{Backend, CombineShape, DType, HostSlice, HostVec, MoeLayer, RouterSpec};
+use moe_hal_cpu::CpuBackend;
+
+fn layer_bits(threads: usize, dtype: DType, tokens: usize) -> Vec<u32> {
+    let spec = RouterSpec::deepseek_v3(64, 8, 8, 4, Some(Rng::new(3).vec(64, -0.2, 0.2)), true, 2.5);
+    let w = random_layer(9, spec, 200, 144, Some((144, false))).to_dtype(dtype).unwrap();
+    let x = layer_input(4, &w, tokens, dtype);
+    let b = CpuBackend::with_threads(threads).unwrap();
+    let mut layer = MoeLayer::new(b.clone(), &w).unwrap();
+    let xb = b.upload(HostVec::from_f32(&x, dtype).unwrap().as_slice()).unwrap();
+    let out = layer.forward(&xb, tokens).unwrap();
+    b.download(&out).unwrap().to_f32().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn layer_is_bit_identical_for_1_and_2_threads() {
+    for dtype in [DType::F32, DType::BF16] {
+        for tokens in [1, 67, 300] {
+            assert_eq!(layer_bits(1, dtype, tokens), layer_bits(2, dtype, tokens), "{dtype} T={tokens}");
+        }
+    }
+}
+
+#[test]
+fn combine_sums_in_ascending_expert_id() {
+    let (t, k, h) = (33, 4, 24);
+    let mut rng = Rng::new(5);
+    let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(16, k)).collect();
+    let slot_of: Vec<u32> = (0..(t * k) as u32).collect();
+    let y = rng.vec(t * k * h, -3.0, 3.0);
+    let w = rng.vec(t * k, 0.0, 2.0);
+    let b = CpuBackend::new().unwrap();
+    let (yb, ib, wb, sb) = (
+        b.upload(HostSlice::F32(&y)).unwrap(),
+        b.upload(HostSlice::U32(&ids)).unwrap(),
+        b.upload(HostSlice::F32(&w)).unwrap(),
+        b.upload(HostSlice::U32(&slot_of)).unwrap(),
+    );
+    let mut out = b.alloc(DType::F32, t * h).unwrap();
+    b.combine(&yb, &ib, &wb, &sb, &mut out, CombineShape { tokens: t, hidden: h, top_k: k, accumulate: false }).unwrap();
+    let got = b.download(&out).unwrap().to_f32().unwrap();
+    for tok in 0..t {
+        let mut js: Vec<usize> = (0..k).collect();
+        js.sort_by_key(|&j| ids[tok * k + j]);
+        for c in 0..h {
+            let mut acc = 0.0f32;
+            for &j in &js {
+                acc += w[tok * k + j] * y[(tok * k + j) * h + c];
+            }
+            assert_eq!(acc.to_bits(), got[tok * h + c].to_bits(), "token {tok} column {c}");
+        }
+    }
+}
+
+#[test]
+fn out_of_range_ids_and_offsets_are_errors() {
+    use moe_hal_core::{Activation, GemmShape, PermuteShape, Permuted};
+    let b = CpuBackend::new().unwrap();
+    let x = b.alloc(DType::F32, 8).unwrap();
+    let ids = b.upload(HostSlice::U32(&[0, 9])).unwrap();
+    let s = PermuteShape { tokens: 2, hidden: 4, top_k: 1, experts: 4 };
+    let mut p = Permuted::alloc(&b, s, DType::F32).unwrap();
+    let e = b.permute(&x, &ids, s, &mut p).unwrap_err().to_string();
+    assert!(e.contains("ids[1]") && e.contains("below 4"), "{e}");
+    let off = b.upload(HostSlice::U32(&[0, 2, 1])).unwrap();
+    let w = b.alloc(DType::F32, 2 * 3 * 4).unwrap();
+    let mut y = b.alloc(DType::F32, 2 * 3).unwrap();
+    let gs = GemmShape { rows: 2, in_features: 4, out_features: 3, experts: 2, activation: Activation::None };
+    let e = b.grouped_matmul(&x, &off, &w, &mut y, gs).unwrap_err().to_string();
+    assert!(e.contains("offsets[2]"), "{e}");
+    let off = b.upload(HostSlice::U32(&[0, 2, 5])).unwrap();
+    let e = b.grouped_matmul(&x, &off, &w, &mut y, gs).unwrap_err().to_string();
+    assert!(e.contains("at most rows = 2"), "{e}");
+}

@@ -1,0 +1,95 @@
+//! Which backends are compiled in, and whether each can run on this machine.
+
+use crate::{Backend, Capabilities, MoeError};
+
+/// What probing one backend found.
+#[derive(Clone, Debug)]
+pub struct BackendStatus {
+    pub name: &'static str,
+    /// Cargo feature that compiles it in.
+    pub feature: &'static str,
+    pub compiled: bool,
+    /// The device, when available; else why not.
+    pub device: Result<String, String>,
+    pub capabilities: Option<Capabilities>,
+}
+
+impl BackendStatus {
+    pub fn available(&self) -> bool {
+        self.device.is_ok()
+    }
+}
+
+fn status_of<B: Backend>(name: &'static str, feature: &'static str, b: Result<B, MoeError>) -> BackendStatus {
+    match b {
+        Ok(b) => BackendStatus {
+            name,
+            feature,
+            compiled: true,
+            device: Ok(b.device_name()),
+            capabilities: Some(b.capabilities()),
+        },
+        Err(e) => BackendStatus { name, feature, compiled: true, device: Err(e.to_string()), capabilities: None },
+    }
+}
+
+#[allow(dead_code)]
+fn not_compiled(name: &'static str, feature: &'static str) -> BackendStatus {
+    BackendStatus {
+        name,
+        feature,
+        compiled: false,
+        device: Err(format!("not compiled in (build with `--features {feature}`)")),
+        capabilities: None,
+    }
+}
+
+/// Names of every backend moe-hal knows, compiled in or not.
+pub const BACKENDS: [&str; 4] = ["cpu", "wgpu", "cuda", "cann"];
+
+/// Probes one backend by name; `None` for an unknown name.
+pub fn probe(name: &str) -> Option<BackendStatus> {
+    Some(match name {
+        #[cfg(feature = "cpu")]
+        "cpu" => status_of("cpu", "cpu", crate::cpu::CpuBackend::new()),
+        #[cfg(not(feature = "cpu"))]
+        "cpu" => not_compiled("cpu", "cpu"),
+        "wgpu" => BackendStatus {
+            name: "wgpu",
+            feature: "wgpu",
+            compiled: false,
+            device: Err("the WebGPU backend is not written yet (issue: WebGPU backend)".into()),
+            capabilities: None,
+        },
+        "cuda" => BackendStatus {
+            name: "cuda",
+            feature: "cuda",
+            compiled: false,
+            device: Err("the CUDA backend is not written yet (issue: CUDA backend)".into()),
+            capabilities: None,
+        },
+        "cann" => BackendStatus {
+            name: "cann",
+            feature: "cann",
+            compiled: false,
+            device: Err("the Ascend/CANN slot is not written yet (issue: CANN slot)".into()),
+            capabilities: None,
+        },
+        _ => return None,
+    })
+}
+
+/// Probes every backend.
+pub fn probe_all() -> Vec<BackendStatus> {
+    BACKENDS.iter().filter_map(|n| probe(n)).collect()
+}
+
+/// Backends named in `MOE_REQUIRE_BACKENDS` (comma separated).
+pub fn required_backends() -> Vec<String> {
+    std::env::var("MOE_REQUIRE_BACKENDS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
