@@ -23,4 +23,7 @@ pub use moe_hal_core::*;
 #[cfg(feature = "cpu")]
 pub use moe_hal_cpu as cpu;
 
+#[cfg(feature = "cann")]
+pub use moe_hal_cann as cann;
+
 pub mod registry;

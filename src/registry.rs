@@ -29,7 +29,13 @@ fn status_of<B: Backend>(name: &'static str, feature: &'static str, b: Result<B,
             device: Ok(b.device_name()),
             capabilities: Some(b.capabilities()),
         },
-        Err(e) => BackendStatus { name, feature, compiled: true, device: Err(e.to_string()), capabilities: None },
+        Err(e) => BackendStatus {
+            name,
+            feature,
+            compiled: true,
+            device: Err(e.to_string()),
+            capabilities: None,
+        },
     }
 }
 
@@ -68,13 +74,10 @@ pub fn probe(name: &str) -> Option<BackendStatus> {
             device: Err("the CUDA backend is not written yet (issue: CUDA backend)".into()),
             capabilities: None,
         },
-        "cann" => BackendStatus {
-            name: "cann",
-            feature: "cann",
-            compiled: false,
-            device: Err("the Ascend/CANN slot is not written yet (issue: CANN slot)".into()),
-            capabilities: None,
-        },
+        #[cfg(feature = "cann")]
+        "cann" => status_of("cann", "cann", crate::cann::CannBackend::new()),
+        #[cfg(not(feature = "cann"))]
+        "cann" => not_compiled("cann", "cann"),
         _ => return None,
     })
 }

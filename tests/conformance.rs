@@ -31,23 +31,33 @@ macro_rules! conformance {
 
             #[test]
             fn route_and_topk() {
-                run(stringify!($backend), $make, |b| conformance::route_suite(b, $quick));
+                run(stringify!($backend), $make, |b| {
+                    conformance::route_suite(b, $quick)
+                });
             }
             #[test]
             fn permute() {
-                run(stringify!($backend), $make, |b| conformance::permute_suite(b, $quick));
+                run(stringify!($backend), $make, |b| {
+                    conformance::permute_suite(b, $quick)
+                });
             }
             #[test]
             fn grouped_matmul() {
-                run(stringify!($backend), $make, |b| conformance::gemm_suite(b, $quick));
+                run(stringify!($backend), $make, |b| {
+                    conformance::gemm_suite(b, $quick)
+                });
             }
             #[test]
             fn combine() {
-                run(stringify!($backend), $make, |b| conformance::combine_suite(b, $quick));
+                run(stringify!($backend), $make, |b| {
+                    conformance::combine_suite(b, $quick)
+                });
             }
             #[test]
             fn layer() {
-                run(stringify!($backend), $make, |b| conformance::layer_suite(b, $quick));
+                run(stringify!($backend), $make, |b| {
+                    conformance::layer_suite(b, $quick)
+                });
             }
             #[test]
             fn bad_input() {
@@ -59,6 +69,9 @@ macro_rules! conformance {
 
 #[cfg(feature = "cpu")]
 conformance!(cpu, moe_hal::cpu::CpuBackend::new, quick = false);
+
+#[cfg(feature = "cann")]
+conformance!(cann, moe_hal::cann::CannBackend::new, quick = true);
 
 /// Prints which backends run here and fails when a required one does not.
 #[test]
@@ -77,7 +90,10 @@ fn backends_present() {
         }
     }
     for r in &required {
-        assert!(registry::BACKENDS.contains(&r.as_str()), "MOE_REQUIRE_BACKENDS names unknown backend {r:?}");
+        assert!(
+            registry::BACKENDS.contains(&r.as_str()),
+            "MOE_REQUIRE_BACKENDS names unknown backend {r:?}"
+        );
     }
     assert!(missing.is_empty(), "required backends unavailable: {missing:?}");
 }
@@ -86,8 +102,14 @@ fn backends_present() {
 #[test]
 fn deepseek_cases_are_meaningful() {
     let cases = conformance::route_cases(false);
-    let c = cases.iter().find(|c| c.name.starts_with("deepseek E=64 g8/4 k=8 bias T=257")).expect("case exists");
+    let c = cases
+        .iter()
+        .find(|c| c.name.starts_with("deepseek E=64 g8/4 k=8 bias T=257"))
+        .expect("case exists");
     let (by_bias, by_groups) = conformance::bias_and_groups_matter(c);
     assert!(by_bias > 10, "the bias changes the choice of only {by_bias} tokens");
-    assert!(by_groups > 10, "the group mask changes the choice of only {by_groups} tokens");
+    assert!(
+        by_groups > 10,
+        "the group mask changes the choice of only {by_groups} tokens"
+    );
 }

@@ -17,7 +17,13 @@ fn spec_strategy() -> impl Strategy<Value = RouterSpec> {
         any::<bool>(),
         prop::option::of((0usize..9, 0usize..9, any::<bool>())),
         0u8..3,
-        prop_oneof![Just(1.0f32), Just(2.5), Just(f32::NAN), Just(f32::INFINITY), -3.0f32..3.0],
+        prop_oneof![
+            Just(1.0f32),
+            Just(2.5),
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            -3.0f32..3.0
+        ],
         prop::option::of(prop_oneof![Just(0.0f32), Just(f32::NAN), -1.0f32..1.0]),
     )
         .prop_map(|(e, k, sigmoid, groups, renorm, scale, bias)| RouterSpec {

@@ -17,7 +17,7 @@ For every case below this script
    io.safetensors (input, output, router choice) and meta.json.
 
 Self-checks run for every case (the script fails if one does not hold):
-* an independent float64 re-implementation of docs/routing-spec.md, fed the
+* an independent float64 re-implementation of shared/docs/routing-spec.md, fed the
   checkpoint-format tensors, picks the same expert sets and weights and gives
   the same output;
 * ``<Family>ForCausalLM.from_pretrained(<case dir>)`` loads the written
@@ -363,7 +363,7 @@ def block_state(case: Case, fam: Family, ck: dict[str, torch.Tensor]) -> dict[st
 
 
 # --------------------------------------------------------------------------------------
-# independent reference (docs/routing-spec.md), float64, from the checkpoint tensors
+# independent reference (shared/docs/routing-spec.md), float64, from the checkpoint tensors
 
 
 def _topk_desc(v: np.ndarray, k: int) -> np.ndarray:

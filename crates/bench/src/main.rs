@@ -7,12 +7,16 @@
 use clap::{Parser, Subcommand};
 use moe_hal::conformance::{self, Report};
 use moe_hal::registry::{self, BackendStatus};
-use moe_hal::{Backend, Kernel, MoeError};
+use moe_hal::{Kernel, MoeError};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "moe-bench", version, about = "Mixture-of-Experts kernels on every backend: info, verify")]
+#[command(
+    name = "moe-bench",
+    version,
+    about = "Mixture-of-Experts kernels on every backend: info, verify"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info { backend } => info(backend.as_deref()),
-        Command::Verify { backend, quick, verbose } => verify(&backend, quick, verbose),
+        Command::Verify {
+            backend,
+            quick,
+            verbose,
+        } => verify(&backend, quick, verbose),
     };
     match result {
         Ok(code) => code,
@@ -56,7 +64,12 @@ fn main() -> ExitCode {
 }
 
 fn known(name: &str) -> Result<BackendStatus, String> {
-    registry::probe(name).ok_or_else(|| format!("unknown backend {name:?}; expected one of {}", registry::BACKENDS.join(", ")))
+    registry::probe(name).ok_or_else(|| {
+        format!(
+            "unknown backend {name:?}; expected one of {}",
+            registry::BACKENDS.join(", ")
+        )
+    })
 }
 
 fn info(backend: Option<&str>) -> Result<ExitCode, String> {
@@ -65,15 +78,29 @@ fn info(backend: Option<&str>) -> Result<ExitCode, String> {
         None => registry::probe_all(),
     };
     for s in &statuses {
+        if s.name == "cann" && backend.is_some() {
+            // The slot's own report: probe result (libraries, symbols) and the operator map.
+            println!("{}", moe_hal::cann::info_text());
+            continue;
+        }
         println!("{}", s.name);
-        println!("  compiled in : {}", if s.compiled { "yes".to_string() } else { format!("no (feature `{}`)", s.feature) });
+        println!(
+            "  compiled in : {}",
+            if s.compiled {
+                "yes".to_string()
+            } else {
+                format!("no (feature `{}`)", s.feature)
+            }
+        );
         match &s.device {
             Ok(d) => println!("  available   : yes\n  device      : {d}"),
             Err(why) => println!("  available   : no: {why}"),
         }
         if let Some(c) = &s.capabilities {
             for k in Kernel::ALL {
-                let d = c.kernel(k).map(|k| k.dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+                let d = c
+                    .kernel(k)
+                    .map(|k| k.dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
                 println!("  {:<14}: {}", k.name(), d.unwrap_or_else(|| "not supported".into()));
             }
             println!(
@@ -95,7 +122,9 @@ fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: 
             Ok(f(&|| conformance::run_all(&b, quick)))
         }
         other => {
-            let why = registry::probe(other).and_then(|s| s.device.err()).unwrap_or_else(|| "unknown backend".into());
+            let why = registry::probe(other)
+                .and_then(|s| s.device.err())
+                .unwrap_or_else(|| "unknown backend".into());
             Err(MoeError::unavailable(other, why))
         }
     }
@@ -118,7 +147,10 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
         vec![backend.to_string()]
     };
     let mut ok = true;
-    println!("{:<6} {:<15} {:>6} {:>6}  {:>12}  {:>10}", "backend", "kernel", "cases", "failed", "worst error", "tolerance");
+    println!(
+        "{:<6} {:<15} {:>6} {:>6}  {:>12}  {:>10}",
+        "backend", "kernel", "cases", "failed", "worst error", "tolerance"
+    );
     for name in &names {
         let report = with_backend(name, |run| run(), quick).map_err(|e| e.to_string())?;
         let mut by_kernel: BTreeMap<&str, (usize, usize, f64, f64)> = BTreeMap::new();
@@ -132,11 +164,21 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
             }
         }
         for (k, (n, failed, err, tol)) in by_kernel {
-            let (err, tol) = if tol > 0.0 { (format!("{err:.2e}"), format!("{tol:.1e}")) } else { ("exact".into(), "exact".into()) };
+            let (err, tol) = if tol > 0.0 {
+                (format!("{err:.2e}"), format!("{tol:.1e}"))
+            } else {
+                ("exact".into(), "exact".into())
+            };
             println!("{name:<7} {k:<15} {n:>6} {failed:>6}  {err:>12}  {tol:>10}");
         }
         for f in report.failures() {
-            println!("  FAIL {} {} {}: {}", f.kernel, f.dtype, f.case, f.failure.as_deref().unwrap_or(""));
+            println!(
+                "  FAIL {} {} {}: {}",
+                f.kernel,
+                f.dtype,
+                f.case,
+                f.failure.as_deref().unwrap_or("")
+            );
         }
         if verbose {
             print!("{report}");

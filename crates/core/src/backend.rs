@@ -230,11 +230,7 @@ pub struct Permuted<B> {
 
 impl<B: DeviceBuffer> Permuted<B> {
     /// Allocates outputs for `shape` with rows in `dtype`.
-    pub fn alloc<K: Backend<Buffer = B> + ?Sized>(
-        backend: &K,
-        shape: PermuteShape,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn alloc<K: Backend<Buffer = B> + ?Sized>(backend: &K, shape: PermuteShape, dtype: DType) -> Result<Self> {
         let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;
         Ok(Permuted {
             counts: backend.alloc(DType::U32, shape.experts)?,

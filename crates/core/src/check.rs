@@ -57,9 +57,24 @@ pub fn router_logits<B: DeviceBuffer + ?Sized>(
     nonzero("experts", s.experts)?;
     let dt = float_dtype("hidden", hidden)?;
     caps.check(backend, Kernel::RouterLogits, dt)?;
-    buffer("hidden", hidden, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)?;
-    buffer("router weight", weight, DType::F32, checked_mul(s.experts, s.hidden, "experts * hidden")?)?;
-    buffer("logits", logits, DType::F32, checked_mul(s.tokens, s.experts, "tokens * experts")?)
+    buffer(
+        "hidden",
+        hidden,
+        dt,
+        checked_mul(s.tokens, s.hidden, "tokens * hidden")?,
+    )?;
+    buffer(
+        "router weight",
+        weight,
+        DType::F32,
+        checked_mul(s.experts, s.hidden, "experts * hidden")?,
+    )?;
+    buffer(
+        "logits",
+        logits,
+        DType::F32,
+        checked_mul(s.tokens, s.experts, "tokens * experts")?,
+    )
 }
 
 pub fn route<B: DeviceBuffer + ?Sized>(
@@ -76,7 +91,12 @@ pub fn route<B: DeviceBuffer + ?Sized>(
     caps.check_route(backend, spec)?;
     let e = spec.num_experts;
     let k = spec.top_k;
-    buffer("logits", logits, DType::F32, checked_mul(tokens, e, "tokens * experts")?)?;
+    buffer(
+        "logits",
+        logits,
+        DType::F32,
+        checked_mul(tokens, e, "tokens * experts")?,
+    )?;
     let tk = checked_mul(tokens, k, "tokens * top_k")?;
     buffer("ids", ids, DType::U32, tk)?;
     buffer("weights", weights, DType::F32, tk)
@@ -98,7 +118,11 @@ pub fn topk<B: DeviceBuffer + ?Sized>(
         return Err(MoeError::shape("k", k, format!("1 ..= cols ({cols})")));
     }
     if k > caps.max_top_k {
-        return Err(MoeError::unsupported(backend, format!("topk with k = {k}"), format!("k at most {}", caps.max_top_k)));
+        return Err(MoeError::unsupported(
+            backend,
+            format!("topk with k = {k}"),
+            format!("k at most {}", caps.max_top_k),
+        ));
     }
     buffer("values", values, DType::F32, checked_mul(rows, cols, "rows * cols")?)?;
     let rk = checked_mul(rows, k, "rows * k")?;
@@ -106,32 +130,43 @@ pub fn topk<B: DeviceBuffer + ?Sized>(
     buffer("out", out, DType::F32, rk)
 }
 
-pub fn permute<B: DeviceBuffer + ?Sized>(
+pub fn permute<B: DeviceBuffer>(
     backend: &str,
     caps: &Capabilities,
     hidden: &B,
     ids: &B,
     s: PermuteShape,
     out: &Permuted<B>,
-) -> Result<()>
-where
-    B: Sized,
-{
+) -> Result<()> {
     nonzero("experts", s.experts)?;
     nonzero("top_k", s.top_k)?;
     let dt = float_dtype("hidden", hidden)?;
     caps.check(backend, Kernel::Permute, dt)?;
     let tk = checked_mul(s.tokens, s.top_k, "tokens * top_k")?;
     if tk > u32::MAX as usize {
-        return Err(MoeError::shape("tokens * top_k", tk, "at most 2^32 - 1 (slots are u32)"));
+        return Err(MoeError::shape(
+            "tokens * top_k",
+            tk,
+            "at most 2^32 - 1 (slots are u32)",
+        ));
     }
-    buffer("hidden", hidden, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)?;
+    buffer(
+        "hidden",
+        hidden,
+        dt,
+        checked_mul(s.tokens, s.hidden, "tokens * hidden")?,
+    )?;
     buffer("ids", ids, DType::U32, tk)?;
     buffer("counts", &out.counts, DType::U32, s.experts)?;
     buffer("offsets", &out.offsets, DType::U32, s.experts + 1)?;
     buffer("slot_of", &out.slot_of, DType::U32, tk)?;
     buffer("source_of", &out.source_of, DType::U32, tk)?;
-    buffer("permuted rows", &out.rows, dt, checked_mul(tk, s.hidden, "tokens * top_k * hidden")?)
+    buffer(
+        "permuted rows",
+        &out.rows,
+        dt,
+        checked_mul(tk, s.hidden, "tokens * top_k * hidden")?,
+    )
 }
 
 pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
@@ -148,16 +183,35 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
     nonzero("out_features", s.out_features)?;
     let dt = float_dtype("input", input)?;
     caps.check(backend, Kernel::GroupedMatmul, dt)?;
-    buffer("input", input, dt, checked_mul(s.rows, s.in_features, "rows * in_features")?)?;
+    buffer(
+        "input",
+        input,
+        dt,
+        checked_mul(s.rows, s.in_features, "rows * in_features")?,
+    )?;
     buffer("offsets", offsets, DType::U32, s.experts + 1)?;
     let weight_rows = checked_mul(s.out_features, 2, "2 * out_features")?;
     let per_expert = checked_mul(
-        if s.activation == crate::backend::Activation::SwiGlu { weight_rows } else { s.out_features },
+        if s.activation == crate::backend::Activation::SwiGlu {
+            weight_rows
+        } else {
+            s.out_features
+        },
         s.in_features,
         "weight rows * in_features",
     )?;
-    buffer("weight", weight, dt, checked_mul(s.experts, per_expert, "experts * weight size")?)?;
-    buffer("output", output, dt, checked_mul(s.rows, s.out_features, "rows * out_features")?)
+    buffer(
+        "weight",
+        weight,
+        dt,
+        checked_mul(s.experts, per_expert, "experts * weight size")?,
+    )?;
+    buffer(
+        "output",
+        output,
+        dt,
+        checked_mul(s.rows, s.out_features, "rows * out_features")?,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -175,9 +229,19 @@ pub fn combine<B: DeviceBuffer + ?Sized>(
     let dt = float_dtype("expert_out", expert_out)?;
     caps.check(backend, Kernel::Combine, dt)?;
     let tk = checked_mul(s.tokens, s.top_k, "tokens * top_k")?;
-    buffer("expert_out", expert_out, dt, checked_mul(tk, s.hidden, "tokens * top_k * hidden")?)?;
+    buffer(
+        "expert_out",
+        expert_out,
+        dt,
+        checked_mul(tk, s.hidden, "tokens * top_k * hidden")?,
+    )?;
     buffer("ids", ids, DType::U32, tk)?;
     buffer("weights", weights, DType::F32, tk)?;
     buffer("slot_of", slot_of, DType::U32, tk)?;
-    buffer("output", output, dt, checked_mul(s.tokens, s.hidden, "tokens * hidden")?)
+    buffer(
+        "output",
+        output,
+        dt,
+        checked_mul(s.tokens, s.hidden, "tokens * hidden")?,
+    )
 }

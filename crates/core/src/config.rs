@@ -120,8 +120,8 @@ impl ModelFamily {
 impl MoeConfig {
     /// Parses the text of a `config.json`.
     pub fn from_json_str(text: &str) -> Result<MoeConfig> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| MoeError::Config(format!("config.json is not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| MoeError::Config(format!("config.json is not valid JSON: {e}")))?;
         Self::from_json(&v)
     }
 
@@ -337,7 +337,11 @@ mod tests {
                 gated: true
             })
         );
-        assert!(q2.check_moe_layer(0).unwrap_err().to_string().contains("mlp_only_layers"));
+        assert!(q2
+            .check_moe_layer(0)
+            .unwrap_err()
+            .to_string()
+            .contains("mlp_only_layers"));
         let q3 = MoeConfig::from_json_str(
             r#"{"model_type":"qwen3_moe","hidden_size":2048,"num_hidden_layers":48,"num_experts_per_tok":8,
             "num_experts":128,"moe_intermediate_size":768,"norm_topk_prob":true,"decoder_sparse_step":2}"#,
@@ -352,7 +356,10 @@ mod tests {
     fn bad_configs_are_refused() {
         for (text, needle) in [
             (r#"{"model_type":"llama"}"#, "unsupported model"),
-            (r#"{"model_type":"mixtral","hidden_size":8}"#, "missing num_hidden_layers"),
+            (
+                r#"{"model_type":"mixtral","hidden_size":8}"#,
+                "missing num_hidden_layers",
+            ),
             (
                 r#"{"model_type":"qwen3_moe","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":9,"num_experts":8,"moe_intermediate_size":4}"#,
                 "top_k = 9",

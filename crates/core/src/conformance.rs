@@ -9,7 +9,9 @@
 //! a clear margin; ties are then decided by the contract (lower id wins), not
 //! by rounding luck.
 
-use crate::backend::{tolerance, Activation, Backend, CombineShape, GemmShape, Kernel, PermuteShape, Permuted, RouterShape};
+use crate::backend::{
+    tolerance, Activation, Backend, CombineShape, GemmShape, Kernel, PermuteShape, Permuted, RouterShape,
+};
 use crate::dtype::{DType, HostSlice, HostVec};
 use crate::error::{MoeError, Result};
 use crate::layer::{LayerWeights, MoeLayer, SharedWeights};
@@ -82,10 +84,20 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.failures().is_empty() && !self.results.is_empty()
     }
-    fn push(&mut self, kernel: &'static str, case: String, dtype: DType, f: impl FnOnce() -> Result<(f64, f64), String>) {
+    fn push(
+        &mut self,
+        kernel: &'static str,
+        case: String,
+        dtype: DType,
+        f: impl FnOnce() -> Result<(f64, f64), String>,
+    ) {
         let (error, tolerance, failure) = match catch_unwind(AssertUnwindSafe(f)) {
             Ok(Ok((err, tol))) if err <= tol => (err, tol, None),
-            Ok(Ok((err, tol))) => (err, tol, Some(format!("relative L2 error {err:.3e} > tolerance {tol:.1e}"))),
+            Ok(Ok((err, tol))) => (
+                err,
+                tol,
+                Some(format!("relative L2 error {err:.3e} > tolerance {tol:.1e}")),
+            ),
             Ok(Err(msg)) => (f64::NAN, f64::NAN, Some(msg)),
             Err(p) => {
                 let msg = p
@@ -96,19 +108,36 @@ impl Report {
                 (f64::NAN, f64::NAN, Some(format!("PANIC: {msg}")))
             }
         };
-        self.results.push(CaseResult { kernel, case, dtype, error, tolerance, failure });
+        self.results.push(CaseResult {
+            kernel,
+            case,
+            dtype,
+            error,
+            tolerance,
+            failure,
+        });
     }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "backend {}: {} cases, {} failed", self.backend, self.results.len(), self.failures().len())?;
+        writeln!(
+            f,
+            "backend {}: {} cases, {} failed",
+            self.backend,
+            self.results.len(),
+            self.failures().len()
+        )?;
         for r in &self.results {
             let status = match &r.failure {
                 None => "ok".to_string(),
                 Some(m) => format!("FAIL: {m}"),
             };
-            writeln!(f, "  {:<15} {:<5} {:<48} err {:>9.2e}  {}", r.kernel, r.dtype, r.case, r.error, status)?;
+            writeln!(
+                f,
+                "  {:<15} {:<5} {:<48} err {:>9.2e}  {}",
+                r.kernel, r.dtype, r.case, r.error, status
+            )?;
         }
         Ok(())
     }
@@ -129,7 +158,9 @@ fn floats<B: Backend>(b: &B, buf: &B::Buffer, n: usize) -> Result<Vec<f64>, Stri
 fn u32s<B: Backend>(b: &B, buf: &B::Buffer, n: usize) -> Result<Vec<u32>, String> {
     let v = b.download(buf).map_err(e2s)?;
     let got = v.dtype();
-    let v = v.into_u32().ok_or_else(|| format!("expected a u32 buffer, got {got}"))?;
+    let v = v
+        .into_u32()
+        .ok_or_else(|| format!("expected a u32 buffer, got {got}"))?;
     if v.len() < n {
         return Err(format!("buffer holds {} elements; expected at least {n}", v.len()));
     }
@@ -140,7 +171,11 @@ fn exact(what: &str, got: &[u32], want: &[u32], row: usize) -> Result<(), String
     if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
         let r = i / row.max(1);
         let (a, z) = (r * row, ((r + 1) * row).min(want.len()));
-        return Err(format!("{what} differ at row {r}: got {:?}, reference {:?}", &got[a..z], &want[a..z]));
+        return Err(format!(
+            "{what} differ at row {r}: got {:?}, reference {:?}",
+            &got[a..z],
+            &want[a..z]
+        ));
     }
     Ok(())
 }
@@ -158,13 +193,21 @@ fn separated(a: f64, b: f64) -> bool {
 pub fn decisive(d: &RouteDetail, spec: &RouterSpec) -> bool {
     if let Some(g) = spec.grouping {
         let order = reference::ranked(&d.group_scores);
-        if g.topk_group < g.n_group && !separated(d.group_scores[order[g.topk_group - 1]], d.group_scores[order[g.topk_group]]) {
+        if g.topk_group < g.n_group
+            && !separated(
+                d.group_scores[order[g.topk_group - 1]],
+                d.group_scores[order[g.topk_group]],
+            )
+        {
             return false;
         }
     }
     // Chosen experts in order, then the best one left out (conservatively, from any group).
     let mut line: Vec<f64> = d.ids.iter().map(|&i| d.selection[i as usize]).collect();
-    if let Some(&next) = reference::ranked(&d.selection).iter().find(|&&i| !d.ids.contains(&(i as u32))) {
+    if let Some(&next) = reference::ranked(&d.selection)
+        .iter()
+        .find(|&&i| !d.ids.contains(&(i as u32)))
+    {
         line.push(d.selection[next]);
     }
     line.windows(2).all(|w| separated(w[0], w[1]))
@@ -217,9 +260,16 @@ fn route_case(seed: u64, name: &str, spec: RouterSpec, tokens: usize, ties: bool
     if ties {
         plant_ties(&mut rng, &mut logits, e, &mut spec.correction_bias);
     } else {
-        make_decisive(&mut logits, tokens, &spec, |row| row.iter_mut().for_each(|x| *x = rng.uniform(-4.0, 4.0)));
+        make_decisive(&mut logits, tokens, &spec, |row| {
+            row.iter_mut().for_each(|x| *x = rng.uniform(-4.0, 4.0))
+        });
     }
-    RouteCase { name: format!("{name} T={tokens}"), spec, tokens, logits }
+    RouteCase {
+        name: format!("{name} T={tokens}"),
+        spec,
+        tokens,
+        logits,
+    }
 }
 
 fn deepseek(e: usize, k: usize, groups: usize, keep: usize, rng: &mut Rng, score: GroupScore) -> RouterSpec {
@@ -237,19 +287,77 @@ pub fn route_cases(quick: bool) -> Vec<RouteCase> {
     let token_counts: &[usize] = if quick { &[1, 7] } else { &[0, 1, 7, 257] };
     let mut cases = Vec::new();
     for &t in token_counts {
-        cases.push(route_case(1, "mixtral softmax E=8 k=2", RouterSpec::softmax_topk(8, 2, true), t, false));
-        cases.push(route_case(2, "qwen softmax E=64 k=8 no-renorm", RouterSpec::softmax_topk(64, 8, false), t, false));
-        cases.push(route_case(3, "softmax k=1 E=16", RouterSpec::softmax_topk(16, 1, true), t, false));
-        cases.push(route_case(4, "softmax k=E=16", RouterSpec::softmax_topk(16, 16, false), t, false));
-        cases.push(route_case(5, "deepseek E=64 g8/4 k=8 bias", deepseek(64, 8, 8, 4, &mut rng, GroupScore::Top2Sum), t, false));
-        cases.push(route_case(6, "deepseek E=384 g8/4 k=8 bias", deepseek(384, 8, 8, 4, &mut rng, GroupScore::Top2Sum), t, false));
-        cases.push(route_case(7, "deepseek E=64 g8/3 k=6 max-group", deepseek(64, 6, 8, 3, &mut rng, GroupScore::Max), t, false));
+        cases.push(route_case(
+            1,
+            "mixtral softmax E=8 k=2",
+            RouterSpec::softmax_topk(8, 2, true),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            2,
+            "qwen softmax E=64 k=8 no-renorm",
+            RouterSpec::softmax_topk(64, 8, false),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            3,
+            "softmax k=1 E=16",
+            RouterSpec::softmax_topk(16, 1, true),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            4,
+            "softmax k=E=16",
+            RouterSpec::softmax_topk(16, 16, false),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            5,
+            "deepseek E=64 g8/4 k=8 bias",
+            deepseek(64, 8, 8, 4, &mut rng, GroupScore::Top2Sum),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            6,
+            "deepseek E=384 g8/4 k=8 bias",
+            deepseek(384, 8, 8, 4, &mut rng, GroupScore::Top2Sum),
+            t,
+            false,
+        ));
+        cases.push(route_case(
+            7,
+            "deepseek E=64 g8/3 k=6 max-group",
+            deepseek(64, 6, 8, 3, &mut rng, GroupScore::Max),
+            t,
+            false,
+        ));
         let kimi = RouterSpec::deepseek_v3(384, 8, 1, 1, Some(rng.vec(384, -0.3, 0.3)), true, 2.827);
         cases.push(route_case(8, "kimi-k2 E=384 k=8 no-groups", kimi, t, false));
-        let plain = RouterSpec { renorm: Renorm::None, routed_scaling_factor: 1.0, ..deepseek(32, 4, 4, 2, &mut rng, GroupScore::Top2Sum) };
+        let plain = RouterSpec {
+            renorm: Renorm::None,
+            routed_scaling_factor: 1.0,
+            ..deepseek(32, 4, 4, 2, &mut rng, GroupScore::Top2Sum)
+        };
         cases.push(route_case(9, "deepseek E=32 no-renorm scale=1", plain, t, false));
-        cases.push(route_case(10, "ties softmax E=32 k=4", RouterSpec::softmax_topk(32, 4, true), t, true));
-        cases.push(route_case(11, "ties sigmoid groups E=64 k=8", deepseek(64, 8, 8, 4, &mut rng, GroupScore::Top2Sum), t, true));
+        cases.push(route_case(
+            10,
+            "ties softmax E=32 k=4",
+            RouterSpec::softmax_topk(32, 4, true),
+            t,
+            true,
+        ));
+        cases.push(route_case(
+            11,
+            "ties sigmoid groups E=64 k=8",
+            deepseek(64, 8, 8, 4, &mut rng, GroupScore::Top2Sum),
+            t,
+            true,
+        ));
     }
     cases.push(group_tie_case());
     cases.extend(non_finite_cases());
@@ -276,7 +384,12 @@ fn group_tie_case() -> RouteCase {
             }
         }
     }
-    RouteCase { name: format!("tied groups E={e} g{groups}/2 k=4 T={t}"), spec, tokens: t, logits }
+    RouteCase {
+        name: format!("tied groups E={e} g{groups}/2 k=4 T={t}"),
+        spec,
+        tokens: t,
+        logits,
+    }
 }
 
 /// NaN and infinite logits: the documented behaviour, the same everywhere.
@@ -297,10 +410,26 @@ fn non_finite_cases() -> Vec<RouteCase> {
     for (name, spec) in [
         ("softmax renorm", RouterSpec::softmax_topk(e, 3, true)),
         ("softmax no-renorm", RouterSpec::softmax_topk(e, 3, false)),
-        ("sigmoid groups bias", RouterSpec::deepseek_v3(e, 3, 4, 2, Some(vec![0.01, 0.0, 0.02, 0.0, 0.0, 0.01, 0.0, 0.0]), true, 2.0)),
+        (
+            "sigmoid groups bias",
+            RouterSpec::deepseek_v3(
+                e,
+                3,
+                4,
+                2,
+                Some(vec![0.01, 0.0, 0.02, 0.0, 0.0, 0.01, 0.0, 0.0]),
+                true,
+                2.0,
+            ),
+        ),
         ("sigmoid k=E", RouterSpec::deepseek_v3(e, e, 1, 1, None, false, 1.0)),
     ] {
-        cases.push(RouteCase { name: format!("non-finite logits {name}"), spec, tokens: t, logits: logits.clone() });
+        cases.push(RouteCase {
+            name: format!("non-finite logits {name}"),
+            spec,
+            tokens: t,
+            logits: logits.clone(),
+        });
     }
     cases
 }
@@ -352,7 +481,13 @@ fn random_ids(rng: &mut Rng, tokens: usize, k: usize, e: usize, skewed: bool) ->
     ids
 }
 
-fn check_permute<B: Backend>(b: &B, dtype: DType, s: PermuteShape, skewed: bool, seed: u64) -> Result<(f64, f64), String> {
+fn check_permute<B: Backend>(
+    b: &B,
+    dtype: DType,
+    s: PermuteShape,
+    skewed: bool,
+    seed: u64,
+) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
     let ids = random_ids(&mut rng, s.tokens, s.top_k, s.experts, skewed);
     let x = host_in(&rng.vec(s.tokens * s.hidden, -2.0, 2.0), dtype);
@@ -363,7 +498,12 @@ fn check_permute<B: Backend>(b: &B, dtype: DType, s: PermuteShape, skewed: bool,
     let m = reference::permute_maps(&ids, s.tokens, s.top_k, s.experts);
     let tk = s.tokens * s.top_k;
     exact("counts", &u32s(b, &out.counts, s.experts)?, &m.counts, s.experts)?;
-    exact("offsets", &u32s(b, &out.offsets, s.experts + 1)?, &m.offsets, s.experts + 1)?;
+    exact(
+        "offsets",
+        &u32s(b, &out.offsets, s.experts + 1)?,
+        &m.offsets,
+        s.experts + 1,
+    )?;
     exact("slot_of", &u32s(b, &out.slot_of, tk)?, &m.slot_of, s.top_k)?;
     exact("source_of", &u32s(b, &out.source_of, tk)?, &m.source_of, s.top_k)?;
     let want = reference::gather(&x.to_f64(), s.hidden, s.top_k, &m.source_of);
@@ -377,7 +517,11 @@ fn ragged_offsets(rng: &mut Rng, rows: usize, experts: usize, used: usize) -> Ve
     // `used` rows are spread over experts, some of which receive none.
     let mut counts = vec![0u32; experts];
     for _ in 0..used {
-        let e = if experts > 2 && rng.below(3) == 0 { 0 } else { rng.below(experts) };
+        let e = if experts > 2 && rng.below(3) == 0 {
+            0
+        } else {
+            rng.below(experts)
+        };
         counts[e] += 1;
     }
     if experts > 2 {
@@ -398,7 +542,10 @@ fn check_gemm<B: Backend>(b: &B, dtype: DType, s: GemmShape, used: usize, seed: 
     let offsets = ragged_offsets(&mut rng, s.rows, s.experts, used);
     let scale = 1.0 / (s.in_features as f32).sqrt();
     let x = host_in(&rng.vec(s.rows * s.in_features, -1.0, 1.0), dtype);
-    let w = host_in(&rng.vec(s.experts * s.weight_rows() * s.in_features, -scale, scale), dtype);
+    let w = host_in(
+        &rng.vec(s.experts * s.weight_rows() * s.in_features, -scale, scale),
+        dtype,
+    );
     let sentinel = 7.0f32;
     let out0 = host_in(&vec![sentinel; s.rows * s.out_features], dtype);
     let (xb, ob, wb) = (
@@ -497,25 +644,60 @@ pub fn layer_cases(quick: bool) -> Vec<(String, LayerWeights, Vec<usize>)> {
     let tokens: Vec<usize> = if quick { vec![1, 7] } else { vec![0, 1, 7, 257] };
     let ds = RouterSpec::deepseek_v3(32, 4, 4, 2, Some(rng.vec(32, -0.2, 0.2)), true, 2.5);
     vec![
-        ("deepseek-v3 E=32 g4/2 k=4 +1 shared".into(), random_layer(1, ds.clone(), 36, 20, Some((20, false))), tokens.clone()),
         (
-            "deepseek-v3 no-renorm +2 shared".into(),
-            random_layer(2, RouterSpec { renorm: Renorm::None, ..ds }, 40, 16, Some((32, false))),
+            "deepseek-v3 E=32 g4/2 k=4 +1 shared".into(),
+            random_layer(1, ds.clone(), 36, 20, Some((20, false))),
             tokens.clone(),
         ),
-        ("mixtral E=8 k=2".into(), random_layer(3, RouterSpec::softmax_topk(8, 2, true), 44, 24, None), tokens.clone()),
-        ("mixtral E=8 k=1".into(), random_layer(4, RouterSpec::softmax_topk(8, 1, true), 24, 16, None), tokens.clone()),
+        (
+            "deepseek-v3 no-renorm +2 shared".into(),
+            random_layer(
+                2,
+                RouterSpec {
+                    renorm: Renorm::None,
+                    ..ds
+                },
+                40,
+                16,
+                Some((32, false)),
+            ),
+            tokens.clone(),
+        ),
+        (
+            "mixtral E=8 k=2".into(),
+            random_layer(3, RouterSpec::softmax_topk(8, 2, true), 44, 24, None),
+            tokens.clone(),
+        ),
+        (
+            "mixtral E=8 k=1".into(),
+            random_layer(4, RouterSpec::softmax_topk(8, 1, true), 24, 16, None),
+            tokens.clone(),
+        ),
         (
             "qwen2-moe E=16 k=4 gated shared".into(),
             random_layer(5, RouterSpec::softmax_topk(16, 4, false), 36, 12, Some((28, true))),
             tokens.clone(),
         ),
-        ("qwen3-moe E=32 k=8 renorm".into(), random_layer(6, RouterSpec::softmax_topk(32, 8, true), 33, 20, None), tokens.clone()),
-        ("qwen3-moe E=16 k=16 (k=E)".into(), random_layer(7, RouterSpec::softmax_topk(16, 16, false), 20, 8, None), vec![3]),
+        (
+            "qwen3-moe E=32 k=8 renorm".into(),
+            random_layer(6, RouterSpec::softmax_topk(32, 8, true), 33, 20, None),
+            tokens.clone(),
+        ),
+        (
+            "qwen3-moe E=16 k=16 (k=E)".into(),
+            random_layer(7, RouterSpec::softmax_topk(16, 16, false), 20, 8, None),
+            vec![3],
+        ),
     ]
 }
 
-fn check_layer<B: Backend + Clone>(b: &B, w: &LayerWeights, tokens: usize, dtype: DType, seed: u64) -> Result<(f64, f64), String> {
+fn check_layer<B: Backend + Clone>(
+    b: &B,
+    w: &LayerWeights,
+    tokens: usize,
+    dtype: DType,
+    seed: u64,
+) -> Result<(f64, f64), String> {
     let w = w.to_dtype(dtype).map_err(e2s)?;
     let x = layer_input(seed, &w, tokens, dtype);
     let mut layer = MoeLayer::new(b.clone(), &w).map_err(e2s)?;
@@ -531,7 +713,10 @@ fn check_layer<B: Backend + Clone>(b: &B, w: &LayerWeights, tokens: usize, dtype
     let wg: Vec<f64> = wts.iter().map(|&v| v as f64).collect();
     let werr = rel_l2(&wg, &r.weights);
     if werr > tolerance(DType::F32) {
-        return Err(format!("routing weights relative L2 error {werr:.3e} > {:.1e}", tolerance(DType::F32)));
+        return Err(format!(
+            "routing weights relative L2 error {werr:.3e} > {:.1e}",
+            tolerance(DType::F32)
+        ));
     }
     // A second forward with the same layer reuses its work buffers and must give the same bits.
     let again = floats(b, &layer.forward(&xb, tokens).map_err(e2s)?, tokens * h)?;
@@ -544,7 +729,9 @@ fn check_layer<B: Backend + Clone>(b: &B, w: &LayerWeights, tokens: usize, dtype
 // ---------------------------------------------------------------- bad input
 
 /// Each call must return an error (not panic, not succeed).
-fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Result<(f64, f64), String>)> {
+type Outcome = Result<(f64, f64), String>;
+
+fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
     let mut expect_err = |name: &str, r: Result<()>| {
         out.push((
@@ -562,38 +749,114 @@ fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Result<(f64, f64), String>
         let logits = f(4 * 8)?;
         let (mut ids, mut w) = (u(4 * 2)?, f(4 * 2)?);
         let spec = RouterSpec::softmax_topk(8, 2, true);
-        v.push(("route: logits too short".into(), b.route(&logits, &spec, 5, &mut ids, &mut w)));
-        v.push(("route: k = 0".into(), b.route(&logits, &RouterSpec { top_k: 0, ..spec.clone() }, 4, &mut ids, &mut w)));
-        v.push(("route: ids buffer is f32".into(), b.route(&logits, &spec, 4, &mut w.clone_shape(b)?, &mut w)));
+        v.push((
+            "route: logits too short".into(),
+            b.route(&logits, &spec, 5, &mut ids, &mut w),
+        ));
+        v.push((
+            "route: k = 0".into(),
+            b.route(
+                &logits,
+                &RouterSpec {
+                    top_k: 0,
+                    ..spec.clone()
+                },
+                4,
+                &mut ids,
+                &mut w,
+            ),
+        ));
+        v.push((
+            "route: ids buffer is f32".into(),
+            b.route(&logits, &spec, 4, &mut w.clone_shape(b)?, &mut w),
+        ));
         let bad_groups = RouterSpec::deepseek_v3(8, 2, 3, 1, None, true, 1.0);
-        v.push(("route: n_group does not divide E".into(), b.route(&logits, &bad_groups, 4, &mut ids, &mut w)));
+        v.push((
+            "route: n_group does not divide E".into(),
+            b.route(&logits, &bad_groups, 4, &mut ids, &mut w),
+        ));
         let mut small = u(3)?;
         v.push(("topk: k > cols".into(), b.topk(&logits, 4, 8, 9, &mut ids, &mut w)));
-        v.push(("topk: ids too short".into(), b.topk(&logits, 4, 8, 2, &mut small, &mut w)));
+        v.push((
+            "topk: ids too short".into(),
+            b.topk(&logits, 4, 8, 2, &mut small, &mut w),
+        ));
         let x = f(4 * 6)?;
-        let s = PermuteShape { tokens: 4, hidden: 6, top_k: 2, experts: 8 };
+        let s = PermuteShape {
+            tokens: 4,
+            hidden: 6,
+            top_k: 2,
+            experts: 8,
+        };
         let mut p = Permuted::alloc(b, s, DType::F32)?;
-        v.push(("permute: hidden too short".into(), b.permute(&x, &ids, PermuteShape { hidden: 7, ..s }, &mut p)));
+        v.push((
+            "permute: hidden too short".into(),
+            b.permute(&x, &ids, PermuteShape { hidden: 7, ..s }, &mut p),
+        ));
         v.push(("permute: ids are f32".into(), b.permute(&x, &w, s, &mut p)));
-        v.push(("permute: experts = 0".into(), b.permute(&x, &ids, PermuteShape { experts: 0, ..s }, &mut p)));
-        let gs = GemmShape { rows: 4, in_features: 6, out_features: 3, experts: 2, activation: Activation::SwiGlu };
+        v.push((
+            "permute: experts = 0".into(),
+            b.permute(&x, &ids, PermuteShape { experts: 0, ..s }, &mut p),
+        ));
+        let gs = GemmShape {
+            rows: 4,
+            in_features: 6,
+            out_features: 3,
+            experts: 2,
+            activation: Activation::SwiGlu,
+        };
         let off = b.upload(HostSlice::U32(&[0, 2, 4]))?;
         let (wt, mut y) = (f(2 * 6 * 6)?, f(4 * 3)?);
-        v.push(("grouped_matmul: SwiGLU weight too short".into(), b.grouped_matmul(&x, &off, &f(2 * 3 * 6)?, &mut y, gs)));
-        v.push(("grouped_matmul: offsets too short".into(), b.grouped_matmul(&x, &u(2)?, &wt, &mut y, gs)));
+        v.push((
+            "grouped_matmul: SwiGLU weight too short".into(),
+            b.grouped_matmul(&x, &off, &f(2 * 3 * 6)?, &mut y, gs),
+        ));
+        v.push((
+            "grouped_matmul: offsets too short".into(),
+            b.grouped_matmul(&x, &u(2)?, &wt, &mut y, gs),
+        ));
         let wb = b.alloc(DType::BF16, 2 * 6 * 6)?;
-        v.push(("grouped_matmul: mixed dtypes".into(), b.grouped_matmul(&x, &off, &wb, &mut y, gs)));
-        v.push(("grouped_matmul: in_features = 0".into(), b.grouped_matmul(&x, &off, &wt, &mut y, GemmShape { in_features: 0, ..gs })));
-        let cs = CombineShape { tokens: 4, hidden: 6, top_k: 2, accumulate: false };
+        v.push((
+            "grouped_matmul: mixed dtypes".into(),
+            b.grouped_matmul(&x, &off, &wb, &mut y, gs),
+        ));
+        v.push((
+            "grouped_matmul: in_features = 0".into(),
+            b.grouped_matmul(&x, &off, &wt, &mut y, GemmShape { in_features: 0, ..gs }),
+        ));
+        let cs = CombineShape {
+            tokens: 4,
+            hidden: 6,
+            top_k: 2,
+            accumulate: false,
+        };
         let (eo, sl) = (f(8 * 6)?, u(8)?);
         let mut o = f(4 * 6)?;
-        v.push(("combine: output too short".into(), b.combine(&eo, &ids, &w, &sl, &mut f(5)?, cs)));
-        v.push(("combine: weights are u32".into(), b.combine(&eo, &ids, &sl, &sl, &mut o, cs)));
-        v.push(("combine: expert_out too short".into(), b.combine(&f(7)?, &ids, &w, &sl, &mut o, cs)));
+        v.push((
+            "combine: output too short".into(),
+            b.combine(&eo, &ids, &w, &sl, &mut f(5)?, cs),
+        ));
+        v.push((
+            "combine: weights are u32".into(),
+            b.combine(&eo, &ids, &sl, &sl, &mut o, cs),
+        ));
+        v.push((
+            "combine: expert_out too short".into(),
+            b.combine(&f(7)?, &ids, &w, &sl, &mut o, cs),
+        ));
         let mut lg = f(4 * 8)?;
         v.push((
             "router_logits: weight too short".into(),
-            b.router_logits(&x, &f(5)?, &mut lg, RouterShape { tokens: 4, hidden: 6, experts: 8 }),
+            b.router_logits(
+                &x,
+                &f(5)?,
+                &mut lg,
+                RouterShape {
+                    tokens: 4,
+                    hidden: 6,
+                    experts: 8,
+                },
+            ),
         ));
         Ok(v)
     };
@@ -610,7 +873,10 @@ trait CloneShape<B: Backend> {
 }
 impl<B: Backend> CloneShape<B> for B::Buffer {
     fn clone_shape(&self, b: &B) -> Result<B::Buffer> {
-        b.alloc(crate::backend::DeviceBuffer::dtype(self), crate::backend::DeviceBuffer::len(self))
+        b.alloc(
+            crate::backend::DeviceBuffer::dtype(self),
+            crate::backend::DeviceBuffer::len(self),
+        )
     }
 }
 
@@ -618,11 +884,17 @@ impl<B: Backend> CloneShape<B> for B::Buffer {
 
 fn dtypes<B: Backend>(b: &B, kernel: Kernel) -> Vec<DType> {
     let caps = b.capabilities();
-    DType::FLOATS.into_iter().filter(|&d| caps.supports(kernel, d)).collect()
+    DType::FLOATS
+        .into_iter()
+        .filter(|&d| caps.supports(kernel, d))
+        .collect()
 }
 
 pub fn route_suite<B: Backend>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     for c in route_cases(quick) {
         r.push("route", c.name.clone(), DType::F32, || check_route(b, &c));
     }
@@ -634,20 +906,38 @@ pub fn route_suite<B: Backend>(b: &B, quick: bool) -> Report {
             row[rng.below(cols)] = row[a];
             row[rng.below(cols)] = f32::NAN;
         }
-        r.push("topk", format!("rows={rows} cols={cols} k={k} ties+NaN"), DType::F32, || check_topk(b, rows, cols, k, &vals));
+        r.push(
+            "topk",
+            format!("rows={rows} cols={cols} k={k} ties+NaN"),
+            DType::F32,
+            || check_topk(b, rows, cols, k, &vals),
+        );
     }
     r
 }
 
 pub fn permute_suite<B: Backend>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     let tokens: &[usize] = if quick { &[1, 7] } else { &[0, 1, 7, 257] };
     for dtype in dtypes(b, Kernel::Permute) {
         for &t in tokens {
             for (hidden, k, e, skewed) in [(13, 2, 8, false), (8, 1, 4, false), (5, 4, 64, true), (3, 8, 8, false)] {
-                let s = PermuteShape { tokens: t, hidden, top_k: k, experts: e };
-                let name = format!("T={t} H={hidden} k={k} E={e}{}", if skewed { " empty experts" } else { "" });
-                r.push("permute", name, dtype, || check_permute(b, dtype, s, skewed, (t * 31 + e) as u64));
+                let s = PermuteShape {
+                    tokens: t,
+                    hidden,
+                    top_k: k,
+                    experts: e,
+                };
+                let name = format!(
+                    "T={t} H={hidden} k={k} E={e}{}",
+                    if skewed { " empty experts" } else { "" }
+                );
+                r.push("permute", name, dtype, || {
+                    check_permute(b, dtype, s, skewed, (t * 31 + e) as u64)
+                });
             }
         }
     }
@@ -655,7 +945,10 @@ pub fn permute_suite<B: Backend>(b: &B, quick: bool) -> Report {
 }
 
 pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     let rows: &[usize] = if quick { &[1, 7] } else { &[0, 1, 7, 257] };
     for dtype in dtypes(b, Kernel::GroupedMatmul) {
         for &m in rows {
@@ -666,26 +959,55 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
                 (20, 9, 16, Activation::None),
                 (130, 70, 3, Activation::SwiGlu),
             ] {
-                let s = GemmShape { rows: m, in_features: kf, out_features: n, experts: e, activation: act };
+                let s = GemmShape {
+                    rows: m,
+                    in_features: kf,
+                    out_features: n,
+                    experts: e,
+                    activation: act,
+                };
                 let name = format!("rows={m} K={kf} N={n} E={e} {act:?}");
-                r.push("grouped_matmul", name, dtype, || check_gemm(b, dtype, s, m, (m * 7 + kf + e) as u64));
+                r.push("grouped_matmul", name, dtype, || {
+                    check_gemm(b, dtype, s, m, (m * 7 + kf + e) as u64)
+                });
             }
         }
-        let s = GemmShape { rows: 20, in_features: 16, out_features: 8, experts: 3, activation: Activation::None };
-        r.push("grouped_matmul", "offsets[E] < rows (tail untouched)".into(), dtype, || check_gemm(b, dtype, s, 13, 5));
+        let s = GemmShape {
+            rows: 20,
+            in_features: 16,
+            out_features: 8,
+            experts: 3,
+            activation: Activation::None,
+        };
+        r.push(
+            "grouped_matmul",
+            "offsets[E] < rows (tail untouched)".into(),
+            dtype,
+            || check_gemm(b, dtype, s, 13, 5),
+        );
     }
     r
 }
 
 pub fn combine_suite<B: Backend>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     let tokens: &[usize] = if quick { &[1, 7] } else { &[0, 1, 7, 257] };
     for dtype in dtypes(b, Kernel::Combine) {
         for &t in tokens {
             for (h, k, acc) in [(13, 2, false), (13, 2, true), (40, 8, false), (7, 1, true)] {
-                let s = CombineShape { tokens: t, hidden: h, top_k: k, accumulate: acc };
+                let s = CombineShape {
+                    tokens: t,
+                    hidden: h,
+                    top_k: k,
+                    accumulate: acc,
+                };
                 let name = format!("T={t} H={h} k={k}{}", if acc { " accumulate" } else { "" });
-                r.push("combine", name, dtype, || check_combine(b, dtype, s, (t + h * 3 + k) as u64));
+                r.push("combine", name, dtype, || {
+                    check_combine(b, dtype, s, (t + h * 3 + k) as u64)
+                });
             }
         }
     }
@@ -693,7 +1015,10 @@ pub fn combine_suite<B: Backend>(b: &B, quick: bool) -> Report {
 }
 
 pub fn layer_suite<B: Backend + Clone>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     for dtype in dtypes(b, Kernel::GroupedMatmul) {
         for (name, w, tokens) in layer_cases(quick) {
             for t in tokens {
@@ -701,7 +1026,9 @@ pub fn layer_suite<B: Backend + Clone>(b: &B, quick: bool) -> Report {
                 if dtype != DType::F32 && t > 64 {
                     continue;
                 }
-                r.push("layer", format!("{name} T={t}"), dtype, || check_layer(b, &w, t, dtype, t as u64 + 100));
+                r.push("layer", format!("{name} T={t}"), dtype, || {
+                    check_layer(b, &w, t, dtype, t as u64 + 100)
+                });
             }
         }
     }
@@ -709,7 +1036,10 @@ pub fn layer_suite<B: Backend + Clone>(b: &B, quick: bool) -> Report {
 }
 
 pub fn bad_input_suite<B: Backend>(b: &B) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     for (name, res) in check_bad_input(b) {
         r.push("bad-input", name, DType::F32, || res);
     }
@@ -718,7 +1048,10 @@ pub fn bad_input_suite<B: Backend>(b: &B) -> Report {
 
 /// Every suite; `quick` trims token counts.
 pub fn run_all<B: Backend + Clone>(b: &B, quick: bool) -> Report {
-    let mut r = Report { backend: b.name().into(), ..Default::default() };
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
     for part in [
         route_suite(b, quick),
         permute_suite(b, quick),
@@ -736,8 +1069,14 @@ pub fn run_all<B: Backend + Clone>(b: &B, quick: bool) -> Report {
 /// the bias or the group mask is removed (a case that never changes proves nothing).
 pub fn bias_and_groups_matter(c: &RouteCase) -> (usize, usize) {
     let e = c.spec.num_experts;
-    let no_bias = RouterSpec { correction_bias: None, ..c.spec.clone() };
-    let no_groups = RouterSpec { grouping: None::<Grouping>, ..c.spec.clone() };
+    let no_bias = RouterSpec {
+        correction_bias: None,
+        ..c.spec.clone()
+    };
+    let no_groups = RouterSpec {
+        grouping: None::<Grouping>,
+        ..c.spec.clone()
+    };
     let (mut by_bias, mut by_groups) = (0, 0);
     for row in c.logits.chunks(e).take(c.tokens) {
         let l: Vec<f64> = row.iter().map(|&x| x as f64).collect();

@@ -22,11 +22,7 @@ pub enum MoeError {
     },
     /// A buffer has the wrong element type.
     #[error("dtype mismatch: {what} is {got}; expected {expected}")]
-    DType {
-        what: String,
-        got: DType,
-        expected: String,
-    },
+    DType { what: String, got: DType, expected: String },
     /// The backend is present but cannot do this (dtype, size, spec).
     #[error("{backend} does not support {what}: {reason}")]
     Unsupported {

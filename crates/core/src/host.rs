@@ -17,7 +17,11 @@ pub fn upload_array<B: Backend + ?Sized, T: Element>(backend: &B, view: ArrayVie
 }
 
 /// Downloads the first `shape.product()` elements of `buf` as an array of `T`.
-pub fn download_array<B: Backend + ?Sized, T: Element>(backend: &B, buf: &B::Buffer, shape: &[usize]) -> Result<ArrayD<T>> {
+pub fn download_array<B: Backend + ?Sized, T: Element>(
+    backend: &B,
+    buf: &B::Buffer,
+    shape: &[usize],
+) -> Result<ArrayD<T>> {
     let host = backend.download(buf)?;
     let got = host.dtype();
     let mut v = T::from_host(host).ok_or_else(|| MoeError::DType {
@@ -27,8 +31,13 @@ pub fn download_array<B: Backend + ?Sized, T: Element>(backend: &B, buf: &B::Buf
     })?;
     let n: usize = shape.iter().product();
     if v.len() < n {
-        return Err(MoeError::shape("downloaded buffer length", v.len(), format!("at least {n} for shape {shape:?}")));
+        return Err(MoeError::shape(
+            "downloaded buffer length",
+            v.len(),
+            format!("at least {n} for shape {shape:?}"),
+        ));
     }
     v.truncate(n);
-    ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| MoeError::shape("array shape", format!("{shape:?}"), e.to_string()))
+    ArrayD::from_shape_vec(IxDyn(shape), v)
+        .map_err(|e| MoeError::shape("array shape", format!("{shape:?}"), e.to_string()))
 }

@@ -51,17 +51,29 @@ impl LayerWeights {
         self.router.validate()?;
         let (e, h, i) = (self.router.num_experts, self.hidden_size, self.intermediate_size);
         if h == 0 || i == 0 {
-            return Err(MoeError::shape("hidden/intermediate size", format!("{h}/{i}"), "both > 0"));
+            return Err(MoeError::shape(
+                "hidden/intermediate size",
+                format!("{h}/{i}"),
+                "both > 0",
+            ));
         }
         let dt = self.dtype();
         if !dt.is_float() {
-            return Err(MoeError::DType { what: "expert weights".into(), got: dt, expected: "f32, bf16 or f16".into() });
+            return Err(MoeError::DType {
+                what: "expert weights".into(),
+                got: dt,
+                expected: "f32, bf16 or f16".into(),
+            });
         }
         expect_len("router weight [E, H]", self.router_weight.len(), e * h)?;
         expect_len("gate_up [E, 2I, H]", self.gate_up.len(), e * 2 * i * h)?;
         expect_len("down [E, H, I]", self.down.len(), e * h * i)?;
         if self.down.dtype() != dt {
-            return Err(MoeError::DType { what: "down weights".into(), got: self.down.dtype(), expected: dt.to_string() });
+            return Err(MoeError::DType {
+                what: "down weights".into(),
+                got: self.down.dtype(),
+                expected: dt.to_string(),
+            });
         }
         if let Some(s) = &self.shared {
             let si = s.intermediate_size;
@@ -72,7 +84,11 @@ impl LayerWeights {
             expect_len("shared down [H, Is]", s.down.len(), h * si)?;
             for (what, w) in [("shared gate_up", &s.gate_up), ("shared down", &s.down)] {
                 if w.dtype() != dt {
-                    return Err(MoeError::DType { what: what.into(), got: w.dtype(), expected: dt.to_string() });
+                    return Err(MoeError::DType {
+                        what: what.into(),
+                        got: w.dtype(),
+                        expected: dt.to_string(),
+                    });
                 }
             }
             if let Some(g) = &s.gate {
@@ -85,15 +101,27 @@ impl LayerWeights {
     /// The same weights stored in `dtype` (router weight and gate stay f32).
     pub fn to_dtype(&self, dtype: DType) -> Result<LayerWeights> {
         let conv = |v: &HostVec| -> Result<HostVec> {
-            let f = v.to_f32().ok_or_else(|| MoeError::DType { what: "weights".into(), got: v.dtype(), expected: "a float dtype".into() })?;
-            HostVec::from_f32(&f, dtype).ok_or_else(|| MoeError::DType { what: "target".into(), got: dtype, expected: "f32, bf16 or f16".into() })
+            let f = v.to_f32().ok_or_else(|| MoeError::DType {
+                what: "weights".into(),
+                got: v.dtype(),
+                expected: "a float dtype".into(),
+            })?;
+            HostVec::from_f32(&f, dtype).ok_or_else(|| MoeError::DType {
+                what: "target".into(),
+                got: dtype,
+                expected: "f32, bf16 or f16".into(),
+            })
         };
         Ok(LayerWeights {
             gate_up: conv(&self.gate_up)?,
             down: conv(&self.down)?,
             shared: match &self.shared {
                 None => None,
-                Some(s) => Some(SharedWeights { gate_up: conv(&s.gate_up)?, down: conv(&s.down)?, ..s.clone() }),
+                Some(s) => Some(SharedWeights {
+                    gate_up: conv(&s.gate_up)?,
+                    down: conv(&s.down)?,
+                    ..s.clone()
+                }),
             },
             ..self.clone()
         })
@@ -106,7 +134,10 @@ impl LayerWeights {
             .flat_map(|t| {
                 let row = &x[t * h..(t + 1) * h];
                 (0..e).map(move |ex| {
-                    row.iter().zip(&self.router_weight[ex * h..(ex + 1) * h]).map(|(a, &b)| a * b as f64).sum::<f64>()
+                    row.iter()
+                        .zip(&self.router_weight[ex * h..(ex + 1) * h])
+                        .map(|(a, &b)| a * b as f64)
+                        .sum::<f64>()
                 })
             })
             .collect()
@@ -129,7 +160,12 @@ impl LayerWeights {
             let out = &mut output[t * h..(t + 1) * h];
             for j in js {
                 let ex = ids[t * k + j] as usize;
-                let y = reference::mlp(row, &gu[ex * 2 * i * h..(ex + 1) * 2 * i * h], &dn[ex * h * i..(ex + 1) * h * i], i);
+                let y = reference::mlp(
+                    row,
+                    &gu[ex * 2 * i * h..(ex + 1) * 2 * i * h],
+                    &dn[ex * h * i..(ex + 1) * h * i],
+                    i,
+                );
                 for (o, y) in out.iter_mut().zip(y) {
                     *o += weights[t * k + j] * y;
                 }
@@ -148,7 +184,12 @@ impl LayerWeights {
                 }
             }
         }
-        LayerRef { output, ids, weights, logits }
+        LayerRef {
+            output,
+            ids,
+            weights,
+            logits,
+        }
     }
 }
 
@@ -203,7 +244,11 @@ pub struct MoeLayer<B: Backend> {
 
 /// The gate of Qwen2-MoE's shared expert, as a one-expert sigmoid router.
 fn shared_gate_spec() -> RouterSpec {
-    RouterSpec { scoring: Scoring::Sigmoid, renorm: Renorm::None, ..RouterSpec::softmax_topk(1, 1, false) }
+    RouterSpec {
+        scoring: Scoring::Sigmoid,
+        renorm: Renorm::None,
+        ..RouterSpec::softmax_topk(1, 1, false)
+    }
 }
 
 impl<B: Backend> MoeLayer<B> {
@@ -212,7 +257,12 @@ impl<B: Backend> MoeLayer<B> {
         weights.validate()?;
         let dtype = weights.dtype();
         let caps = backend.capabilities();
-        for k in [crate::Kernel::Permute, crate::Kernel::GroupedMatmul, crate::Kernel::Combine, crate::Kernel::RouterLogits] {
+        for k in [
+            crate::Kernel::Permute,
+            crate::Kernel::GroupedMatmul,
+            crate::Kernel::Combine,
+            crate::Kernel::RouterLogits,
+        ] {
             caps.check(backend.name(), k, dtype)?;
         }
         caps.check_route(backend.name(), &weights.router)?;
@@ -284,7 +334,16 @@ impl<B: Backend> MoeLayer<B> {
             logits: b.alloc(DType::F32, cap * e)?,
             ids: b.alloc(DType::U32, tk)?,
             weights: b.alloc(DType::F32, tk)?,
-            perm: Permuted::alloc(b, PermuteShape { tokens: cap, hidden: h, top_k: k, experts: e }, self.dtype)?,
+            perm: Permuted::alloc(
+                b,
+                PermuteShape {
+                    tokens: cap,
+                    hidden: h,
+                    top_k: k,
+                    experts: e,
+                },
+                self.dtype,
+            )?,
             act: b.alloc(self.dtype, tk * self.inter)?,
             expert_out: b.alloc(self.dtype, tk * h)?,
             shared,
@@ -295,32 +354,119 @@ impl<B: Backend> MoeLayer<B> {
     /// Runs the layer on `x[T, H]` (layer dtype) into `out[T, H]` (layer dtype).
     pub fn forward_into(&mut self, x: &B::Buffer, tokens: usize, out: &mut B::Buffer) -> Result<()> {
         let (e, k, h, i) = (self.spec.num_experts, self.spec.top_k, self.hidden, self.inter);
-        crate::check::buffer("layer input", x, self.dtype, crate::backend::checked_mul(tokens, h, "tokens * hidden")?)?;
+        crate::check::buffer(
+            "layer input",
+            x,
+            self.dtype,
+            crate::backend::checked_mul(tokens, h, "tokens * hidden")?,
+        )?;
         crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
         self.ensure_scratch(tokens)?;
         self.last_tokens = tokens;
         let b = &self.backend;
         let s = self.scratch.as_mut().expect("scratch was just ensured");
-        b.router_logits(x, &self.router_weight, &mut s.logits, RouterShape { tokens, hidden: h, experts: e })?;
+        b.router_logits(
+            x,
+            &self.router_weight,
+            &mut s.logits,
+            RouterShape {
+                tokens,
+                hidden: h,
+                experts: e,
+            },
+        )?;
         b.route(&s.logits, &self.spec, tokens, &mut s.ids, &mut s.weights)?;
-        b.permute(x, &s.ids, PermuteShape { tokens, hidden: h, top_k: k, experts: e }, &mut s.perm)?;
+        b.permute(
+            x,
+            &s.ids,
+            PermuteShape {
+                tokens,
+                hidden: h,
+                top_k: k,
+                experts: e,
+            },
+            &mut s.perm,
+        )?;
         let rows = tokens * k;
-        let gate_up = GemmShape { rows, in_features: h, out_features: i, experts: e, activation: Activation::SwiGlu };
+        let gate_up = GemmShape {
+            rows,
+            in_features: h,
+            out_features: i,
+            experts: e,
+            activation: Activation::SwiGlu,
+        };
         b.grouped_matmul(&s.perm.rows, &s.perm.offsets, &self.gate_up, &mut s.act, gate_up)?;
-        let down = GemmShape { rows, in_features: i, out_features: h, experts: e, activation: Activation::None };
+        let down = GemmShape {
+            rows,
+            in_features: i,
+            out_features: h,
+            experts: e,
+            activation: Activation::None,
+        };
         b.grouped_matmul(&s.act, &s.perm.offsets, &self.down, &mut s.expert_out, down)?;
-        b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, CombineShape { tokens, hidden: h, top_k: k, accumulate: false })?;
+        b.combine(
+            &s.expert_out,
+            &s.ids,
+            &s.weights,
+            &s.perm.slot_of,
+            out,
+            CombineShape {
+                tokens,
+                hidden: h,
+                top_k: k,
+                accumulate: false,
+            },
+        )?;
         if let (Some(sh), Some(ss)) = (&self.shared, s.shared.as_mut()) {
             b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
-            let up = GemmShape { rows: tokens, in_features: h, out_features: sh.inter, experts: 1, activation: Activation::SwiGlu };
+            let up = GemmShape {
+                rows: tokens,
+                in_features: h,
+                out_features: sh.inter,
+                experts: 1,
+                activation: Activation::SwiGlu,
+            };
             b.grouped_matmul(x, &ss.offsets, &sh.gate_up, &mut ss.act, up)?;
-            let dn = GemmShape { rows: tokens, in_features: sh.inter, out_features: h, experts: 1, activation: Activation::None };
+            let dn = GemmShape {
+                rows: tokens,
+                in_features: sh.inter,
+                out_features: h,
+                experts: 1,
+                activation: Activation::None,
+            };
             b.grouped_matmul(&ss.act, &ss.offsets, &sh.down, &mut ss.out, dn)?;
             if let Some(g) = &sh.gate {
-                b.router_logits(x, g, &mut ss.gate_logits, RouterShape { tokens, hidden: h, experts: 1 })?;
-                b.route(&ss.gate_logits, &shared_gate_spec(), tokens, &mut ss.zeros, &mut ss.weights)?;
+                b.router_logits(
+                    x,
+                    g,
+                    &mut ss.gate_logits,
+                    RouterShape {
+                        tokens,
+                        hidden: h,
+                        experts: 1,
+                    },
+                )?;
+                b.route(
+                    &ss.gate_logits,
+                    &shared_gate_spec(),
+                    tokens,
+                    &mut ss.zeros,
+                    &mut ss.weights,
+                )?;
             }
-            b.combine(&ss.out, &ss.zeros, &ss.weights, &ss.iota, out, CombineShape { tokens, hidden: h, top_k: 1, accumulate: true })?;
+            b.combine(
+                &ss.out,
+                &ss.zeros,
+                &ss.weights,
+                &ss.iota,
+                out,
+                CombineShape {
+                    tokens,
+                    hidden: h,
+                    top_k: 1,
+                    accumulate: true,
+                },
+            )?;
         }
         Ok(())
     }
@@ -358,7 +504,8 @@ impl<B: Backend> MoeLayer<B> {
         debug_assert!(s.ids.len() >= n);
         Ok((
             Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
-            Array2::from_shape_vec((t, k), w[..n].to_vec()).map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
+            Array2::from_shape_vec((t, k), w[..n].to_vec())
+                .map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
         ))
     }
 }

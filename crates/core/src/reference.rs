@@ -25,14 +25,19 @@ pub fn ranked(values: &[f64]) -> Vec<usize> {
 
 /// Router scores of one token, with the non-finite rules of [`crate::spec`].
 pub fn scores(logits: &[f64], scoring: Scoring) -> Vec<f64> {
-    let l: Vec<f64> = logits.iter().map(|&x| if x.is_nan() { f64::NEG_INFINITY } else { x }).collect();
+    let l: Vec<f64> = logits
+        .iter()
+        .map(|&x| if x.is_nan() { f64::NEG_INFINITY } else { x })
+        .collect();
     match scoring {
         Scoring::Sigmoid => l.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
         Scoring::Softmax => {
             let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             if m == f64::INFINITY {
                 let n = l.iter().filter(|&&x| x == f64::INFINITY).count() as f64;
-                l.iter().map(|&x| if x == f64::INFINITY { 1.0 / n } else { 0.0 }).collect()
+                l.iter()
+                    .map(|&x| if x == f64::INFINITY { 1.0 / n } else { 0.0 })
+                    .collect()
             } else if m == f64::NEG_INFINITY {
                 vec![0.0; l.len()]
             } else {
@@ -296,7 +301,10 @@ mod tests {
 
     #[test]
     fn softmax_non_finite_rules() {
-        assert_eq!(scores(&[f64::INFINITY, 0.0, f64::INFINITY], Scoring::Softmax), vec![0.5, 0.0, 0.5]);
+        assert_eq!(
+            scores(&[f64::INFINITY, 0.0, f64::INFINITY], Scoring::Softmax),
+            vec![0.5, 0.0, 0.5]
+        );
         assert_eq!(scores(&[f64::NAN, f64::NEG_INFINITY], Scoring::Softmax), vec![0.0, 0.0]);
         assert_eq!(scores(&[f64::NAN], Scoring::Sigmoid), vec![0.0]);
     }

@@ -140,11 +140,7 @@ impl RouterSpec {
             return Err(MoeError::spec("num_experts", e, "below 2^31"));
         }
         if self.top_k == 0 || self.top_k > e {
-            return Err(MoeError::spec(
-                "top_k",
-                self.top_k,
-                format!("1 ..= num_experts ({e})"),
-            ));
+            return Err(MoeError::spec("top_k", self.top_k, format!("1 ..= num_experts ({e})")));
         }
         if !self.routed_scaling_factor.is_finite() {
             return Err(MoeError::spec(
@@ -267,13 +263,7 @@ mod tests {
                 },
                 "topk_group = 5",
             ),
-            (
-                RouterSpec {
-                    top_k: 9,
-                    ..ds()
-                },
-                "at most the 8 experts",
-            ),
+            (RouterSpec { top_k: 9, ..ds() }, "at most the 8 experts"),
             (
                 RouterSpec {
                     grouping: Some(Grouping {

@@ -38,7 +38,10 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
         }
     };
     match out {
-        HostVec::F32(o) => o[..s.tokens * h].par_chunks_mut(h).enumerate().for_each(|(t, r)| token(t, r)),
+        HostVec::F32(o) => o[..s.tokens * h]
+            .par_chunks_mut(h)
+            .enumerate()
+            .for_each(|(t, r)| token(t, r)),
         HostVec::BF16(o) => o[..s.tokens * h].par_chunks_mut(h).enumerate().for_each(|(t, r)| {
             let mut p: Vec<f32> = r.iter().map(|x| x.to_f32()).collect();
             token(t, &mut p);

@@ -59,7 +59,10 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("moe-hal-cpu-{i}"))
             .build()
-            .map_err(|e| MoeError::Device { backend: NAME.into(), message: format!("cannot start threads: {e}") })?;
+            .map_err(|e| MoeError::Device {
+                backend: NAME.into(),
+                message: format!("cannot start threads: {e}"),
+            })?;
         Ok(CpuBackend { pool: Arc::new(pool) })
     }
 
@@ -172,7 +175,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn router_logits(&self, hidden: &CpuBuffer, weight: &CpuBuffer, logits: &mut CpuBuffer, s: RouterShape) -> Result<()> {
+    fn router_logits(
+        &self,
+        hidden: &CpuBuffer,
+        weight: &CpuBuffer,
+        logits: &mut CpuBuffer,
+        s: RouterShape,
+    ) -> Result<()> {
         check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.pool.install(|| {
@@ -181,30 +190,61 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn route(&self, logits: &CpuBuffer, spec: &RouterSpec, tokens: usize, ids: &mut CpuBuffer, weights: &mut CpuBuffer) -> Result<()> {
+    fn route(
+        &self,
+        logits: &CpuBuffer,
+        spec: &RouterSpec,
+        tokens: usize,
+        ids: &mut CpuBuffer,
+        weights: &mut CpuBuffer,
+    ) -> Result<()> {
         check::route(NAME, &self.capabilities(), logits, spec, tokens, ids, weights)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
-        self.pool.install(|| route::route(f32_slice(logits), spec, tokens, ids, weights));
+        self.pool
+            .install(|| route::route(f32_slice(logits), spec, tokens, ids, weights));
         Ok(())
     }
 
-    fn topk(&self, values: &CpuBuffer, rows: usize, cols: usize, k: usize, ids: &mut CpuBuffer, out: &mut CpuBuffer) -> Result<()> {
+    fn topk(
+        &self,
+        values: &CpuBuffer,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        ids: &mut CpuBuffer,
+        out: &mut CpuBuffer,
+    ) -> Result<()> {
         check::topk(NAME, &self.capabilities(), values, rows, cols, k, ids, out)?;
         let (ids, out) = (u32_mut(ids), f32_mut(out));
-        self.pool.install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
+        self.pool
+            .install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
         Ok(())
     }
 
-    fn permute(&self, hidden: &CpuBuffer, ids: &CpuBuffer, s: PermuteShape, out: &mut Permuted<CpuBuffer>) -> Result<()> {
+    fn permute(
+        &self,
+        hidden: &CpuBuffer,
+        ids: &CpuBuffer,
+        s: PermuteShape,
+        out: &mut Permuted<CpuBuffer>,
+    ) -> Result<()> {
         check::permute(NAME, &self.capabilities(), hidden, ids, s, out)?;
         self.pool.install(|| permute::permute(hidden, u32_slice(ids), s, out))
     }
 
-    fn grouped_matmul(&self, input: &CpuBuffer, offsets: &CpuBuffer, weight: &CpuBuffer, output: &mut CpuBuffer, s: GemmShape) -> Result<()> {
+    fn grouped_matmul(
+        &self,
+        input: &CpuBuffer,
+        offsets: &CpuBuffer,
+        weight: &CpuBuffer,
+        output: &mut CpuBuffer,
+        s: GemmShape,
+    ) -> Result<()> {
         check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
         let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
-        self.pool.install(|| matmul::grouped_matmul(float_slice(input), &offsets, float_slice(weight), out, s));
+        self.pool
+            .install(|| matmul::grouped_matmul(float_slice(input), &offsets, float_slice(weight), out, s));
         Ok(())
     }
 
@@ -221,10 +261,21 @@ impl Backend for CpuBackend {
         let rows = expert_out.len() / s.hidden.max(1);
         let slots = &u32_slice(slot_of)[..s.tokens * s.top_k];
         if let Some((i, &v)) = slots.iter().enumerate().find(|(_, &v)| v as usize >= rows) {
-            return Err(MoeError::shape(format!("slot_of[{i}]"), v, format!("below the {rows} rows of expert_out")));
+            return Err(MoeError::shape(
+                format!("slot_of[{i}]"),
+                v,
+                format!("below the {rows} rows of expert_out"),
+            ));
         }
         self.pool.install(|| {
-            combine::combine(float_slice(expert_out), u32_slice(ids), f32_slice(weights), slots, &mut output.0, s)
+            combine::combine(
+                float_slice(expert_out),
+                u32_slice(ids),
+                f32_slice(weights),
+                slots,
+                &mut output.0,
+                s,
+            )
         });
         Ok(())
     }

@@ -102,11 +102,19 @@ impl OutPtr {
 pub fn checked_offsets(offsets: &[u32], rows: usize) -> Result<Vec<usize>> {
     let off: Vec<usize> = offsets.iter().map(|&o| o as usize).collect();
     if let Some(e) = (0..off.len() - 1).find(|&e| off[e] > off[e + 1]) {
-        return Err(MoeError::shape(format!("offsets[{}]", e + 1), off[e + 1], format!(">= offsets[{e}] = {}", off[e])));
+        return Err(MoeError::shape(
+            format!("offsets[{}]", e + 1),
+            off[e + 1],
+            format!(">= offsets[{e}] = {}", off[e]),
+        ));
     }
     let last = off[off.len() - 1];
     if last > rows {
-        return Err(MoeError::shape(format!("offsets[{}]", off.len() - 1), last, format!("at most rows = {rows}")));
+        return Err(MoeError::shape(
+            format!("offsets[{}]", off.len() - 1),
+            last,
+            format!("at most rows = {rows}"),
+        ));
     }
     Ok(off)
 }
@@ -187,7 +195,13 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             for col0 in (0..n).step_by(TILE_COLS) {
-                tiles.push(Tile { expert, row0, rows: TILE_ROWS.min(b - row0), col0, cols: TILE_COLS.min(n - col0) });
+                tiles.push(Tile {
+                    expert,
+                    row0,
+                    rows: TILE_ROWS.min(b - row0),
+                    col0,
+                    cols: TILE_COLS.min(n - col0),
+                });
             }
         }
     }
@@ -221,7 +235,12 @@ pub fn grouped_matmul(input: Floats, offsets: &[usize], weight: Floats, out: Out
 }
 
 pub fn router_logits(hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
-    let shape =
-        GemmShape { rows: s.tokens, in_features: s.hidden, out_features: s.experts, experts: 1, activation: Activation::None };
+    let shape = GemmShape {
+        rows: s.tokens,
+        in_features: s.hidden,
+        out_features: s.experts,
+        experts: 1,
+        activation: Activation::None,
+    };
     run_tiles(hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
 }

@@ -25,7 +25,11 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
     let n = s.tokens * s.top_k;
     let ids = &ids[..n];
     if let Some((i, &e)) = ids.iter().enumerate().find(|(_, &e)| e as usize >= s.experts) {
-        return Err(MoeError::shape(format!("ids[{i}]"), e, format!("an expert id below {}", s.experts)));
+        return Err(MoeError::shape(
+            format!("ids[{i}]"),
+            e,
+            format!("an expert id below {}", s.experts),
+        ));
     }
     let counts = &mut u32s(&mut out.counts)[..s.experts];
     counts.fill(0);

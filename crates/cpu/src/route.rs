@@ -7,12 +7,17 @@ use rayon::prelude::*;
 fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32]) {
     let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     match scoring {
-        Scoring::Sigmoid => s.iter_mut().zip(logits).for_each(|(s, &x)| *s = 1.0 / (1.0 + (-clean(x)).exp())),
+        Scoring::Sigmoid => s
+            .iter_mut()
+            .zip(logits)
+            .for_each(|(s, &x)| *s = 1.0 / (1.0 + (-clean(x)).exp())),
         Scoring::Softmax => {
             let m = logits.iter().map(|&x| clean(x)).fold(f32::NEG_INFINITY, f32::max);
             if m == f32::INFINITY {
                 let n = logits.iter().filter(|&&x| x == f32::INFINITY).count() as f32;
-                s.iter_mut().zip(logits).for_each(|(s, &x)| *s = if x == f32::INFINITY { 1.0 / n } else { 0.0 });
+                s.iter_mut()
+                    .zip(logits)
+                    .for_each(|(s, &x)| *s = if x == f32::INFINITY { 1.0 / n } else { 0.0 });
             } else if m == f32::NEG_INFINITY {
                 s.fill(0.0);
             } else {
@@ -43,13 +48,25 @@ fn select(cand: impl Iterator<Item = usize>, k: usize, better: impl Fn(usize, us
 }
 
 /// Top-k by sorting when k is large (insertion is O(E * k)).
-fn select_any(n: usize, allowed: impl Fn(usize) -> bool, k: usize, better: impl Fn(usize, usize) -> bool, out: &mut Vec<usize>) {
+fn select_any(
+    n: usize,
+    allowed: impl Fn(usize) -> bool,
+    k: usize,
+    better: impl Fn(usize, usize) -> bool,
+    out: &mut Vec<usize>,
+) {
     if k <= 32 {
         select((0..n).filter(|&i| allowed(i)), k, better, out);
     } else {
         out.clear();
         out.extend((0..n).filter(|&i| allowed(i)));
-        out.sort_by(|&a, &b| if better(a, b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+        out.sort_by(|&a, &b| {
+            if better(a, b) {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        });
         out.truncate(k);
     }
 }

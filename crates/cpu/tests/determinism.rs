@@ -7,20 +7,32 @@ use moe_hal_cpu::CpuBackend;
 
 fn layer_bits(threads: usize, dtype: DType, tokens: usize) -> Vec<u32> {
     let spec = RouterSpec::deepseek_v3(64, 8, 8, 4, Some(Rng::new(3).vec(64, -0.2, 0.2)), true, 2.5);
-    let w = random_layer(9, spec, 200, 144, Some((144, false))).to_dtype(dtype).unwrap();
+    let w = random_layer(9, spec, 200, 144, Some((144, false)))
+        .to_dtype(dtype)
+        .unwrap();
     let x = layer_input(4, &w, tokens, dtype);
     let b = CpuBackend::with_threads(threads).unwrap();
     let mut layer = MoeLayer::new(b.clone(), &w).unwrap();
     let xb = b.upload(HostVec::from_f32(&x, dtype).unwrap().as_slice()).unwrap();
     let out = layer.forward(&xb, tokens).unwrap();
-    b.download(&out).unwrap().to_f32().unwrap().iter().map(|v| v.to_bits()).collect()
+    b.download(&out)
+        .unwrap()
+        .to_f32()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 #[test]
 fn layer_is_bit_identical_for_1_and_2_threads() {
     for dtype in [DType::F32, DType::BF16] {
         for tokens in [1, 67, 300] {
-            assert_eq!(layer_bits(1, dtype, tokens), layer_bits(2, dtype, tokens), "{dtype} T={tokens}");
+            assert_eq!(
+                layer_bits(1, dtype, tokens),
+                layer_bits(2, dtype, tokens),
+                "{dtype} T={tokens}"
+            );
         }
     }
 }
@@ -41,7 +53,20 @@ fn combine_sums_in_ascending_expert_id() {
         b.upload(HostSlice::U32(&slot_of)).unwrap(),
     );
     let mut out = b.alloc(DType::F32, t * h).unwrap();
-    b.combine(&yb, &ib, &wb, &sb, &mut out, CombineShape { tokens: t, hidden: h, top_k: k, accumulate: false }).unwrap();
+    b.combine(
+        &yb,
+        &ib,
+        &wb,
+        &sb,
+        &mut out,
+        CombineShape {
+            tokens: t,
+            hidden: h,
+            top_k: k,
+            accumulate: false,
+        },
+    )
+    .unwrap();
     let got = b.download(&out).unwrap().to_f32().unwrap();
     for tok in 0..t {
         let mut js: Vec<usize> = (0..k).collect();
@@ -62,14 +87,25 @@ fn out_of_range_ids_and_offsets_are_errors() {
     let b = CpuBackend::new().unwrap();
     let x = b.alloc(DType::F32, 8).unwrap();
     let ids = b.upload(HostSlice::U32(&[0, 9])).unwrap();
-    let s = PermuteShape { tokens: 2, hidden: 4, top_k: 1, experts: 4 };
+    let s = PermuteShape {
+        tokens: 2,
+        hidden: 4,
+        top_k: 1,
+        experts: 4,
+    };
     let mut p = Permuted::alloc(&b, s, DType::F32).unwrap();
     let e = b.permute(&x, &ids, s, &mut p).unwrap_err().to_string();
     assert!(e.contains("ids[1]") && e.contains("below 4"), "{e}");
     let off = b.upload(HostSlice::U32(&[0, 2, 1])).unwrap();
     let w = b.alloc(DType::F32, 2 * 3 * 4).unwrap();
     let mut y = b.alloc(DType::F32, 2 * 3).unwrap();
-    let gs = GemmShape { rows: 2, in_features: 4, out_features: 3, experts: 2, activation: Activation::None };
+    let gs = GemmShape {
+        rows: 2,
+        in_features: 4,
+        out_features: 3,
+        experts: 2,
+        activation: Activation::None,
+    };
     let e = b.grouped_matmul(&x, &off, &w, &mut y, gs).unwrap_err().to_string();
     assert!(e.contains("offsets[2]"), "{e}");
     let off = b.upload(HostSlice::U32(&[0, 2, 5])).unwrap();

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every test, from a fresh machine: installs what the tests need, then runs
+# the format check, clippy and the whole workspace's tests (conformance suite,
+# property tests, per-crate tests). CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+# The CANN slot's fake-install test builds a tiny shared library with the C compiler.
+if ! command -v cc >/dev/null; then
+  echo "== installing a C compiler (gcc) for the CANN fake-install test"
+  as_root apt-get update -qq && as_root apt-get install -y -qq gcc >/dev/null
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+# Backends whose absence fails the run (the conformance suite skips absent ones otherwise).
+export MOE_REQUIRE_BACKENDS="${MOE_REQUIRE_BACKENDS:-cpu}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== backends present (MOE_REQUIRE_BACKENDS=$MOE_REQUIRE_BACKENDS)"
+cargo test -q --all-features --test conformance backends_present -- --nocapture
+echo "== cargo test --workspace"
+cargo test --workspace --all-features
+echo "== moe-bench verify --quick"
+cargo run -q --release -p moe-bench -- verify --quick
+echo "all tests passed"
