@@ -27,3 +27,4 @@ pub use moe_hal_cpu as cpu;
 pub use moe_hal_cann as cann;
 
 pub mod registry;
+pub mod checkpoint;

@@ -9,6 +9,9 @@ use moe_hal::conformance::{self, Report};
 use moe_hal::registry::{self, BackendStatus};
 use moe_hal::{Kernel, MoeError};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+mod run;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -42,6 +45,27 @@ enum Command {
         #[arg(long)]
         verbose: bool,
     },
+    /// Runs one MoE layer of a Hugging Face checkpoint on an input and writes the output.
+    Run {
+        /// Model folder: config.json plus model.safetensors or model.safetensors.index.json and shards.
+        #[arg(long)]
+        model: PathBuf,
+        /// Layer index (must be a MoE layer of that model).
+        #[arg(long)]
+        layer: usize,
+        /// safetensors file holding `hidden_states` [T, H] (or [1, T, H]).
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write: `hidden_states` f32 [T, H], `router.topk_ids` i64 [T, k], `router.topk_weights` f32 [T, k].
+        #[arg(long)]
+        output: PathBuf,
+        /// cpu, wgpu, cuda or cann.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Compute dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +77,9 @@ fn main() -> ExitCode {
             quick,
             verbose,
         } => verify(&backend, quick, verbose),
+        Command::Run { model, layer, input, output, backend, dtype } => {
+            run::run(&model, layer, &input, &output, &backend, &dtype).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

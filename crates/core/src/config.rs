@@ -175,12 +175,13 @@ impl MoeConfig {
                 c.moe_layer_freq = get_usize(cfg, "moe_layer_freq")?.unwrap_or(1).max(1);
             }
             ModelFamily::Mixtral => {
-                let e = need_usize(cfg, &["num_local_experts"])?;
+                let e = need_usize(cfg, &["num_local_experts", "num_experts"])?;
                 c.intermediate_size = need_usize(cfg, &["intermediate_size"])?;
                 c.router = RouterSpec::softmax_topk(e, top_k, true);
             }
             ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
-                let e = need_usize(cfg, &["num_experts"])?;
+                // Released Qwen configs say num_experts; transformers 5 writes num_local_experts.
+                let e = need_usize(cfg, &["num_experts", "num_local_experts"])?;
                 c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
                 c.router = RouterSpec::softmax_topk(e, top_k, get_bool(cfg, "norm_topk_prob", false)?);
                 if family == ModelFamily::Qwen2Moe {

@@ -39,6 +39,9 @@ pub enum MoeError {
     /// A model config (config.json) cannot be understood.
     #[error("config: {0}")]
     Config(String),
+    /// A checkpoint or tensor file is missing, unreadable or malformed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// The device reported an error (out of memory, device lost, driver error).
     #[error("{backend} device error: {message}")]
     Device { backend: String, message: String },

@@ -1,0 +1,199 @@
+//! Reading one MoE layer out of a Hugging Face model folder.
+//!
+//! `config.json` plus `model.safetensors`, or a sharded
+//! `model.safetensors.index.json` with its shards. Files are memory-mapped
+//! and only the requested layer's tensors are read; every other tensor is
+//! ignored. Stored f32/bf16/f16 are converted to the compute dtype.
+
+use crate::{DType, HostVec, LayerWeights, ModelFamily, MoeConfig, MoeError, Result, SharedWeights};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+fn ck(msg: impl Into<String>) -> MoeError {
+    MoeError::Checkpoint(msg.into())
+}
+
+/// A model folder: its MoE config and where each tensor lives.
+pub struct Checkpoint {
+    dir: PathBuf,
+    pub config: MoeConfig,
+    /// Tensor name to file name (relative to `dir`).
+    weight_map: HashMap<String, String>,
+    maps: BTreeMap<String, Mmap>,
+}
+
+impl Checkpoint {
+    /// Reads `config.json` and the index (or finds `model.safetensors`).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ck(format!("cannot read {}: {e}", cfg_path.display())))?;
+        let config = MoeConfig::from_json_str(&text)?;
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut weight_map = HashMap::new();
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ck(format!("cannot read {}: {e}", index.display())))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ck(format!("{} is not valid JSON: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ck(format!("{} has no \"weight_map\" object", index.display())))?;
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| ck(format!("{}: weight_map[{name:?}] is not a file name", index.display())))?;
+                weight_map.insert(name.clone(), file.to_string());
+            }
+        } else if !single.exists() {
+            return Err(ck(format!(
+                "no model.safetensors or model.safetensors.index.json in {}",
+                dir.display()
+            )));
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, weight_map, maps: BTreeMap::new() })
+    }
+
+    fn file_of(&self, name: &str) -> Result<String> {
+        if self.weight_map.is_empty() {
+            return Ok("model.safetensors".into());
+        }
+        self.weight_map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ck(format!("missing tensor {name} (not in model.safetensors.index.json)")))
+    }
+
+    fn mapped(&mut self, file: &str) -> Result<&Mmap> {
+        if !self.maps.contains_key(file) {
+            let path = self.dir.join(file);
+            let f = File::open(&path).map_err(|e| ck(format!("cannot open {}: {e}", path.display())))?;
+            // SAFETY: the map is read-only and lives as long as this Checkpoint; as with every
+            // memory-mapped checkpoint reader, the file must not be truncated while it is open.
+            let m = unsafe { Mmap::map(&f) }.map_err(|e| ck(format!("cannot map {}: {e}", path.display())))?;
+            SafeTensors::deserialize(&m)
+                .map_err(|e| ck(format!("{} is not a valid safetensors file (truncated?): {e}", path.display())))?;
+            self.maps.insert(file.to_string(), m);
+        }
+        Ok(&self.maps[file])
+    }
+
+    /// Reads tensor `name` as f32, checking its shape.
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let file = self.file_of(name)?;
+        let path = self.dir.join(&file);
+        let m = self.mapped(&file)?;
+        let st = SafeTensors::deserialize(m).map_err(|e| ck(format!("{}: {e}", path.display())))?;
+        let t = st.tensor(name).map_err(|_| ck(format!("missing tensor {name} in {}", path.display())))?;
+        if t.shape() != shape {
+            return Err(MoeError::shape(format!("tensor {name}"), format!("{:?}", t.shape()), format!("{shape:?}")));
+        }
+        let d = t.data();
+        Ok(match t.dtype() {
+            StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                return Err(ck(format!(
+                    "tensor {name} is stored as {other:?}; expected F32, BF16 or F16 (dequantize FP8 checkpoints first)"
+                )))
+            }
+        })
+    }
+
+    /// One MoE layer's weights in `dtype` (router and shared gate stay f32).
+    pub fn load_layer(&mut self, layer: usize, dtype: DType) -> Result<LayerWeights> {
+        if !dtype.is_float() {
+            return Err(MoeError::DType { what: "compute dtype".into(), got: dtype, expected: "f32, bf16 or f16".into() });
+        }
+        self.config.check_moe_layer(layer)?;
+        let c = self.config.clone();
+        let (e, h, i) = (c.router.num_experts, c.hidden_size, c.intermediate_size);
+        let p = format!("model.layers.{layer}.");
+        let (router_name, expert) = match c.family {
+            ModelFamily::Mixtral => (
+                format!("{p}block_sparse_moe.gate.weight"),
+                [format!("{p}block_sparse_moe.experts.{{e}}.w1.weight"), format!("{p}block_sparse_moe.experts.{{e}}.w3.weight"), format!("{p}block_sparse_moe.experts.{{e}}.w2.weight")],
+            ),
+            _ => (
+                format!("{p}mlp.gate.weight"),
+                [format!("{p}mlp.experts.{{e}}.gate_proj.weight"), format!("{p}mlp.experts.{{e}}.up_proj.weight"), format!("{p}mlp.experts.{{e}}.down_proj.weight")],
+            ),
+        };
+        let router_weight = self.tensor_f32(&router_name, &[e, h])?;
+        let mut spec = c.router.clone();
+        if c.has_correction_bias {
+            spec.correction_bias = Some(self.tensor_f32(&format!("{p}mlp.gate.e_score_correction_bias"), &[e])?);
+        }
+        let mut gate_up = Vec::with_capacity(e * 2 * i * h);
+        let mut down = Vec::with_capacity(e * h * i);
+        for ex in 0..e {
+            let name = |k: usize| expert[k].replace("{e}", &ex.to_string());
+            gate_up.extend(self.tensor_f32(&name(0), &[i, h])?);
+            gate_up.extend(self.tensor_f32(&name(1), &[i, h])?);
+            down.extend(self.tensor_f32(&name(2), &[h, i])?);
+        }
+        let shared = match c.shared {
+            None => None,
+            Some(s) => {
+                let base = match c.family {
+                    ModelFamily::Qwen2Moe => format!("{p}mlp.shared_expert."),
+                    _ => format!("{p}mlp.shared_experts."),
+                };
+                let si = s.intermediate_size;
+                let mut gu = self.tensor_f32(&format!("{base}gate_proj.weight"), &[si, h])?;
+                gu.extend(self.tensor_f32(&format!("{base}up_proj.weight"), &[si, h])?);
+                let dn = self.tensor_f32(&format!("{base}down_proj.weight"), &[h, si])?;
+                let gate = if s.gated { Some(self.tensor_f32(&format!("{p}mlp.shared_expert_gate.weight"), &[1, h])?) } else { None };
+                Some(SharedWeights {
+                    intermediate_size: si,
+                    gate_up: to_dtype(&gu, dtype),
+                    down: to_dtype(&dn, dtype),
+                    gate,
+                })
+            }
+        };
+        let w = LayerWeights {
+            router: spec,
+            hidden_size: h,
+            intermediate_size: i,
+            router_weight,
+            gate_up: to_dtype(&gate_up, dtype),
+            down: to_dtype(&down, dtype),
+            shared,
+        };
+        w.validate()?;
+        Ok(w)
+    }
+}
+
+fn to_dtype(v: &[f32], dtype: DType) -> HostVec {
+    HostVec::from_f32(v, dtype).expect("float dtype checked by the caller")
+}
+
+/// Convenience: open `dir` and load layer `layer` in `dtype`.
+pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights> {
+    Checkpoint::open(dir)?.load_layer(layer, dtype)
+}
+
+/// Reads a tensor file into name -> (shape, f32 values); used for inputs and fixtures.
+pub fn read_tensors_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ck(format!("{} is not a valid safetensors file (truncated?): {e}", path.display())))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        let d = t.data();
+        let v: Vec<f32> = match t.dtype() {
+            StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            StDtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            other => return Err(ck(format!("{}: tensor {name} has unsupported dtype {other:?}", path.display()))),
+        };
+        out.insert(name, (t.shape().to_vec(), v));
+    }
+    Ok(out)
+}
