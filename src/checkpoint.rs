@@ -29,13 +29,15 @@ impl Checkpoint {
     /// Reads `config.json` and the index (or finds `model.safetensors`).
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ck(format!("cannot read {}: {e}", cfg_path.display())))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| ck(format!("cannot read {}: {e}", cfg_path.display())))?;
         let config = MoeConfig::from_json_str(&text)?;
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let mut weight_map = HashMap::new();
         if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| ck(format!("cannot read {}: {e}", index.display())))?;
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| ck(format!("cannot read {}: {e}", index.display())))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| ck(format!("{} is not valid JSON: {e}", index.display())))?;
             let map = v
@@ -43,7 +45,9 @@ impl Checkpoint {
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ck(format!("{} has no \"weight_map\" object", index.display())))?;
             for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| ck(format!("{}: weight_map[{name:?}] is not a file name", index.display())))?;
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| ck(format!("{}: weight_map[{name:?}] is not a file name", index.display())))?;
                 weight_map.insert(name.clone(), file.to_string());
             }
         } else if !single.exists() {
@@ -52,7 +56,12 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, weight_map, maps: BTreeMap::new() })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            weight_map,
+            maps: BTreeMap::new(),
+        })
     }
 
     fn file_of(&self, name: &str) -> Result<String> {
@@ -72,8 +81,12 @@ impl Checkpoint {
             // SAFETY: the map is read-only and lives as long as this Checkpoint; as with every
             // memory-mapped checkpoint reader, the file must not be truncated while it is open.
             let m = unsafe { Mmap::map(&f) }.map_err(|e| ck(format!("cannot map {}: {e}", path.display())))?;
-            SafeTensors::deserialize(&m)
-                .map_err(|e| ck(format!("{} is not a valid safetensors file (truncated?): {e}", path.display())))?;
+            SafeTensors::deserialize(&m).map_err(|e| {
+                ck(format!(
+                    "{} is not a valid safetensors file (truncated?): {e}",
+                    path.display()
+                ))
+            })?;
             self.maps.insert(file.to_string(), m);
         }
         Ok(&self.maps[file])
@@ -85,15 +98,30 @@ impl Checkpoint {
         let path = self.dir.join(&file);
         let m = self.mapped(&file)?;
         let st = SafeTensors::deserialize(m).map_err(|e| ck(format!("{}: {e}", path.display())))?;
-        let t = st.tensor(name).map_err(|_| ck(format!("missing tensor {name} in {}", path.display())))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| ck(format!("missing tensor {name} in {}", path.display())))?;
         if t.shape() != shape {
-            return Err(MoeError::shape(format!("tensor {name}"), format!("{:?}", t.shape()), format!("{shape:?}")));
+            return Err(MoeError::shape(
+                format!("tensor {name}"),
+                format!("{:?}", t.shape()),
+                format!("{shape:?}"),
+            ));
         }
         let d = t.data();
         Ok(match t.dtype() {
-            StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            StDtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            StDtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(ck(format!(
                     "tensor {name} is stored as {other:?}; expected F32, BF16 or F16 (dequantize FP8 checkpoints first)"
@@ -105,7 +133,11 @@ impl Checkpoint {
     /// One MoE layer's weights in `dtype` (router and shared gate stay f32).
     pub fn load_layer(&mut self, layer: usize, dtype: DType) -> Result<LayerWeights> {
         if !dtype.is_float() {
-            return Err(MoeError::DType { what: "compute dtype".into(), got: dtype, expected: "f32, bf16 or f16".into() });
+            return Err(MoeError::DType {
+                what: "compute dtype".into(),
+                got: dtype,
+                expected: "f32, bf16 or f16".into(),
+            });
         }
         self.config.check_moe_layer(layer)?;
         let c = self.config.clone();
@@ -114,11 +146,19 @@ impl Checkpoint {
         let (router_name, expert) = match c.family {
             ModelFamily::Mixtral => (
                 format!("{p}block_sparse_moe.gate.weight"),
-                [format!("{p}block_sparse_moe.experts.{{e}}.w1.weight"), format!("{p}block_sparse_moe.experts.{{e}}.w3.weight"), format!("{p}block_sparse_moe.experts.{{e}}.w2.weight")],
+                [
+                    format!("{p}block_sparse_moe.experts.{{e}}.w1.weight"),
+                    format!("{p}block_sparse_moe.experts.{{e}}.w3.weight"),
+                    format!("{p}block_sparse_moe.experts.{{e}}.w2.weight"),
+                ],
             ),
             _ => (
                 format!("{p}mlp.gate.weight"),
-                [format!("{p}mlp.experts.{{e}}.gate_proj.weight"), format!("{p}mlp.experts.{{e}}.up_proj.weight"), format!("{p}mlp.experts.{{e}}.down_proj.weight")],
+                [
+                    format!("{p}mlp.experts.{{e}}.gate_proj.weight"),
+                    format!("{p}mlp.experts.{{e}}.up_proj.weight"),
+                    format!("{p}mlp.experts.{{e}}.down_proj.weight"),
+                ],
             ),
         };
         let router_weight = self.tensor_f32(&router_name, &[e, h])?;
@@ -145,7 +185,11 @@ impl Checkpoint {
                 let mut gu = self.tensor_f32(&format!("{base}gate_proj.weight"), &[si, h])?;
                 gu.extend(self.tensor_f32(&format!("{base}up_proj.weight"), &[si, h])?);
                 let dn = self.tensor_f32(&format!("{base}down_proj.weight"), &[h, si])?;
-                let gate = if s.gated { Some(self.tensor_f32(&format!("{p}mlp.shared_expert_gate.weight"), &[1, h])?) } else { None };
+                let gate = if s.gated {
+                    Some(self.tensor_f32(&format!("{p}mlp.shared_expert_gate.weight"), &[1, h])?)
+                } else {
+                    None
+                };
                 Some(SharedWeights {
                     intermediate_size: si,
                     gate_up: to_dtype(&gu, dtype),
@@ -180,18 +224,42 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights
 /// Reads a tensor file into name -> (shape, f32 values); used for inputs and fixtures.
 pub fn read_tensors_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
     let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| ck(format!("{} is not a valid safetensors file (truncated?): {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        ck(format!(
+            "{} is not a valid safetensors file (truncated?): {e}",
+            path.display()
+        ))
+    })?;
     let mut out = BTreeMap::new();
     for (name, t) in st.tensors() {
         let d = t.data();
         let v: Vec<f32> = match t.dtype() {
-            StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            StDtype::I64 => d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            StDtype::I32 => d.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            other => return Err(ck(format!("{}: tensor {name} has unsupported dtype {other:?}", path.display()))),
+            StDtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            StDtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            StDtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            StDtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            StDtype::I32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => {
+                return Err(ck(format!(
+                    "{}: tensor {name} has unsupported dtype {other:?}",
+                    path.display()
+                )))
+            }
         };
         out.insert(name, (t.shape().to_vec(), v));
     }

@@ -26,5 +26,5 @@ pub use moe_hal_cpu as cpu;
 #[cfg(feature = "cann")]
 pub use moe_hal_cann as cann;
 
-pub mod registry;
 pub mod checkpoint;
+pub mod registry;

@@ -17,14 +17,18 @@ use std::path::{Path, PathBuf};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root).expect("fixtures folder").map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("fixtures folder")
+        .map(|e| e.unwrap().path())
+        .collect();
     dirs.sort();
     assert!(dirs.len() >= 8, "expected the 8 golden fixtures in {}", root.display());
     dirs
 }
 
 fn layer_of(dir: &Path) -> usize {
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     meta["layer"].as_u64().unwrap() as usize
 }
 
@@ -37,7 +41,9 @@ fn check<B: Backend + Clone>(b: &B, dir: &Path, dtype: DType) -> Result<f64, Str
     let (t, h) = (xs[0], xs[1]);
     let k = w.router.top_k;
     let mut layer = MoeLayer::new(b.clone(), &w).map_err(|e| e.to_string())?;
-    let out = layer.forward_host(Array2::from_shape_vec((t, h), x.clone()).unwrap().view()).map_err(|e| e.to_string())?;
+    let out = layer
+        .forward_host(Array2::from_shape_vec((t, h), x.clone()).unwrap().view())
+        .map_err(|e| e.to_string())?;
     let (ids, wts) = layer.last_routing().map_err(|e| e.to_string())?;
     let (_, want_ids) = &io["router.topk_ids"];
     let (_, want_w) = &io["router.topk_weights"];
@@ -46,7 +52,9 @@ fn check<B: Backend + Clone>(b: &B, dir: &Path, dtype: DType) -> Result<f64, Str
     let (mut got_w, mut ref_w, mut got_o, mut ref_o, mut differ) = (vec![], vec![], vec![], vec![], vec![]);
     for tok in 0..t {
         let mut mine: Vec<(u32, f32)> = (0..k).map(|j| (ids[[tok, j]], wts[[tok, j]])).collect();
-        let mut theirs: Vec<(u32, f32)> = (0..k).map(|j| (want_ids[tok * k + j] as u32, want_w[tok * k + j])).collect();
+        let mut theirs: Vec<(u32, f32)> = (0..k)
+            .map(|j| (want_ids[tok * k + j] as u32, want_w[tok * k + j]))
+            .collect();
         mine.sort_by_key(|p| p.0);
         theirs.sort_by_key(|p| p.0);
         if mine.iter().map(|p| p.0).ne(theirs.iter().map(|p| p.0)) {
@@ -64,16 +72,24 @@ fn check<B: Backend + Clone>(b: &B, dir: &Path, dtype: DType) -> Result<f64, Str
     }
     let allowed = if dtype == DType::F32 { 0 } else { t / 10 };
     if differ.len() > allowed {
-        return Err(format!("{name} {dtype}: {} of {t} tokens chose other experts: {}", differ.len(), differ.join("; ")));
+        return Err(format!(
+            "{name} {dtype}: {} of {t} tokens chose other experts: {}",
+            differ.len(),
+            differ.join("; ")
+        ));
     }
     let tol = tolerance(dtype);
     let werr = rel_l2(&got_w, &ref_w);
     if werr > tol {
-        return Err(format!("{name} {dtype}: routing weights relative L2 {werr:.2e} > {tol:.1e}"));
+        return Err(format!(
+            "{name} {dtype}: routing weights relative L2 {werr:.2e} > {tol:.1e}"
+        ));
     }
     let err = rel_l2(&got_o, &ref_o);
     if err > tol {
-        return Err(format!("{name} {dtype}: output relative L2 {err:.2e} > tolerance {tol:.1e}"));
+        return Err(format!(
+            "{name} {dtype}: output relative L2 {err:.2e} > tolerance {tol:.1e}"
+        ));
     }
     Ok(err)
 }
@@ -82,7 +98,10 @@ fn run_all<B: Backend + Clone>(name: &str, make: impl FnOnce() -> Result<B, MoeE
     let b = match make() {
         Ok(b) => b,
         Err(e) => {
-            assert!(!registry::required_backends().iter().any(|r| r == name), "required backend {name} unavailable: {e}");
+            assert!(
+                !registry::required_backends().iter().any(|r| r == name),
+                "required backend {name} unavailable: {e}"
+            );
             eprintln!("SKIPPED backend {name}: {e}");
             return;
         }
@@ -94,12 +113,19 @@ fn run_all<B: Backend + Clone>(name: &str, make: impl FnOnce() -> Result<B, MoeE
                 continue;
             }
             match check(&b, &dir, dtype) {
-                Ok(err) => eprintln!("{name} {:<28} {dtype:<5} output rel L2 {err:.2e}", dir.file_name().unwrap().to_string_lossy()),
+                Ok(err) => eprintln!(
+                    "{name} {:<28} {dtype:<5} output rel L2 {err:.2e}",
+                    dir.file_name().unwrap().to_string_lossy()
+                ),
                 Err(e) => failures.push(e),
             }
         }
     }
-    assert!(failures.is_empty(), "golden failures on {name}:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "golden failures on {name}:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[cfg(feature = "cpu")]

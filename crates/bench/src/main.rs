@@ -77,9 +77,14 @@ fn main() -> ExitCode {
             quick,
             verbose,
         } => verify(&backend, quick, verbose),
-        Command::Run { model, layer, input, output, backend, dtype } => {
-            run::run(&model, layer, &input, &output, &backend, &dtype).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Run {
+            model,
+            layer,
+            input,
+            output,
+            backend,
+            dtype,
+        } => run::run(&model, layer, &input, &output, &backend, &dtype).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

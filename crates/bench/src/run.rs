@@ -25,8 +25,14 @@ fn dispatch(backend: &str, w: &LayerWeights, x: ArrayView2<'_, f32>) -> Result<O
         "cpu" => run_on(moe_hal::cpu::CpuBackend::new().map_err(|e| e.to_string())?, w, x),
         "cann" => run_on(moe_hal::cann::CannBackend::new().map_err(|e| e.to_string())?, w, x),
         other => match registry::probe(other) {
-            Some(s) => Err(format!("backend {other} is unavailable: {}", s.device.err().unwrap_or_default())),
-            None => Err(format!("unknown backend {other:?}; expected one of {}", registry::BACKENDS.join(", "))),
+            Some(s) => Err(format!(
+                "backend {other} is unavailable: {}",
+                s.device.err().unwrap_or_default()
+            )),
+            None => Err(format!(
+                "unknown backend {other:?}; expected one of {}",
+                registry::BACKENDS.join(", ")
+            )),
         },
     }
 }
@@ -38,10 +44,16 @@ fn read_input(path: &Path, hidden: usize) -> Result<Array2<f32>, String> {
         .ok_or_else(|| format!("{} has no tensor named hidden_states", path.display()))?;
     let (t, h) = match shape.as_slice() {
         [t, h] | [1, t, h] => (*t, *h),
-        other => return Err(format!("hidden_states has shape {other:?}; expected [T, H] or [1, T, H]")),
+        other => {
+            return Err(format!(
+                "hidden_states has shape {other:?}; expected [T, H] or [1, T, H]"
+            ))
+        }
     };
     if h != hidden {
-        return Err(format!("hidden_states has hidden size {h}; the model's hidden_size is {hidden}"));
+        return Err(format!(
+            "hidden_states has hidden size {h}; the model's hidden_size is {hidden}"
+        ));
     }
     Array2::from_shape_vec((t, h), data).map_err(|e| format!("hidden_states: {e}"))
 }
@@ -54,9 +66,15 @@ fn le_bytes<T: Copy>(v: &[T], f: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
 fn write_output(path: &Path, out: &Output) -> Result<(), String> {
     let (t, h) = out.hidden.dim();
     let k = out.ids.ncols();
-    let hidden = le_bytes(out.hidden.as_slice().expect("standard layout"), |x: f32| x.to_le_bytes().to_vec());
-    let ids = le_bytes(out.ids.as_slice().expect("standard layout"), |x: u32| (x as i64).to_le_bytes().to_vec());
-    let weights = le_bytes(out.weights.as_slice().expect("standard layout"), |x: f32| x.to_le_bytes().to_vec());
+    let hidden = le_bytes(out.hidden.as_slice().expect("standard layout"), |x: f32| {
+        x.to_le_bytes().to_vec()
+    });
+    let ids = le_bytes(out.ids.as_slice().expect("standard layout"), |x: u32| {
+        (x as i64).to_le_bytes().to_vec()
+    });
+    let weights = le_bytes(out.weights.as_slice().expect("standard layout"), |x: f32| {
+        x.to_le_bytes().to_vec()
+    });
     fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>, String> {
         TensorView::new(dtype, shape, data).map_err(|e| e.to_string())
     }
@@ -66,7 +84,9 @@ fn write_output(path: &Path, out: &Output) -> Result<(), String> {
         ("router.topk_weights", view(Dtype::F32, vec![t, k], &weights)?),
     ];
     let bytes = safetensors::serialize(tensors, None).map_err(|e| e.to_string())?;
-    let name = path.file_name().ok_or_else(|| format!("{} is not a file path", path.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} is not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -81,7 +101,10 @@ pub fn run(model: &Path, layer: usize, input: &Path, output: &Path, backend: &st
         _ => return Err(format!("unknown dtype {dtype:?}; expected f32, bf16 or f16")),
     };
     if registry::probe(backend).is_none() {
-        return Err(format!("unknown backend {backend:?}; expected one of {}", registry::BACKENDS.join(", ")));
+        return Err(format!(
+            "unknown backend {backend:?}; expected one of {}",
+            registry::BACKENDS.join(", ")
+        ));
     }
     let w = checkpoint::load_layer(model, layer, dtype).map_err(|e| e.to_string())?;
     let x = read_input(input, w.hidden_size)?;
