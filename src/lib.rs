@@ -26,5 +26,8 @@ pub use moe_hal_cpu as cpu;
 #[cfg(feature = "cann")]
 pub use moe_hal_cann as cann;
 
+#[cfg(feature = "wgpu")]
+pub use moe_hal_wgpu as wgpu;
+
 pub mod checkpoint;
 pub mod registry;

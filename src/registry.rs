@@ -60,13 +60,10 @@ pub fn probe(name: &str) -> Option<BackendStatus> {
         "cpu" => status_of("cpu", "cpu", crate::cpu::CpuBackend::new()),
         #[cfg(not(feature = "cpu"))]
         "cpu" => not_compiled("cpu", "cpu"),
-        "wgpu" => BackendStatus {
-            name: "wgpu",
-            feature: "wgpu",
-            compiled: false,
-            device: Err("the WebGPU backend is not written yet (issue: WebGPU backend)".into()),
-            capabilities: None,
-        },
+        #[cfg(feature = "wgpu")]
+        "wgpu" => status_of("wgpu", "wgpu", crate::wgpu::WgpuBackend::new()),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => not_compiled("wgpu", "wgpu"),
         "cuda" => BackendStatus {
             name: "cuda",
             feature: "cuda",

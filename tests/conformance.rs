@@ -70,6 +70,10 @@ macro_rules! conformance {
 #[cfg(feature = "cpu")]
 conformance!(cpu, moe_hal::cpu::CpuBackend::new, quick = false);
 
+// Software Vulkan (lavapipe) is slow: small shapes.
+#[cfg(feature = "wgpu")]
+conformance!(wgpu, moe_hal::wgpu::WgpuBackend::new, quick = true);
+
 #[cfg(feature = "cann")]
 conformance!(cann, moe_hal::cann::CannBackend::new, quick = true);
 

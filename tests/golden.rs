@@ -134,6 +134,12 @@ fn golden_cpu() {
     run_all("cpu", moe_hal::cpu::CpuBackend::new);
 }
 
+#[cfg(feature = "wgpu")]
+#[test]
+fn golden_wgpu() {
+    run_all("wgpu", moe_hal::wgpu::WgpuBackend::new);
+}
+
 #[cfg(feature = "cann")]
 #[test]
 fn golden_cann() {

@@ -153,6 +153,10 @@ fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: 
             let b = moe_hal::cpu::CpuBackend::new()?;
             Ok(f(&|| conformance::run_all(&b, quick)))
         }
+        "wgpu" => {
+            let b = moe_hal::wgpu::WgpuBackend::new()?;
+            Ok(f(&|| conformance::run_all(&b, true)))
+        }
         other => {
             let why = registry::probe(other)
                 .and_then(|s| s.device.err())

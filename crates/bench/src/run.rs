@@ -23,6 +23,7 @@ fn run_on<B: Backend>(backend: B, w: &LayerWeights, x: ArrayView2<'_, f32>) -> R
 fn dispatch(backend: &str, w: &LayerWeights, x: ArrayView2<'_, f32>) -> Result<Output, String> {
     match backend {
         "cpu" => run_on(moe_hal::cpu::CpuBackend::new().map_err(|e| e.to_string())?, w, x),
+        "wgpu" => run_on(moe_hal::wgpu::WgpuBackend::new().map_err(|e| e.to_string())?, w, x),
         "cann" => run_on(moe_hal::cann::CannBackend::new().map_err(|e| e.to_string())?, w, x),
         other => match registry::probe(other) {
             Some(s) => Err(format!(
