@@ -221,8 +221,11 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights
     Checkpoint::open(dir)?.load_layer(layer, dtype)
 }
 
+/// Tensors by name, each as (shape, values widened to f32).
+pub type TensorsF32 = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads a tensor file into name -> (shape, f32 values); used for inputs and fixtures.
-pub fn read_tensors_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_tensors_f32(path: &Path) -> Result<TensorsF32> {
     let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         ck(format!(
