@@ -108,25 +108,11 @@ impl Checkpoint {
                 format!("{shape:?}"),
             ));
         }
-        let d = t.data();
-        Ok(match t.dtype() {
-            StDtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            StDtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            StDtype::F16 => d
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ck(format!(
-                    "tensor {name} is stored as {other:?}; expected F32, BF16 or F16 (dequantize FP8 checkpoints first)"
-                )))
-            }
+        widen(t.dtype(), t.data()).ok_or_else(|| {
+            ck(format!(
+                "tensor {name} is stored as {:?}; expected F32, BF16 or F16 (dequantize FP8 checkpoints first)",
+                t.dtype()
+            ))
         })
     }
 
@@ -212,6 +198,25 @@ impl Checkpoint {
     }
 }
 
+/// Little-endian f32/bf16/f16 bytes widened to f32; `None` for other dtypes.
+fn widen(dtype: StDtype, d: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        StDtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        StDtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        StDtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
 fn to_dtype(v: &[f32], dtype: DType) -> HostVec {
     HostVec::from_f32(v, dtype).expect("float dtype checked by the caller")
 }
@@ -237,18 +242,6 @@ pub fn read_tensors_f32(path: &Path) -> Result<TensorsF32> {
     for (name, t) in st.tensors() {
         let d = t.data();
         let v: Vec<f32> = match t.dtype() {
-            StDtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            StDtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            StDtype::F16 => d
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
             StDtype::I64 => d
                 .chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
@@ -257,12 +250,12 @@ pub fn read_tensors_f32(path: &Path) -> Result<TensorsF32> {
                 .chunks_exact(4)
                 .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32)
                 .collect(),
-            other => {
-                return Err(ck(format!(
-                    "{}: tensor {name} has unsupported dtype {other:?}",
+            dt => widen(dt, d).ok_or_else(|| {
+                ck(format!(
+                    "{}: tensor {name} has unsupported dtype {dt:?}",
                     path.display()
-                )))
-            }
+                ))
+            })?,
         };
         out.insert(name, (t.shape().to_vec(), v));
     }
