@@ -20,38 +20,47 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
     if h == 0 || s.tokens == 0 {
         return;
     }
-    let token = |t: usize, prev: &mut [f32]| {
-        let mut order: Vec<usize> = (0..k).collect();
+    // Per-task work rows (order, accumulator, widened expert row), reused across the task's tokens.
+    let scratch = || (Vec::<usize>::with_capacity(k), vec![0.0f32; h], vec![0.0f32; h]);
+    let token = |(order, acc, row): &mut (Vec<usize>, Vec<f32>, Vec<f32>), t: usize, prev: &mut [f32]| {
+        order.clear();
+        order.extend(0..k);
         order.sort_by_key(|&j| (ids[t * k + j], j));
-        let mut acc = vec![0.0f32; h];
-        let mut row = vec![0.0f32; h];
-        for j in order {
+        acc.fill(0.0);
+        for &j in order.iter() {
             let f = t * k + j;
-            load(y, slots[f] as usize * h, &mut row);
+            load(y, slots[f] as usize * h, row);
             let w = weights[f];
-            acc.iter_mut().zip(&row).for_each(|(a, &v)| *a += w * v);
+            acc.iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
         }
         if s.accumulate {
-            prev.iter_mut().zip(&acc).for_each(|(p, &a)| *p += a);
+            prev.iter_mut().zip(acc.iter()).for_each(|(p, &a)| *p += a);
         } else {
-            prev.copy_from_slice(&acc);
+            prev.copy_from_slice(acc);
         }
     };
+    let rows = s.tokens * h;
     match out {
-        HostVec::F32(o) => o[..s.tokens * h]
+        HostVec::F32(o) => o[..rows]
             .par_chunks_mut(h)
             .enumerate()
-            .for_each(|(t, r)| token(t, r)),
-        HostVec::BF16(o) => o[..s.tokens * h].par_chunks_mut(h).enumerate().for_each(|(t, r)| {
-            let mut p: Vec<f32> = r.iter().map(|x| x.to_f32()).collect();
-            token(t, &mut p);
-            r.iter_mut().zip(&p).for_each(|(d, &v)| *d = bf16::from_f32(v));
-        }),
-        HostVec::F16(o) => o[..s.tokens * h].par_chunks_mut(h).enumerate().for_each(|(t, r)| {
-            let mut p: Vec<f32> = r.iter().map(|x| x.to_f32()).collect();
-            token(t, &mut p);
-            r.iter_mut().zip(&p).for_each(|(d, &v)| *d = f16::from_f32(v));
-        }),
+            .for_each_init(scratch, |sc, (t, r)| token(sc, t, r)),
+        HostVec::BF16(o) => o[..rows].par_chunks_mut(h).enumerate().for_each_init(
+            || (scratch(), vec![0.0f32; h]),
+            |(sc, p), (t, r)| {
+                p.iter_mut().zip(r.iter()).for_each(|(p, x)| *p = x.to_f32());
+                token(sc, t, p);
+                r.iter_mut().zip(p.iter()).for_each(|(d, &v)| *d = bf16::from_f32(v));
+            },
+        ),
+        HostVec::F16(o) => o[..rows].par_chunks_mut(h).enumerate().for_each_init(
+            || (scratch(), vec![0.0f32; h]),
+            |(sc, p), (t, r)| {
+                p.iter_mut().zip(r.iter()).for_each(|(p, x)| *p = x.to_f32());
+                token(sc, t, p);
+                r.iter_mut().zip(p.iter()).for_each(|(d, &v)| *d = f16::from_f32(v));
+            },
+        ),
         HostVec::U32(_) => unreachable!("dtype checked before"),
     }
 }
