@@ -36,7 +36,6 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
     for &e in ids {
         counts[e as usize] += 1;
     }
-    let counts = counts.to_vec();
     let offsets = &mut u32s(&mut out.offsets)[..s.experts + 1];
     offsets[0] = 0;
     for e in 0..s.experts {
@@ -45,19 +44,19 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
     // Visiting flat indices in order makes the sort stable: token order within each expert.
     let mut cursor = offsets[..s.experts].to_vec();
     let slot_of = &mut u32s(&mut out.slot_of)[..n];
-    let mut source_of = vec![0u32; n];
+    let source_of = &mut u32s(&mut out.source_of)[..n];
     for (f, &e) in ids.iter().enumerate() {
         let slot = cursor[e as usize];
         cursor[e as usize] += 1;
         slot_of[f] = slot;
         source_of[slot as usize] = f as u32;
     }
-    u32s(&mut out.source_of)[..n].copy_from_slice(&source_of);
+    let source_of = &*source_of;
     let h = s.hidden;
     match (&hidden.0, &mut out.rows.0) {
-        (HostVec::F32(a), HostVec::F32(b)) => gather(a, &mut b[..n * h], h, s.top_k, &source_of),
-        (HostVec::BF16(a), HostVec::BF16(b)) => gather(a, &mut b[..n * h], h, s.top_k, &source_of),
-        (HostVec::F16(a), HostVec::F16(b)) => gather(a, &mut b[..n * h], h, s.top_k, &source_of),
+        (HostVec::F32(a), HostVec::F32(b)) => gather(a, &mut b[..n * h], h, s.top_k, source_of),
+        (HostVec::BF16(a), HostVec::BF16(b)) => gather(a, &mut b[..n * h], h, s.top_k, source_of),
+        (HostVec::F16(a), HostVec::F16(b)) => gather(a, &mut b[..n * h], h, s.top_k, source_of),
         _ => unreachable!("dtypes checked before"),
     }
     Ok(())
