@@ -29,5 +29,8 @@ pub use moe_hal_cann as cann;
 #[cfg(feature = "wgpu")]
 pub use moe_hal_wgpu as wgpu;
 
+#[cfg(feature = "cuda")]
+pub use moe_hal_cuda as cuda;
+
 pub mod checkpoint;
 pub mod registry;

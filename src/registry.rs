@@ -64,13 +64,10 @@ pub fn probe(name: &str) -> Option<BackendStatus> {
         "wgpu" => status_of("wgpu", "wgpu", crate::wgpu::WgpuBackend::new()),
         #[cfg(not(feature = "wgpu"))]
         "wgpu" => not_compiled("wgpu", "wgpu"),
-        "cuda" => BackendStatus {
-            name: "cuda",
-            feature: "cuda",
-            compiled: false,
-            device: Err("the CUDA backend is not written yet (issue: CUDA backend)".into()),
-            capabilities: None,
-        },
+        #[cfg(feature = "cuda")]
+        "cuda" => status_of("cuda", "cuda", crate::cuda::CudaBackend::new()),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => not_compiled("cuda", "cuda"),
         #[cfg(feature = "cann")]
         "cann" => status_of("cann", "cann", crate::cann::CannBackend::new()),
         #[cfg(not(feature = "cann"))]

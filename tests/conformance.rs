@@ -74,6 +74,9 @@ conformance!(cpu, moe_hal::cpu::CpuBackend::new, quick = false);
 #[cfg(feature = "wgpu")]
 conformance!(wgpu, moe_hal::wgpu::WgpuBackend::new, quick = true);
 
+#[cfg(feature = "cuda")]
+conformance!(cuda, moe_hal::cuda::CudaBackend::new, quick = false);
+
 #[cfg(feature = "cann")]
 conformance!(cann, moe_hal::cann::CannBackend::new, quick = true);
 

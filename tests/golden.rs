@@ -16,7 +16,10 @@ use moe_hal::{registry, tolerance, Backend, DType, Kernel, MoeError, MoeLayer};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
+    // MOE_GOLDEN_DIR lets prebuilt test binaries run from another checkout (scripts/gpu-check.sh).
+    let root = std::env::var_os("MOE_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden"));
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("fixtures folder")
         .map(|e| e.unwrap().path())
@@ -138,6 +141,12 @@ fn golden_cpu() {
 #[test]
 fn golden_wgpu() {
     run_all("wgpu", moe_hal::wgpu::WgpuBackend::new);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cuda() {
+    run_all("cuda", moe_hal::cuda::CudaBackend::new);
 }
 
 #[cfg(feature = "cann")]

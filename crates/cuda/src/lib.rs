@@ -1,0 +1,705 @@
+//! The CUDA backend: `cudarc` with dynamic loading (builds with no CUDA
+//! toolkit), kernels from `kernels/cuda/*.cu` compiled at run time by NVRTC
+//! straight to a cubin for the device (`sm_XX`), cached per device.
+//!
+//! - f32 everywhere; f16 and bf16 grouped matmuls on tensor cores (WMMA,
+//!   f32 accumulation; bf16 needs sm_80 or newer).
+//! - Every kernel is launched on one stream with grid sizes from upper
+//!   bounds; expert counts and offsets stay on the device, so a layer
+//!   forward never synchronises with the host and can be captured in a CUDA
+//!   graph.
+//! - Without a driver, NVRTC or the CUDA headers, [`CudaBackend::new`] returns
+//!   `BackendUnavailable` saying which is missing; nothing panics (the probe
+//!   checks the libraries before cudarc touches them, and initialisation runs
+//!   under `catch_unwind` as a second guard).
+//! - Ids `>= E` given to `permute` are dropped (slot `u32::MAX`) rather than
+//!   reported: checking them would need a read-back.
+
+mod compile;
+pub mod launch;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use moe_hal_core::{
+    check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel,
+    KernelCaps, MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const NAME: &str = "cuda";
+
+fn dev_err(e: impl std::fmt::Debug) -> MoeError {
+    MoeError::Device {
+        backend: NAME.into(),
+        message: format!("{e:?}"),
+    }
+}
+
+enum Data {
+    F32(CudaSlice<f32>),
+    /// bf16 or f16 bits.
+    B16(CudaSlice<u16>),
+    U32(CudaSlice<u32>),
+}
+
+/// A device buffer. Holds at least one element so that empty buffers are valid allocations.
+pub struct CudaBuffer {
+    data: Data,
+    dtype: DType,
+    len: usize,
+}
+
+impl DeviceBuffer for CudaBuffer {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl CudaBuffer {
+    fn f32(&self) -> &CudaSlice<f32> {
+        match &self.data {
+            Data::F32(s) => s,
+            _ => unreachable!("dtype checked before"),
+        }
+    }
+    fn f32_mut(&mut self) -> &mut CudaSlice<f32> {
+        match &mut self.data {
+            Data::F32(s) => s,
+            _ => unreachable!("dtype checked before"),
+        }
+    }
+    fn u32(&self) -> &CudaSlice<u32> {
+        match &self.data {
+            Data::U32(s) => s,
+            _ => unreachable!("dtype checked before"),
+        }
+    }
+    fn u32_mut(&mut self) -> &mut CudaSlice<u32> {
+        match &mut self.data {
+            Data::U32(s) => s,
+            _ => unreachable!("dtype checked before"),
+        }
+    }
+}
+
+struct Kernels {
+    route: CudaFunction,
+    topk: CudaFunction,
+    chunk_counts: CudaFunction,
+    scan: CudaFunction,
+    scatter: CudaFunction,
+    gather_b32: CudaFunction,
+    gather_b16: CudaFunction,
+    gmm_f32: CudaFunction,
+    gmm_f16: CudaFunction,
+    gmm_bf16: Option<CudaFunction>,
+    cast_f16: CudaFunction,
+    cast_bf16: CudaFunction,
+    combine_f32: CudaFunction,
+    combine_f16: CudaFunction,
+    combine_bf16: CudaFunction,
+}
+
+struct Device {
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    name: String,
+    arch: (i32, i32),
+    total_mem: usize,
+}
+
+/// The CUDA backend on one device. Cheap to clone.
+#[derive(Clone)]
+pub struct CudaBackend {
+    dev: Arc<Device>,
+}
+
+/// Devices initialised so far (kernels compiled once per device).
+fn cache() -> &'static Mutex<HashMap<usize, Arc<Device>>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Why CUDA cannot run here, checked without letting cudarc panic.
+pub fn probe_libraries() -> std::result::Result<std::path::PathBuf, String> {
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the NVIDIA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into());
+    }
+    // SAFETY: as above, for libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(
+            "NVRTC (libnvrtc.so.13) was not found: put the folder holding it (for PyPI wheels \
+                    site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH before starting the process"
+                .into(),
+        );
+    }
+    compile::find_include_dir().ok_or_else(|| {
+        "the CUDA headers (cuda_bf16.h, cuda_fp16.h, mma.h) were not found: set MOE_CUDA_INCLUDE or CUDA_HOME, \
+         or install nvidia-cuda-runtime and nvidia-cuda-crt next to NVRTC"
+            .to_string()
+    })
+}
+
+fn init_device(ordinal: usize) -> Result<Device> {
+    let include = probe_libraries().map_err(|why| MoeError::unavailable(NAME, why))?;
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| MoeError::unavailable(NAME, format!("no CUDA device {ordinal}: {e:?}")))?;
+    let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
+    if major < 7 {
+        return Err(MoeError::unavailable(
+            NAME,
+            format!("compute capability {major}.{minor}; tensor cores need 7.0 or newer"),
+        ));
+    }
+    let arch = format!("sm_{major}{minor}");
+    let mut modules: HashMap<&str, Arc<CudaModule>> = HashMap::new();
+    for (name, src) in compile::SOURCES {
+        let cubin = compile::compile_cubin(name, src, &arch, &include)?;
+        modules.insert(name, ctx.load_module(Ptx::from_binary(cubin)).map_err(dev_err)?);
+    }
+    let f = |module: &str, func: &str| -> Result<CudaFunction> { modules[module].load_function(func).map_err(dev_err) };
+    let kernels = Kernels {
+        route: f("route.cu", "route")?,
+        topk: f("topk.cu", "topk")?,
+        chunk_counts: f("permute.cu", "permute_chunk_counts")?,
+        scan: f("permute.cu", "permute_scan")?,
+        scatter: f("permute.cu", "permute_scatter")?,
+        gather_b32: f("permute.cu", "permute_gather_b32")?,
+        gather_b16: f("permute.cu", "permute_gather_b16")?,
+        gmm_f32: f("grouped_matmul.cu", "grouped_matmul_f32")?,
+        gmm_f16: f("grouped_matmul.cu", "grouped_matmul_f16")?,
+        gmm_bf16: if major >= 8 {
+            Some(f("grouped_matmul.cu", "grouped_matmul_bf16")?)
+        } else {
+            None
+        },
+        cast_f16: f("grouped_matmul.cu", "cast_f16_f32")?,
+        cast_bf16: f("grouped_matmul.cu", "cast_bf16_f32")?,
+        combine_f32: f("combine.cu", "combine_f32")?,
+        combine_f16: f("combine.cu", "combine_f16")?,
+        combine_bf16: f("combine.cu", "combine_bf16")?,
+    };
+    Ok(Device {
+        stream: ctx.default_stream(),
+        name: ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
+        total_mem: ctx.total_mem().unwrap_or(0),
+        arch: (major, minor),
+        kernels,
+    })
+}
+
+impl CudaBackend {
+    /// The first device.
+    pub fn new() -> Result<Self> {
+        Self::on_device(0)
+    }
+
+    /// Device `ordinal`: checks the libraries, creates the context, compiles the kernels (once per device).
+    pub fn on_device(ordinal: usize) -> Result<Self> {
+        let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dev) = cache.get(&ordinal) {
+            return Ok(CudaBackend { dev: dev.clone() });
+        }
+        let dev = std::panic::catch_unwind(|| init_device(ordinal)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(MoeError::unavailable(
+                NAME,
+                format!("CUDA initialisation failed: {}", msg.unwrap_or_default()),
+            ))
+        })?;
+        let dev = Arc::new(dev);
+        cache.insert(ordinal, dev.clone());
+        Ok(CudaBackend { dev })
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+
+    fn caps(&self) -> Capabilities {
+        self.capabilities()
+    }
+}
+
+fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| MoeError::shape(what, v, "at most 2^32 - 1"))
+}
+
+impl Backend for CudaBackend {
+    type Buffer = CudaBuffer;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device_name(&self) -> String {
+        let (a, b) = self.dev.arch;
+        format!("{} (sm_{a}{b}, {} MiB)", self.dev.name, self.dev.total_mem >> 20)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let floats = if self.dev.kernels.gmm_bf16.is_some() {
+            vec![DType::F32, DType::BF16, DType::F16]
+        } else {
+            vec![DType::F32, DType::F16]
+        };
+        Capabilities {
+            kernels: Kernel::ALL
+                .into_iter()
+                .map(|kernel| KernelCaps {
+                    kernel,
+                    dtypes: match kernel {
+                        Kernel::Route | Kernel::TopK => vec![DType::F32],
+                        _ => floats.clone(),
+                    },
+                })
+                .collect(),
+            max_buffer_bytes: self.dev.total_mem as u64,
+            max_experts: launch::MAX_EXPERTS,
+            max_top_k: launch::MAX_TOP_K,
+        }
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
+        let n = len.max(1);
+        let s = self.stream();
+        let data = match dtype {
+            DType::F32 => Data::F32(s.alloc_zeros::<f32>(n).map_err(dev_err)?),
+            DType::BF16 | DType::F16 => Data::B16(s.alloc_zeros::<u16>(n).map_err(dev_err)?),
+            DType::U32 => Data::U32(s.alloc_zeros::<u32>(n).map_err(dev_err)?),
+        };
+        Ok(CudaBuffer { data, dtype, len })
+    }
+
+    fn upload(&self, data: HostSlice<'_>) -> Result<CudaBuffer> {
+        let mut b = self.alloc(data.dtype(), data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    fn write(&self, buf: &mut CudaBuffer, data: HostSlice<'_>) -> Result<()> {
+        check::buffer("write destination", buf, data.dtype(), data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let s = self.stream();
+        match (&mut buf.data, data) {
+            (Data::F32(d), HostSlice::F32(v)) => s.memcpy_htod(v, &mut d.slice_mut(..v.len())),
+            (Data::B16(d), HostSlice::BF16(v)) => {
+                let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+                s.memcpy_htod(&bits, &mut d.slice_mut(..bits.len()))
+            }
+            (Data::B16(d), HostSlice::F16(v)) => {
+                let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+                s.memcpy_htod(&bits, &mut d.slice_mut(..bits.len()))
+            }
+            (Data::U32(d), HostSlice::U32(v)) => s.memcpy_htod(v, &mut d.slice_mut(..v.len())),
+            _ => unreachable!("dtype checked above"),
+        }
+        .map_err(dev_err)
+    }
+
+    fn download(&self, buf: &CudaBuffer) -> Result<HostVec> {
+        let s = self.stream();
+        let n = buf.len;
+        Ok(match (&buf.data, buf.dtype) {
+            (Data::F32(d), _) => HostVec::F32(s.clone_dtoh(&d.slice(..n)).map_err(dev_err)?),
+            (Data::U32(d), _) => HostVec::U32(s.clone_dtoh(&d.slice(..n)).map_err(dev_err)?),
+            (Data::B16(d), DType::BF16) => HostVec::BF16(
+                s.clone_dtoh(&d.slice(..n))
+                    .map_err(dev_err)?
+                    .into_iter()
+                    .map(half::bf16::from_bits)
+                    .collect(),
+            ),
+            (Data::B16(d), _) => HostVec::F16(
+                s.clone_dtoh(&d.slice(..n))
+                    .map_err(dev_err)?
+                    .into_iter()
+                    .map(half::f16::from_bits)
+                    .collect(),
+            ),
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream().synchronize().map_err(dev_err)
+    }
+
+    fn router_logits(
+        &self,
+        hidden: &CudaBuffer,
+        weight: &CudaBuffer,
+        logits: &mut CudaBuffer,
+        s: RouterShape,
+    ) -> Result<()> {
+        check::router_logits(NAME, &self.caps(), hidden, weight, logits, s)?;
+        if s.tokens == 0 {
+            return Ok(());
+        }
+        let n = s.tokens * s.hidden;
+        // The router runs in f32: widen half-precision activations first.
+        let widened;
+        let x: &CudaSlice<f32> = match &hidden.data {
+            Data::F32(d) => d,
+            Data::B16(d) => {
+                let mut out = self.stream().alloc_zeros::<f32>(n).map_err(dev_err)?;
+                let f = if hidden.dtype == DType::BF16 {
+                    &self.dev.kernels.cast_bf16
+                } else {
+                    &self.dev.kernels.cast_f16
+                };
+                let mut b = self.stream().launch_builder(f);
+                b.arg(d).arg(&mut out).arg(&n);
+                // SAFETY: `d` holds n elements (checked), `out` n floats; the kernel reads/writes below n.
+                unsafe { b.launch(cfg((launch::elementwise_blocks(n, 256), 1), 256, 0)) }.map_err(dev_err)?;
+                widened = out;
+                &widened
+            }
+            Data::U32(_) => unreachable!("dtype checked before"),
+        };
+        let offsets = self
+            .stream()
+            .clone_htod(&[0u32, u32_of("tokens", s.tokens)?])
+            .map_err(dev_err)?;
+        let shape = GemmShape {
+            rows: s.tokens,
+            in_features: s.hidden,
+            out_features: s.experts,
+            experts: 1,
+            activation: Activation::None,
+        };
+        self.gemm_f32(x, &offsets, weight.f32(), logits.f32_mut(), shape)
+    }
+
+    fn route(
+        &self,
+        logits: &CudaBuffer,
+        spec: &RouterSpec,
+        tokens: usize,
+        ids: &mut CudaBuffer,
+        weights: &mut CudaBuffer,
+    ) -> Result<()> {
+        check::route(NAME, &self.caps(), logits, spec, tokens, ids, weights)?;
+        let a = launch::route_args(spec, tokens)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let bias = match &spec.correction_bias {
+            Some(b) => self.stream().clone_htod(b),
+            None => self.stream().alloc_zeros::<f32>(1),
+        }
+        .map_err(dev_err)?;
+        let mut b = self.stream().launch_builder(&self.dev.kernels.route);
+        b.arg(logits.f32()).arg(&bias).arg(ids.u32_mut()).arg(weights.f32_mut());
+        b.arg(&a.tokens)
+            .arg(&a.experts)
+            .arg(&a.top_k)
+            .arg(&a.n_group)
+            .arg(&a.topk_group)
+            .arg(&a.group_score);
+        b.arg(&a.scoring)
+            .arg(&a.has_bias)
+            .arg(&a.renorm)
+            .arg(&a.eps)
+            .arg(&a.scale);
+        // SAFETY: buffers checked to hold T*E logits and T*k ids/weights; bias holds E floats when has_bias;
+        // shared memory sized for (3E + 2 n_group) floats as the kernel indexes it.
+        unsafe { b.launch(cfg((a.tokens, 1), launch::ROUTE_THREADS, a.shared_mem_bytes)) }.map_err(dev_err)?;
+        Ok(())
+    }
+
+    fn topk(
+        &self,
+        values: &CudaBuffer,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        ids: &mut CudaBuffer,
+        out: &mut CudaBuffer,
+    ) -> Result<()> {
+        check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
+        if cols * 4 > launch::MAX_DYNAMIC_SMEM {
+            return Err(MoeError::unsupported(
+                NAME,
+                format!("topk over {cols} columns"),
+                "at most 12288 columns",
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r, c, kk) = (u32_of("rows", rows)?, cols as u32, k as u32);
+        let mut b = self.stream().launch_builder(&self.dev.kernels.topk);
+        b.arg(values.f32())
+            .arg(ids.u32_mut())
+            .arg(out.f32_mut())
+            .arg(&r)
+            .arg(&c)
+            .arg(&kk);
+        // SAFETY: rows*cols values and rows*k outputs checked; cols floats of shared memory.
+        unsafe { b.launch(cfg((r, 1), launch::ROUTE_THREADS, c * 4)) }.map_err(dev_err)?;
+        Ok(())
+    }
+
+    fn permute(
+        &self,
+        hidden: &CudaBuffer,
+        ids: &CudaBuffer,
+        s: PermuteShape,
+        out: &mut Permuted<CudaBuffer>,
+    ) -> Result<()> {
+        check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
+        let n = s.tokens * s.top_k;
+        let (n32, e32) = (n as u32, u32_of("experts", s.experts)?);
+        let chunks = launch::permute_chunks(n);
+        let scratch_len = chunks.max(1) * s.experts;
+        let st = self.stream();
+        let mut chunk_counts = st.alloc_zeros::<u32>(scratch_len).map_err(dev_err)?;
+        let mut chunk_base = st.alloc_zeros::<u32>(scratch_len).map_err(dev_err)?;
+        let k = &self.dev.kernels;
+        let c32 = chunks as u32;
+        if chunks > 0 {
+            let mut b = st.launch_builder(&k.chunk_counts);
+            b.arg(ids.u32()).arg(&n32).arg(&e32).arg(&mut chunk_counts);
+            // SAFETY: n ids checked; chunk_counts holds chunks*E.
+            unsafe { b.launch(cfg((c32, 1), 256, 0)) }.map_err(dev_err)?;
+        }
+        // The scan runs even for T = 0 so that counts and offsets are zeroed.
+        let mut b = st.launch_builder(&k.scan);
+        b.arg(&chunk_counts)
+            .arg(&c32)
+            .arg(&e32)
+            .arg(out.counts.u32_mut())
+            .arg(out.offsets.u32_mut())
+            .arg(&mut chunk_base);
+        // SAFETY: counts holds E, offsets E + 1, chunk arrays chunks*E (checked/allocated above).
+        unsafe { b.launch(cfg((1, 1), 1024, 0)) }.map_err(dev_err)?;
+        if chunks == 0 {
+            return Ok(());
+        }
+        let mut b = st.launch_builder(&k.scatter);
+        b.arg(ids.u32())
+            .arg(&n32)
+            .arg(&e32)
+            .arg(&chunk_base)
+            .arg(out.slot_of.u32_mut())
+            .arg(out.source_of.u32_mut());
+        // SAFETY: slot_of and source_of hold n (checked); slots written are < offsets[E] <= n.
+        unsafe { b.launch(cfg((c32, 1), 256, 0)) }.map_err(dev_err)?;
+        let (h32, k32) = (u32_of("hidden", s.hidden)?, s.top_k as u32);
+        let blocks = launch::elementwise_blocks(n * s.hidden, 256);
+        match (&hidden.data, &mut out.rows.data) {
+            (Data::F32(x), Data::F32(r)) => {
+                let mut b = st.launch_builder(&k.gather_b32);
+                b.arg(x)
+                    .arg(out.source_of.u32())
+                    .arg(out.offsets.u32())
+                    .arg(&e32)
+                    .arg(&n32)
+                    .arg(&h32)
+                    .arg(&k32)
+                    .arg(r);
+                // SAFETY: rows holds n*H (checked); reads hidden rows < T (source_of < n).
+                unsafe { b.launch(cfg((blocks, 1), 256, 0)) }.map_err(dev_err)?;
+            }
+            (Data::B16(x), Data::B16(r)) => {
+                let mut b = st.launch_builder(&k.gather_b16);
+                b.arg(x)
+                    .arg(out.source_of.u32())
+                    .arg(out.offsets.u32())
+                    .arg(&e32)
+                    .arg(&n32)
+                    .arg(&h32)
+                    .arg(&k32)
+                    .arg(r);
+                // SAFETY: as above, for 2-byte elements.
+                unsafe { b.launch(cfg((blocks, 1), 256, 0)) }.map_err(dev_err)?;
+            }
+            _ => unreachable!("dtypes checked before"),
+        }
+        Ok(())
+    }
+
+    fn grouped_matmul(
+        &self,
+        input: &CudaBuffer,
+        offsets: &CudaBuffer,
+        weight: &CudaBuffer,
+        output: &mut CudaBuffer,
+        s: GemmShape,
+    ) -> Result<()> {
+        check::grouped_matmul(NAME, &self.caps(), input, offsets, weight, output, s)?;
+        match (&input.data, &weight.data, &mut output.data) {
+            (Data::F32(x), Data::F32(w), Data::F32(y)) => self.gemm_f32(x, offsets.u32(), w, y, s),
+            (Data::B16(x), Data::B16(w), Data::B16(y)) => {
+                let f = match input.dtype {
+                    DType::BF16 => self.dev.kernels.gmm_bf16.as_ref().ok_or_else(|| {
+                        MoeError::unsupported(NAME, "bf16 grouped_matmul", "bf16 tensor cores need sm_80 or newer")
+                    })?,
+                    _ => &self.dev.kernels.gmm_f16,
+                };
+                self.gemm_launch(f, x, offsets.u32(), w, y, s, 128)
+            }
+            _ => unreachable!("dtypes checked before"),
+        }
+    }
+
+    fn combine(
+        &self,
+        expert_out: &CudaBuffer,
+        ids: &CudaBuffer,
+        weights: &CudaBuffer,
+        slot_of: &CudaBuffer,
+        output: &mut CudaBuffer,
+        s: CombineShape,
+    ) -> Result<()> {
+        check::combine(NAME, &self.caps(), expert_out, ids, weights, slot_of, output, s)?;
+        if s.tokens == 0 || s.hidden == 0 {
+            return Ok(());
+        }
+        let (t, h, k) = (u32_of("tokens", s.tokens)?, u32_of("hidden", s.hidden)?, s.top_k as u32);
+        let acc = s.accumulate as u32;
+        let n_rows = u32_of("expert_out rows", expert_out.len / s.hidden)?;
+        let kern = &self.dev.kernels;
+        let st = self.stream();
+        let smem = k * 4;
+        macro_rules! go {
+            ($f:expr, $y:expr, $o:expr) => {{
+                let mut b = st.launch_builder($f);
+                b.arg($y)
+                    .arg(ids.u32())
+                    .arg(weights.f32())
+                    .arg(slot_of.u32())
+                    .arg($o);
+                b.arg(&t).arg(&h).arg(&k).arg(&acc).arg(&n_rows);
+                // SAFETY: all lengths checked; slots >= n_rows are skipped by the kernel; k ints of shared memory.
+                unsafe { b.launch(cfg((t, 1), 128, smem)) }.map_err(dev_err)?;
+            }};
+        }
+        match (&expert_out.data, &mut output.data, output.dtype) {
+            (Data::F32(y), Data::F32(o), _) => go!(&kern.combine_f32, y, o),
+            (Data::B16(y), Data::B16(o), DType::BF16) => go!(&kern.combine_bf16, y, o),
+            (Data::B16(y), Data::B16(o), _) => go!(&kern.combine_f16, y, o),
+            _ => unreachable!("dtypes checked before"),
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    fn gemm_f32(
+        &self,
+        x: &CudaSlice<f32>,
+        offsets: &CudaSlice<u32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        s: GemmShape,
+    ) -> Result<()> {
+        self.gemm_launch(&self.dev.kernels.gmm_f32, x, offsets, w, y, s, 256)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_launch<T>(
+        &self,
+        f: &CudaFunction,
+        x: &CudaSlice<T>,
+        offsets: &CudaSlice<u32>,
+        w: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+        s: GemmShape,
+        threads: u32,
+    ) -> Result<()> {
+        if s.rows == 0 {
+            return Ok(());
+        }
+        let grid = launch::gemm_grid(s.rows, s.out_features, s.experts)?;
+        let (rows, kf, n, e) = (
+            u32_of("rows", s.rows)?,
+            u32_of("in_features", s.in_features)?,
+            u32_of("out_features", s.out_features)?,
+            u32_of("experts", s.experts)?,
+        );
+        let swiglu = (s.activation == Activation::SwiGlu) as u32;
+        let mut b = self.stream().launch_builder(f);
+        b.arg(x)
+            .arg(offsets)
+            .arg(w)
+            .arg(y)
+            .arg(&rows)
+            .arg(&kf)
+            .arg(&n)
+            .arg(&e)
+            .arg(&swiglu);
+        // SAFETY: input rows*K, weight E*(N or 2N)*K, output rows*N and offsets E+1 were checked; the kernel
+        // clamps offsets to rows and never touches rows outside offsets[0] .. offsets[E].
+        unsafe { b.launch(cfg(grid, threads, 0)) }.map_err(dev_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_without_a_gpu_is_an_error_not_a_panic() {
+        match CudaBackend::new() {
+            Ok(b) => eprintln!("CUDA present: {}", b.device_name()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(matches!(e, MoeError::BackendUnavailable { .. }), "{msg}");
+                assert!(msg.contains("cuda"), "{msg}");
+                eprintln!("SKIPPED device tests: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_source_is_embedded() {
+        let names: Vec<&str> = compile::SOURCES.iter().map(|s| s.0).collect();
+        assert_eq!(
+            names,
+            ["route.cu", "topk.cu", "permute.cu", "grouped_matmul.cu", "combine.cu"]
+        );
+        for (name, src) in compile::SOURCES {
+            assert!(src.contains("extern \"C\" __global__"), "{name} has no kernels");
+        }
+    }
+
+    /// Where NVRTC and the headers are present (scripts/test.sh sets them up), the kernels compile.
+    #[test]
+    fn kernels_compile_with_nvrtc_when_present() {
+        // SAFETY: only tries to dlopen libnvrtc.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("SKIPPED: libnvrtc not on LD_LIBRARY_PATH");
+            return;
+        }
+        let Some(include) = compile::find_include_dir() else {
+            eprintln!("SKIPPED: CUDA headers not found");
+            return;
+        };
+        for arch in ["sm_80", "sm_90"] {
+            for (name, src) in compile::SOURCES {
+                let cubin = compile::compile_cubin(name, src, arch, &include).unwrap();
+                assert!(cubin.len() > 100, "{name} {arch}");
+            }
+        }
+    }
+}
