@@ -10,6 +10,10 @@ pins=("nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt
 stamp="$venv/.moe-hal-pins"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${pins[*]}" ]; then
   echo "== installing NVRTC and CUDA headers into $venv (${pins[*]})"
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    sudo_ apt-get update -qq && sudo_ apt-get install -y -qq python3-venv >/dev/null
+  fi
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}"
   echo "${pins[*]}" > "$stamp"

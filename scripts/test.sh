@@ -17,6 +17,12 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 # Backends whose absence fails the run (the conformance suite skips absent ones otherwise).
 export MOE_REQUIRE_BACKENDS="${MOE_REQUIRE_BACKENDS:-cpu}"
 
+echo "== CUDA kernels compile with NVRTC (sm_80, sm_90)"
+scripts/check-cuda-kernels.sh
+# The CUDA crate's own NVRTC test compiles through cudarc too; libnvrtc must be on the path before cargo starts.
+cu13="$(cd .venv-nvrtc/lib/python3*/site-packages/nvidia/cu13 && pwd)"
+export LD_LIBRARY_PATH="$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
