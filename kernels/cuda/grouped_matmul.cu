@@ -166,12 +166,15 @@ extern "C" __global__ void __launch_bounds__(128)
     grouped_matmul_wmma(x, offsets, w, y, rows, K, N, experts, swiglu);
 }
 
+// bf16 WMMA fragments exist from sm_80 on; the host does not load this kernel on older devices.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 extern "C" __global__ void __launch_bounds__(128)
     grouped_matmul_bf16(const __nv_bfloat16* x, const unsigned int* offsets, const __nv_bfloat16* w,
                         __nv_bfloat16* y, unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
                         unsigned int swiglu) {
     grouped_matmul_wmma(x, offsets, w, y, rows, K, N, experts, swiglu);
 }
+#endif
 
 // Widening for the f32 router GEMM when activations are stored in half precision.
 extern "C" __global__ void cast_f16_f32(const __half* __restrict__ in, float* __restrict__ out, size_t n) {

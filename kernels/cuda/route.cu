@@ -3,7 +3,7 @@
 // moe_hal_core::spec (NaN logits count as -inf, ties go to the lower id).
 //
 // Dynamic shared memory: (3 * E + 2 * n_group) floats.
-// No limit on E, group size or k beyond shared memory (E up to about 4000).
+// No limit on E, group size or k beyond shared memory (the host allows E up to 2048).
 
 #define MOE_INF __int_as_float(0x7f800000)
 

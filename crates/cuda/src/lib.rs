@@ -6,8 +6,10 @@
 //!   f32 accumulation; bf16 needs sm_80 or newer).
 //! - Every kernel is launched on one stream with grid sizes from upper
 //!   bounds; expert counts and offsets stay on the device, so a layer
-//!   forward never synchronises with the host and can be captured in a CUDA
-//!   graph.
+//!   forward never synchronises with the host. Correction biases and the
+//!   router's offsets are uploaded once and kept on the device, so a warm
+//!   forward makes no host-to-device copy and can be captured in a CUDA graph.
+//! - Compute capability 7.5 or newer (NVRTC 13); bf16 needs 8.0.
 //! - Without a driver, NVRTC or the CUDA headers, [`CudaBackend::new`] returns
 //!   `BackendUnavailable` saying which is missing; nothing panics (the probe
 //!   checks the libraries before cudarc touches them, and initialisation runs
@@ -104,7 +106,15 @@ struct Kernels {
     combine_bf16: CudaFunction,
 }
 
+/// A host bias and its device copy.
+type BiasEntry = (Vec<f32>, Arc<CudaSlice<f32>>);
+
 struct Device {
+    /// Correction biases already on the device (a layer routes with the same one every call), so that
+    /// a warm forward makes no host-to-device copy and can be captured in a CUDA graph.
+    biases: Mutex<Vec<BiasEntry>>,
+    /// `[0, T]` offsets of the router GEMM, per token count.
+    router_offsets: Mutex<HashMap<usize, Arc<CudaSlice<u32>>>>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
     name: String,
@@ -150,10 +160,10 @@ fn init_device(ordinal: usize) -> Result<Device> {
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| MoeError::unavailable(NAME, format!("no CUDA device {ordinal}: {e:?}")))?;
     let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
-    if major < 7 {
+    if (major, minor) < (7, 5) {
         return Err(MoeError::unavailable(
             NAME,
-            format!("compute capability {major}.{minor}; tensor cores need 7.0 or newer"),
+            format!("compute capability {major}.{minor}; NVRTC 13 and the WMMA kernels need 7.5 or newer"),
         ));
     }
     let arch = format!("sm_{major}{minor}");
@@ -185,6 +195,8 @@ fn init_device(ordinal: usize) -> Result<Device> {
         combine_bf16: f("combine.cu", "combine_bf16")?,
     };
     Ok(Device {
+        biases: Mutex::new(Vec::new()),
+        router_offsets: Mutex::new(HashMap::new()),
         stream: ctx.default_stream(),
         name: ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
         total_mem: ctx.total_mem().unwrap_or(0),
@@ -374,10 +386,7 @@ impl Backend for CudaBackend {
             }
             Data::U32(_) => unreachable!("dtype checked before"),
         };
-        let offsets = self
-            .stream()
-            .clone_htod(&[0u32, u32_of("tokens", s.tokens)?])
-            .map_err(dev_err)?;
+        let offsets = self.router_offsets(s.tokens)?;
         let shape = GemmShape {
             rows: s.tokens,
             in_features: s.hidden,
@@ -401,13 +410,12 @@ impl Backend for CudaBackend {
         if tokens == 0 {
             return Ok(());
         }
-        let bias = match &spec.correction_bias {
-            Some(b) => self.stream().clone_htod(b),
-            None => self.stream().alloc_zeros::<f32>(1),
-        }
-        .map_err(dev_err)?;
+        let bias = self.device_bias(spec.correction_bias.as_deref().unwrap_or(&[0.0]))?;
         let mut b = self.stream().launch_builder(&self.dev.kernels.route);
-        b.arg(logits.f32()).arg(&bias).arg(ids.u32_mut()).arg(weights.f32_mut());
+        b.arg(logits.f32())
+            .arg(&*bias)
+            .arg(ids.u32_mut())
+            .arg(weights.f32_mut());
         b.arg(&a.tokens)
             .arg(&a.experts)
             .arg(&a.top_k)
@@ -435,11 +443,13 @@ impl Backend for CudaBackend {
         out: &mut CudaBuffer,
     ) -> Result<()> {
         check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
-        if cols * 4 > launch::MAX_DYNAMIC_SMEM {
+        // One byte of dynamic shared memory per column, beside 256 bytes of static scratch.
+        if cols + 256 > launch::MAX_DYNAMIC_SMEM {
+            let most = launch::MAX_DYNAMIC_SMEM - 256;
             return Err(MoeError::unsupported(
                 NAME,
                 format!("topk over {cols} columns"),
-                "at most 12288 columns",
+                format!("at most {most} columns"),
             ));
         }
         if rows == 0 {
@@ -453,8 +463,8 @@ impl Backend for CudaBackend {
             .arg(&r)
             .arg(&c)
             .arg(&kk);
-        // SAFETY: rows*cols values and rows*k outputs checked; cols floats of shared memory.
-        unsafe { b.launch(cfg((r, 1), launch::ROUTE_THREADS, c * 4)) }.map_err(dev_err)?;
+        // SAFETY: rows*cols values and rows*k outputs checked; cols bytes of shared memory.
+        unsafe { b.launch(cfg((r, 1), launch::ROUTE_THREADS, c)) }.map_err(dev_err)?;
         Ok(())
     }
 
@@ -604,6 +614,34 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// The bias on the device, uploaded on first use (a few recent ones are kept).
+    fn device_bias(&self, bias: &[f32]) -> Result<Arc<CudaSlice<f32>>> {
+        let mut cache = self.dev.biases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, d)) = cache.iter().find(|(h, _)| h.as_slice() == bias) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(self.stream().clone_htod(bias).map_err(dev_err)?);
+        if cache.len() == 8 {
+            cache.remove(0);
+        }
+        cache.push((bias.to_vec(), d.clone()));
+        Ok(d)
+    }
+
+    fn router_offsets(&self, tokens: usize) -> Result<Arc<CudaSlice<u32>>> {
+        let mut cache = self.dev.router_offsets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = cache.get(&tokens) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(
+            self.stream()
+                .clone_htod(&[0u32, u32_of("tokens", tokens)?])
+                .map_err(dev_err)?,
+        );
+        cache.insert(tokens, d.clone());
+        Ok(d)
+    }
+
     fn gemm_f32(
         &self,
         x: &CudaSlice<f32>,
