@@ -14,6 +14,9 @@ use std::cell::RefCell;
 
 const TILE_ROWS: usize = 128;
 const TILE_COLS: usize = 64;
+/// Tiles with at most this many rows (decode, sparse experts) stream each weight row once through
+/// dot products instead of calling `gemm`, whose packing costs more than the math there.
+const NARROW_ROWS: usize = 8;
 
 /// A read-only float buffer of any storage dtype.
 #[derive(Clone, Copy)]
@@ -30,7 +33,12 @@ impl Floats<'_> {
         match self {
             Floats::F32(v) => dst.extend_from_slice(&v[start..start + len]),
             Floats::BF16(v) => dst.extend(v[start..start + len].iter().map(|x| x.to_f32())),
-            Floats::F16(v) => dst.extend(v[start..start + len].iter().map(|x| x.to_f32())),
+            Floats::F16(v) => {
+                // F16C when the CPU has it (half detects it at run time).
+                use half::slice::HalfFloatSliceExt;
+                dst.resize(len, 0.0);
+                v[start..start + len].convert_to_f32_slice(dst);
+            }
         }
     }
 
@@ -205,20 +213,52 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
             }
         }
     }
+    let simd = Simd::detect();
     tiles.par_iter().for_each(|t| {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
             let lhs = input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs);
             let wbase = t.expert * wrows * k;
-            let gw = weight.as_f32(wbase + t.col0 * k, t.cols * k, &mut sc.gate_w);
             sc.gate.resize(t.rows * t.cols, 0.0);
-            // SAFETY: lhs covers rows*k, gw covers cols*k, gate holds rows*cols (all sized above).
-            unsafe { gemm_nt(t.rows, t.cols, k, lhs, gw, sc.gate.as_mut_ptr()) };
+            let narrow = t.rows <= NARROW_ROWS;
+            if narrow {
+                // SAFETY: lhs covers rows*k (as_f32 above).
+                let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
+                simd.dots(
+                    x,
+                    t.rows,
+                    k,
+                    weight,
+                    wbase + t.col0 * k,
+                    t.cols,
+                    &mut sc.gate,
+                    &mut sc.gate_w,
+                );
+            } else {
+                let gw = weight.as_f32(wbase + t.col0 * k, t.cols * k, &mut sc.gate_w);
+                // SAFETY: lhs covers rows*k, gw covers cols*k, gate holds rows*cols (all sized above).
+                unsafe { gemm_nt(t.rows, t.cols, k, lhs, gw, sc.gate.as_mut_ptr()) };
+            }
             if s.activation == Activation::SwiGlu {
-                let uw = weight.as_f32(wbase + (n + t.col0) * k, t.cols * k, &mut sc.up_w);
                 sc.up.resize(t.rows * t.cols, 0.0);
-                // SAFETY: as above, for the up rows of the same expert.
-                unsafe { gemm_nt(t.rows, t.cols, k, lhs, uw, sc.up.as_mut_ptr()) };
+                if narrow {
+                    // SAFETY: as above.
+                    let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
+                    simd.dots(
+                        x,
+                        t.rows,
+                        k,
+                        weight,
+                        wbase + (n + t.col0) * k,
+                        t.cols,
+                        &mut sc.up,
+                        &mut sc.up_w,
+                    );
+                } else {
+                    let uw = weight.as_f32(wbase + (n + t.col0) * k, t.cols * k, &mut sc.up_w);
+                    // SAFETY: as above, for the up rows of the same expert.
+                    unsafe { gemm_nt(t.rows, t.cols, k, lhs, uw, sc.up.as_mut_ptr()) };
+                }
                 sc.gate.iter_mut().zip(&sc.up).for_each(|(g, &u)| *g = silu(*g) * u);
             }
             for r in 0..t.rows {
@@ -227,6 +267,131 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
             }
         })
     });
+}
+
+/// Instruction set of the narrow-tile dot products, detected once.
+#[derive(Clone, Copy)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+/// `sum a[i] * b[i]` with 32 independent lanes (so that it vectorises) summed in a fixed order.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0.0f32; L];
+    let n = a.len() / L * L;
+    for (ca, cb) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for j in n..a.len() {
+        tail += a[j] * b[j];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out[r, c] = x[r] · W[row0 + c]` for `rows` input rows: each weight row is read once.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dots_body(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Floats,
+    start: usize,
+    cols: usize,
+    out: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    for c in 0..cols {
+        let wr: &[f32] = match w {
+            Floats::F32(v) => &v[start + c * k..start + (c + 1) * k],
+            _ => {
+                w.widen(start + c * k, k, wide);
+                wide
+            }
+        };
+        for r in 0..rows {
+            out[r * cols + c] = dot(&x[r * k..(r + 1) * k], wr);
+        }
+    }
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dots(
+        self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: Floats,
+        start: usize,
+        cols: usize,
+        out: &mut [f32],
+        wide: &mut Vec<f32>,
+    ) {
+        match self {
+            // SAFETY: the variant is only chosen after detecting the feature on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { dots_avx512(x, rows, k, w, start, cols, out, wide) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { dots_avx2(x, rows, k, w, start, cols, out, wide) },
+            Simd::Portable => dots_body(x, rows, k, w, start, cols, out, wide),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_avx512(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Floats,
+    start: usize,
+    cols: usize,
+    out: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    dots_body(x, rows, k, w, start, cols, out, wide)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_avx2(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Floats,
+    start: usize,
+    cols: usize,
+    out: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    dots_body(x, rows, k, w, start, cols, out, wide)
 }
 
 pub fn grouped_matmul(input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
