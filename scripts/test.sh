@@ -12,10 +12,17 @@ if ! command -v cc >/dev/null; then
   echo "== installing a C compiler (gcc) for the CANN fake-install test"
   as_root apt-get update -qq && as_root apt-get install -y -qq gcc >/dev/null
 fi
+# WebGPU runs for real on Mesa's software Vulkan driver (lavapipe); WGPU_BACKEND=vulkan keeps wgpu
+# from falling back silently to GL.
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  echo "== installing Mesa's software Vulkan driver (mesa-vulkan-drivers, libvulkan1)"
+  as_root apt-get update -qq && as_root apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 # Backends whose absence fails the run (the conformance suite skips absent ones otherwise).
-export MOE_REQUIRE_BACKENDS="${MOE_REQUIRE_BACKENDS:-cpu}"
+export MOE_REQUIRE_BACKENDS="${MOE_REQUIRE_BACKENDS:-cpu,wgpu}"
 
 echo "== CUDA kernels compile with NVRTC (sm_80, sm_90)"
 scripts/check-cuda-kernels.sh

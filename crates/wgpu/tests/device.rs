@@ -1,0 +1,263 @@
+//! Behaviour specific to the WebGPU backend (the shared contract is checked
+//! by the workspace conformance suite). Skipped when no adapter is present,
+//! unless `MOE_REQUIRE_BACKENDS` names `wgpu`.
+
+use moe_hal_core::{
+    Activation, Backend, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, MoeError,
+    PermuteShape, Permuted,
+};
+use moe_hal_wgpu::WgpuBackend;
+
+fn backend() -> Option<WgpuBackend> {
+    match WgpuBackend::new() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            let required = std::env::var("MOE_REQUIRE_BACKENDS").unwrap_or_default();
+            assert!(
+                !required.split(',').any(|r| r.trim() == "wgpu"),
+                "wgpu is required but unavailable: {e}"
+            );
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn unavailable_error_names_the_switch() {
+    if let Err(e) = WgpuBackend::new() {
+        assert!(matches!(e, MoeError::BackendUnavailable { .. }), "{e}");
+        assert!(e.to_string().contains("WGPU_BACKEND"), "{e}");
+    }
+}
+
+#[test]
+fn capabilities_are_honest() {
+    let Some(b) = backend() else { return };
+    let caps = b.capabilities();
+    for k in Kernel::ALL {
+        let want = match k {
+            Kernel::Route | Kernel::TopK => vec![DType::F32],
+            _ => vec![DType::F32, DType::BF16, DType::F16],
+        };
+        assert_eq!(caps.kernel(k).unwrap().dtypes, want, "{k}");
+    }
+    // Mixed dtypes are refused with a typed error.
+    let x = b.upload(HostSlice::BF16(&[half::bf16::ONE; 12])).unwrap();
+    let off = b.upload(HostSlice::U32(&[0, 2])).unwrap();
+    let w = b.alloc(DType::F16, 12).unwrap();
+    let mut y = b.alloc(DType::BF16, 4).unwrap();
+    let s = GemmShape {
+        rows: 2,
+        in_features: 6,
+        out_features: 2,
+        experts: 1,
+        activation: Activation::None,
+    };
+    let err = b.grouped_matmul(&x, &off, &w, &mut y, s).unwrap_err();
+    assert!(matches!(err, MoeError::DType { .. }), "{err}");
+}
+
+/// 16-bit writers own whole words: the element after the last one written
+/// (same u32 word) keeps its value.
+#[test]
+fn half_precision_writes_leave_neighbours_alone() {
+    let Some(b) = backend() else { return };
+    let sentinel = half::bf16::from_f32(7.0);
+    // permute: 1 token, H = 3, k = 1 -> 3 elements; rows buffer of 4.
+    let s = PermuteShape {
+        tokens: 1,
+        hidden: 3,
+        top_k: 1,
+        experts: 2,
+    };
+    let x: Vec<half::bf16> = [1.0, 2.0, 3.0].iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let xb = b.upload(HostSlice::BF16(&x)).unwrap();
+    let ids = b.upload(HostSlice::U32(&[1])).unwrap();
+    let mut out = Permuted::alloc(&b, s, DType::BF16).unwrap();
+    out.rows = b.upload(HostSlice::BF16(&[sentinel; 4])).unwrap();
+    b.permute(&xb, &ids, s, &mut out).unwrap();
+    let mut want = x.clone();
+    want.push(sentinel);
+    assert_eq!(b.download(&out.rows).unwrap(), HostVec::BF16(want));
+    // combine into 3 of 4 f16 elements, accumulating.
+    let h = |v: f32| half::f16::from_f32(v);
+    let y = b.upload(HostSlice::F16(&[h(1.0), h(2.0), h(3.0)])).unwrap();
+    let w = b.upload(HostSlice::F32(&[0.5])).unwrap();
+    let slot = b.upload(HostSlice::U32(&[0])).unwrap();
+    let mut o = b.upload(HostSlice::F16(&[h(1.0), h(1.0), h(1.0), h(9.0)])).unwrap();
+    let cs = CombineShape {
+        tokens: 1,
+        hidden: 3,
+        top_k: 1,
+        accumulate: true,
+    };
+    b.combine(&y, &ids, &w, &slot, &mut o, cs).unwrap();
+    assert_eq!(
+        b.download(&o).unwrap(),
+        HostVec::F16(vec![h(1.5), h(2.0), h(2.5), h(9.0)])
+    );
+}
+
+#[test]
+fn buffers_round_trip_every_dtype_and_odd_lengths() {
+    let Some(b) = backend() else { return };
+    let e = b.alloc(DType::F32, 0).unwrap();
+    assert_eq!(e.len(), 0);
+    assert_eq!(b.download(&e).unwrap(), HostVec::F32(vec![]));
+    let h: Vec<half::f16> = (0..5).map(|i| half::f16::from_f32(i as f32)).collect();
+    let mut buf = b.upload(HostSlice::F16(&h)).unwrap();
+    assert_eq!(buf.dtype(), DType::F16);
+    assert_eq!(b.download(&buf).unwrap(), HostVec::F16(h.clone()));
+    // An odd prefix of a 2-byte dtype keeps the element after it.
+    let new: Vec<half::f16> = (0..3).map(|i| half::f16::from_f32(10.0 + i as f32)).collect();
+    b.write(&mut buf, HostSlice::F16(&new)).unwrap();
+    let mut want = new.clone();
+    want.extend_from_slice(&h[3..]);
+    assert_eq!(b.download(&buf).unwrap(), HostVec::F16(want));
+    let z = b.alloc(DType::BF16, 3).unwrap();
+    assert_eq!(b.download(&z).unwrap(), HostVec::BF16(vec![half::bf16::ZERO; 3]));
+    let mut u = b.alloc(DType::U32, 4).unwrap();
+    assert!(b.write(&mut u, HostSlice::U32(&[1; 5])).is_err());
+    assert!(b.write(&mut u, HostSlice::F32(&[1.0])).is_err());
+}
+
+#[test]
+fn oversized_buffers_are_refused() {
+    let Some(b) = backend() else { return };
+    let max = b.capabilities().max_buffer_bytes as usize;
+    let err = b.alloc(DType::F32, max / 4 + 1).unwrap_err();
+    assert!(matches!(err, MoeError::Unsupported { .. }), "{err}");
+    let err = b.alloc(DType::F32, usize::MAX).unwrap_err();
+    assert!(matches!(err, MoeError::Unsupported { .. }), "{err}");
+}
+
+#[test]
+fn permute_of_no_tokens_zeroes_counts_and_offsets() {
+    let Some(b) = backend() else { return };
+    let s = PermuteShape {
+        tokens: 0,
+        hidden: 4,
+        top_k: 2,
+        experts: 3,
+    };
+    let mut out = Permuted::alloc(&b, s, DType::F32).unwrap();
+    b.write(&mut out.counts, HostSlice::U32(&[9, 9, 9])).unwrap();
+    b.write(&mut out.offsets, HostSlice::U32(&[9, 9, 9, 9])).unwrap();
+    let x = b.alloc(DType::F32, 0).unwrap();
+    let ids = b.alloc(DType::U32, 0).unwrap();
+    b.permute(&x, &ids, s, &mut out).unwrap();
+    assert_eq!(b.download(&out.counts).unwrap(), HostVec::U32(vec![0; 3]));
+    assert_eq!(b.download(&out.offsets).unwrap(), HostVec::U32(vec![0; 4]));
+}
+
+#[test]
+fn out_of_range_ids_are_harmless() {
+    let Some(b) = backend() else { return };
+    let s = PermuteShape {
+        tokens: 2,
+        hidden: 2,
+        top_k: 2,
+        experts: 3,
+    };
+    let x = b.upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0])).unwrap();
+    let ids = b.upload(HostSlice::U32(&[0, 7, 2, 0])).unwrap();
+    let mut out = Permuted::alloc(&b, s, DType::F32).unwrap();
+    b.permute(&x, &ids, s, &mut out).unwrap();
+    assert_eq!(b.download(&out.counts).unwrap(), HostVec::U32(vec![2, 0, 1]));
+    assert_eq!(b.download(&out.offsets).unwrap(), HostVec::U32(vec![0, 2, 2, 3]));
+    let slots = b.download(&out.slot_of).unwrap().into_u32().unwrap();
+    assert_eq!(slots, vec![0, u32::MAX, 2, 1]);
+    // combine skips the unplaced slot instead of reading out of bounds.
+    let w = b.upload(HostSlice::F32(&[1.0; 4])).unwrap();
+    let y = b
+        .upload(HostSlice::F32(&[1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 0.0, 0.0]))
+        .unwrap();
+    let mut o = b.alloc(DType::F32, 4).unwrap();
+    let cs = CombineShape {
+        tokens: 2,
+        hidden: 2,
+        top_k: 2,
+        accumulate: false,
+    };
+    b.combine(&y, &ids, &w, &out.slot_of, &mut o, cs).unwrap();
+    assert_eq!(b.download(&o).unwrap(), HostVec::F32(vec![1.0, 1.0, 5.0, 5.0]));
+}
+
+#[test]
+fn clones_share_the_device() {
+    let Some(b) = backend() else { return };
+    let c = b.clone();
+    let buf = b.upload(HostSlice::F32(&[1.0, 2.0])).unwrap();
+    assert_eq!(c.download(&buf).unwrap(), HostVec::F32(vec![1.0, 2.0]));
+    c.synchronize().unwrap();
+    assert!(!b.device_name().is_empty());
+}
+
+/// The full conformance suite (the workspace suite runs the quick one on
+/// wgpu): T = 0 and T = 257 too. About 2 s on lavapipe.
+#[test]
+fn full_conformance() {
+    let Some(b) = backend() else { return };
+    let report = moe_hal_core::conformance::run_all(&b, false);
+    assert!(report.passed(), "{report}");
+    eprintln!("{} cases passed", report.results.len());
+}
+
+/// Weights above the per-binding limit are bound a group of experts at a
+/// time; other buffers above it are refused.
+#[test]
+fn big_weights_are_bound_per_group_of_experts() {
+    if backend().is_none() {
+        return;
+    }
+    // SwiGLU, 2N x K = 32 x 16: 2048 bytes per expert in f32, 1024 in bf16; 5 experts.
+    let b = WgpuBackend::with_binding_limit(4096).unwrap();
+    let s = GemmShape {
+        rows: 20,
+        in_features: 16,
+        out_features: 16,
+        experts: 5,
+        activation: Activation::SwiGlu,
+    };
+    let offsets = [0u32, 3, 3, 10, 14, 20];
+    let mut seed = 1u32;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let x = rand(s.rows * s.in_features);
+    let w = rand(s.experts * s.weight_rows() * s.in_features);
+    for dtype in [DType::F32, DType::BF16] {
+        let (xh, wh) = (
+            HostVec::from_f32(&x, dtype).unwrap(),
+            HostVec::from_f32(&w, dtype).unwrap(),
+        );
+        let xb = b.upload(xh.as_slice()).unwrap();
+        let wb = b.upload(wh.as_slice()).unwrap();
+        assert!(wb.raw().size() > 4096);
+        let ob = b.upload(HostSlice::U32(&offsets)).unwrap();
+        let mut yb = b.alloc(dtype, s.rows * s.out_features).unwrap();
+        b.grouped_matmul(&xb, &ob, &wb, &mut yb, s).unwrap();
+        let got = b.download(&yb).unwrap().to_f64();
+        let want = moe_hal_core::reference::grouped_matmul(&xh.to_f64(), &offsets, &wh.to_f64(), s);
+        let err = moe_hal_core::reference::rel_l2(&got, &want);
+        assert!(err <= moe_hal_core::tolerance(dtype), "{dtype}: relative L2 {err:.2e}");
+    }
+    let big = b.alloc(DType::F32, 2000).unwrap();
+    let ids = b.alloc(DType::U32, 2).unwrap();
+    let wts = b.alloc(DType::F32, 2).unwrap();
+    let mut out = b.alloc(DType::F32, 1000).unwrap();
+    let cs = CombineShape {
+        tokens: 1,
+        hidden: 1000,
+        top_k: 2,
+        accumulate: false,
+    };
+    let err = b.combine(&big, &ids, &wts, &ids, &mut out, cs).unwrap_err();
+    assert!(matches!(err, MoeError::Unsupported { .. }), "{err}");
+}
