@@ -20,6 +20,10 @@ GEMMs (2 * T * k * 3 * I * H) plus the router and the shared expert; gbps
 counts the weights of the experts that received tokens, the router and
 shared weights, and the input/output activations. roofline_fraction is 0
 (no ceilings are measured on the torch side).
+
+``--hidden --inter --experts`` override the preset's shape (records are then
+labelled ``custom-h..-i..-e..-k..`` as moe-bench labels them), e.g. a small
+DeepSeek-V3-style block: ``--preset deepseek-v3 --experts 16 --hidden 256 --inter 64``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ PRESETS = {
 }
 
 
-def build_block(preset: str, dtype):
+def build_block(preset: str, dtype, hidden=None, inter=None, experts=None):
     import torch
 
     family, H, I, E, k, G, TG, S, scale = PRESETS[preset]
+    H, I, E = hidden or H, inter or I, experts or E
     common = dict(
         hidden_size=H,
         num_experts_per_tok=k,
@@ -114,6 +119,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", required=True, help="output file (JSON array of moe-bench records)")
+    ap.add_argument("--hidden", type=int, help="override the preset's hidden size (as moe-bench's --hidden)")
+    ap.add_argument("--inter", type=int, help="override the preset's expert intermediate size")
+    ap.add_argument("--experts", type=int, help="override the preset's routed expert count")
     a = ap.parse_args()
     try:
         tokens = sorted({int(t) for t in a.tokens.split(",")})
@@ -128,7 +136,9 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
     ds = torch.tensor([], dtype=dtype).element_size()
-    block, (H, I, E, k, S) = build_block(a.preset, dtype)
+    block, (H, I, E, k, S) = build_block(a.preset, dtype, a.hidden, a.inter, a.experts)
+    # moe-bench labels a preset with overridden fields the same way
+    label = a.preset if not (a.hidden or a.inter or a.experts) else f"custom-h{H}-i{I}-e{E}-k{k}"
     gen = torch.Generator().manual_seed(1)
     records = []
     with torch.inference_mode():
@@ -158,7 +168,7 @@ def main() -> int:
             records.append(
                 dict(
                     backend="torch",
-                    preset=a.preset,
+                    preset=label,
                     dtype=a.dtype,
                     tokens=T,
                     kernel="layer",
@@ -171,7 +181,7 @@ def main() -> int:
                 )
             )
             print(
-                f"torch {a.preset} {a.dtype} tokens {T:>5}: median {med:.3f} ms "
+                f"torch {label} {a.dtype} tokens {T:>5}: median {med:.3f} ms "
                 f"(min {min(ms):.3f}, max {max(ms):.3f}), {records[-1]['gflops']:.1f} GFLOP/s",
                 flush=True,
             )

@@ -1,5 +1,5 @@
 //! `moe-bench`: backend info, verification against the float64 reference,
-//! (later) real checkpoint layers and benchmarks.
+//! real checkpoint layers, benchmarks (`bench`, `compare`).
 //!
 //! Every error is one line on stderr and a non-zero exit; nothing panics on
 //! user input.
@@ -11,6 +11,8 @@ use moe_hal::{Kernel, MoeError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+mod bench;
+mod report;
 mod run;
 use std::process::ExitCode;
 
@@ -18,7 +20,7 @@ use std::process::ExitCode;
 #[command(
     name = "moe-bench",
     version,
-    about = "Mixture-of-Experts kernels on every backend: info, verify"
+    about = "Mixture-of-Experts kernels on every backend: info, verify, run, bench, compare"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,6 +68,15 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Times every kernel and the whole layer at a model's shapes over token counts, with roofline fractions.
+    Bench(Box<bench::BenchArgs>),
+    /// Two `bench --json` files side by side (matched on preset, dtype, tokens, kernel), with B/A of the medians.
+    Compare {
+        /// Baseline records (A).
+        a: PathBuf,
+        /// Records to compare against A (B).
+        b: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +96,8 @@ fn main() -> ExitCode {
             backend,
             dtype,
         } => run::run(&model, layer, &input, &output, &backend, &dtype).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::bench(&args).map(|()| ExitCode::SUCCESS),
+        Command::Compare { a, b } => report::compare(&a, &b).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -156,6 +169,10 @@ fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: 
         "wgpu" => {
             let b = moe_hal::wgpu::WgpuBackend::new()?;
             Ok(f(&|| conformance::run_all(&b, true)))
+        }
+        "cuda" => {
+            let b = moe_hal::cuda::CudaBackend::new()?;
+            Ok(f(&|| conformance::run_all(&b, quick)))
         }
         other => {
             let why = registry::probe(other)

@@ -24,6 +24,7 @@ fn dispatch(backend: &str, w: &LayerWeights, x: ArrayView2<'_, f32>) -> Result<O
     match backend {
         "cpu" => run_on(moe_hal::cpu::CpuBackend::new().map_err(|e| e.to_string())?, w, x),
         "wgpu" => run_on(moe_hal::wgpu::WgpuBackend::new().map_err(|e| e.to_string())?, w, x),
+        "cuda" => run_on(moe_hal::cuda::CudaBackend::new().map_err(|e| e.to_string())?, w, x),
         "cann" => run_on(moe_hal::cann::CannBackend::new().map_err(|e| e.to_string())?, w, x),
         other => match registry::probe(other) {
             Some(s) => Err(format!(

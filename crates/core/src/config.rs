@@ -240,7 +240,7 @@ impl MoeConfig {
             ModelFamily::DeepseekV3 => {
                 if layer < self.first_k_dense_replace {
                     Some(format!("first_k_dense_replace = {}", self.first_k_dense_replace))
-                } else if layer % self.moe_layer_freq != 0 {
+                } else if !layer.is_multiple_of(self.moe_layer_freq) {
                     Some(format!("moe_layer_freq = {}", self.moe_layer_freq))
                 } else {
                     None
@@ -250,7 +250,7 @@ impl MoeConfig {
             ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
                 if self.mlp_only_layers.contains(&layer) {
                     Some("it is listed in mlp_only_layers".to_string())
-                } else if (layer + 1) % self.decoder_sparse_step != 0 {
+                } else if !(layer + 1).is_multiple_of(self.decoder_sparse_step) {
                     Some(format!("decoder_sparse_step = {}", self.decoder_sparse_step))
                 } else {
                     None

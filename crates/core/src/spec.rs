@@ -171,7 +171,7 @@ impl RouterSpec {
             }
         }
         if let Some(g) = self.grouping {
-            if g.n_group == 0 || e % g.n_group != 0 {
+            if g.n_group == 0 || !e.is_multiple_of(g.n_group) {
                 return Err(MoeError::spec(
                     "n_group",
                     g.n_group,

@@ -118,6 +118,13 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
+        // A lost device (driver reset, GPU removed) surfaces as an error on the next scoped call.
+        let lost = uncaptured.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut v) = lost.lock() {
+                v.push(format!("device lost ({reason:?}): {message}"));
+            }
+        });
         let kernels = scoped(&device, &uncaptured, "creating the WGSL pipelines", || Kernels {
             route: Kernel::new(
                 &device,

@@ -1,0 +1,945 @@
+//! `moe-bench bench`: every kernel and the whole layer at published model
+//! shapes, timed on each backend, with the backend's own ceilings (GEMM peak
+//! and memory bandwidth) for a roofline fraction.
+
+use crate::report::{self, Ceilings, Record};
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_hal::conformance::Rng;
+use moe_hal::{
+    bf16, f16, registry, Activation, Backend, CombineShape, DType, GemmShape, HostSlice, HostVec, LayerWeights,
+    MoeLayer, PermuteShape, Permuted, RouterShape, RouterSpec, SharedWeights,
+};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The kernels timed one by one, in the order of a forward pass.
+pub const KERNELS: [&str; 5] = ["route", "permute", "gemm_gate_up", "gemm_down", "combine"];
+
+/// How the router of a preset scores and selects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Router {
+    /// Softmax top-k, renormalised (Mixtral, Qwen3).
+    Softmax,
+    /// DeepSeek-V3 / Kimi-K2: sigmoid, correction bias, groups, eps renorm, routed scaling.
+    Sigmoid { scale: f32 },
+}
+
+/// One model's MoE layer shape, as published in its `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub inter: usize,
+    pub experts: usize,
+    pub topk: usize,
+    /// Expert groups (`n_group`; 1 means no groups) and how many are kept (`topk_group`).
+    pub groups: usize,
+    pub keep_groups: usize,
+    /// Shared-expert intermediate size (`moe_intermediate_size * n_shared_experts`).
+    pub shared_inter: Option<usize>,
+    router: Router,
+}
+
+pub const PRESETS: [Preset; 5] = [
+    Preset {
+        name: "deepseek-v3",
+        hidden: 7168,
+        inter: 2048,
+        experts: 256,
+        topk: 8,
+        groups: 8,
+        keep_groups: 4,
+        shared_inter: Some(2048),
+        router: Router::Sigmoid { scale: 2.5 },
+    },
+    Preset {
+        name: "kimi-k2",
+        hidden: 7168,
+        inter: 2048,
+        experts: 384,
+        topk: 8,
+        groups: 1,
+        keep_groups: 1,
+        shared_inter: Some(2048),
+        router: Router::Sigmoid { scale: 2.827 },
+    },
+    Preset {
+        name: "qwen3-30b-a3b",
+        hidden: 2048,
+        inter: 768,
+        experts: 128,
+        topk: 8,
+        groups: 1,
+        keep_groups: 1,
+        shared_inter: None,
+        router: Router::Softmax,
+    },
+    Preset {
+        name: "qwen3-235b-a22b",
+        hidden: 4096,
+        inter: 1536,
+        experts: 128,
+        topk: 8,
+        groups: 1,
+        keep_groups: 1,
+        shared_inter: None,
+        router: Router::Softmax,
+    },
+    Preset {
+        name: "mixtral-8x7b",
+        hidden: 4096,
+        inter: 14336,
+        experts: 8,
+        topk: 2,
+        groups: 1,
+        keep_groups: 1,
+        shared_inter: None,
+        router: Router::Softmax,
+    },
+];
+
+/// The command line of `moe-bench bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model shape: deepseek-v3, kimi-k2, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b.
+    /// Without it, --hidden --inter --experts --topk describe a custom layer.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Hidden size H (overrides the preset's).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Expert intermediate size I (overrides the preset's).
+    #[arg(long)]
+    pub inter: Option<usize>,
+    /// Routed experts E (overrides the preset's).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts per token k (overrides the preset's).
+    #[arg(long)]
+    pub topk: Option<usize>,
+    /// Expert groups (DeepSeek-style group-limited routing; 1 = none). Half of them are kept.
+    #[arg(long)]
+    pub groups: Option<usize>,
+    /// Token counts, comma separated.
+    #[arg(long, default_value = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096")]
+    pub tokens: String,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// A backend name or `all` (every available backend).
+    #[arg(long, default_value = "all")]
+    pub backend: String,
+    /// Timed runs per measurement (median, min, max over them).
+    #[arg(long, default_value_t = 10)]
+    pub repeat: usize,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Writes the records as a JSON array.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Writes the records as CSV (same columns as the JSON).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Writes a log-log plot of time per token count (.svg, or .png without text).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A resolved layer shape and router.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    /// The preset's name, or `custom-h..-i..-e..-k..` when any field was given by hand.
+    pub label: String,
+    pub hidden: usize,
+    pub inter: usize,
+    pub experts: usize,
+    pub topk: usize,
+    pub shared_inter: Option<usize>,
+    pub spec: RouterSpec,
+}
+
+fn resolve(a: &BenchArgs) -> Result<Shape, String> {
+    let custom =
+        a.hidden.is_some() || a.inter.is_some() || a.experts.is_some() || a.topk.is_some() || a.groups.is_some();
+    let base = match &a.preset {
+        Some(name) => Some(PRESETS.iter().find(|p| p.name == name).cloned().ok_or_else(|| {
+            format!(
+                "unknown preset {name:?}; expected one of {} (or a custom shape: --hidden --inter --experts --topk)",
+                PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+            )
+        })?),
+        None => None,
+    };
+    let need = |v: Option<usize>, from: Option<usize>, flag: &str| -> Result<usize, String> {
+        match v.or(from) {
+            Some(0) => Err(format!("--{flag} must be at least 1")),
+            Some(v) => Ok(v),
+            None => Err(format!(
+                "missing --{flag}: give --preset NAME or a whole custom shape (--hidden --inter --experts --topk)"
+            )),
+        }
+    };
+    let hidden = need(a.hidden, base.as_ref().map(|p| p.hidden), "hidden")?;
+    let inter = need(a.inter, base.as_ref().map(|p| p.inter), "inter")?;
+    let experts = need(a.experts, base.as_ref().map(|p| p.experts), "experts")?;
+    let topk = need(a.topk, base.as_ref().map(|p| p.topk), "topk")?;
+    let groups = need(a.groups, Some(base.as_ref().map_or(1, |p| p.groups)), "groups")?;
+    let keep = match &base {
+        Some(p) if p.groups == groups => p.keep_groups,
+        _ => groups.div_ceil(2),
+    };
+    if topk > experts {
+        return Err(format!("--topk {topk} is larger than --experts {experts}"));
+    }
+    if experts % groups != 0 {
+        return Err(format!("--groups {groups} does not divide --experts {experts}"));
+    }
+    let mut rng = Rng::new(a.seed ^ 0xB1A5);
+    let router = match &base {
+        Some(p) => p.router,
+        None if groups > 1 => Router::Sigmoid { scale: 1.0 },
+        None => Router::Softmax,
+    };
+    let spec = match router {
+        Router::Softmax => RouterSpec::softmax_topk(experts, topk, true),
+        Router::Sigmoid { scale } => RouterSpec::deepseek_v3(
+            experts,
+            topk,
+            groups,
+            keep,
+            Some(rng.vec(experts, -0.05, 0.05)),
+            true,
+            scale,
+        ),
+    };
+    spec.validate()
+        .map_err(|e| format!("invalid router for this shape: {e}"))?;
+    let label = match (&base, custom) {
+        (Some(p), false) => p.name.to_string(),
+        _ => format!("custom-h{hidden}-i{inter}-e{experts}-k{topk}"),
+    };
+    Ok(Shape {
+        label,
+        hidden,
+        inter,
+        experts,
+        topk,
+        shared_inter: base
+            .as_ref()
+            .and_then(|p| p.shared_inter)
+            .map(|s| if a.inter.is_some() { inter } else { s }),
+        spec,
+    })
+}
+
+/// Parses `1,2,4`: every entry a positive integer, at least one.
+pub fn parse_tokens(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let p = part.trim();
+        let n: usize = p
+            .parse()
+            .map_err(|_| format!("--tokens: {p:?} is not a token count; expected positive integers like 1,16,256"))?;
+        if n == 0 {
+            return Err("--tokens: a token count must be at least 1".into());
+        }
+        out.push(n);
+    }
+    if out.is_empty() {
+        return Err("--tokens is empty; expected positive integers like 1,16,256".into());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Bytes the run needs at most, and its parts, for the memory check.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// Routed + shared expert weights and the router, once.
+    pub weights: u128,
+    /// Per routed expert (gate_up + down).
+    pub per_expert: u128,
+    /// Activations of the largest token count (kernel buffers and the layer's scratch).
+    pub activations: u128,
+    /// Peak: host weights plus their copy on the backend, plus activations.
+    pub total: u128,
+}
+
+fn estimate(shape: &Shape, dtype: DType, max_tokens: usize) -> Result<MemoryEstimate, String> {
+    let (h, i, e, k) = (
+        shape.hidden as u128,
+        shape.inter as u128,
+        shape.experts as u128,
+        shape.topk as u128,
+    );
+    let t = max_tokens as u128;
+    let ds = dtype.size() as u128;
+    let per_expert = 3 * i * h * ds;
+    let shared = shape.shared_inter.map_or(0, |s| 3 * s as u128 * h * ds);
+    let weights = e * per_expert + shared + e * h * 4;
+    // x, out, shared act/out; logits; ids, weights, slot maps; permuted rows, act, expert out.
+    let acts = t * h * ds * 3
+        + t * i.max(shape.shared_inter.unwrap_or(0) as u128) * ds
+        + t * e * 4
+        + t * k * 16
+        + t * k * (2 * h + i) * ds;
+    // The kernel buffers and the layer's scratch may both be alive.
+    let activations = 2 * acts;
+    let total = 2 * weights + activations;
+    // Every buffer must also be addressable.
+    let largest = (e * per_expert).max(t * k * h * ds);
+    if total > u64::MAX as u128 || largest > isize::MAX as u128 {
+        return Err(format!(
+            "shape overflows: H {} I {} E {} k {} with {} tokens needs more than 2^63 bytes",
+            shape.hidden, shape.inter, shape.experts, shape.topk, max_tokens
+        ));
+    }
+    Ok(MemoryEstimate {
+        weights,
+        per_expert,
+        activations,
+        total,
+    })
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where there is no such file).
+fn mem_available() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn gb(bytes: u128) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// Refuses a run that would not fit in memory, with a suggestion.
+fn check_memory(shape: &Shape, dtype: DType, max_tokens: usize, est: &MemoryEstimate) -> Result<(), String> {
+    let Some(avail) = std::env::var("MOE_BENCH_MEM_AVAILABLE")
+        .ok()
+        .and_then(|v| v.parse::<u128>().ok())
+        .or_else(mem_available)
+    else {
+        return Ok(());
+    };
+    // Leave 10% and at least 1 GiB to the rest of the machine.
+    let usable = avail.saturating_sub((avail / 10).max(1 << 30));
+    if est.total <= usable {
+        return Ok(());
+    }
+    let mut hints = Vec::new();
+    if dtype == DType::F32 {
+        hints.push("--dtype bf16".to_string());
+    }
+    let fixed = est.total - 2 * shape.experts as u128 * est.per_expert;
+    if usable > fixed && est.per_expert > 0 {
+        let fit = ((usable - fixed) / (2 * est.per_expert)) as usize;
+        // A multiple of 8 and of the group count.
+        let g = shape.spec.grouping.map_or(1, |g| g.n_group);
+        let step = (1..=8).map(|m| g * m).find(|s| s % 8 == 0).unwrap_or(g);
+        let fit = fit / step * step;
+        if fit >= shape.topk.max(g) && fit > 0 {
+            hints.push(format!("--experts {fit}"));
+        }
+    }
+    if max_tokens > 256 {
+        hints.push("fewer --tokens".into());
+    }
+    Err(format!(
+        "{} in {dtype} needs about {} of memory ({} of weights, held twice while uploading, plus {} of activations for {max_tokens} tokens) but {} is available; try {}",
+        shape.label,
+        gb(est.total),
+        gb(est.weights),
+        gb(est.activations),
+        gb(avail),
+        if hints.is_empty() { "a smaller --hidden or --inter".into() } else { hints.join(" or ") }
+    ))
+}
+
+/// Checks that `path` can be written (its folder exists and accepts a file) before any work.
+fn check_writable(path: &std::path::Path, flag: &str) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("--{flag} {}: not a file path", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if path.is_dir() {
+        return Err(format!("--{flag} {}: is a folder", path.display()));
+    }
+    let probe = dir.join(format!(".{}.probe-{}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("--{flag} {}: cannot write there: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Random values in `[lo, hi)` stored in `dtype`, generated on every core (deterministic per seed).
+fn random_host(seed: u64, n: usize, lo: f32, hi: f32, dtype: DType) -> HostVec {
+    fn fill<T: Copy + Send + Sync>(seed: u64, n: usize, lo: f32, hi: f32, zero: T, conv: fn(f32) -> T) -> Vec<T> {
+        const CHUNK: usize = 1 << 18;
+        let mut v = vec![zero; n];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunks: Vec<(usize, &mut [T])> = v.chunks_mut(CHUNK).enumerate().collect();
+        let per = chunks.len().div_ceil(threads).max(1);
+        let mut groups: Vec<Vec<(usize, &mut [T])>> = Vec::new();
+        let mut it = chunks.into_iter().peekable();
+        while it.peek().is_some() {
+            groups.push(it.by_ref().take(per).collect());
+        }
+        std::thread::scope(|s| {
+            for g in groups {
+                s.spawn(move || {
+                    for (ci, c) in g {
+                        let mut rng = Rng::new(seed.wrapping_mul(0x1000_0001).wrapping_add(ci as u64));
+                        for x in c.iter_mut() {
+                            *x = conv(rng.uniform(lo, hi));
+                        }
+                    }
+                });
+            }
+        });
+        v
+    }
+    match dtype {
+        DType::BF16 => HostVec::BF16(fill(seed, n, lo, hi, bf16::ZERO, bf16::from_f32)),
+        DType::F16 => HostVec::F16(fill(seed, n, lo, hi, f16::ZERO, f16::from_f32)),
+        _ => HostVec::F32(fill(seed, n, lo, hi, 0.0, |x| x)),
+    }
+}
+
+/// Random layer weights for `shape`, stored directly in `dtype`.
+fn host_weights(shape: &Shape, dtype: DType, seed: u64) -> LayerWeights {
+    let (h, i, e) = (shape.hidden, shape.inter, shape.experts);
+    let (sh, si) = (1.0 / (h as f32).sqrt(), 1.0 / (i as f32).sqrt());
+    let router_weight = match random_host(seed, e * h, -2.0 * sh, 2.0 * sh, DType::F32) {
+        HostVec::F32(v) => v,
+        _ => unreachable!("asked for f32"),
+    };
+    LayerWeights {
+        router: shape.spec.clone(),
+        hidden_size: h,
+        intermediate_size: i,
+        router_weight,
+        gate_up: random_host(seed + 1, e * 2 * i * h, -sh, sh, dtype),
+        down: random_host(seed + 2, e * h * i, -si, si, dtype),
+        shared: shape.shared_inter.map(|s| {
+            let ss = 1.0 / (s as f32).sqrt();
+            SharedWeights {
+                intermediate_size: s,
+                gate_up: random_host(seed + 3, 2 * s * h, -sh, sh, dtype),
+                down: random_host(seed + 4, h * s, -ss, ss, dtype),
+                gate: None,
+            }
+        }),
+    }
+}
+
+/// Median, min and max in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+fn time<B: Backend>(
+    b: &B,
+    warmup: usize,
+    repeat: usize,
+    mut f: impl FnMut() -> moe_hal::Result<()>,
+) -> Result<Timing, String> {
+    let err = |e: moe_hal::MoeError| e.to_string();
+    for _ in 0..warmup {
+        f().map_err(err)?;
+    }
+    b.synchronize().map_err(err)?;
+    let mut ms = Vec::with_capacity(repeat);
+    for _ in 0..repeat.max(1) {
+        let start = Instant::now();
+        f().map_err(err)?;
+        b.synchronize().map_err(err)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    let median_ms = if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+    };
+    Ok(Timing {
+        median_ms,
+        min_ms: ms[0],
+        max_ms: ms[n - 1],
+    })
+}
+
+/// Best time of a ceiling measurement: one warm-up, then up to 3 runs, fewer
+/// when one run already takes over half a second (slow backends).
+fn best_ms<B: Backend>(b: &B, mut f: impl FnMut() -> moe_hal::Result<()>) -> Result<f64, String> {
+    let first = time(b, 1, 1, &mut f)?.min_ms;
+    if first > 500.0 {
+        return Ok(first);
+    }
+    Ok(time(b, 0, 2, f)?.min_ms.min(first))
+}
+
+/// The GEMM peak and memory bandwidth of `b`, measured with its own kernels in `dtype`.
+fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, String> {
+    let err = |e: moe_hal::MoeError| e.to_string();
+    // Peak: one dense expert, rows 1024, K = N = 2048.
+    let (rows, kd, nd) = (1024usize, 2048usize, 2048usize);
+    let x = b
+        .upload(random_host(seed, rows * kd, -1.0, 1.0, dtype).as_slice())
+        .map_err(err)?;
+    let w = b
+        .upload(random_host(seed + 1, nd * kd, -0.02, 0.02, dtype).as_slice())
+        .map_err(err)?;
+    let offsets = b.upload(HostSlice::U32(&[0, rows as u32])).map_err(err)?;
+    let mut y = b.alloc(dtype, rows * nd).map_err(err)?;
+    let shape = GemmShape {
+        rows,
+        in_features: kd,
+        out_features: nd,
+        experts: 1,
+        activation: Activation::None,
+    };
+    let t = best_ms(b, || b.grouped_matmul(&x, &offsets, &w, &mut y, shape))?;
+    let gemm_gflops = 2.0 * (rows * kd * nd) as f64 / (t * 1e-3) / 1e9;
+    drop((x, w, y));
+    // Bandwidth, two ways; the larger is the ceiling.
+    // 1. Streaming a 128 MiB weight through a one-row GEMM.
+    let kd = 8192usize;
+    let nd = (128 << 20) / (kd * dtype.size());
+    let x = b
+        .upload(random_host(seed + 2, kd, -1.0, 1.0, dtype).as_slice())
+        .map_err(err)?;
+    let w = b
+        .upload(random_host(seed + 3, nd * kd, -0.02, 0.02, dtype).as_slice())
+        .map_err(err)?;
+    let offsets = b.upload(HostSlice::U32(&[0, 1])).map_err(err)?;
+    let mut y = b.alloc(dtype, nd).map_err(err)?;
+    let shape = GemmShape {
+        rows: 1,
+        in_features: kd,
+        out_features: nd,
+        experts: 1,
+        activation: Activation::None,
+    };
+    let t = best_ms(b, || b.grouped_matmul(&x, &offsets, &w, &mut y, shape))?;
+    let gemv_gbps = ((nd * kd + kd + nd) * dtype.size()) as f64 / (t * 1e-3) / 1e9;
+    drop((x, w, y));
+    // 2. A permute that copies 64 MiB of rows to one expert (64 MiB read, 64 MiB written).
+    let tokens = 8192usize;
+    let hidden = (64 << 20) / (tokens * dtype.size());
+    let x = b
+        .upload(random_host(seed + 4, tokens * hidden, -1.0, 1.0, dtype).as_slice())
+        .map_err(err)?;
+    let ids = b.upload(HostSlice::U32(&vec![0u32; tokens])).map_err(err)?;
+    let pshape = PermuteShape {
+        tokens,
+        hidden,
+        top_k: 1,
+        experts: 1,
+    };
+    let mut perm = Permuted::alloc(b, pshape, dtype).map_err(err)?;
+    let t = best_ms(b, || b.permute(&x, &ids, pshape, &mut perm))?;
+    let copy_gbps = (2 * tokens * hidden * dtype.size() + tokens * 12) as f64 / (t * 1e-3) / 1e9;
+    Ok(Ceilings {
+        gemm_gflops,
+        gemv_gbps,
+        copy_gbps,
+        bandwidth_gbps: gemv_gbps.max(copy_gbps),
+    })
+}
+
+/// FLOPs and bytes touched by one measurement.
+#[derive(Clone, Copy, Debug, Default)]
+struct Work {
+    flops: f64,
+    bytes: f64,
+}
+
+struct Sweep<'a> {
+    shape: &'a Shape,
+    dtype: DType,
+    tokens: &'a [usize],
+    warmup: usize,
+    repeat: usize,
+    seed: u64,
+    progress: &'a ProgressBar,
+}
+
+impl Sweep<'_> {
+    fn record(&self, backend: &str, c: &Ceilings, tokens: usize, kernel: &str, t: Timing, w: Work) -> Record {
+        let s = t.median_ms * 1e-3;
+        let bound = (w.flops / (c.gemm_gflops * 1e9)).max(w.bytes / (c.bandwidth_gbps * 1e9));
+        Record {
+            backend: backend.to_string(),
+            preset: self.shape.label.clone(),
+            dtype: self.dtype.to_string(),
+            tokens,
+            kernel: kernel.to_string(),
+            median_ms: t.median_ms,
+            min_ms: t.min_ms,
+            max_ms: t.max_ms,
+            gflops: w.flops / s / 1e9,
+            gbps: w.bytes / s / 1e9,
+            roofline_fraction: bound / s,
+        }
+    }
+
+    /// The five kernels at every token count, on buffers prepared here.
+    fn kernels<B: Backend>(&self, b: &B, lw: &LayerWeights, c: &Ceilings) -> Result<Vec<Record>, String> {
+        let err = |e: moe_hal::MoeError| e.to_string();
+        let (h, i, e, k) = (self.shape.hidden, self.shape.inter, self.shape.experts, self.shape.topk);
+        let dt = self.dtype;
+        let ds = dt.size() as f64;
+        let tmax = *self.tokens.iter().max().expect("at least one token count");
+        let router_w = b.upload(HostSlice::F32(&lw.router_weight)).map_err(err)?;
+        let gate_up = b.upload(lw.gate_up.as_slice()).map_err(err)?;
+        let down = b.upload(lw.down.as_slice()).map_err(err)?;
+        let x = b
+            .upload(random_host(self.seed + 10, tmax * h, -1.0, 1.0, dt).as_slice())
+            .map_err(err)?;
+        let mut logits = b.alloc(DType::F32, tmax * e).map_err(err)?;
+        let mut ids = b.alloc(DType::U32, tmax * k).map_err(err)?;
+        let mut rw = b.alloc(DType::F32, tmax * k).map_err(err)?;
+        let pmax = PermuteShape {
+            tokens: tmax,
+            hidden: h,
+            top_k: k,
+            experts: e,
+        };
+        let mut perm = Permuted::alloc(b, pmax, dt).map_err(err)?;
+        let mut act = b.alloc(dt, tmax * k * i).map_err(err)?;
+        let mut eout = b.alloc(dt, tmax * k * h).map_err(err)?;
+        let mut out = b.alloc(dt, tmax * h).map_err(err)?;
+        let mut records = Vec::new();
+        for &t in self.tokens {
+            let rows = t * k;
+            let rshape = RouterShape {
+                tokens: t,
+                hidden: h,
+                experts: e,
+            };
+            let pshape = PermuteShape { tokens: t, ..pmax };
+            let gu = GemmShape {
+                rows,
+                in_features: h,
+                out_features: i,
+                experts: e,
+                activation: Activation::SwiGlu,
+            };
+            let dn = GemmShape {
+                rows,
+                in_features: i,
+                out_features: h,
+                experts: e,
+                activation: Activation::None,
+            };
+            let cs = CombineShape {
+                tokens: t,
+                hidden: h,
+                top_k: k,
+                accumulate: false,
+            };
+            // One pass to fill every buffer and learn which experts receive tokens.
+            b.router_logits(&x, &router_w, &mut logits, rshape).map_err(err)?;
+            b.route(&logits, &self.shape.spec, t, &mut ids, &mut rw).map_err(err)?;
+            b.permute(&x, &ids, pshape, &mut perm).map_err(err)?;
+            let counts = b.download(&perm.counts).map_err(err)?.into_u32().unwrap_or_default();
+            let active = counts.iter().take(e).filter(|&&c| c > 0).count() as f64;
+            let (tf, hf, i_f, ef, kf, rf) = (t as f64, h as f64, i as f64, e as f64, k as f64, rows as f64);
+            let idx = rf * 4.0 * 2.0;
+            let works = [
+                Work {
+                    flops: 2.0 * tf * hf * ef,
+                    bytes: ef * hf * 4.0 + tf * hf * ds + tf * ef * 4.0 + tf * kf * 8.0,
+                },
+                Work {
+                    flops: 0.0,
+                    bytes: tf * hf * ds + rf * hf * ds + idx + tf * kf * 4.0 + (ef + 1.0) * 8.0,
+                },
+                Work {
+                    flops: 2.0 * rf * hf * 2.0 * i_f,
+                    bytes: active * 2.0 * i_f * hf * ds + rf * hf * ds + rf * i_f * ds,
+                },
+                Work {
+                    flops: 2.0 * rf * i_f * hf,
+                    bytes: active * hf * i_f * ds + rf * i_f * ds + rf * hf * ds,
+                },
+                Work {
+                    flops: 2.0 * rf * hf,
+                    bytes: rf * hf * ds + tf * hf * ds + tf * kf * 12.0,
+                },
+            ];
+            for (kernel, w) in KERNELS.iter().zip(works) {
+                let (wu, rp) = (self.warmup, self.repeat);
+                let timing = match *kernel {
+                    "route" => time(b, wu, rp, || {
+                        b.router_logits(&x, &router_w, &mut logits, rshape)?;
+                        b.route(&logits, &self.shape.spec, t, &mut ids, &mut rw)
+                    })?,
+                    "permute" => time(b, wu, rp, || b.permute(&x, &ids, pshape, &mut perm))?,
+                    "gemm_gate_up" => time(b, wu, rp, || {
+                        b.grouped_matmul(&perm.rows, &perm.offsets, &gate_up, &mut act, gu)
+                    })?,
+                    "gemm_down" => time(b, wu, rp, || {
+                        b.grouped_matmul(&act, &perm.offsets, &down, &mut eout, dn)
+                    })?,
+                    _ => time(b, wu, rp, || b.combine(&eout, &ids, &rw, &perm.slot_of, &mut out, cs))?,
+                };
+                records.push(self.record(b.name(), c, t, kernel, timing, w));
+                self.progress.inc(1);
+            }
+        }
+        Ok(records)
+    }
+
+    /// The whole layer (`MoeLayer::forward_into`) at every token count.
+    fn layer<B: Backend + Clone>(
+        &self,
+        b: B,
+        lw: &LayerWeights,
+        c: &Ceilings,
+        kernels: &[Record],
+    ) -> Result<Vec<Record>, String> {
+        let err = |e: moe_hal::MoeError| e.to_string();
+        let name = b.name();
+        let h = self.shape.hidden as f64;
+        let ds = self.dtype.size() as f64;
+        let tmax = *self.tokens.iter().max().expect("at least one token count");
+        let xh = random_host(self.seed + 10, tmax * self.shape.hidden, -1.0, 1.0, self.dtype);
+        // A handle on the same device, to synchronise while the layer is borrowed.
+        let sync = b.clone();
+        let mut layer = MoeLayer::new(b, lw).map_err(err)?;
+        let x = layer.backend().upload(xh.as_slice()).map_err(err)?;
+        let mut out = layer
+            .backend()
+            .alloc(self.dtype, tmax * self.shape.hidden)
+            .map_err(err)?;
+        let mut records = Vec::new();
+        for &t in self.tokens {
+            // The routed part touches what the kernels touched; the shared expert adds a dense MLP.
+            let mut w = Work::default();
+            for r in kernels.iter().filter(|r| r.tokens == t) {
+                let s = r.median_ms * 1e-3;
+                w.flops += r.gflops * 1e9 * s;
+                w.bytes += r.gbps * 1e9 * s;
+            }
+            if let Some(si) = self.shape.shared_inter {
+                let (tf, sf) = (t as f64, si as f64);
+                w.flops += 2.0 * tf * h * 3.0 * sf + 2.0 * tf * h;
+                w.bytes += 3.0 * sf * h * ds + 3.0 * tf * h * ds + 2.0 * tf * sf * ds;
+            }
+            let timing = time(&sync, self.warmup, self.repeat, || layer.forward_into(&x, t, &mut out))?;
+            records.push(self.record(name, c, t, "layer", timing, w));
+            self.progress.inc(1);
+        }
+        Ok(records)
+    }
+
+    fn run_on<B: Backend + Clone>(&self, b: B, lw: &LayerWeights) -> Result<(Ceilings, Vec<Record>), String> {
+        let caps = b.capabilities();
+        let largest = (lw.gate_up.len() * self.dtype.size()) as u64;
+        if largest > caps.max_buffer_bytes {
+            return Err(format!(
+                "{}: the gate_up weights take {} but the backend's largest buffer is {}; try fewer --experts",
+                b.name(),
+                gb(largest as u128),
+                gb(caps.max_buffer_bytes as u128)
+            ));
+        }
+        caps.check_route(b.name(), &self.shape.spec)
+            .map_err(|e| e.to_string())?;
+        self.progress.set_message(format!("{}: ceilings", b.name()));
+        let c = ceilings(&b, self.dtype, self.seed + 100)?;
+        self.progress.inc(1);
+        self.progress.set_message(format!("{}: kernels", b.name()));
+        let mut records = self.kernels(&b, lw, &c)?;
+        self.progress.set_message(format!("{}: layer", b.name()));
+        let layer = self.layer(b, lw, &c, &records)?;
+        records.extend(layer);
+        Ok((c, records))
+    }
+}
+
+/// Picks the backends to run: one by name, or every available one.
+fn backends(name: &str) -> Result<Vec<&'static str>, String> {
+    if name == "all" {
+        let names: Vec<&'static str> = registry::probe_all()
+            .into_iter()
+            .filter(|s| s.available())
+            .map(|s| s.name)
+            .collect();
+        if names.is_empty() {
+            return Err("no backend is available here (see `moe-bench info`)".into());
+        }
+        return Ok(names);
+    }
+    let s = registry::probe(name).ok_or_else(|| {
+        format!(
+            "unknown backend {name:?}; expected one of {} or all",
+            registry::BACKENDS.join(", ")
+        )
+    })?;
+    match s.device {
+        Ok(_) => Ok(vec![s.name]),
+        Err(why) => Err(format!("backend {name} is unavailable: {why}")),
+    }
+}
+
+pub fn bench(a: &BenchArgs) -> Result<(), String> {
+    let dtype = match DType::parse(&a.dtype) {
+        Some(d) if d.is_float() => d,
+        _ => return Err(format!("unknown dtype {:?}; expected f32, bf16 or f16", a.dtype)),
+    };
+    let tokens = parse_tokens(&a.tokens)?;
+    if a.repeat == 0 {
+        return Err("--repeat must be at least 1".into());
+    }
+    let shape = resolve(a)?;
+    if let Some(p) = &a.plot {
+        report::check_plot_path(p)?;
+    }
+    for (flag, p) in [("json", &a.json), ("csv", &a.csv), ("plot", &a.plot)] {
+        if let Some(p) = p {
+            check_writable(p, flag)?;
+        }
+    }
+    let names = backends(&a.backend)?;
+    let max_tokens = *tokens.last().expect("parse_tokens returns at least one");
+    let est = estimate(&shape, dtype, max_tokens)?;
+    check_memory(&shape, dtype, max_tokens, &est)?;
+
+    let steps = names.len() as u64 * (1 + tokens.len() as u64 * (KERNELS.len() as u64 + 1));
+    let progress = ProgressBar::new(steps);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress.set_message("generating weights");
+    let started = Instant::now();
+    let lw = host_weights(&shape, dtype, a.seed);
+    let sweep = Sweep {
+        shape: &shape,
+        dtype,
+        tokens: &tokens,
+        warmup: a.warmup,
+        repeat: a.repeat,
+        seed: a.seed,
+        progress: &progress,
+    };
+    let mut all = Vec::new();
+    let mut ceilings = Vec::new();
+    let every = a.backend == "all";
+    for name in names {
+        let run = match name {
+            "cpu" => moe_hal::cpu::CpuBackend::new()
+                .map_err(|e| e.to_string())
+                .and_then(|b| sweep.run_on(b, &lw)),
+            "wgpu" => moe_hal::wgpu::WgpuBackend::new()
+                .map_err(|e| e.to_string())
+                .and_then(|b| sweep.run_on(b, &lw)),
+            "cuda" => moe_hal::cuda::CudaBackend::new()
+                .map_err(|e| e.to_string())
+                .and_then(|b| sweep.run_on(b, &lw)),
+            "cann" => moe_hal::cann::CannBackend::new()
+                .map_err(|e| e.to_string())
+                .and_then(|b| sweep.run_on(b, &lw)),
+            other => Err(format!("backend {other} cannot be benchmarked by this build")),
+        };
+        match run {
+            Ok((c, records)) => {
+                ceilings.push((name, c));
+                all.extend(records);
+            }
+            // With `all`, a backend that cannot run this shape is skipped, not fatal.
+            Err(e) if every => progress.suspend(|| eprintln!("moe-bench: skipping {name}: {e}")),
+            Err(e) => return Err(e),
+        }
+    }
+    progress.finish_and_clear();
+    if all.is_empty() {
+        return Err("no backend could run this benchmark (see the lines above)".into());
+    }
+    drop(lw);
+
+    println!(
+        "{}: H {} I {} E {} k {}{}, {dtype}, {} repeats after {} warm-up, {:.1} s",
+        shape.label,
+        shape.hidden,
+        shape.inter,
+        shape.experts,
+        shape.topk,
+        shape.shared_inter.map(|s| format!(", shared {s}")).unwrap_or_default(),
+        a.repeat,
+        a.warmup,
+        started.elapsed().as_secs_f64()
+    );
+    for (name, c) in &ceilings {
+        println!(
+            "{name}: ceilings: GEMM peak {:.1} GFLOP/s (1024x2048x2048 {dtype}), memory bandwidth {:.1} GB/s (stream GEMV {:.1}, copy {:.1})",
+            c.gemm_gflops, c.bandwidth_gbps, c.gemv_gbps, c.copy_gbps
+        );
+    }
+    print!("{}", report::table(&all));
+    if let Some(p) = &a.json {
+        report::write_json(p, &all)?;
+    }
+    if let Some(p) = &a.csv {
+        report::write_csv(p, &all)?;
+    }
+    if let Some(p) = &a.plot {
+        report::write_plot(p, &all)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse() {
+        assert_eq!(parse_tokens("4,1,2,2").unwrap(), vec![1, 2, 4]);
+        assert!(parse_tokens("").is_err());
+        assert!(parse_tokens("0").is_err());
+        assert!(parse_tokens("1,,2").is_err());
+        assert!(parse_tokens("-1").is_err());
+    }
+
+    #[test]
+    fn deepseek_f32_needs_about_90_gb() {
+        let a = BenchArgs {
+            preset: Some("deepseek-v3".into()),
+            hidden: None,
+            inter: None,
+            experts: None,
+            topk: None,
+            groups: None,
+            tokens: "1".into(),
+            dtype: "f32".into(),
+            backend: "cpu".into(),
+            repeat: 1,
+            warmup: 0,
+            json: None,
+            csv: None,
+            plot: None,
+            seed: 0,
+        };
+        let s = resolve(&a).unwrap();
+        let est = estimate(&s, DType::F32, 1).unwrap();
+        // 256 * 3 * 2048 * 7168 * 4 bytes of routed weights = 45.1 GB.
+        assert!(est.weights > 45_000_000_000 && est.weights < 46_000_000_000, "{est:?}");
+        assert!(est.total > 2 * est.weights);
+    }
+}

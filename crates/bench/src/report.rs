@@ -1,0 +1,357 @@
+//! Bench records and their outputs: the table, JSON, CSV, the plot, and `compare`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One measurement: one kernel (or the whole layer) at one token count on one backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub backend: String,
+    pub preset: String,
+    pub dtype: String,
+    pub tokens: usize,
+    pub kernel: String,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub gflops: f64,
+    pub gbps: f64,
+    /// Roofline bound (max of FLOPs / GEMM peak, bytes / bandwidth) over the median time.
+    pub roofline_fraction: f64,
+}
+
+/// The ceilings measured on one backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    pub gemm_gflops: f64,
+    pub gemv_gbps: f64,
+    pub copy_gbps: f64,
+    /// The larger of the two bandwidth measurements.
+    pub bandwidth_gbps: f64,
+}
+
+pub const COLUMNS: [&str; 11] = [
+    "backend",
+    "preset",
+    "dtype",
+    "tokens",
+    "kernel",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "gflops",
+    "gbps",
+    "roofline_fraction",
+];
+
+fn kernel_order(k: &str) -> usize {
+    crate::bench::KERNELS
+        .iter()
+        .position(|&x| x == k)
+        .unwrap_or(crate::bench::KERNELS.len())
+}
+
+fn sorted(records: &[Record]) -> Vec<&Record> {
+    let mut v: Vec<&Record> = records.iter().collect();
+    v.sort_by(|a, b| {
+        (&a.backend, a.tokens, kernel_order(&a.kernel)).cmp(&(&b.backend, b.tokens, kernel_order(&b.kernel)))
+    });
+    v
+}
+
+/// A readable table, one line per record, sorted by backend, tokens, kernel.
+pub fn table(records: &[Record]) -> String {
+    let mut s = format!(
+        "{:<7} {:>6}  {:<13} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}\n",
+        "backend", "tokens", "kernel", "median ms", "min ms", "max ms", "GFLOP/s", "GB/s", "roofline"
+    );
+    for r in sorted(records) {
+        s += &format!(
+            "{:<7} {:>6}  {:<13} {:>11.4} {:>11.4} {:>11.4} {:>9.1} {:>8.1} {:>8.1}%\n",
+            r.backend,
+            r.tokens,
+            r.kernel,
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.gflops,
+            r.gbps,
+            100.0 * r.roofline_fraction
+        );
+    }
+    s
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot move the output into {}: {e}", path.display())
+    })
+}
+
+pub fn write_json(path: &Path, records: &[Record]) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(&sorted(records)).map_err(|e| format!("JSON: {e}"))?;
+    write_atomic(path, (text + "\n").as_bytes())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
+    let mut s = COLUMNS.join(",") + "\n";
+    for r in sorted(records) {
+        s += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            csv_field(&r.backend),
+            csv_field(&r.preset),
+            csv_field(&r.dtype),
+            r.tokens,
+            csv_field(&r.kernel),
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.gflops,
+            r.gbps,
+            r.roofline_fraction
+        );
+    }
+    write_atomic(path, s.as_bytes())
+}
+
+/// `Ok` for a `.svg` or `.png` path.
+pub fn check_plot_path(path: &Path) -> Result<(), String> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+    {
+        Some(e) if e == "svg" || e == "png" => Ok(()),
+        _ => Err(format!(
+            "--plot {}: expected a file name ending in .svg or .png",
+            path.display()
+        )),
+    }
+}
+
+/// Time per token count, log-log, one solid line per backend and kernel and
+/// its roofline bound dashed in the same colour. PNG plots carry no text
+/// (drawing text into bitmaps needs a font library); SVG plots are labelled.
+pub fn write_plot(path: &Path, records: &[Record]) -> Result<(), String> {
+    check_plot_path(path)?;
+    if records.is_empty() {
+        return Err("nothing to plot".into());
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} is not a file path", path.display()))?;
+    // The temporary name keeps the extension: the bitmap encoder picks the format by it.
+    let tmp = path.with_file_name(format!(".tmp-{}-{}", std::process::id(), name.to_string_lossy()));
+    let png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let result = if png {
+        let root = plotters::prelude::BitMapBackend::new(&tmp, (1200, 800));
+        draw(root, records, false)
+    } else {
+        let root = plotters::prelude::SVGBackend::new(&tmp, (1200, 800));
+        draw(root, records, true)
+    };
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot draw {}: {e}", path.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot move the plot into {}: {e}", path.display())
+    })
+}
+
+type Series = BTreeMap<(String, usize, String), Vec<(f64, f64, f64)>>;
+
+fn draw<DB: plotters::prelude::DrawingBackend>(backend: DB, records: &[Record], text: bool) -> Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    // (backend, kernel order, kernel) -> [(tokens, median ms, bound ms)]
+    let mut series: Series = BTreeMap::new();
+    for r in records {
+        series
+            .entry((r.backend.clone(), kernel_order(&r.kernel), r.kernel.clone()))
+            .or_default()
+            .push((r.tokens as f64, r.median_ms, r.roofline_fraction * r.median_ms));
+    }
+    for v in series.values_mut() {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let pos = |x: f64| x.is_finite() && x > 0.0;
+    let xs = records.iter().map(|r| r.tokens as f64);
+    let ys = series.values().flatten().flat_map(|p| [p.1, p.2]).filter(|&y| pos(y));
+    let (xmin, xmax) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    let (ymin, ymax) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    if ymin > ymax {
+        return Err("no positive time to plot".into());
+    }
+    let (xmin, xmax) = (xmin.max(1.0) / 1.5, xmax.max(1.0) * 1.5);
+    let (ymin, ymax) = (ymin / 2.0, ymax * 2.0);
+
+    let root = backend.into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let first = &records[0];
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder
+            .caption(
+                format!(
+                    "{} {}: time per call (solid) and roofline bound (dashed)",
+                    first.preset, first.dtype
+                ),
+                ("sans-serif", 24),
+            )
+            .x_label_area_size(50)
+            .y_label_area_size(70);
+    }
+    let mut chart = builder
+        .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())
+        .map_err(e)?;
+    if text {
+        chart.configure_mesh().x_desc("tokens").y_desc("ms").draw().map_err(e)?;
+    } else {
+        // No text in bitmaps: decade grid lines drawn by hand instead of the labelled mesh.
+        let grey = RGBColor(220, 220, 220);
+        let decades = |lo: f64, hi: f64| {
+            let (a, b) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+            (a..=b).map(|p| 10f64.powi(p)).filter(move |v| *v >= lo && *v <= hi)
+        };
+        for x in decades(xmin, xmax) {
+            chart
+                .draw_series(LineSeries::new([(x, ymin), (x, ymax)], grey))
+                .map_err(e)?;
+        }
+        for y in decades(ymin, ymax) {
+            chart
+                .draw_series(LineSeries::new([(xmin, y), (xmax, y)], grey))
+                .map_err(e)?;
+        }
+        chart
+            .plotting_area()
+            .draw(&Rectangle::new([(xmin, ymin), (xmax, ymax)], BLACK))
+            .map_err(e)?;
+    }
+    for (n, ((backend, _, kernel), pts)) in series.iter().enumerate() {
+        let colour = Palette99::pick(n).to_rgba();
+        let style = colour.stroke_width(2);
+        let line = chart
+            .draw_series(LineSeries::new(
+                pts.iter().filter(|p| pos(p.1)).map(|p| (p.0, p.1)),
+                style,
+            ))
+            .map_err(e)?;
+        if text {
+            line.label(format!("{backend} {kernel}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+        }
+        chart
+            .draw_series(DashedLineSeries::new(
+                pts.iter().filter(|p| pos(p.2)).map(|p| (p.0, p.2)),
+                6,
+                4,
+                colour.stroke_width(1),
+            ))
+            .map_err(e)?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+fn read_records(path: &Path) -> Result<Vec<Record>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not a moe-bench JSON array of records ({})",
+            path.display(),
+            e.to_string().replace('\n', " ")
+        )
+    })
+}
+
+/// Prints records of `a` and `b` side by side, matched on (preset, dtype, tokens, kernel).
+pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
+    let ra = read_records(a)?;
+    let rb = read_records(b)?;
+    type Key = (String, String, usize, usize, String);
+    let key = |r: &Record| -> Key {
+        (
+            r.preset.clone(),
+            r.dtype.clone(),
+            r.tokens,
+            kernel_order(&r.kernel),
+            r.kernel.clone(),
+        )
+    };
+    let mut mb: BTreeMap<Key, &Record> = BTreeMap::new();
+    for r in &rb {
+        mb.entry(key(r)).or_insert(r);
+    }
+    let mut ma: BTreeMap<Key, &Record> = BTreeMap::new();
+    for r in &ra {
+        ma.entry(key(r)).or_insert(r);
+    }
+    let matched: Vec<(&Record, &Record)> = ma.iter().filter_map(|(k, ra)| mb.get(k).map(|rb| (*ra, *rb))).collect();
+    if matched.is_empty() {
+        return Err(format!(
+            "{} and {} have no (preset, dtype, tokens, kernel) in common",
+            a.display(),
+            b.display()
+        ));
+    }
+    println!("A = {}\nB = {}", a.display(), b.display());
+    println!(
+        "{:<24} {:<5} {:>6}  {:<13} {:>18} {:>18} {:>8}",
+        "preset", "dtype", "tokens", "kernel", "A median ms", "B median ms", "B/A"
+    );
+    for (x, y) in &matched {
+        let ratio = if x.median_ms > 0.0 {
+            format!("{:.3}", y.median_ms / x.median_ms)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<24} {:<5} {:>6}  {:<13} {:>18} {:>18} {:>8}",
+            x.preset,
+            x.dtype,
+            x.tokens,
+            x.kernel,
+            format!("{:.4} {}", x.median_ms, x.backend),
+            format!("{:.4} {}", y.median_ms, y.backend),
+            ratio
+        );
+    }
+    let only_a = ma.len() - matched.len();
+    let only_b = mb.len() - matched.len();
+    if only_a + only_b > 0 {
+        println!("{} records only in A, {} only in B (not shown)", only_a, only_b);
+    }
+    Ok(())
+}

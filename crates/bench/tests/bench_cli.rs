@@ -1,0 +1,270 @@
+//! `moe-bench bench` and `compare` end to end on tiny shapes: JSON, CSV and
+//! plot outputs, and every bad-input path (one-line error, non-zero exit,
+//! no panic, no output left behind).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+}
+
+const TINY: [&str; 16] = [
+    "bench",
+    "--hidden",
+    "64",
+    "--inter",
+    "32",
+    "--experts",
+    "8",
+    "--topk",
+    "2",
+    "--tokens",
+    "1,4",
+    "--repeat",
+    "2",
+    "--warmup",
+    "1",
+    "--backend",
+];
+
+fn bench(extra: &[&str]) -> Output {
+    bin().args(TINY).arg("cpu").args(extra).output().unwrap()
+}
+
+fn assert_fails(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "expected a one-line message, got: {err}");
+    assert!(err.starts_with("moe-bench: "), "{err:?}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+}
+
+fn assert_empty_dir(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+const KEYS: [&str; 11] = [
+    "backend",
+    "preset",
+    "dtype",
+    "tokens",
+    "kernel",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "gflops",
+    "gbps",
+    "roofline_fraction",
+];
+
+#[test]
+fn tiny_bench_writes_json_csv_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, csv, svg) = (
+        dir.path().join("r.json"),
+        dir.path().join("r.csv"),
+        dir.path().join("r.svg"),
+    );
+    let out = bench(&[
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("gemm_gate_up") && stdout.contains("ceilings"),
+        "{stdout}"
+    );
+
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recs = v.as_array().unwrap();
+    // 2 token counts x (5 kernels + layer).
+    assert_eq!(recs.len(), 12, "{v:#}");
+    for r in recs {
+        for k in KEYS {
+            assert!(r.get(k).is_some(), "record lacks {k}: {r}");
+        }
+        assert_eq!(r["backend"], "cpu");
+        assert_eq!(r["dtype"], "f32");
+        assert_eq!(r["preset"], "custom-h64-i32-e8-k2");
+        let (med, min, max) = (
+            r["median_ms"].as_f64().unwrap(),
+            r["min_ms"].as_f64().unwrap(),
+            r["max_ms"].as_f64().unwrap(),
+        );
+        assert!(min > 0.0 && min <= med && med <= max, "{r}");
+        assert!(r["roofline_fraction"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let kernels: std::collections::BTreeSet<&str> = recs.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    assert_eq!(
+        kernels.into_iter().collect::<Vec<_>>(),
+        ["combine", "gemm_down", "gemm_gate_up", "layer", "permute", "route"]
+    );
+    let gemm = recs.iter().find(|r| r["kernel"] == "gemm_gate_up").unwrap();
+    assert!(gemm["gflops"].as_f64().unwrap() > 0.0 && gemm["gbps"].as_f64().unwrap() > 0.0);
+
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().next().unwrap(), KEYS.join(","));
+    assert_eq!(csv.lines().count(), 13);
+
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("gemm_down") && svg.matches("<polyline").count() > 12);
+}
+
+#[test]
+fn png_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("p.png");
+    let out = bench(&["--plot", png.to_str().unwrap()]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
+}
+
+#[test]
+fn bad_input_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let j = json.to_str().unwrap();
+    let txt = dir.path().join("p.txt");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["bench", "--preset", "gpt-5", "--json", j],
+            "unknown preset \"gpt-5\"",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--tokens", "", "--json", j],
+            "--tokens",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--tokens", "0", "--json", j],
+            "at least 1",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--tokens", "1,,4", "--json", j],
+            "--tokens",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--backend", "cann", "--json", j],
+            "unavailable",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--backend", "cuda", "--json", j],
+            "unavailable",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--backend", "tpu", "--json", j],
+            "unknown backend",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--dtype", "f8", "--json", j],
+            "unknown dtype",
+        ),
+        (vec!["bench", "--hidden", "64", "--json", j], "missing --inter"),
+        (
+            vec!["bench", "--preset", "mixtral-8x7b", "--topk", "9", "--json", j],
+            "larger than --experts",
+        ),
+        (
+            vec![
+                "bench",
+                "--hidden",
+                "18446744073709551615",
+                "--inter",
+                "4",
+                "--experts",
+                "8",
+                "--topk",
+                "2",
+                "--backend",
+                "cpu",
+                "--json",
+                j,
+            ],
+            "overflows",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--plot", txt.to_str().unwrap()],
+            ".svg or .png",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = bin().args(&args).output().unwrap();
+        assert_fails(&out, needle);
+    }
+    assert_empty_dir(dir.path());
+    // An output folder that does not exist, and an output path that is a folder.
+    let missing = dir.path().join("no/such/dir/r.json");
+    assert_fails(&bench(&["--json", missing.to_str().unwrap()]), "cannot write there");
+    assert_fails(&bench(&["--csv", dir.path().to_str().unwrap()]), "is a folder");
+    assert_empty_dir(dir.path());
+}
+
+#[test]
+fn too_big_for_memory_is_refused() {
+    // DeepSeek-V3 in f32 is ~45 GB of routed weights: refused on a 24 GiB machine, with a suggestion.
+    let out = bin()
+        .args(["bench", "--preset", "deepseek-v3", "--backend", "cpu", "--tokens", "1"])
+        .env("MOE_BENCH_MEM_AVAILABLE", (24u64 << 30).to_string())
+        .output()
+        .unwrap();
+    assert_fails(&out, "deepseek-v3 in f32 needs about");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dtype bf16") && err.contains("--experts"), "{err}");
+}
+
+fn record(backend: &str, tokens: usize, kernel: &str, ms: f64) -> serde_json::Value {
+    serde_json::json!({
+        "backend": backend, "preset": "qwen3-30b-a3b", "dtype": "f32", "tokens": tokens, "kernel": kernel,
+        "median_ms": ms, "min_ms": ms, "max_ms": ms, "gflops": 1.0, "gbps": 1.0, "roofline_fraction": 0.5
+    })
+}
+
+#[test]
+fn compare_two_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let ra = serde_json::json!([record("cpu", 1, "layer", 2.0), record("cpu", 16, "layer", 4.0)]);
+    let rb = serde_json::json!([record("torch", 1, "layer", 3.0), record("torch", 256, "layer", 9.0)]);
+    std::fs::write(&a, ra.to_string()).unwrap();
+    std::fs::write(&b, rb.to_string()).unwrap();
+    let out = bin().arg("compare").arg(&a).arg(&b).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.contains("layer")).unwrap();
+    assert!(
+        line.contains("cpu") && line.contains("torch") && line.contains("1.500"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 records only in A, 1 only in B"), "{stdout}");
+
+    // Bad files: missing, not JSON, nothing in common.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"not\": \"records\"}").unwrap();
+    assert_fails(
+        &bin()
+            .arg("compare")
+            .arg(&a)
+            .arg(dir.path().join("none.json"))
+            .output()
+            .unwrap(),
+        "cannot read",
+    );
+    assert_fails(
+        &bin().arg("compare").arg(&a).arg(&bad).output().unwrap(),
+        "not a moe-bench JSON",
+    );
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, serde_json::json!([record("cpu", 7, "route", 1.0)]).to_string()).unwrap();
+    assert_fails(&bin().arg("compare").arg(&a).arg(&other).output().unwrap(), "in common");
+}
