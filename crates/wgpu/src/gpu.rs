@@ -2,8 +2,8 @@
 
 use moe_hal_core::{DType, MoeError, Result};
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use wgpu::util::DeviceExt;
 
 pub(crate) const NAME: &str = "wgpu";
 
@@ -63,6 +63,9 @@ pub(crate) struct Gpu {
     /// Errors the device reported outside an error scope (device loss, ...),
     /// recorded instead of panicking and returned by the next call.
     uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Set by the device-lost callback: every later call fails at once with a Device error
+    /// (wgpu panics on some operations on a lost device).
+    lost: Arc<AtomicBool>,
     /// A 4-byte storage buffer bound where a kernel's optional input is absent.
     pub dummy: wgpu::Buffer,
     /// Largest range bound at once, in bytes (a multiple of 4).
@@ -119,9 +122,11 @@ impl Gpu {
             }
         }));
         // A lost device (driver reset, GPU removed) surfaces as an error on the next scoped call.
-        let lost = uncaptured.clone();
+        let lost = Arc::new(AtomicBool::new(false));
+        let (log, flag) = (uncaptured.clone(), lost.clone());
         device.set_device_lost_callback(move |reason, message| {
-            if let Ok(mut v) = lost.lock() {
+            flag.store(true, Ordering::SeqCst);
+            if let Ok(mut v) = log.lock() {
                 v.push(format!("device lost ({reason:?}): {message}"));
             }
         });
@@ -184,6 +189,7 @@ impl Gpu {
             limits,
             kernels,
             uncaptured,
+            lost,
             dummy,
             max_binding,
         })
@@ -199,7 +205,17 @@ impl Gpu {
     /// Runs `f` inside validation, out-of-memory and internal error scopes;
     /// any error becomes `MoeError::Device` naming `what`.
     pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        self.alive(what)?;
         scoped(&self.device, &self.uncaptured, what, f)
+    }
+
+    /// A Device error once the device is lost.
+    fn alive(&self, what: &str) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            let why = self.uncaptured.lock().map(|v| v.join("; ")).unwrap_or_default();
+            return Err(device_error(format!("{what}: the device is lost ({why})")));
+        }
+        Ok(())
     }
 
     /// Workgroup counts covering `items` invocations in groups of `per_group`,
@@ -259,11 +275,14 @@ impl Gpu {
         self.scoped(what, || {
             let mut words = [0u32; 16];
             words[..params.len()].copy_from_slice(params);
-            let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            // create_buffer + write_buffer rather than create_buffer_init, which panics on a lost device.
+            let uniform = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(what),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::UNIFORM,
+                size: std::mem::size_of_val(&words) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
             });
+            self.queue.write_buffer(&uniform, 0, bytemuck::cast_slice(&words));
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: uniform.as_entire_binding(),
@@ -304,6 +323,7 @@ impl Gpu {
 
     /// Waits for all submitted work.
     pub fn wait(&self) -> Result<()> {
+        self.alive("waiting for the device")?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| device_error(format!("waiting for the device: {e}")))?;

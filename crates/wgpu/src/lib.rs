@@ -65,7 +65,6 @@ use moe_hal_core::{
     HostVec, Kernel, KernelCaps, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
 };
 use std::sync::{mpsc, Arc};
-use wgpu::util::DeviceExt;
 
 /// The WebGPU backend. Cheap to clone: clones share the device, queue and pipelines.
 #[derive(Clone)]
@@ -143,6 +142,12 @@ impl WgpuBackend {
 
     /// Like [`WgpuBackend::new`], with the per-binding limit lowered to
     /// `bytes`: for tests of the paths that big buffers take on real devices.
+    /// Destroys the device, as a driver reset would (tests of device loss).
+    #[doc(hidden)]
+    pub fn destroy_device_for_tests(&self) {
+        self.gpu.device.destroy();
+    }
+
     #[doc(hidden)]
     pub fn with_binding_limit(bytes: u64) -> Result<Self> {
         Ok(WgpuBackend {
@@ -265,12 +270,16 @@ impl Backend for WgpuBackend {
         let size = self.byte_size(data.dtype(), data.len())?;
         let mut bytes = bytes_of(data).to_vec();
         bytes.resize(size as usize, 0);
+        // create_buffer + write_buffer rather than create_buffer_init, which panics on a lost device.
         let buf = self.gpu.scoped("upload", || {
-            self.gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            let buf = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
-                contents: &bytes,
+                size,
                 usage: Self::usage(),
-            })
+                mapped_at_creation: false,
+            });
+            self.gpu.queue.write_buffer(&buf, 0, &bytes);
+            buf
         })?;
         Ok(WgpuBuffer {
             buf,

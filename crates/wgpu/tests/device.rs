@@ -261,3 +261,28 @@ fn big_weights_are_bound_per_group_of_experts() {
     let err = b.combine(&big, &ids, &wts, &ids, &mut out, cs).unwrap_err();
     assert!(matches!(err, MoeError::Unsupported { .. }), "{err}");
 }
+
+/// After the device is lost, calls fail with an error; nothing panics.
+#[test]
+fn device_loss_is_an_error() {
+    if backend().is_none() {
+        return;
+    }
+    // A device of its own (the shared one is used by the other tests).
+    let b = WgpuBackend::with_binding_limit(u64::MAX).unwrap();
+    let logits = b.upload(HostSlice::F32(&[0.5, 1.0, -1.0, 2.0])).unwrap();
+    b.destroy_device_for_tests();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let spec = moe_hal_core::RouterSpec::softmax_topk(4, 2, true);
+        let routed = (|| -> Result<(), MoeError> {
+            let mut ids = b.alloc(DType::U32, 2)?;
+            let mut w = b.alloc(DType::F32, 2)?;
+            b.route(&logits, &spec, 1, &mut ids, &mut w)?;
+            b.download(&ids).map(|_| ())
+        })();
+        (routed, b.download(&logits).map(|_| ()))
+    }));
+    let (routed, downloaded) = outcome.expect("a lost device must not panic");
+    assert!(routed.is_err(), "routing on a lost device reported success");
+    assert!(downloaded.is_err(), "download from a lost device reported success");
+}
