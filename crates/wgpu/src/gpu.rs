@@ -15,9 +15,18 @@ pub(crate) const TILE: u64 = 32;
 const ROUTE: &str = include_str!("../../../kernels/wgsl/route.wgsl");
 const TOPK: &str = include_str!("../../../kernels/wgsl/topk.wgsl");
 const PERMUTE: &str = include_str!("../../../kernels/wgsl/permute.wgsl");
-const GROUPED_MATMUL: &str = include_str!("../../../kernels/wgsl/grouped_matmul.wgsl");
-const COMBINE: &str = include_str!("../../../kernels/wgsl/combine.wgsl");
-const ROUTER_LOGITS: &str = include_str!("../../../kernels/wgsl/router_logits.wgsl");
+const GROUPED_MATMUL: &str = concat!(
+    include_str!("../../../kernels/wgsl/dtype.wgsl"),
+    include_str!("../../../kernels/wgsl/grouped_matmul.wgsl")
+);
+const COMBINE: &str = concat!(
+    include_str!("../../../kernels/wgsl/dtype.wgsl"),
+    include_str!("../../../kernels/wgsl/combine.wgsl")
+);
+const ROUTER_LOGITS: &str = concat!(
+    include_str!("../../../kernels/wgsl/dtype.wgsl"),
+    include_str!("../../../kernels/wgsl/router_logits.wgsl")
+);
 
 pub(crate) fn device_error(message: impl ToString) -> MoeError {
     MoeError::Device {
