@@ -18,6 +18,28 @@ const TILE_COLS: usize = 64;
 /// dot products instead of calling `gemm`, whose packing costs more than the math there.
 const NARROW_ROWS: usize = 8;
 
+/// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
+/// (half's per-element conversion dispatches on F16C at run time and does not).
+#[inline(always)]
+fn f16_to_f32(h: f16) -> f32 {
+    let h = h.to_bits() as u32;
+    let em = h & 0x7fff;
+    // Normal and subnormal: place the bits in an f32 and rescale the exponent bias by 2^112.
+    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let v = if em >= 0x7c00 {
+        f32::from_bits((em << 13) | 0x7f80_0000)
+    } else {
+        v
+    };
+    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// bf16 bits to f32: bf16 is the top half of an f32.
+#[inline(always)]
+fn bf16_to_f32(b: bf16) -> f32 {
+    f32::from_bits((b.to_bits() as u32) << 16)
+}
+
 /// A read-only float buffer of any storage dtype.
 #[derive(Clone, Copy)]
 pub enum Floats<'a> {
@@ -27,18 +49,15 @@ pub enum Floats<'a> {
 }
 
 impl Floats<'_> {
-    /// Widens `len` elements from `start` into `dst` (cleared first).
+    /// Widens `len` elements from `start` into `dst` (cleared first). Inlined so that it is
+    /// vectorised with the caller's target features.
+    #[inline(always)]
     fn widen(&self, start: usize, len: usize, dst: &mut Vec<f32>) {
         dst.clear();
         match self {
             Floats::F32(v) => dst.extend_from_slice(&v[start..start + len]),
-            Floats::BF16(v) => dst.extend(v[start..start + len].iter().map(|x| x.to_f32())),
-            Floats::F16(v) => {
-                // F16C when the CPU has it (half detects it at run time).
-                use half::slice::HalfFloatSliceExt;
-                dst.resize(len, 0.0);
-                v[start..start + len].convert_to_f32_slice(dst);
-            }
+            Floats::BF16(v) => dst.extend(v[start..start + len].iter().map(|&x| bf16_to_f32(x))),
+            Floats::F16(v) => dst.extend(v[start..start + len].iter().map(|&x| f16_to_f32(x))),
         }
     }
 
@@ -224,16 +243,7 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
             if narrow {
                 // SAFETY: lhs covers rows*k (as_f32 above).
                 let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
-                simd.dots(
-                    x,
-                    t.rows,
-                    k,
-                    weight,
-                    wbase + t.col0 * k,
-                    t.cols,
-                    &mut sc.gate,
-                    &mut sc.gate_w,
-                );
+                simd.dots(x, t.rows, k, weight, wbase + t.col0 * k, t.cols, &mut sc.gate);
             } else {
                 let gw = weight.as_f32(wbase + t.col0 * k, t.cols * k, &mut sc.gate_w);
                 // SAFETY: lhs covers rows*k, gw covers cols*k, gate holds rows*cols (all sized above).
@@ -244,16 +254,7 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
                 if narrow {
                     // SAFETY: as above.
                     let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
-                    simd.dots(
-                        x,
-                        t.rows,
-                        k,
-                        weight,
-                        wbase + (n + t.col0) * k,
-                        t.cols,
-                        &mut sc.up,
-                        &mut sc.up_w,
-                    );
+                    simd.dots(x, t.rows, k, weight, wbase + (n + t.col0) * k, t.cols, &mut sc.up);
                 } else {
                     let uw = weight.as_f32(wbase + (n + t.col0) * k, t.cols * k, &mut sc.up_w);
                     // SAFETY: as above, for the up rows of the same expert.
@@ -297,29 +298,46 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`dot`] against 16-bit weights widened in registers.
+#[inline(always)]
+fn dot_wide<T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0.0f32; L];
+    let n = a.len() / L * L;
+    for (ca, cb) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += ca[l] * wide(cb[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for j in n..a.len() {
+        tail += a[j] * wide(b[j]);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `out[r, c] = x[r] · W[row0 + c]` for `rows` input rows: each weight row is read once.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dots_body(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: Floats,
-    start: usize,
-    cols: usize,
-    out: &mut [f32],
-    wide: &mut Vec<f32>,
-) {
+fn dots_body(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
     for c in 0..cols {
-        let wr: &[f32] = match w {
-            Floats::F32(v) => &v[start + c * k..start + (c + 1) * k],
-            _ => {
-                w.widen(start + c * k, k, wide);
-                wide
+        let at = start + c * k;
+        match w {
+            Floats::F32(v) => {
+                for r in 0..rows {
+                    out[r * cols + c] = dot(&x[r * k..(r + 1) * k], &v[at..at + k]);
+                }
             }
-        };
-        for r in 0..rows {
-            out[r * cols + c] = dot(&x[r * k..(r + 1) * k], wr);
+            Floats::BF16(v) => {
+                for r in 0..rows {
+                    out[r * cols + c] = dot_wide(&x[r * k..(r + 1) * k], &v[at..at + k], bf16_to_f32);
+                }
+            }
+            Floats::F16(v) => {
+                for r in 0..rows {
+                    out[r * cols + c] = dot_wide(&x[r * k..(r + 1) * k], &v[at..at + k], f16_to_f32);
+                }
+            }
         }
     }
 }
@@ -339,25 +357,15 @@ impl Simd {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn dots(
-        self,
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        w: Floats,
-        start: usize,
-        cols: usize,
-        out: &mut [f32],
-        wide: &mut Vec<f32>,
-    ) {
+    fn dots(self, x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
         match self {
             // SAFETY: the variant is only chosen after detecting the feature on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { dots_avx512(x, rows, k, w, start, cols, out, wide) },
+            Simd::Avx512 => unsafe { dots_avx512(x, rows, k, w, start, cols, out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { dots_avx2(x, rows, k, w, start, cols, out, wide) },
-            Simd::Portable => dots_body(x, rows, k, w, start, cols, out, wide),
+            Simd::Avx2 => unsafe { dots_avx2(x, rows, k, w, start, cols, out) },
+            Simd::Portable => dots_body(x, rows, k, w, start, cols, out),
         }
     }
 }
@@ -365,33 +373,15 @@ impl Simd {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dots_avx512(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: Floats,
-    start: usize,
-    cols: usize,
-    out: &mut [f32],
-    wide: &mut Vec<f32>,
-) {
-    dots_body(x, rows, k, w, start, cols, out, wide)
+unsafe fn dots_avx512(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
+    dots_body(x, rows, k, w, start, cols, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dots_avx2(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: Floats,
-    start: usize,
-    cols: usize,
-    out: &mut [f32],
-    wide: &mut Vec<f32>,
-) {
-    dots_body(x, rows, k, w, start, cols, out, wide)
+unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
+    dots_body(x, rows, k, w, start, cols, out)
 }
 
 pub fn grouped_matmul(input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
@@ -408,4 +398,33 @@ pub fn router_logits(hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape
         activation: Activation::None,
     };
     run_tiles(hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let h = f16::from_bits(bits);
+            let (got, want) = (f16_to_f32(h), h.to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_conversion_is_exact() {
+        for bits in (0..=u16::MAX).step_by(7) {
+            let b = bf16::from_bits(bits);
+            let (got, want) = (bf16_to_f32(b), b.to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}"
+            );
+        }
+    }
 }
