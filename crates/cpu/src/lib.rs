@@ -1,13 +1,17 @@
 //! The CPU backend: always present, the embedded default.
 //!
-//! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls call
-//! the `gemm` crate's cache-blocked, SIMD micro-kernels, one single-threaded
-//! call per fixed tile of (expert, rows, columns); tiles are spread over the
-//! pool. The tile grid does not depend on the thread count, so results are
-//! bit-identical whatever the number of threads. bf16/f16 weights are widened
-//! to f32 one tile at a time (in per-thread work buffers that are reused
-//! across calls); accumulation is always f32.
+//! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
+//! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
+//! output columns) spread over the pool. Tiles of up to 64 rows (decode and
+//! the sparse experts of small batches) run register-blocked dot products
+//! straight on the checkpoint-layout weight rows (AVX-512: 4x4 blocks of
+//! fused multiply-adds, bf16/f16 widened in registers; AVX2 and portable
+//! fallbacks); taller tiles call the `gemm` crate's cache-blocked kernels.
+//! The tile grid does not depend on the thread count, so results are
+//! bit-identical whatever the number of threads. Accumulation is always f32;
+//! work buffers are per thread and reused across calls.
 
+mod avx512;
 mod combine;
 mod matmul;
 mod permute;

@@ -14,9 +14,10 @@ use std::cell::RefCell;
 
 const TILE_ROWS: usize = 128;
 const TILE_COLS: usize = 64;
-/// Tiles with at most this many rows (decode, sparse experts) stream each weight row once through
-/// dot products instead of calling `gemm`, whose packing costs more than the math there.
-const NARROW_ROWS: usize = 8;
+/// Tiles with at most this many rows (decode, sparse experts) run dot products straight on the
+/// weight rows instead of calling `gemm`, whose packing costs more than the math there (measured on
+/// qwen3-30b-a3b at 256 tokens: 8 rows 341 ms, 64 rows 286 ms in f32; 341 vs 227 ms in bf16).
+const NARROW_ROWS: usize = 64;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
@@ -346,7 +347,10 @@ impl Simd {
     fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
                 return Simd::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -370,11 +374,17 @@ impl Simd {
     }
 }
 
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dots_avx512(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
-    dots_body(x, rows, k, w, start, cols, out)
+    let n = cols * k;
+    match w {
+        Floats::F32(v) => crate::avx512::dots(x, rows, k, &v[start..start + n], cols, out),
+        Floats::BF16(v) => crate::avx512::dots(x, rows, k, &v[start..start + n], cols, out),
+        Floats::F16(v) => crate::avx512::dots(x, rows, k, &v[start..start + n], cols, out),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
