@@ -14,7 +14,7 @@ if ! command -v cc >/dev/null; then
 fi
 # WebGPU runs for real on Mesa's software Vulkan driver (lavapipe); WGPU_BACKEND=vulkan keeps wgpu
 # from falling back silently to GL.
-if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+if ! ldconfig -p 2>/dev/null | grep libvulkan.so.1 >/dev/null || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   echo "== installing Mesa's software Vulkan driver (mesa-vulkan-drivers, libvulkan1)"
   as_root apt-get update -qq && as_root apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
