@@ -17,6 +17,8 @@ mod matmul;
 mod permute;
 mod route;
 
+pub use matmul::Simd;
+
 use moe_hal_core::{
     check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, KernelCaps,
     MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
@@ -49,6 +51,7 @@ impl DeviceBuffer for CpuBuffer {
 #[derive(Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
+    simd: Simd,
 }
 
 impl CpuBackend {
@@ -67,7 +70,24 @@ impl CpuBackend {
                 backend: NAME.into(),
                 message: format!("cannot start threads: {e}"),
             })?;
-        Ok(CpuBackend { pool: Arc::new(pool) })
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+            simd: Simd::detect(),
+        })
+    }
+
+    /// The same backend with the dot-product kernels of `simd` (one of [`Simd::supported`]); the
+    /// conformance tests run every level the CPU has.
+    pub fn with_simd(mut self, simd: Simd) -> Result<Self> {
+        if !Simd::supported().contains(&simd) {
+            return Err(MoeError::unsupported(
+                NAME,
+                format!("{simd:?} kernels"),
+                "this CPU lacks the instructions",
+            ));
+        }
+        self.simd = simd;
+        Ok(self)
     }
 
     pub fn threads(&self) -> usize {
@@ -189,7 +209,7 @@ impl Backend for CpuBackend {
         check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.pool.install(|| {
-            matmul::router_logits(float_slice(hidden), f32_slice(weight), out, s);
+            matmul::router_logits(self.simd, float_slice(hidden), f32_slice(weight), out, s);
         });
         Ok(())
     }
@@ -248,7 +268,7 @@ impl Backend for CpuBackend {
         let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
         self.pool
-            .install(|| matmul::grouped_matmul(float_slice(input), &offsets, float_slice(weight), out, s));
+            .install(|| matmul::grouped_matmul(self.simd, float_slice(input), &offsets, float_slice(weight), out, s));
         Ok(())
     }
 

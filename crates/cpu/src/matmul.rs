@@ -216,7 +216,7 @@ fn silu(x: f32) -> f32 {
 }
 
 /// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range.
-fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutPtr, s: GemmShape) {
+fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutPtr, s: GemmShape) {
     let (k, n) = (s.in_features, s.out_features);
     let wrows = s.weight_rows();
     let mut tiles = Vec::new();
@@ -233,7 +233,6 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
             }
         }
     }
-    let simd = Simd::detect();
     tiles.par_iter().for_each(|t| {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
@@ -271,9 +270,9 @@ fn run_tiles(input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutP
     });
 }
 
-/// Instruction set of the narrow-tile dot products, detected once.
-#[derive(Clone, Copy)]
-enum Simd {
+/// Instruction set of the narrow-tile dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -344,7 +343,24 @@ fn dots_body(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: us
 }
 
 impl Simd {
-    fn detect() -> Simd {
+    /// Every level this CPU can run, best first (the conformance tests run each).
+    pub fn supported() -> Vec<Simd> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Simd::detect() == Simd::Avx512 {
+                v.push(Simd::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                v.push(Simd::Avx2);
+            }
+        }
+        v.push(Simd::Portable);
+        v
+    }
+
+    /// The best level this CPU has.
+    pub fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -394,12 +410,12 @@ unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, c
     dots_body(x, rows, k, w, start, cols, out)
 }
 
-pub fn grouped_matmul(input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
+pub fn grouped_matmul(simd: Simd, input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(input, &groups, weight, out, s);
+    run_tiles(simd, input, &groups, weight, out, s);
 }
 
-pub fn router_logits(hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
+pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
     let shape = GemmShape {
         rows: s.tokens,
         in_features: s.hidden,
@@ -407,7 +423,7 @@ pub fn router_logits(hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape
         experts: 1,
         activation: Activation::None,
     };
-    run_tiles(hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
+    run_tiles(simd, hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
 }
 
 #[cfg(test)]

@@ -112,3 +112,18 @@ fn out_of_range_ids_and_offsets_are_errors() {
     let e = b.grouped_matmul(&x, &off, &w, &mut y, gs).unwrap_err().to_string();
     assert!(e.contains("at most rows = 2"), "{e}");
 }
+
+/// The shared conformance suites on every instruction-set level this CPU has (the default run
+/// covers only the best one).
+#[test]
+fn conformance_on_every_simd_level() {
+    use moe_hal_core::conformance;
+    use moe_hal_cpu::Simd;
+    for simd in Simd::supported() {
+        let b = CpuBackend::new().unwrap().with_simd(simd).unwrap();
+        for report in [conformance::gemm_suite(&b, false), conformance::layer_suite(&b, true)] {
+            assert!(report.passed(), "{simd:?}:\n{report}");
+        }
+        eprintln!("{simd:?}: grouped_matmul and layer suites pass");
+    }
+}
