@@ -11,6 +11,7 @@
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
 
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod combine;
 mod matmul;
