@@ -29,8 +29,8 @@ pub use ops::{
 pub use probe::Probe;
 
 use moe_hal_core::{
-    check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, KernelCaps,
-    MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
+    check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, MoeError,
+    PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
 use std::fmt::{self, Write as _};
 
@@ -175,42 +175,16 @@ impl CannBackend {
 
     /// The capabilities the CANN operators document, whatever is installed.
     pub fn documented_capabilities() -> Capabilities {
-        let floats = || vec![DType::F32, DType::BF16, DType::F16];
-        Capabilities {
-            kernels: vec![
-                KernelCaps {
-                    kernel: Kernel::RouterLogits,
-                    dtypes: floats(),
-                },
-                // Logits are f32 by contract; the gating operators take f32.
-                KernelCaps {
-                    kernel: Kernel::Route,
-                    dtypes: vec![DType::F32],
-                },
-                KernelCaps {
-                    kernel: Kernel::TopK,
-                    dtypes: vec![DType::F32],
-                },
-                KernelCaps {
-                    kernel: Kernel::Permute,
-                    dtypes: floats(),
-                },
-                KernelCaps {
-                    kernel: Kernel::GroupedMatmul,
-                    dtypes: floats(),
-                },
-                KernelCaps {
-                    kernel: Kernel::Combine,
-                    dtypes: floats(),
-                },
-            ],
-            max_buffer_bytes: MAX_BUFFER_BYTES,
-            // aclnnMoeGatingTopK and aclnnMoeComputeExpertTokens: E <= 2048.
-            max_experts: ops::MAX_GATING_EXPERTS,
-            // aclnnMoeGatingTopKSoftmax[V2] document k <= 1024; the grouped
-            // operator's k is bounded by the kept groups (checked per spec).
-            max_top_k: ops::MAX_SOFTMAX_TOPK_K,
-        }
+        // Logits are f32 by contract and the gating operators take f32;
+        // aclnnMoeGatingTopK and aclnnMoeComputeExpertTokens take E <= 2048;
+        // aclnnMoeGatingTopKSoftmax[V2] document k <= 1024 (the grouped
+        // operator's k is bounded by the kept groups, checked per spec).
+        Capabilities::with_floats(
+            &DType::FLOATS,
+            MAX_BUFFER_BYTES,
+            ops::MAX_GATING_EXPERTS,
+            ops::MAX_SOFTMAX_TOPK_K,
+        )
     }
 
     /// The error a call gets once its arguments passed: `BackendUnavailable`
@@ -493,6 +467,7 @@ fn check_bytes(dtype: DType, len: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moe_hal_core::Kernel;
 
     #[test]
     fn every_slot_kernel_has_one_map_entry() {

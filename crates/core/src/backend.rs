@@ -110,6 +110,26 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// Every kernel, with route and topk in f32 (logits are f32 by contract) and the others in
+    /// `floats`: what each backend reports, up to its dtypes and limits.
+    pub fn with_floats(floats: &[DType], max_buffer_bytes: u64, max_experts: usize, max_top_k: usize) -> Self {
+        Capabilities {
+            kernels: Kernel::ALL
+                .into_iter()
+                .map(|kernel| KernelCaps {
+                    kernel,
+                    dtypes: match kernel {
+                        Kernel::Route | Kernel::TopK => vec![DType::F32],
+                        _ => floats.to_vec(),
+                    },
+                })
+                .collect(),
+            max_buffer_bytes,
+            max_experts,
+            max_top_k,
+        }
+    }
+
     pub fn kernel(&self, kernel: Kernel) -> Option<&KernelCaps> {
         self.kernels.iter().find(|k| k.kernel == kernel)
     }

@@ -21,8 +21,8 @@ mod route;
 pub use matmul::Simd;
 
 use moe_hal_core::{
-    check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, KernelCaps,
-    MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
+    check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, MoeError,
+    PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
 use std::sync::Arc;
 
@@ -145,22 +145,7 @@ impl Backend for CpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let all = vec![DType::F32, DType::BF16, DType::F16];
-        Capabilities {
-            kernels: Kernel::ALL
-                .into_iter()
-                .map(|kernel| KernelCaps {
-                    kernel,
-                    dtypes: match kernel {
-                        Kernel::Route | Kernel::TopK => vec![DType::F32],
-                        _ => all.clone(),
-                    },
-                })
-                .collect(),
-            max_buffer_bytes: isize::MAX as u64,
-            max_experts: 1 << 20,
-            max_top_k: 1 << 20,
-        }
+        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {

@@ -23,8 +23,8 @@ pub mod launch;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use moe_hal_core::{
-    check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel,
-    KernelCaps, MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
+    check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec,
+    MoeError, PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -266,26 +266,17 @@ impl Backend for CudaBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let floats = if self.dev.kernels.gmm_bf16.is_some() {
-            vec![DType::F32, DType::BF16, DType::F16]
+        let floats: &[DType] = if self.dev.kernels.gmm_bf16.is_some() {
+            &[DType::F32, DType::BF16, DType::F16]
         } else {
-            vec![DType::F32, DType::F16]
+            &[DType::F32, DType::F16]
         };
-        Capabilities {
-            kernels: Kernel::ALL
-                .into_iter()
-                .map(|kernel| KernelCaps {
-                    kernel,
-                    dtypes: match kernel {
-                        Kernel::Route | Kernel::TopK => vec![DType::F32],
-                        _ => floats.clone(),
-                    },
-                })
-                .collect(),
-            max_buffer_bytes: self.dev.total_mem as u64,
-            max_experts: launch::MAX_EXPERTS,
-            max_top_k: launch::MAX_TOP_K,
-        }
+        Capabilities::with_floats(
+            floats,
+            self.dev.total_mem as u64,
+            launch::MAX_EXPERTS,
+            launch::MAX_TOP_K,
+        )
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
@@ -515,33 +506,25 @@ impl Backend for CudaBackend {
         unsafe { b.launch(cfg((c32, 1), 256, 0)) }.map_err(dev_err)?;
         let (h32, k32) = (u32_of("hidden", s.hidden)?, s.top_k as u32);
         let blocks = launch::elementwise_blocks(n * s.hidden, 256);
-        match (&hidden.data, &mut out.rows.data) {
-            (Data::F32(x), Data::F32(r)) => {
-                let mut b = st.launch_builder(&k.gather_b32);
-                b.arg(x)
-                    .arg(out.source_of.u32())
-                    .arg(out.offsets.u32())
+        let (source_of, offsets) = (out.source_of.u32(), out.offsets.u32());
+        macro_rules! gather {
+            ($f:expr, $x:expr, $r:expr) => {{
+                let mut b = st.launch_builder($f);
+                b.arg($x)
+                    .arg(source_of)
+                    .arg(offsets)
                     .arg(&e32)
                     .arg(&n32)
                     .arg(&h32)
                     .arg(&k32)
-                    .arg(r);
+                    .arg($r);
                 // SAFETY: rows holds n*H (checked); reads hidden rows < T (source_of < n).
                 unsafe { b.launch(cfg((blocks, 1), 256, 0)) }.map_err(dev_err)?;
-            }
-            (Data::B16(x), Data::B16(r)) => {
-                let mut b = st.launch_builder(&k.gather_b16);
-                b.arg(x)
-                    .arg(out.source_of.u32())
-                    .arg(out.offsets.u32())
-                    .arg(&e32)
-                    .arg(&n32)
-                    .arg(&h32)
-                    .arg(&k32)
-                    .arg(r);
-                // SAFETY: as above, for 2-byte elements.
-                unsafe { b.launch(cfg((blocks, 1), 256, 0)) }.map_err(dev_err)?;
-            }
+            }};
+        }
+        match (&hidden.data, &mut out.rows.data) {
+            (Data::F32(x), Data::F32(r)) => gather!(&k.gather_b32, x, r),
+            (Data::B16(x), Data::B16(r)) => gather!(&k.gather_b16, x, r),
             _ => unreachable!("dtypes checked before"),
         }
         Ok(())

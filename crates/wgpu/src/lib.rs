@@ -62,7 +62,7 @@ mod gpu;
 use gpu::{device_error, variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
 use moe_hal_core::{
     check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, GroupScore, HostSlice,
-    HostVec, Kernel, KernelCaps, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
+    HostVec, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
 };
 use std::sync::{mpsc, Arc};
 
@@ -235,21 +235,7 @@ impl Backend for WgpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            kernels: Kernel::ALL
-                .into_iter()
-                .map(|kernel| KernelCaps {
-                    kernel,
-                    dtypes: match kernel {
-                        Kernel::Route | Kernel::TopK => vec![DType::F32],
-                        _ => FLOAT_VARIANTS.to_vec(),
-                    },
-                })
-                .collect(),
-            max_buffer_bytes: self.gpu.max_buffer_bytes(),
-            max_experts: 1 << 16,
-            max_top_k: 1 << 10,
-        }
+        Capabilities::with_floats(&FLOAT_VARIANTS, self.gpu.max_buffer_bytes(), 1 << 16, 1 << 10)
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
