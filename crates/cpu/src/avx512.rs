@@ -1,13 +1,51 @@
-//! AVX-512 dot-product kernel of the narrow grouped-matmul tiles: four input
-//! rows against four weight rows at a time, 16 `zmm` accumulators, weights
-//! read straight from the checkpoint layout (bf16 and f16 widened in
-//! registers). Every output, whether computed in a 4x4 block or alone, is the
-//! same sequence of fused multiply-adds over 16-lane chunks (the last one
-//! masked) followed by the same lane reduction, so results do not depend on
-//! how the tile is cut.
+//! AVX-512 dot-product kernels of the narrow grouped-matmul tiles (decode and
+//! the sparse experts of small batches), straight on the checkpoint-layout
+//! weight rows.
+//!
+//! Outputs are computed in register blocks of up to 4 input rows by 4 weight
+//! rows (16 `zmm` accumulators), so that every weight chunk loaded is used by
+//! every input row of the block and even a single input row keeps four
+//! independent accumulation chains in flight. Two steps:
+//! - [`Fma`]: f32 inputs, weights of any dtype widened to f32 in registers,
+//!   one fused multiply-add per 16 lanes;
+//! - [`DpBf16`]: bf16 inputs and bf16 weights, `vdpbf16ps` (AVX512-BF16) on
+//!   32 lanes: bf16 products are exact in f32 and accumulate in f32, with no
+//!   widening step (denormal bf16 inputs count as zero, as on every
+//!   AVX512-BF16 and AMX unit).
+//!
+//! Every output, whatever block it is computed in, is the same sequence of
+//! steps over its lane chunks (the last one masked) followed by the same lane
+//! reduction, so results do not depend on how the tile is cut.
 
 use half::{bf16, f16};
 use std::arch::x86_64::*;
+
+/// One accumulation step over a chunk of lanes.
+pub trait Step {
+    /// Input element.
+    type X: Copy;
+    /// Weight element.
+    type W: Copy;
+    /// Input and weight chunks in registers.
+    type XV: Copy;
+    type WV: Copy;
+    /// Elements per chunk.
+    const LANES: usize;
+    /// An all-zero weight vector (placeholder before the loads).
+    fn zero_w() -> Self::WV;
+    /// # Safety
+    /// The elements selected by `mask` (bit i: element i) must be readable from `p`.
+    unsafe fn load_x(p: *const Self::X, mask: u32) -> Self::XV;
+    /// # Safety
+    /// As [`Step::load_x`].
+    unsafe fn load_w(p: *const Self::W, mask: u32) -> Self::WV;
+    /// # Safety
+    /// The CPU must have the step's features.
+    unsafe fn madd(acc: __m512, x: Self::XV, w: Self::WV) -> __m512;
+}
+
+/// f32 inputs against f32, bf16 or f16 weights: one FMA per 16 lanes.
+pub struct Fma<W>(std::marker::PhantomData<W>);
 
 /// Sixteen weights as f32 lanes.
 pub trait Load16: Copy {
@@ -38,120 +76,246 @@ impl Load16 for f16 {
     }
 }
 
-#[inline(always)]
-fn mask_of(i: usize, full: usize, tail: __mmask16) -> __mmask16 {
-    if i < full {
-        0xffff
-    } else {
-        tail
+impl<W: Load16> Step for Fma<W> {
+    type X = f32;
+    type W = W;
+    type XV = __m512;
+    type WV = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    fn zero_w() -> __m512 {
+        // SAFETY: an all-zero __m512 is a valid value.
+        unsafe { std::mem::zeroed() }
+    }
+    #[inline(always)]
+    unsafe fn load_x(p: *const f32, mask: u32) -> __m512 {
+        _mm512_maskz_loadu_ps(mask as __mmask16, p)
+    }
+    #[inline(always)]
+    unsafe fn load_w(p: *const W, mask: u32) -> __m512 {
+        W::load(p, mask as __mmask16)
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: __m512, w: __m512) -> __m512 {
+        _mm512_fmadd_ps(x, w, acc)
     }
 }
 
-/// One output: `x · w` over `k`.
-#[inline(always)]
-unsafe fn dot1<W: Load16>(x: *const f32, w: *const W, k: usize) -> f32 {
-    let (full, chunks, tail) = (k / 16, k.div_ceil(16), ((1u32 << (k % 16)) - 1) as __mmask16);
-    let mut acc = _mm512_setzero_ps();
-    for i in 0..chunks {
-        let m = mask_of(i, full, tail);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x.add(i * 16)), W::load(w.add(i * 16), m), acc);
+/// bf16 inputs against bf16 weights: `vdpbf16ps`, 32 lanes (16 pairs) per step.
+pub struct DpBf16;
+
+impl Step for DpBf16 {
+    type X = bf16;
+    type W = bf16;
+    type XV = __m512bh;
+    type WV = __m512bh;
+    const LANES: usize = 32;
+    #[inline(always)]
+    fn zero_w() -> __m512bh {
+        // SAFETY: an all-zero __m512bh is a valid value.
+        unsafe { std::mem::zeroed() }
     }
-    _mm512_reduce_add_ps(acc)
+    #[inline(always)]
+    unsafe fn load_x(p: *const bf16, mask: u32) -> __m512bh {
+        // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
+    }
+    #[inline(always)]
+    unsafe fn load_w(p: *const bf16, mask: u32) -> __m512bh {
+        Self::load_x(p, mask)
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: __m512bh, w: __m512bh) -> __m512 {
+        _mm512_dpbf16_ps(acc, x, w)
+    }
 }
 
-/// `out[r * cols + c] = x[r] · w[c]` for `rows` rows of `x` (`[rows, k]` f32) and `cols` rows of `w`
+/// Chunk count and mask of the last chunk for `k` elements.
+#[inline(always)]
+fn chunks<S: Step>(k: usize) -> (usize, usize, u32) {
+    let full = k / S::LANES;
+    let rem = k % S::LANES;
+    (
+        full,
+        k.div_ceil(S::LANES),
+        if rem == 0 { u32::MAX } else { (1u32 << rem) - 1 },
+    )
+}
+
+/// An `R x C` block: `out[(r0 + a) * cols + c0 + b] = x[r0 + a] · w[c0 + b]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<S: Step, const R: usize, const C: usize>(
+    xp: *const S::X,
+    wp: *const S::W,
+    k: usize,
+    r0: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let (full, n, tail) = chunks::<S>(k);
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    for i in 0..n {
+        let m = if i < full { u32::MAX } else { tail };
+        let o = i * S::LANES;
+        let mut ws = [S::zero_w(); C];
+        for (b, w) in ws.iter_mut().enumerate() {
+            *w = S::load_w(wp.add((c0 + b) * k + o), m);
+        }
+        for (a, row) in acc.iter_mut().enumerate() {
+            let xv = S::load_x(xp.add((r0 + a) * k + o), m);
+            for b in 0..C {
+                row[b] = S::madd(row[b], xv, ws[b]);
+            }
+        }
+    }
+    for (a, row) in acc.iter().enumerate() {
+        for (b, v) in row.iter().enumerate() {
+            out[(r0 + a) * cols + c0 + b] = _mm512_reduce_add_ps(*v);
+        }
+    }
+}
+
+/// The rows `r0 .. r0 + r` (r <= 4) against weight rows `c0 .. c0 + C`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_block<S: Step, const C: usize>(
+    xp: *const S::X,
+    wp: *const S::W,
+    k: usize,
+    r0: usize,
+    r: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    match r {
+        4 => block::<S, 4, C>(xp, wp, k, r0, c0, cols, out),
+        3 => block::<S, 3, C>(xp, wp, k, r0, c0, cols, out),
+        2 => block::<S, 2, C>(xp, wp, k, r0, c0, cols, out),
+        _ => block::<S, 1, C>(xp, wp, k, r0, c0, cols, out),
+    }
+}
+
+/// `out[r * cols + c] = x[r] · w[c]` for `rows` rows of `x` (`[rows, k]`) and `cols` rows of `w`
 /// (`[cols, k]`).
-///
-/// # Safety
-/// The CPU must have AVX-512 F, BW and VL; `x`, `w` and `out` must hold `rows * k`, `cols * k` and
-/// `rows * cols` elements.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn dots<W: Load16>(x: &[f32], rows: usize, k: usize, w: &[W], cols: usize, out: &mut [f32]) {
+#[inline(always)]
+unsafe fn dots_with<S: Step>(x: &[S::X], rows: usize, k: usize, w: &[S::W], cols: usize, out: &mut [f32]) {
     assert!(x.len() >= rows * k && w.len() >= cols * k && out.len() >= rows * cols);
-    let (full, chunks, tail) = (k / 16, k.div_ceil(16), ((1u32 << (k % 16)) - 1) as __mmask16);
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut c = 0;
     while c + 4 <= cols {
-        let mut r = 0;
-        while r + 4 <= rows {
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for i in 0..chunks {
-                let m = mask_of(i, full, tail);
-                let o = i * 16;
-                let ws = [
-                    W::load(wp.add(c * k + o), m),
-                    W::load(wp.add((c + 1) * k + o), m),
-                    W::load(wp.add((c + 2) * k + o), m),
-                    W::load(wp.add((c + 3) * k + o), m),
-                ];
-                for a in 0..4 {
-                    let xv = _mm512_maskz_loadu_ps(m, xp.add((r + a) * k + o));
-                    acc[a * 4] = _mm512_fmadd_ps(xv, ws[0], acc[a * 4]);
-                    acc[a * 4 + 1] = _mm512_fmadd_ps(xv, ws[1], acc[a * 4 + 1]);
-                    acc[a * 4 + 2] = _mm512_fmadd_ps(xv, ws[2], acc[a * 4 + 2]);
-                    acc[a * 4 + 3] = _mm512_fmadd_ps(xv, ws[3], acc[a * 4 + 3]);
-                }
-            }
-            for a in 0..4 {
-                for b in 0..4 {
-                    out[(r + a) * cols + c + b] = _mm512_reduce_add_ps(acc[a * 4 + b]);
-                }
-            }
-            r += 4;
-        }
-        for rr in r..rows {
-            for b in 0..4 {
-                out[rr * cols + c + b] = dot1(xp.add(rr * k), wp.add((c + b) * k), k);
-            }
+        for r0 in (0..rows).step_by(4) {
+            rows_block::<S, 4>(xp, wp, k, r0, (rows - r0).min(4), c, cols, out);
         }
         c += 4;
     }
-    for cc in c..cols {
-        for rr in 0..rows {
-            out[rr * cols + cc] = dot1(xp.add(rr * k), wp.add(cc * k), k);
+    for c in c..cols {
+        for r0 in (0..rows).step_by(4) {
+            rows_block::<S, 1>(xp, wp, k, r0, (rows - r0).min(4), c, cols, out);
         }
     }
+}
+
+/// [`dots_with`] for f32 inputs.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dots<W: Load16>(x: &[f32], rows: usize, k: usize, w: &[W], cols: usize, out: &mut [f32]) {
+    dots_with::<Fma<W>>(x, rows, k, w, cols, out)
+}
+
+/// [`dots_with`] for bf16 inputs and weights.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn dots_bf16(x: &[bf16], rows: usize, k: usize, w: &[bf16], cols: usize, out: &mut [f32]) {
+    dots_with::<DpBf16>(x, rows, k, w, cols, out)
+}
+
+/// Whether this CPU runs [`dots`].
+pub fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+}
+
+/// Whether this CPU runs [`dots_bf16`].
+pub fn has_avx512_bf16() -> bool {
+    has_avx512() && is_x86_feature_detected!("avx512bf16")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn supported() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-    }
-
     /// Blocks and edges give the same bits as one output at a time, and match f64 closely.
     #[test]
     fn blocks_equal_single_outputs() {
-        if !supported() {
+        if !has_avx512() {
             eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
             return;
         }
-        let (rows, cols, k) = (7, 9, 37);
-        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        let w32: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
-        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
-        fn check<W: Load16>(x: &[f32], w: &[W], rows: usize, cols: usize, k: usize, wide: impl Fn(W) -> f64) {
+        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 33), (3, 7, 16), (5, 3, 1)] {
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let w32: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            fn check<W: Load16>(x: &[f32], w: &[W], rows: usize, cols: usize, k: usize, wide: impl Fn(W) -> f64) {
+                let mut all = vec![0.0; rows * cols];
+                // SAFETY: has_avx512() was checked; the slices have the sizes given.
+                unsafe { dots(x, rows, k, w, cols, &mut all) };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let mut one = [0.0f32];
+                        // SAFETY: as above, one row against one weight row.
+                        unsafe { dots(&x[r * k..(r + 1) * k], 1, k, &w[c * k..(c + 1) * k], 1, &mut one) };
+                        assert_eq!(all[r * cols + c].to_bits(), one[0].to_bits(), "row {r} col {c}");
+                        let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wide(w[c * k + i])).sum();
+                        let scale: f64 = (0..k).map(|i| (x[r * k + i] as f64 * wide(w[c * k + i])).abs()).sum();
+                        assert!((all[r * cols + c] as f64 - exact).abs() <= 1e-6 * (1.0 + scale));
+                    }
+                }
+            }
+            check(&x, &w32, rows, cols, k, |v| v as f64);
+            check(&x, &wb, rows, cols, k, |v| v.to_f64());
+            check(&x, &wh, rows, cols, k, |v| v.to_f64());
+        }
+    }
+
+    /// The bf16 dot-product step: bits independent of the block, close to f64 of the bf16 values.
+    #[test]
+    fn bf16_blocks_equal_single_outputs() {
+        if !has_avx512_bf16() {
+            eprintln!("SKIPPED: no AVX512-BF16 on this CPU");
+            return;
+        }
+        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 65), (3, 7, 32), (5, 3, 1)] {
+            let x: Vec<bf16> = (0..rows * k)
+                .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 17.0))
+                .collect();
+            let w: Vec<bf16> = (0..cols * k)
+                .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 23.0))
+                .collect();
             let mut all = vec![0.0; rows * cols];
-            // SAFETY: supported() was checked; the slices have the sizes given.
-            unsafe { dots(x, rows, k, w, cols, &mut all) };
+            // SAFETY: has_avx512_bf16() was checked; the slices have the sizes given.
+            unsafe { dots_bf16(&x, rows, k, &w, cols, &mut all) };
             for r in 0..rows {
                 for c in 0..cols {
                     let mut one = [0.0f32];
                     // SAFETY: as above, one row against one weight row.
-                    unsafe { dots(&x[r * k..(r + 1) * k], 1, k, &w[c * k..(c + 1) * k], 1, &mut one) };
+                    unsafe { dots_bf16(&x[r * k..(r + 1) * k], 1, k, &w[c * k..(c + 1) * k], 1, &mut one) };
                     assert_eq!(all[r * cols + c].to_bits(), one[0].to_bits(), "row {r} col {c}");
-                    let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wide(w[c * k + i])).sum();
-                    assert!((all[r * cols + c] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()));
+                    let prods = (0..k).map(|i| x[r * k + i].to_f64() * w[c * k + i].to_f64());
+                    let exact: f64 = prods.clone().sum();
+                    let scale: f64 = prods.map(f64::abs).sum();
+                    assert!(
+                        (all[r * cols + c] as f64 - exact).abs() <= 1e-6 * (1.0 + scale),
+                        "{rows}x{cols}x{k}"
+                    );
                 }
             }
         }
-        check(&x, &w32, rows, cols, k, |v| v as f64);
-        check(&x, &wb, rows, cols, k, |v| v.to_f64());
-        check(&x, &wh, rows, cols, k, |v| v.to_f64());
     }
 }

@@ -4,9 +4,11 @@
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
 //! output columns) spread over the pool. Tiles of up to 64 rows (decode and
 //! the sparse experts of small batches) run register-blocked dot products
-//! straight on the checkpoint-layout weight rows (AVX-512: 4x4 blocks of
-//! fused multiply-adds, bf16/f16 widened in registers; AVX2 and portable
-//! fallbacks); taller tiles call the `gemm` crate's cache-blocked kernels.
+//! straight on the checkpoint-layout weight rows (AVX-512: blocks of up to
+//! 4x4 fused multiply-adds, bf16/f16 widened in registers, or `vdpbf16ps`
+//! for bf16 inputs on bf16 weights where the CPU has AVX512-BF16; AVX2 and
+//! portable fallbacks); taller tiles call the `gemm` crate's cache-blocked
+//! kernels.
 //! The tile grid does not depend on the thread count, so results are
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
@@ -141,7 +143,7 @@ impl Backend for CpuBackend {
     }
 
     fn device_name(&self) -> String {
-        format!("host CPU, {} threads{}", self.threads(), matmul::simd_note())
+        format!("host CPU, {} threads, {}", self.threads(), self.simd.label())
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -147,20 +147,6 @@ pub fn checked_offsets(offsets: &[u32], rows: usize) -> Result<Vec<usize>> {
     Ok(off)
 }
 
-/// CPU features the `gemm` kernels will use, for `device_name`.
-pub fn simd_note() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return ", AVX-512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return ", AVX2+FMA";
-        }
-    }
-    ""
-}
-
 struct Tile {
     expert: usize,
     row0: usize,
@@ -236,30 +222,20 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
     tiles.par_iter().for_each(|t| {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
-            let lhs = input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs);
             let wbase = t.expert * wrows * k;
-            sc.gate.resize(t.rows * t.cols, 0.0);
-            let narrow = t.rows <= NARROW_ROWS;
-            if narrow {
-                // SAFETY: lhs covers rows*k (as_f32 above).
-                let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
-                simd.dots(x, t.rows, k, weight, wbase + t.col0 * k, t.cols, &mut sc.gate);
+            // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
+            let lhs = if simd.bf16_direct(input, weight, t.rows) {
+                std::ptr::null()
             } else {
-                let gw = weight.as_f32(wbase + t.col0 * k, t.cols * k, &mut sc.gate_w);
-                // SAFETY: lhs covers rows*k, gw covers cols*k, gate holds rows*cols (all sized above).
-                unsafe { gemm_nt(t.rows, t.cols, k, lhs, gw, sc.gate.as_mut_ptr()) };
-            }
+                input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
+            };
+            sc.gate.resize(t.rows * t.cols, 0.0);
+            let gate_at = wbase + t.col0 * k;
+            product(simd, input, lhs, weight, gate_at, t, k, &mut sc.gate_w, &mut sc.gate);
             if s.activation == Activation::SwiGlu {
                 sc.up.resize(t.rows * t.cols, 0.0);
-                if narrow {
-                    // SAFETY: as above.
-                    let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
-                    simd.dots(x, t.rows, k, weight, wbase + (n + t.col0) * k, t.cols, &mut sc.up);
-                } else {
-                    let uw = weight.as_f32(wbase + (n + t.col0) * k, t.cols * k, &mut sc.up_w);
-                    // SAFETY: as above, for the up rows of the same expert.
-                    unsafe { gemm_nt(t.rows, t.cols, k, lhs, uw, sc.up.as_mut_ptr()) };
-                }
+                let up_at = wbase + (n + t.col0) * k;
+                product(simd, input, lhs, weight, up_at, t, k, &mut sc.up_w, &mut sc.up);
                 sc.gate.iter_mut().zip(&sc.up).for_each(|(g, &u)| *g = silu(*g) * u);
             }
             for r in 0..t.rows {
@@ -270,9 +246,47 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
     });
 }
 
+/// `dst[r, c] = input[t.row0 + r] · weight[at / k + c]` over the tile's rows and columns. `lhs` is
+/// the tile's input rows as f32 (null when [`Simd::bf16_direct`] holds); `wscratch` receives widened
+/// weights for `gemm`.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    simd: Simd,
+    input: Floats,
+    lhs: *const f32,
+    weight: Floats,
+    at: usize,
+    t: &Tile,
+    k: usize,
+    wscratch: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd.bf16_direct(input, weight, t.rows) {
+        if let (Floats::BF16(x), Floats::BF16(w)) = (input, weight) {
+            let (x, w) = (&x[t.row0 * k..(t.row0 + t.rows) * k], &w[at..at + t.cols * k]);
+            // SAFETY: bf16_direct holds only where the CPU has AVX512-BF16; the slices are sized.
+            unsafe { crate::avx512::dots_bf16(x, t.rows, k, w, t.cols, dst) };
+            return;
+        }
+    }
+    // SAFETY: lhs covers the tile's rows * k f32 (as_f32 in the caller).
+    let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
+    if t.rows <= NARROW_ROWS {
+        simd.dots(x, t.rows, k, weight, at, t.cols, dst);
+    } else {
+        let w = weight.as_f32(at, t.cols * k, wscratch);
+        // SAFETY: x covers rows*k, w covers cols*k, dst holds rows*cols (all sized by the caller).
+        unsafe { gemm_nt(t.rows, t.cols, k, x.as_ptr(), w, dst.as_mut_ptr()) };
+    }
+}
+
 /// Instruction set of the narrow-tile dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
+    /// [`Simd::Avx512`], plus `vdpbf16ps` dot products for bf16 inputs against bf16 weights.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -348,7 +362,10 @@ impl Simd {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if Simd::detect() == Simd::Avx512 {
+            if crate::avx512::has_avx512_bf16() {
+                v.push(Simd::Avx512Bf16);
+            }
+            if crate::avx512::has_avx512() {
                 v.push(Simd::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -363,10 +380,10 @@ impl Simd {
     pub fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
+            if crate::avx512::has_avx512_bf16() {
+                return Simd::Avx512Bf16;
+            }
+            if crate::avx512::has_avx512() {
                 return Simd::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -376,12 +393,36 @@ impl Simd {
         Simd::Portable
     }
 
+    /// The instruction set in words, for `device_name`.
+    pub fn label(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Bf16 => "AVX-512 + AVX512-BF16",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => "AVX-512",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => "AVX2+FMA",
+            Simd::Portable => "portable SIMD",
+        }
+    }
+
+    /// Whether a tile of `rows` rows runs bf16 dot products on the bf16 input as it is.
+    #[inline]
+    fn bf16_direct(self, input: Floats, weight: Floats, rows: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx512Bf16 && rows <= NARROW_ROWS {
+            return matches!((input, weight), (Floats::BF16(_), Floats::BF16(_)));
+        }
+        let _ = (input, weight, rows);
+        false
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn dots(self, x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
         match self {
             // SAFETY: the variant is only chosen after detecting the feature on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { dots_avx512(x, rows, k, w, start, cols, out) },
+            Simd::Avx512 | Simd::Avx512Bf16 => unsafe { dots_avx512(x, rows, k, w, start, cols, out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => unsafe { dots_avx2(x, rows, k, w, start, cols, out) },
