@@ -54,17 +54,31 @@ pub trait Load16: Copy {
     unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
 }
 
+/// Sixteen 16-bit values, plain load when every lane is wanted.
+#[inline(always)]
+unsafe fn load_half(p: *const i16, mask: __mmask16) -> __m256i {
+    if mask == u16::MAX {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_maskz_loadu_epi16(mask, p)
+    }
+}
+
 impl Load16 for f32 {
     #[inline(always)]
     unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
-        _mm512_maskz_loadu_ps(mask, p)
+        if mask == u16::MAX {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
     }
 }
 
 impl Load16 for bf16 {
     #[inline(always)]
     unsafe fn load(p: *const bf16, mask: __mmask16) -> __m512 {
-        let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+        let h = load_half(p as *const i16, mask);
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
     }
 }
@@ -72,7 +86,7 @@ impl Load16 for bf16 {
 impl Load16 for f16 {
     #[inline(always)]
     unsafe fn load(p: *const f16, mask: __mmask16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+        _mm512_cvtph_ps(load_half(p as *const i16, mask))
     }
 }
 
@@ -89,7 +103,7 @@ impl<W: Load16> Step for Fma<W> {
     }
     #[inline(always)]
     unsafe fn load_x(p: *const f32, mask: u32) -> __m512 {
-        _mm512_maskz_loadu_ps(mask as __mmask16, p)
+        f32::load(p, mask as __mmask16)
     }
     #[inline(always)]
     unsafe fn load_w(p: *const W, mask: u32) -> __m512 {
@@ -117,8 +131,13 @@ impl Step for DpBf16 {
     }
     #[inline(always)]
     unsafe fn load_x(p: *const bf16, mask: u32) -> __m512bh {
+        let v = if mask == u32::MAX {
+            _mm512_loadu_si512(p as *const __m512i)
+        } else {
+            _mm512_maskz_loadu_epi16(mask, p as *const i16)
+        };
         // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
-        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
+        std::mem::transmute::<__m512i, __m512bh>(v)
     }
     #[inline(always)]
     unsafe fn load_w(p: *const bf16, mask: u32) -> __m512bh {
@@ -142,6 +161,23 @@ fn chunks<S: Step>(k: usize) -> (usize, usize, u32) {
     )
 }
 
+/// Bytes to pull into L2 while a block computes: the weight rows of the next block, so that the
+/// memory stream overlaps the arithmetic of the row blocks that reuse the cached ones (measured on
+/// qwen3-30b-a3b shapes, one thread: 16 rows per expert 39 -> 46 GFLOP/s (gate/up) and 41 -> 58
+/// (down) in f32; into L1 instead evicts the rows in use when K is 2048).
+#[derive(Clone, Copy)]
+struct Prefetch {
+    base: *const i8,
+    len: usize,
+}
+
+impl Prefetch {
+    const NONE: Prefetch = Prefetch {
+        base: std::ptr::null(),
+        len: 0,
+    };
+}
+
 /// An `R x C` block: `out[(r0 + a) * cols + c0 + b] = x[r0 + a] · w[c0 + b]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -152,27 +188,53 @@ unsafe fn block<S: Step, const R: usize, const C: usize>(
     r0: usize,
     c0: usize,
     cols: usize,
+    pf: Prefetch,
     out: &mut [f32],
 ) {
     let (full, n, tail) = chunks::<S>(k);
+    let per = pf.len.div_ceil(64).div_ceil(n);
     let mut acc = [[_mm512_setzero_ps(); C]; R];
-    for i in 0..n {
-        let m = if i < full { u32::MAX } else { tail };
-        let o = i * S::LANES;
-        let mut ws = [S::zero_w(); C];
-        for (b, w) in ws.iter_mut().enumerate() {
-            *w = S::load_w(wp.add((c0 + b) * k + o), m);
-        }
-        for (a, row) in acc.iter_mut().enumerate() {
-            let xv = S::load_x(xp.add((r0 + a) * k + o), m);
-            for b in 0..C {
-                row[b] = S::madd(row[b], xv, ws[b]);
+    // Full chunks with plain loads (a masked load costs an extra vector uop), then the masked tail.
+    for i in 0..full {
+        for l in 0..per {
+            let at = (i * per + l) * 64;
+            if at < pf.len {
+                _mm_prefetch::<_MM_HINT_T1>(pf.base.wrapping_add(at));
             }
         }
+        chunk::<S, R, C>(&mut acc, xp, wp, k, r0, c0, i * S::LANES, u32::MAX);
+    }
+    if n > full {
+        chunk::<S, R, C>(&mut acc, xp, wp, k, r0, c0, full * S::LANES, tail);
     }
     for (a, row) in acc.iter().enumerate() {
         for (b, v) in row.iter().enumerate() {
             out[(r0 + a) * cols + c0 + b] = _mm512_reduce_add_ps(*v);
+        }
+    }
+}
+
+/// One chunk of lanes at element offset `o` into every accumulator of the block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk<S: Step, const R: usize, const C: usize>(
+    acc: &mut [[__m512; C]; R],
+    xp: *const S::X,
+    wp: *const S::W,
+    k: usize,
+    r0: usize,
+    c0: usize,
+    o: usize,
+    m: u32,
+) {
+    let mut ws = [S::zero_w(); C];
+    for (b, w) in ws.iter_mut().enumerate() {
+        *w = S::load_w(wp.add((c0 + b) * k + o), m);
+    }
+    for (a, row) in acc.iter_mut().enumerate() {
+        let xv = S::load_x(xp.add((r0 + a) * k + o), m);
+        for b in 0..C {
+            row[b] = S::madd(row[b], xv, ws[b]);
         }
     }
 }
@@ -188,13 +250,14 @@ unsafe fn rows_block<S: Step, const C: usize>(
     r: usize,
     c0: usize,
     cols: usize,
+    pf: Prefetch,
     out: &mut [f32],
 ) {
     match r {
-        4 => block::<S, 4, C>(xp, wp, k, r0, c0, cols, out),
-        3 => block::<S, 3, C>(xp, wp, k, r0, c0, cols, out),
-        2 => block::<S, 2, C>(xp, wp, k, r0, c0, cols, out),
-        _ => block::<S, 1, C>(xp, wp, k, r0, c0, cols, out),
+        4 => block::<S, 4, C>(xp, wp, k, r0, c0, cols, pf, out),
+        3 => block::<S, 3, C>(xp, wp, k, r0, c0, cols, pf, out),
+        2 => block::<S, 2, C>(xp, wp, k, r0, c0, cols, pf, out),
+        _ => block::<S, 1, C>(xp, wp, k, r0, c0, cols, pf, out),
     }
 }
 
@@ -204,16 +267,30 @@ unsafe fn rows_block<S: Step, const C: usize>(
 unsafe fn dots_with<S: Step>(x: &[S::X], rows: usize, k: usize, w: &[S::W], cols: usize, out: &mut [f32]) {
     assert!(x.len() >= rows * k && w.len() >= cols * k && out.len() >= rows * cols);
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let blocks = rows.div_ceil(4);
     let mut c = 0;
     while c + 4 <= cols {
-        for r0 in (0..rows).step_by(4) {
-            rows_block::<S, 4>(xp, wp, k, r0, (rows - r0).min(4), c, cols, out);
+        // The next four weight rows are contiguous: each row block prefetches its share of them.
+        // A single row streams each weight once: the hardware prefetcher keeps up there.
+        let next = if rows == 1 {
+            0
+        } else {
+            (cols - c - 4).min(4) * k * std::mem::size_of::<S::W>()
+        };
+        let base = wp.wrapping_add((c + 4) * k) as *const i8;
+        for (j, r0) in (0..rows).step_by(4).enumerate() {
+            let (lo, hi) = (next * j / blocks, next * (j + 1) / blocks);
+            let pf = Prefetch {
+                base: base.wrapping_add(lo),
+                len: hi - lo,
+            };
+            rows_block::<S, 4>(xp, wp, k, r0, (rows - r0).min(4), c, cols, pf, out);
         }
         c += 4;
     }
     for c in c..cols {
         for r0 in (0..rows).step_by(4) {
-            rows_block::<S, 1>(xp, wp, k, r0, (rows - r0).min(4), c, cols, out);
+            rows_block::<S, 1>(xp, wp, k, r0, (rows - r0).min(4), c, cols, Prefetch::NONE, out);
         }
     }
 }
