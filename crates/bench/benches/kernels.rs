@@ -1,116 +1,184 @@
-//! Criterion benches of every CPU kernel and the whole layer at a small and a
-//! medium shape (f32). Run: `cargo bench -p moe-bench --bench kernels`
-//! (add `-- route` etc. to filter). The full model-shape sweeps are
+//! Criterion benches of every kernel and the whole layer (f32), one generic
+//! function for every backend: the CPU at a small and a medium shape (group
+//! `kernels`), WebGPU at the small shape (group `kernels-wgpu`; skipped with
+//! the reason when there is no adapter). Run: `cargo bench -p moe-bench --bench
+//! kernels` (add `-- route`, `-- wgpu` etc. to filter; `WGPU_BACKEND=vulkan`
+//! picks Vulkan, e.g. Mesa's lavapipe). The full model-shape sweeps are
 //! `moe-bench bench` (see benches/README.md at the repository root).
+//!
+//! Each call is timed on its own and waits for its work: with the device clock
+//! where the backend has one (`Backend::device_time_ms`: WebGPU timestamp
+//! queries, CUDA events), else with the wall clock around the call.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moe_hal::conformance::{random_layer, Rng};
 use moe_hal::cpu::CpuBackend;
+use moe_hal::wgpu::WgpuBackend;
 use moe_hal::{
     Activation, Backend, CombineShape, DType, GemmShape, HostSlice, MoeLayer, PermuteShape, Permuted, RouterShape,
     RouterSpec,
 };
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// (name, hidden, inter, experts, top_k, tokens)
-const SHAPES: [(&str, usize, usize, usize, usize, usize); 2] =
-    [("small", 256, 128, 16, 2, 16), ("medium", 1024, 512, 64, 8, 128)];
+/// A bench shape: name, hidden, inter, experts, top_k, tokens.
+type Shape = (&'static str, usize, usize, usize, usize, usize);
+
+const SMALL: Shape = ("small", 256, 128, 16, 2, 16);
+const MEDIUM: Shape = ("medium", 1024, 512, 64, 8, 128);
 
 fn kernels(c: &mut Criterion) {
-    let b = CpuBackend::new().expect("the CPU backend is always available");
-    for (name, h, i, e, k, t) in SHAPES {
-        let spec = RouterSpec::softmax_topk(e, k, true);
-        let w = random_layer(1, spec.clone(), h, i, None);
-        let mut rng = Rng::new(2);
-        let x = b.upload(HostSlice::F32(&rng.vec(t * h, -1.0, 1.0))).unwrap();
-        let router_w = b.upload(HostSlice::F32(&w.router_weight)).unwrap();
-        let gate_up = b.upload(w.gate_up.as_slice()).unwrap();
-        let down = b.upload(w.down.as_slice()).unwrap();
-        let mut logits = b.alloc(DType::F32, t * e).unwrap();
-        let mut ids = b.alloc(DType::U32, t * k).unwrap();
-        let mut rw = b.alloc(DType::F32, t * k).unwrap();
-        let pshape = PermuteShape {
-            tokens: t,
-            hidden: h,
-            top_k: k,
-            experts: e,
-        };
-        let mut perm = Permuted::alloc(&b, pshape, DType::F32).unwrap();
-        let mut act = b.alloc(DType::F32, t * k * i).unwrap();
-        let mut eout = b.alloc(DType::F32, t * k * h).unwrap();
-        let mut out = b.alloc(DType::F32, t * h).unwrap();
-        let rshape = RouterShape {
-            tokens: t,
-            hidden: h,
-            experts: e,
-        };
-        let gu = GemmShape {
-            rows: t * k,
-            in_features: h,
-            out_features: i,
-            experts: e,
-            activation: Activation::SwiGlu,
-        };
-        let dn = GemmShape {
-            rows: t * k,
-            in_features: i,
-            out_features: h,
-            experts: e,
-            activation: Activation::None,
-        };
-        let cs = CombineShape {
-            tokens: t,
-            hidden: h,
-            top_k: k,
-            accumulate: false,
-        };
-        b.router_logits(&x, &router_w, &mut logits, rshape).unwrap();
-        b.route(&logits, &spec, t, &mut ids, &mut rw).unwrap();
-        b.permute(&x, &ids, pshape, &mut perm).unwrap();
-        b.grouped_matmul(&perm.rows, &perm.offsets, &gate_up, &mut act, gu)
-            .unwrap();
-        b.grouped_matmul(&act, &perm.offsets, &down, &mut eout, dn).unwrap();
-
-        let id = format!("{name}/h{h}-i{i}-e{e}-k{k}-t{t}");
-        let mut g = c.benchmark_group("kernels");
-        g.sample_size(20)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(1));
-        g.throughput(Throughput::Elements(t as u64));
-        g.bench_function(BenchmarkId::new("route", &id), |bn| {
-            bn.iter(|| {
-                b.router_logits(&x, &router_w, &mut logits, rshape).unwrap();
-                b.route(black_box(&logits), &spec, t, &mut ids, &mut rw).unwrap();
-            })
-        });
-        g.bench_function(BenchmarkId::new("permute", &id), |bn| {
-            bn.iter(|| b.permute(black_box(&x), &ids, pshape, &mut perm).unwrap())
-        });
-        g.bench_function(BenchmarkId::new("gemm_gate_up", &id), |bn| {
-            bn.iter(|| {
-                b.grouped_matmul(black_box(&perm.rows), &perm.offsets, &gate_up, &mut act, gu)
-                    .unwrap()
-            })
-        });
-        g.bench_function(BenchmarkId::new("gemm_down", &id), |bn| {
-            bn.iter(|| {
-                b.grouped_matmul(black_box(&act), &perm.offsets, &down, &mut eout, dn)
-                    .unwrap()
-            })
-        });
-        g.bench_function(BenchmarkId::new("combine", &id), |bn| {
-            bn.iter(|| {
-                b.combine(black_box(&eout), &ids, &rw, &perm.slot_of, &mut out, cs)
-                    .unwrap()
-            })
-        });
-        let mut layer = MoeLayer::new(b.clone(), &w).unwrap();
-        g.bench_function(BenchmarkId::new("layer", &id), |bn| {
-            bn.iter(|| layer.forward_into(black_box(&x), t, &mut out).unwrap())
-        });
-        g.finish();
+    match CpuBackend::new() {
+        Ok(b) => bench_backend(c, "kernels", &b, &[SMALL, MEDIUM]),
+        Err(e) => eprintln!("kernels (cpu): SKIPPED: {e}"),
     }
+    // A software adapter is slow: the small shape only.
+    match WgpuBackend::new() {
+        Ok(b) => bench_backend(c, "kernels-wgpu", &b, &[SMALL]),
+        Err(e) => eprintln!("kernels-wgpu: SKIPPED (no WebGPU adapter): {e}"),
+    }
+}
+
+/// Every shape of `shapes` on `b`, in the criterion group `group`; a shape the backend
+/// refuses is skipped with the reason.
+fn bench_backend<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shapes: &[Shape]) {
+    eprintln!(
+        "{group}: {} ({}), timed with the {} clock",
+        b.name(),
+        b.device_name(),
+        match b.device_time_ms(&mut || Ok(())) {
+            Ok(Some(_)) => "device",
+            Ok(None) => "wall",
+            Err(e) => {
+                eprintln!("{group}: SKIPPED: {e}");
+                return;
+            }
+        }
+    );
+    for &shape in shapes {
+        if let Err(e) = bench_shape(c, group, b, shape) {
+            eprintln!("{group}/{}: SKIPPED: {e}", shape.0);
+        }
+    }
+}
+
+/// `iters` calls of `f`, each waited for and timed with the backend's device clock where it
+/// has one, else with the wall clock around the call.
+fn timed<B: Backend>(b: &B, iters: u64, f: &mut dyn FnMut() -> moe_hal::Result<()>) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        // The same calls succeeded while the buffers were prepared: an error here is a device failure.
+        match b.device_time_ms(f) {
+            Ok(Some(ms)) => total += Duration::from_secs_f64(ms.max(0.0) * 1e-3),
+            Ok(None) => total += start.elapsed(),
+            Err(e) => panic!("{} failed during the benchmark: {e}", b.name()),
+        }
+    }
+    total
+}
+
+fn bench_shape<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shape: Shape) -> moe_hal::Result<()> {
+    let (name, h, i, e, k, t) = shape;
+    let spec = RouterSpec::softmax_topk(e, k, true);
+    let w = random_layer(1, spec.clone(), h, i, None);
+    let mut rng = Rng::new(2);
+    let x = b.upload(HostSlice::F32(&rng.vec(t * h, -1.0, 1.0)))?;
+    let router_w = b.upload(HostSlice::F32(&w.router_weight))?;
+    let gate_up = b.upload(w.gate_up.as_slice())?;
+    let down = b.upload(w.down.as_slice())?;
+    let mut logits = b.alloc(DType::F32, t * e)?;
+    let mut ids = b.alloc(DType::U32, t * k)?;
+    let mut rw = b.alloc(DType::F32, t * k)?;
+    let pshape = PermuteShape {
+        tokens: t,
+        hidden: h,
+        top_k: k,
+        experts: e,
+    };
+    let mut perm = Permuted::alloc(b, pshape, DType::F32)?;
+    let mut act = b.alloc(DType::F32, t * k * i)?;
+    let mut eout = b.alloc(DType::F32, t * k * h)?;
+    let mut out = b.alloc(DType::F32, t * h)?;
+    let rshape = RouterShape {
+        tokens: t,
+        hidden: h,
+        experts: e,
+    };
+    let gu = GemmShape {
+        rows: t * k,
+        in_features: h,
+        out_features: i,
+        experts: e,
+        activation: Activation::SwiGlu,
+    };
+    let dn = GemmShape {
+        rows: t * k,
+        in_features: i,
+        out_features: h,
+        experts: e,
+        activation: Activation::None,
+    };
+    let cs = CombineShape {
+        tokens: t,
+        hidden: h,
+        top_k: k,
+        accumulate: false,
+    };
+    // One pass fills every buffer (and checks every call) before timing.
+    b.router_logits(&x, &router_w, &mut logits, rshape)?;
+    b.route(&logits, &spec, t, &mut ids, &mut rw)?;
+    b.permute(&x, &ids, pshape, &mut perm)?;
+    b.grouped_matmul(&perm.rows, &perm.offsets, &gate_up, &mut act, gu)?;
+    b.grouped_matmul(&act, &perm.offsets, &down, &mut eout, dn)?;
+    b.combine(&eout, &ids, &rw, &perm.slot_of, &mut out, cs)?;
+    let mut layer = MoeLayer::new(b.clone(), &w)?;
+    layer.forward_into(&x, t, &mut out)?;
+    b.synchronize()?;
+
+    let id = format!("{name}/h{h}-i{i}-e{e}-k{k}-t{t}");
+    let mut g = c.benchmark_group(group);
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(t as u64));
+    g.bench_function(BenchmarkId::new("route", &id), |bn| {
+        bn.iter_custom(|n| {
+            timed(b, n, &mut || {
+                b.router_logits(&x, &router_w, &mut logits, rshape)?;
+                b.route(black_box(&logits), &spec, t, &mut ids, &mut rw)
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("permute", &id), |bn| {
+        bn.iter_custom(|n| timed(b, n, &mut || b.permute(black_box(&x), &ids, pshape, &mut perm)))
+    });
+    g.bench_function(BenchmarkId::new("gemm_gate_up", &id), |bn| {
+        bn.iter_custom(|n| {
+            timed(b, n, &mut || {
+                b.grouped_matmul(black_box(&perm.rows), &perm.offsets, &gate_up, &mut act, gu)
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("gemm_down", &id), |bn| {
+        bn.iter_custom(|n| {
+            timed(b, n, &mut || {
+                b.grouped_matmul(black_box(&act), &perm.offsets, &down, &mut eout, dn)
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("combine", &id), |bn| {
+        bn.iter_custom(|n| {
+            timed(b, n, &mut || {
+                b.combine(black_box(&eout), &ids, &rw, &perm.slot_of, &mut out, cs)
+            })
+        })
+    });
+    g.bench_function(BenchmarkId::new("layer", &id), |bn| {
+        bn.iter_custom(|n| timed(b, n, &mut || layer.forward_into(black_box(&x), t, &mut out)))
+    });
+    g.finish();
+    Ok(())
 }
 
 criterion_group!(benches, kernels);

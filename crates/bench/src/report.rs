@@ -19,6 +19,33 @@ pub struct Record {
     pub gbps: f64,
     /// Roofline bound (max of FLOPs / GEMM peak, bytes / bandwidth) over the median time.
     pub roofline_fraction: f64,
+    /// What the times were read from: `device` (CUDA events, WebGPU timestamp queries: the work on
+    /// the device only) or `wall` (the host clock around the call and the wait for its work).
+    /// Records without it (older files, the PyTorch baseline) were timed with the wall clock.
+    #[serde(default = "wall")]
+    pub clock: String,
+}
+
+fn wall() -> String {
+    Clock::Wall.name().to_string()
+}
+
+/// The clock a measurement was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// The backend's device clock ([`moe_hal::Backend::device_time_ms`]).
+    Device,
+    /// The host's monotonic clock around the call and the wait for its work.
+    Wall,
+}
+
+impl Clock {
+    pub fn name(self) -> &'static str {
+        match self {
+            Clock::Device => "device",
+            Clock::Wall => "wall",
+        }
+    }
 }
 
 /// The ceilings measured on one backend.
@@ -29,9 +56,11 @@ pub struct Ceilings {
     pub copy_gbps: f64,
     /// The larger of the two bandwidth measurements.
     pub bandwidth_gbps: f64,
+    /// The clock of the ceiling runs: the backend's kernels are timed with the same one.
+    pub clock: Clock,
 }
 
-pub const COLUMNS: [&str; 11] = [
+pub const COLUMNS: [&str; 12] = [
     "backend",
     "preset",
     "dtype",
@@ -43,6 +72,7 @@ pub const COLUMNS: [&str; 11] = [
     "gflops",
     "gbps",
     "roofline_fraction",
+    "clock",
 ];
 
 fn kernel_order(k: &str) -> usize {
@@ -60,7 +90,8 @@ fn sorted(records: &[Record]) -> Vec<&Record> {
     v
 }
 
-/// A readable table, one line per record, sorted by backend, tokens, kernel.
+/// A readable table, one line per record, sorted by backend, tokens, kernel, and a
+/// footnote naming the clock of each backend's times.
 pub fn table(records: &[Record]) -> String {
     let mut s = format!(
         "{:<7} {:>6}  {:<13} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}\n",
@@ -80,6 +111,22 @@ pub fn table(records: &[Record]) -> String {
             100.0 * r.roofline_fraction
         );
     }
+    // backend -> the clocks of its records (one, unless a device clock failed on some runs).
+    let mut clocks: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in records {
+        let c = clocks.entry(r.backend.as_str()).or_default();
+        if !c.contains(&r.clock.as_str()) {
+            c.push(r.clock.as_str());
+        }
+    }
+    let notes: Vec<String> = clocks
+        .iter()
+        .map(|(backend, c)| format!("{backend} {}", c.join("+")))
+        .collect();
+    s += &format!(
+        "clock: {} (device: CUDA events / WebGPU timestamps around the work; wall: host clock around the call and the wait)\n",
+        notes.join(", ")
+    );
     s
 }
 
@@ -113,7 +160,7 @@ pub fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
     let mut s = COLUMNS.join(",") + "\n";
     for r in sorted(records) {
         s += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             csv_field(&r.backend),
             csv_field(&r.preset),
             csv_field(&r.dtype),
@@ -124,7 +171,8 @@ pub fn write_csv(path: &Path, records: &[Record]) -> Result<(), String> {
             r.max_ms,
             r.gflops,
             r.gbps,
-            r.roofline_fraction
+            r.roofline_fraction,
+            csv_field(&r.clock)
         );
     }
     write_atomic(path, s.as_bytes())
@@ -145,14 +193,31 @@ pub fn check_plot_path(path: &Path) -> Result<(), String> {
     }
 }
 
+/// DejaVu Sans (license: `assets/DejaVuSans-LICENSE.txt`): plots need a font to lay out text, and
+/// PNG plots to draw it; embedding one keeps them free of system fonts and font libraries.
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// Registers [`FONT`] as plotters' `sans-serif` (once per process).
+fn register_font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+                .map_err(|_| "the embedded plot font (DejaVu Sans) cannot be read".to_string())
+        })
+        .clone()
+}
+
 /// Time per token count, log-log, one solid line per backend and kernel and
-/// its roofline bound dashed in the same colour. PNG plots carry no text
-/// (drawing text into bitmaps needs a font library); SVG plots are labelled.
+/// its roofline bound dashed in the same colour. SVG and PNG plots carry the
+/// same text (title, axis labels, tick labels, legend), set in the embedded
+/// DejaVu Sans and rasterised by the pure-Rust `ab_glyph` for PNG.
 pub fn write_plot(path: &Path, records: &[Record]) -> Result<(), String> {
     check_plot_path(path)?;
     if records.is_empty() {
         return Err("nothing to plot".into());
     }
+    register_font()?;
     let name = path
         .file_name()
         .ok_or_else(|| format!("{} is not a file path", path.display()))?;
@@ -160,11 +225,9 @@ pub fn write_plot(path: &Path, records: &[Record]) -> Result<(), String> {
     let tmp = path.with_file_name(format!(".tmp-{}-{}", std::process::id(), name.to_string_lossy()));
     let png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
     let result = if png {
-        let root = plotters::prelude::BitMapBackend::new(&tmp, (1200, 800));
-        draw(root, records, false)
+        draw(plotters::prelude::BitMapBackend::new(&tmp, (1200, 800)), records)
     } else {
-        let root = plotters::prelude::SVGBackend::new(&tmp, (1200, 800));
-        draw(root, records, true)
+        draw(plotters::prelude::SVGBackend::new(&tmp, (1200, 800)), records)
     };
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -178,7 +241,7 @@ pub fn write_plot(path: &Path, records: &[Record]) -> Result<(), String> {
 
 type Series = BTreeMap<(String, usize, String), Vec<(f64, f64, f64)>>;
 
-fn draw<DB: plotters::prelude::DrawingBackend>(backend: DB, records: &[Record], text: bool) -> Result<(), String>
+fn draw<DB: plotters::prelude::DrawingBackend>(backend: DB, records: &[Record]) -> Result<(), String>
 where
     DB::ErrorType: 'static,
 {
@@ -209,47 +272,20 @@ where
     let root = backend.into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let first = &records[0];
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if text {
-        builder
-            .caption(
-                format!(
-                    "{} {}: time per call (solid) and roofline bound (dashed)",
-                    first.preset, first.dtype
-                ),
-                ("sans-serif", 24),
-            )
-            .x_label_area_size(50)
-            .y_label_area_size(70);
-    }
-    let mut chart = builder
+    let mut chart = ChartBuilder::on(&root)
+        .margin(20)
+        .caption(
+            format!(
+                "{} {}: time per call (solid) and roofline bound (dashed)",
+                first.preset, first.dtype
+            ),
+            ("sans-serif", 24),
+        )
+        .x_label_area_size(50)
+        .y_label_area_size(70)
         .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())
         .map_err(e)?;
-    if text {
-        chart.configure_mesh().x_desc("tokens").y_desc("ms").draw().map_err(e)?;
-    } else {
-        // No text in bitmaps: decade grid lines drawn by hand instead of the labelled mesh.
-        let grey = RGBColor(220, 220, 220);
-        let decades = |lo: f64, hi: f64| {
-            let (a, b) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
-            (a..=b).map(|p| 10f64.powi(p)).filter(move |v| *v >= lo && *v <= hi)
-        };
-        for x in decades(xmin, xmax) {
-            chart
-                .draw_series(LineSeries::new([(x, ymin), (x, ymax)], grey))
-                .map_err(e)?;
-        }
-        for y in decades(ymin, ymax) {
-            chart
-                .draw_series(LineSeries::new([(xmin, y), (xmax, y)], grey))
-                .map_err(e)?;
-        }
-        chart
-            .plotting_area()
-            .draw(&Rectangle::new([(xmin, ymin), (xmax, ymax)], BLACK))
-            .map_err(e)?;
-    }
+    chart.configure_mesh().x_desc("tokens").y_desc("ms").draw().map_err(e)?;
     for (n, ((backend, _, kernel), pts)) in series.iter().enumerate() {
         let colour = Palette99::pick(n).to_rgba();
         let style = colour.stroke_width(2);
@@ -259,10 +295,8 @@ where
                 style,
             ))
             .map_err(e)?;
-        if text {
-            line.label(format!("{backend} {kernel}"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
-        }
+        line.label(format!("{backend} {kernel}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
         chart
             .draw_series(DashedLineSeries::new(
                 pts.iter().filter(|p| pos(p.2)).map(|p| (p.0, p.2)),
@@ -272,15 +306,13 @@ where
             ))
             .map_err(e)?;
     }
-    if text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e)?;
-    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
 }
@@ -346,6 +378,13 @@ pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
             format!("{:.4} {}", x.median_ms, x.backend),
             format!("{:.4} {}", y.median_ms, y.backend),
             ratio
+        );
+    }
+    let mixed = matched.iter().filter(|(x, y)| x.clock != y.clock).count();
+    if mixed > 0 {
+        println!(
+            "note: {mixed} of these pairs were timed with different clocks (device in one file, wall in the other): \
+             device times leave out the host overhead that wall times include"
         );
     }
     let only_a = ma.len() - matched.len();

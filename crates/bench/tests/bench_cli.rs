@@ -29,7 +29,11 @@ const TINY: [&str; 16] = [
 ];
 
 fn bench(extra: &[&str]) -> Output {
-    bin().args(TINY).arg("cpu").args(extra).output().unwrap()
+    bench_on("cpu", extra)
+}
+
+fn bench_on(backend: &str, extra: &[&str]) -> Output {
+    bin().args(TINY).arg(backend).args(extra).output().unwrap()
 }
 
 fn assert_fails(out: &Output, needle: &str) {
@@ -49,7 +53,7 @@ fn assert_empty_dir(dir: &Path) {
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 12] = [
     "backend",
     "preset",
     "dtype",
@@ -61,6 +65,7 @@ const KEYS: [&str; 11] = [
     "gflops",
     "gbps",
     "roofline_fraction",
+    "clock",
 ];
 
 #[test]
@@ -104,6 +109,8 @@ fn tiny_bench_writes_json_csv_and_plots() {
         );
         assert!(min > 0.0 && min <= med && med <= max, "{r}");
         assert!(r["roofline_fraction"].as_f64().unwrap() > 0.0, "{r}");
+        // The CPU has no device clock.
+        assert_eq!(r["clock"], "wall", "{r}");
     }
     let kernels: std::collections::BTreeSet<&str> = recs.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
     assert_eq!(
@@ -116,9 +123,67 @@ fn tiny_bench_writes_json_csv_and_plots() {
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().next().unwrap(), KEYS.join(","));
     assert_eq!(csv.lines().count(), 13);
+    assert!(csv.lines().skip(1).all(|l| l.ends_with(",wall")), "{csv}");
+    assert!(stdout.contains("clock: cpu wall"), "{stdout}");
+    assert!(
+        stdout.contains("; wall clock"),
+        "the ceilings line names its clock: {stdout}"
+    );
 
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("<svg") && svg.contains("gemm_down") && svg.matches("<polyline").count() > 12);
+}
+
+/// On wgpu, times come from timestamp queries ("device") when the adapter offers them, else from
+/// the wall clock; ceilings use the same clock as the kernels.
+#[test]
+fn wgpu_bench_reports_its_clock() {
+    let expected = match moe_hal::wgpu::WgpuBackend::new() {
+        Ok(b) => {
+            if b.has_device_clock() {
+                "device"
+            } else {
+                eprintln!(
+                    "note: {} has no timestamp queries; checking the wall-clock fallback",
+                    moe_hal::Backend::device_name(&b)
+                );
+                "wall"
+            }
+        }
+        Err(e) => {
+            let required = std::env::var("MOE_REQUIRE_BACKENDS").unwrap_or_default();
+            assert!(
+                !required.split(',').any(|r| r.trim() == "wgpu"),
+                "wgpu is required but unavailable: {e}"
+            );
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (json, csv) = (dir.path().join("w.json"), dir.path().join("w.csv"));
+    let out = bench_on(
+        "wgpu",
+        &["--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recs = v.as_array().unwrap();
+    assert_eq!(recs.len(), 12, "{v:#}");
+    for r in recs {
+        assert_eq!(r["backend"], "wgpu", "{r}");
+        assert_eq!(r["clock"], expected, "{r}");
+        let (min, med) = (r["min_ms"].as_f64().unwrap(), r["median_ms"].as_f64().unwrap());
+        assert!(min > 0.0 && min.is_finite() && min <= med, "{r}");
+    }
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        csv.lines().skip(1).all(|l| l.ends_with(&format!(",{expected}"))),
+        "{csv}"
+    );
+    assert!(stdout.contains(&format!("clock: wgpu {expected} (")), "{stdout}");
+    assert!(stdout.contains(&format!("; {expected} clock")), "{stdout}");
 }
 
 #[test]
@@ -267,4 +332,25 @@ fn compare_two_files() {
     let other = dir.path().join("other.json");
     std::fs::write(&other, serde_json::json!([record("cpu", 7, "route", 1.0)]).to_string()).unwrap();
     assert_fails(&bin().arg("compare").arg(&a).arg(&other).output().unwrap(), "in common");
+}
+
+/// Files without the clock field (older runs, the PyTorch baseline) read as wall clock;
+/// pairs timed with different clocks get a note.
+#[test]
+fn compare_notes_mixed_clocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let mut device = record("wgpu", 1, "layer", 1.0);
+    device["clock"] = "device".into();
+    std::fs::write(&a, serde_json::json!([record("torch", 1, "layer", 2.0)]).to_string()).unwrap();
+    std::fs::write(&b, serde_json::json!([device]).to_string()).unwrap();
+    let out = bin().arg("compare").arg(&a).arg(&b).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("1 of these pairs were timed with different clocks"),
+        "{stdout}"
+    );
+    let same = bin().arg("compare").arg(&a).arg(&a).output().unwrap();
+    assert!(!String::from_utf8_lossy(&same.stdout).contains("different clocks"));
 }

@@ -292,6 +292,25 @@ pub trait Backend: Send + Sync {
     /// Waits for all pending work.
     fn synchronize(&self) -> Result<()>;
 
+    /// Runs `f`, which enqueues work on this backend, waits for that work to finish, and returns how
+    /// long the device spent on it in milliseconds, measured with the device's own clock (CUDA
+    /// events, WebGPU timestamp queries) around the work `f` enqueued.
+    ///
+    /// A device clock excludes what a wall clock around `f` and [`Backend::synchronize`] also counts:
+    /// host-side launch and validation overhead, the wait for the host to notice completion, and
+    /// the read-back of the timestamps themselves. Work enqueued before `f` should be finished
+    /// first (call [`Backend::synchronize`]), or the interval may include its tail.
+    ///
+    /// `Ok(None)`: this backend (or this device) has no usable device clock; the work is still
+    /// done and waited for, so the caller times the call with a wall clock instead. The default
+    /// (CPU and any backend without timestamps) is `f` then [`Backend::synchronize`], and `None`.
+    /// Errors of `f`, and device errors while timing, are returned as they are.
+    fn device_time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        f()?;
+        self.synchronize()?;
+        Ok(None)
+    }
+
     /// `logits[T, E]` (f32) `= hidden[T, H] · weight[E, H]^T`; `weight` is f32,
     /// `hidden` any float dtype, accumulated in f32.
     fn router_logits(

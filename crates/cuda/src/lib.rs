@@ -345,6 +345,18 @@ impl Backend for CudaBackend {
         self.stream().synchronize().map_err(dev_err)
     }
 
+    /// CUDA events with timing enabled, recorded on the backend's one stream before and after `f`.
+    fn device_time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        // CU_EVENT_DEFAULT: timing on (cudarc's default, CU_EVENT_DISABLE_TIMING, cannot be timed).
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream().record_event(timed).map_err(dev_err)?;
+        f()?;
+        let end = self.stream().record_event(timed).map_err(dev_err)?;
+        // Waits for both events, then reads the time between them.
+        let ms = start.elapsed_ms(&end).map_err(dev_err)?;
+        Ok(Some(ms as f64))
+    }
+
     fn router_logits(
         &self,
         hidden: &CudaBuffer,

@@ -3,7 +3,7 @@
 use moe_hal_core::{DType, MoeError, Result};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 pub(crate) const NAME: &str = "wgpu";
 
@@ -79,7 +79,13 @@ pub(crate) struct Gpu {
     pub dummy: wgpu::Buffer,
     /// Largest range bound at once, in bytes (a multiple of 4).
     pub max_binding: u64,
+    /// The device was created with [`TIMESTAMPS`]: [`Gpu::time`] reads the device clock.
+    pub timestamps: bool,
 }
+
+/// What timing with the device clock needs: timestamp query sets, written between submissions.
+pub(crate) const TIMESTAMPS: wgpu::Features =
+    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
 /// A storage binding: a whole buffer, or `(offset, size)` bytes of it.
 pub(crate) type Binding<'a> = (&'a wgpu::Buffer, Option<(u64, u64)>);
@@ -92,8 +98,9 @@ pub(crate) struct Step {
 }
 
 impl Gpu {
-    /// `max_binding` lowers the adapter's per-binding limit (tests of weight splitting).
-    pub fn new(max_binding: Option<u64>) -> Result<Gpu> {
+    /// `max_binding` lowers the adapter's per-binding limit (tests of weight splitting);
+    /// `timestamps` asks for [`TIMESTAMPS`], which the device gets where the adapter offers them.
+    pub fn new(max_binding: Option<u64>, timestamps: bool) -> Result<Gpu> {
         let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
         desc.backends = backends;
@@ -116,9 +123,14 @@ impl Gpu {
         })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let timestamps = timestamps && adapter.features().contains(TIMESTAMPS);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-hal"),
-            required_features: wgpu::Features::empty(),
+            required_features: if timestamps {
+                TIMESTAMPS
+            } else {
+                wgpu::Features::empty()
+            },
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -201,6 +213,83 @@ impl Gpu {
             lost,
             dummy,
             max_binding,
+            timestamps,
+        })
+    }
+
+    /// Maps `staging` (MAP_READ, with its copy already submitted), waits and copies it out.
+    pub fn map_read(&self, what: &str, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| device_error(format!("mapping the {what} buffer never completed")))?
+            .map_err(|e| device_error(format!("mapping the {what} buffer failed: {e}")))?;
+        let bytes = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| device_error(format!("reading the mapped {what} buffer: {e}")))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// Runs `f` between two timestamps, each written by its own submission (the queue runs
+    /// submissions in order, and a timestamp is taken once the work before it has finished), waits,
+    /// and returns the ticks between them in milliseconds. `None` without [`TIMESTAMPS`], or when the
+    /// device gives no usable period or timestamps that go backwards.
+    pub fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        if !self.timestamps {
+            f()?;
+            self.wait()?;
+            return Ok(None);
+        }
+        let bytes = 2 * wgpu::QUERY_SIZE as u64;
+        let (set, resolved, staging) = self.scoped("creating timestamp queries", || {
+            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("moe-hal timer"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let buffer = |usage| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("moe-hal timer"),
+                    size: bytes,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+            let staging = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+            (set, resolved, staging)
+        })?;
+        let encoder = || {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timer") })
+        };
+        self.scoped("writing the start timestamp", || {
+            let mut e = encoder();
+            e.write_timestamp(&set, 0);
+            self.queue.submit([e.finish()]);
+        })?;
+        f()?;
+        self.scoped("writing the end timestamp", || {
+            let mut e = encoder();
+            e.write_timestamp(&set, 1);
+            e.resolve_query_set(&set, 0..2, &resolved, 0);
+            e.copy_buffer_to_buffer(&resolved, 0, &staging, 0, bytes);
+            self.queue.submit([e.finish()]);
+        })?;
+        let data = self.map_read("timestamp", &staging)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&data);
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        Ok(match ticks.as_slice() {
+            [start, end] if end >= start && period_ns > 0.0 => Some((end - start) as f64 * period_ns * 1e-6),
+            _ => None,
         })
     }
 

@@ -43,6 +43,14 @@
 //! up to 2^10 are reported: the shaders handle any value, but selection costs
 //! grow as `E * k` per token and `k^2` per combined element.
 //!
+//! # Timing
+//!
+//! Where the adapter offers `TIMESTAMP_QUERY` and `TIMESTAMP_QUERY_INSIDE_ENCODERS` (Vulkan, DX12,
+//! Metal on AMD and Intel; lavapipe too), the device is created with them and
+//! [`Backend::device_time_ms`] writes a timestamp in a submission of its own before and after the
+//! work, so the time excludes host-side encoding and validation; elsewhere it returns `None` and
+//! callers use a wall clock ([`WgpuBackend::has_device_clock`] says which).
+//!
 //! # Errors
 //!
 //! No adapter gives `MoeError::BackendUnavailable` (set `WGPU_BACKEND` to
@@ -59,12 +67,12 @@
 
 mod gpu;
 
-use gpu::{device_error, variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
+use gpu::{variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
 use moe_hal_core::{
     check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, GroupScore, HostSlice,
     HostVec, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
 };
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 /// The WebGPU backend. Cheap to clone: clones share the device, queue and pipelines.
 #[derive(Clone)]
@@ -136,23 +144,38 @@ impl WgpuBackend {
     /// backends in `WGPU_BACKEND` (default: Vulkan, Metal, DX12).
     pub fn new() -> Result<Self> {
         Ok(WgpuBackend {
-            gpu: Arc::new(Gpu::new(None)?),
+            gpu: Arc::new(Gpu::new(None, true)?),
         })
     }
 
-    /// Like [`WgpuBackend::new`], with the per-binding limit lowered to
-    /// `bytes`: for tests of the paths that big buffers take on real devices.
     /// Destroys the device, as a driver reset would (tests of device loss).
     #[doc(hidden)]
     pub fn destroy_device_for_tests(&self) {
         self.gpu.device.destroy();
     }
 
+    /// Like [`WgpuBackend::new`], with the per-binding limit lowered to
+    /// `bytes`: for tests of the paths that big buffers take on real devices.
     #[doc(hidden)]
     pub fn with_binding_limit(bytes: u64) -> Result<Self> {
         Ok(WgpuBackend {
-            gpu: Arc::new(Gpu::new(Some(bytes))?),
+            gpu: Arc::new(Gpu::new(Some(bytes), true)?),
         })
+    }
+
+    /// Like [`WgpuBackend::new`], without asking for timestamp queries: for tests of the
+    /// wall-clock fallback of [`Backend::device_time_ms`] on adapters that have them.
+    #[doc(hidden)]
+    pub fn without_device_clock_for_tests() -> Result<Self> {
+        Ok(WgpuBackend {
+            gpu: Arc::new(Gpu::new(None, false)?),
+        })
+    }
+
+    /// Whether [`Backend::device_time_ms`] reads the device clock: the adapter offers
+    /// `TIMESTAMP_QUERY` and `TIMESTAMP_QUERY_INSIDE_ENCODERS`, and the device was created with them.
+    pub fn has_device_clock(&self) -> bool {
+        self.gpu.timestamps
     }
 
     /// The adapter's limits, as requested for the device.
@@ -193,23 +216,7 @@ impl WgpuBackend {
             self.gpu.queue.submit([encoder.finish()]);
             staging
         })?;
-        let (tx, rx) = mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.gpu.wait()?;
-        rx.recv()
-            .map_err(|_| device_error("mapping the download buffer never completed"))?
-            .map_err(|e| device_error(format!("mapping the download buffer failed: {e}")))?;
-        let bytes = {
-            let view = staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| device_error(format!("reading the mapped download buffer: {e}")))?;
-            view.to_vec()
-        };
-        staging.unmap();
-        Ok(bytes)
+        self.gpu.map_read("download", &staging)
     }
 
     fn caps(&self) -> Capabilities {
@@ -309,6 +316,12 @@ impl Backend for WgpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.gpu.wait()
+    }
+
+    /// Timestamp queries around `f` where the adapter offers `TIMESTAMP_QUERY` and
+    /// `TIMESTAMP_QUERY_INSIDE_ENCODERS` (see [`WgpuBackend::has_device_clock`]); `None` elsewhere.
+    fn device_time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        self.gpu.time(f)
     }
 
     fn router_logits(

@@ -6,7 +6,8 @@ use moe_hal_core::{
     Activation, Backend, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, Kernel, MoeError,
     PermuteShape, Permuted,
 };
-use moe_hal_wgpu::WgpuBackend;
+use moe_hal_wgpu::{WgpuBackend, WgpuBuffer};
+use std::time::Instant;
 
 fn backend() -> Option<WgpuBackend> {
     match WgpuBackend::new() {
@@ -280,9 +281,130 @@ fn device_loss_is_an_error() {
             b.route(&logits, &spec, 1, &mut ids, &mut w)?;
             b.download(&ids).map(|_| ())
         })();
-        (routed, b.download(&logits).map(|_| ()))
+        let timed = b.device_time_ms(&mut || Ok(()));
+        (routed, b.download(&logits).map(|_| ()), timed)
     }));
-    let (routed, downloaded) = outcome.expect("a lost device must not panic");
+    let (routed, downloaded, timed) = outcome.expect("a lost device must not panic");
     assert!(routed.is_err(), "routing on a lost device reported success");
     assert!(downloaded.is_err(), "download from a lost device reported success");
+    match timed {
+        Err(MoeError::Device { .. }) => {}
+        other => panic!("timing on a lost device: expected a Device error, got {other:?}"),
+    }
+}
+
+/// A grouped matmul of 2 experts over 64 rows, 256 -> 256 (f32), and its expected output.
+struct Gemm {
+    x: WgpuBuffer,
+    offsets: WgpuBuffer,
+    w: WgpuBuffer,
+    y: WgpuBuffer,
+    shape: GemmShape,
+    want: Vec<f32>,
+}
+
+fn gemm(b: &WgpuBackend) -> Gemm {
+    let (rows, k, n) = (64usize, 256usize, 256usize);
+    let xv: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5).collect();
+    let wv: Vec<f32> = (0..2 * n * k).map(|i| ((i * 5) % 11) as f32 / 11.0 - 0.5).collect();
+    let split = 24;
+    let mut want = vec![0f32; rows * n];
+    for r in 0..rows {
+        let e = usize::from(r >= split);
+        for c in 0..n {
+            let row = &wv[(e * n + c) * k..(e * n + c + 1) * k];
+            want[r * n + c] = xv[r * k..(r + 1) * k].iter().zip(row).map(|(a, b)| a * b).sum();
+        }
+    }
+    Gemm {
+        x: b.upload(HostSlice::F32(&xv)).unwrap(),
+        offsets: b.upload(HostSlice::U32(&[0, split as u32, rows as u32])).unwrap(),
+        w: b.upload(HostSlice::F32(&wv)).unwrap(),
+        y: b.alloc(DType::F32, rows * n).unwrap(),
+        shape: GemmShape {
+            rows,
+            in_features: k,
+            out_features: n,
+            experts: 2,
+            activation: Activation::None,
+        },
+        want,
+    }
+}
+
+fn assert_close(got: &[f32], want: &[f32]) {
+    let err = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    assert!(err < 1e-3, "max abs error {err}");
+}
+
+/// With timestamp queries, the device time of a grouped matmul is positive, finite and no longer
+/// than the wall-clock time around the whole call; without them, `None`, and the work is still done.
+#[test]
+fn device_clock_times_a_grouped_matmul() {
+    let Some(b) = backend() else { return };
+    let mut g = gemm(&b);
+    // Warm-up: the first dispatch may compile or allocate.
+    b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, g.shape).unwrap();
+    b.synchronize().unwrap();
+    let mut best: Option<(f64, f64)> = None;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let device = b
+            .device_time_ms(&mut || b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, g.shape))
+            .unwrap();
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        if !b.has_device_clock() {
+            assert_eq!(device, None);
+            assert_close(&b.download(&g.y).unwrap().to_f32().unwrap(), &g.want);
+            eprintln!(
+                "SKIPPED: {} offers no TIMESTAMP_QUERY + TIMESTAMP_QUERY_INSIDE_ENCODERS, so device_time_ms \
+                 returns None (checked) and callers use the wall clock",
+                b.device_name()
+            );
+            return;
+        }
+        let ms = device.expect("an adapter with timestamp queries gives a device time");
+        assert!(ms.is_finite() && ms > 0.0, "device time {ms} ms");
+        // Slack: the two clocks are read separately (and may tick at different rates by a hair).
+        assert!(
+            ms <= wall * 1.02 + 0.05,
+            "device time {ms} ms is longer than the wall time {wall} ms"
+        );
+        best = Some(best.map_or((ms, wall), |(d, w)| (d.min(ms), w.min(wall))));
+    }
+    assert_close(&b.download(&g.y).unwrap().to_f32().unwrap(), &g.want);
+    let (d, w) = best.unwrap();
+    eprintln!(
+        "{}: grouped matmul {d:.3} ms on the device clock, {w:.3} ms on the wall clock",
+        b.device_name()
+    );
+}
+
+/// Without timestamp queries (asked not to request them), `device_time_ms` runs the work, waits
+/// for it and returns `None`; an error of the timed call comes back as it is.
+#[test]
+fn device_time_without_timestamps_and_errors() {
+    if backend().is_none() {
+        return;
+    }
+    let b = WgpuBackend::without_device_clock_for_tests().unwrap();
+    assert!(!b.has_device_clock());
+    let mut g = gemm(&b);
+    let device = b
+        .device_time_ms(&mut || b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, g.shape))
+        .unwrap();
+    assert_eq!(device, None);
+    assert_close(&b.download(&g.y).unwrap().to_f32().unwrap(), &g.want);
+    // The error of `f` is returned, with or without a device clock, and the device stays usable.
+    for b in [b, backend().unwrap()] {
+        let mut g = gemm(&b);
+        let bad = GemmShape { rows: 65, ..g.shape };
+        let err = b
+            .device_time_ms(&mut || b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, bad))
+            .unwrap_err();
+        assert!(matches!(err, MoeError::Shape { .. }), "{err}");
+        b.device_time_ms(&mut || b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, g.shape))
+            .unwrap();
+        assert_close(&b.download(&g.y).unwrap().to_f32().unwrap(), &g.want);
+    }
 }
