@@ -135,6 +135,11 @@ pub struct BenchArgs {
     /// Untimed runs before the timed ones.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Distinct random token batches the whole-layer runs cycle through. With 1 every run routes
+    /// to the same experts, whose weights may stay in a large last-level cache; with more (e.g. 16)
+    /// successive runs read other experts, as decoding a real model does.
+    #[arg(long, default_value_t = 1)]
+    pub inputs: usize,
     /// Writes the records as a JSON array.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -270,7 +275,7 @@ pub struct MemoryEstimate {
     pub total: u128,
 }
 
-fn estimate(shape: &Shape, dtype: DType, max_tokens: usize) -> Result<MemoryEstimate, String> {
+fn estimate(shape: &Shape, dtype: DType, max_tokens: usize, inputs: usize) -> Result<MemoryEstimate, String> {
     let (h, i, e, k) = (
         shape.hidden as u128,
         shape.inter as u128,
@@ -289,7 +294,7 @@ fn estimate(shape: &Shape, dtype: DType, max_tokens: usize) -> Result<MemoryEsti
         + t * k * 16
         + t * k * (2 * h + i) * ds;
     // The kernel buffers and the layer's scratch may both be alive.
-    let activations = 2 * acts;
+    let activations = 2 * acts + (inputs as u128).saturating_sub(1) * t * h * ds;
     let total = 2 * weights + activations;
     // Every buffer must also be addressable.
     let largest = (e * per_expert).max(t * k * h * ds);
@@ -599,6 +604,7 @@ struct Sweep<'a> {
     tokens: &'a [usize],
     warmup: usize,
     repeat: usize,
+    inputs: usize,
     seed: u64,
     progress: &'a ProgressBar,
 }
@@ -744,11 +750,18 @@ impl Sweep<'_> {
         let h = self.shape.hidden as f64;
         let ds = self.dtype.size() as f64;
         let tmax = *self.tokens.iter().max().expect("at least one token count");
-        let xh = random_host(self.seed + 10, tmax * self.shape.hidden, -1.0, 1.0, self.dtype);
         // A handle on the same device, to synchronise while the layer is borrowed.
         let sync = b.clone();
         let mut layer = MoeLayer::new(b, lw).map_err(err)?;
-        let x = layer.backend().upload(xh.as_slice()).map_err(err)?;
+        // Batch 0 is the kernels' input; the others route to other experts.
+        let xs = (0..self.inputs as u64)
+            .map(|j| {
+                let seed = if j == 0 { self.seed + 10 } else { self.seed + 1000 + j };
+                let xh = random_host(seed, tmax * self.shape.hidden, -1.0, 1.0, self.dtype);
+                layer.backend().upload(xh.as_slice())
+            })
+            .collect::<moe_hal::Result<Vec<_>>>()
+            .map_err(err)?;
         let mut out = layer
             .backend()
             .alloc(self.dtype, tmax * self.shape.hidden)
@@ -767,7 +780,11 @@ impl Sweep<'_> {
                 w.flops += 2.0 * tf * h * 3.0 * sf + 2.0 * tf * h;
                 w.bytes += 3.0 * sf * h * ds + 3.0 * tf * h * ds + 2.0 * tf * sf * ds;
             }
-            let timing = time(&sync, self.warmup, self.repeat, || layer.forward_into(&x, t, &mut out))?;
+            let mut run = 0;
+            let timing = time(&sync, self.warmup, self.repeat, || {
+                run += 1;
+                layer.forward_into(&xs[run % xs.len()], t, &mut out)
+            })?;
             records.push(self.record(name, c, t, "layer", timing, w));
             self.progress.inc(1);
         }
@@ -833,6 +850,9 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
     if a.repeat == 0 {
         return Err("--repeat must be at least 1".into());
     }
+    if a.inputs == 0 || a.inputs > 1024 {
+        return Err(format!("--inputs {}: expected 1 to 1024 token batches", a.inputs));
+    }
     let shape = resolve(a)?;
     if let Some(p) = &a.plot {
         report::check_plot_path(p)?;
@@ -844,7 +864,7 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
     }
     let names = backends(&a.backend)?;
     let max_tokens = *tokens.last().expect("parse_tokens returns at least one");
-    let est = estimate(&shape, dtype, max_tokens)?;
+    let est = estimate(&shape, dtype, max_tokens, a.inputs)?;
     check_memory(&shape, dtype, max_tokens, &est)?;
 
     let steps = names.len() as u64 * (1 + tokens.len() as u64 * (KERNELS.len() as u64 + 1));
@@ -862,6 +882,7 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         tokens: &tokens,
         warmup: a.warmup,
         repeat: a.repeat,
+        inputs: a.inputs,
         seed: a.seed,
         progress: &progress,
     };
@@ -901,7 +922,7 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
     drop(lw);
 
     println!(
-        "{}: H {} I {} E {} k {}{}, {dtype}, {} repeats after {} warm-up, {:.1} s",
+        "{}: H {} I {} E {} k {}{}, {dtype}, {} repeats after {} warm-up{}, {:.1} s",
         shape.label,
         shape.hidden,
         shape.inter,
@@ -910,6 +931,11 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         shape.shared_inter.map(|s| format!(", shared {s}")).unwrap_or_default(),
         a.repeat,
         a.warmup,
+        if a.inputs > 1 {
+            format!(", layer over {} token batches", a.inputs)
+        } else {
+            String::new()
+        },
         started.elapsed().as_secs_f64()
     );
     for (name, c) in &ceilings {
@@ -958,13 +984,14 @@ mod tests {
             backend: "cpu".into(),
             repeat: 1,
             warmup: 0,
+            inputs: 1,
             json: None,
             csv: None,
             plot: None,
             seed: 0,
         };
         let s = resolve(&a).unwrap();
-        let est = estimate(&s, DType::F32, 1).unwrap();
+        let est = estimate(&s, DType::F32, 1, 1).unwrap();
         // 256 * 3 * 2048 * 7168 * 4 bytes of routed weights = 45.1 GB.
         assert!(est.weights > 45_000_000_000 && est.weights < 46_000_000_000, "{est:?}");
         assert!(est.total > 2 * est.weights);

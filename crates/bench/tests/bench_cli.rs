@@ -186,6 +186,20 @@ fn wgpu_bench_reports_its_clock() {
     assert!(stdout.contains(&format!("; {expected} clock")), "{stdout}");
 }
 
+/// `--inputs N`: the layer cycles through N token batches (other experts each run).
+#[test]
+fn layer_over_several_batches() {
+    let out = bench(&["--inputs", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("layer over 3 token batches"), "{text}");
+    let layer_rows = text
+        .lines()
+        .filter(|l| l.starts_with("cpu ") && l.contains(" layer "))
+        .count();
+    assert_eq!(layer_rows, 2, "{text}");
+}
+
 #[test]
 fn png_plot() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,6 +248,10 @@ fn bad_input_is_one_line() {
         (
             vec!["bench", "--preset", "qwen3-30b-a3b", "--dtype", "f8", "--json", j],
             "unknown dtype",
+        ),
+        (
+            vec!["bench", "--preset", "qwen3-30b-a3b", "--inputs", "0", "--json", j],
+            "--inputs 0",
         ),
         (vec!["bench", "--hidden", "64", "--json", j], "missing --inter"),
         (
