@@ -2,9 +2,9 @@
 //! the sparse experts of small batches), straight on the checkpoint-layout
 //! weight rows.
 //!
-//! Outputs are computed in register blocks of up to 4 input rows by 4 weight
-//! rows (16 `zmm` accumulators), so that every weight chunk loaded is used by
-//! every input row of the block and even a single input row keeps four
+//! Outputs are computed in register blocks of up to 4 input rows by 6 weight
+//! rows (24 `zmm` accumulators), so that every weight chunk loaded is used by
+//! every input row of the block and even a single input row keeps several
 //! independent accumulation chains in flight. Two steps:
 //! - [`Fma`]: f32 inputs, weights of any dtype widened to f32 in registers,
 //!   one fused multiply-add per 16 lanes;
@@ -268,27 +268,45 @@ unsafe fn rows_block<S: Step, const C: usize>(
 unsafe fn dots_with<S: Step>(x: &[S::X], rows: usize, k: usize, w: &[S::W], cols: usize, out: &mut [f32]) {
     assert!(x.len() >= rows * k && w.len() >= cols * k && out.len() >= rows * cols);
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    // Six weight rows per block where they fit (24 accumulators: each input chunk loaded feeds six
+    // products; f32 at 16 rows per expert, one thread: 38-41 -> 53 GFLOP/s on qwen3 gate/up), then
+    // four, then one.
+    let c = col_blocks::<S, 6>(xp, wp, rows, k, 0, cols, out);
+    let c = col_blocks::<S, 4>(xp, wp, rows, k, c, cols, out);
+    for c in c..cols {
+        for r0 in (0..rows).step_by(4) {
+            rows_block::<S, 1>(xp, wp, k, r0, (rows - r0).min(4), c, cols, Prefetch::NONE, out);
+        }
+    }
+}
+
+/// Blocks of `C` weight rows from `c` while they fit; returns where they stopped.
+#[inline(always)]
+unsafe fn col_blocks<S: Step, const C: usize>(
+    xp: *const S::X,
+    wp: *const S::W,
+    rows: usize,
+    k: usize,
+    mut c: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> usize {
     let blocks = rows.div_ceil(4);
-    let mut c = 0;
-    while c + 4 <= cols {
-        // The next four weight rows are contiguous: each row block prefetches its share of them.
-        let next = (cols - c - 4).min(4) * k * std::mem::size_of::<S::W>();
-        let base = wp.wrapping_add((c + 4) * k) as *const i8;
+    while c + C <= cols {
+        // The next weight rows are contiguous: each row block prefetches its share of them.
+        let next = (cols - c - C).min(C) * k * std::mem::size_of::<S::W>();
+        let base = wp.wrapping_add((c + C) * k) as *const i8;
         for (j, r0) in (0..rows).step_by(4).enumerate() {
             let (lo, hi) = (next * j / blocks, next * (j + 1) / blocks);
             let pf = Prefetch {
                 base: base.wrapping_add(lo),
                 len: hi - lo,
             };
-            rows_block::<S, 4>(xp, wp, k, r0, (rows - r0).min(4), c, cols, pf, out);
+            rows_block::<S, C>(xp, wp, k, r0, (rows - r0).min(4), c, cols, pf, out);
         }
-        c += 4;
+        c += C;
     }
-    for c in c..cols {
-        for r0 in (0..rows).step_by(4) {
-            rows_block::<S, 1>(xp, wp, k, r0, (rows - r0).min(4), c, cols, Prefetch::NONE, out);
-        }
-    }
+    c
 }
 
 /// [`dots_with`] for f32 inputs.
@@ -330,7 +348,7 @@ mod tests {
             eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
             return;
         }
-        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 33), (3, 7, 16), (5, 3, 1)] {
+        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 33), (3, 7, 16), (5, 3, 1), (6, 15, 40)] {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let w32: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -364,7 +382,7 @@ mod tests {
             eprintln!("SKIPPED: no AVX512-BF16 on this CPU");
             return;
         }
-        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 65), (3, 7, 32), (5, 3, 1)] {
+        for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 65), (3, 7, 32), (5, 3, 1), (6, 15, 70)] {
             let x: Vec<bf16> = (0..rows * k)
                 .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 17.0))
                 .collect();

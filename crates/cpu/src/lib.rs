@@ -5,7 +5,7 @@
 //! output columns) spread over the pool. Tiles of up to 64 rows (decode and
 //! the sparse experts of small batches) run register-blocked dot products
 //! straight on the checkpoint-layout weight rows (AVX-512: blocks of up to
-//! 4x4 fused multiply-adds, bf16/f16 widened in registers, or `vdpbf16ps`
+//! 4x6 fused multiply-adds, bf16/f16 widened in registers, or `vdpbf16ps`
 //! for bf16 inputs on bf16 weights where the CPU has AVX512-BF16; AVX2 and
 //! portable fallbacks); taller tiles call the `gemm` crate's cache-blocked
 //! kernels.
