@@ -546,45 +546,39 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     // largest buffer is smaller), more than the last-level caches of current CPUs (up to a few
     // hundred MiB) and GPUs, so that repeats measure memory, not cache.
     let stream = (STREAM_BYTES as u64).min(b.capabilities().max_buffer_bytes) as usize;
-    // 1. Streaming a 512 MiB weight through a one-row GEMM.
+    // 1. Streaming 512 MiB of weights through a GEMM of one row per expert, experts of 64 MiB (a
+    //    size every backend binds at once).
     let kd = 8192usize;
-    let nd = (stream / (kd * dtype.size())).max(1);
+    let experts = (stream / EXPERT_BYTES).max(1);
+    let nd = (stream.min(EXPERT_BYTES) / (kd * dtype.size())).max(1);
     let x = b
-        .upload(random_host(seed + 2, kd, -1.0, 1.0, dtype).as_slice())
+        .upload(random_host(seed + 2, experts * kd, -1.0, 1.0, dtype).as_slice())
         .map_err(err)?;
     let w = b
-        .upload(random_host(seed + 3, nd * kd, -0.02, 0.02, dtype).as_slice())
+        .upload(random_host(seed + 3, experts * nd * kd, -0.02, 0.02, dtype).as_slice())
         .map_err(err)?;
-    let offsets = b.upload(HostSlice::U32(&[0, 1])).map_err(err)?;
-    let mut y = b.alloc(dtype, nd).map_err(err)?;
+    let offsets: Vec<u32> = (0..=experts as u32).collect();
+    let offsets = b.upload(HostSlice::U32(&offsets)).map_err(err)?;
+    let mut y = b.alloc(dtype, experts * nd).map_err(err)?;
     let shape = GemmShape {
-        rows: 1,
+        rows: experts,
         in_features: kd,
         out_features: nd,
-        experts: 1,
+        experts,
         activation: Activation::None,
     };
     let (t, clock) = best_ms(b, || b.grouped_matmul(&x, &offsets, &w, &mut y, shape))?;
     clocks.push(clock);
-    let gemv_gbps = ((nd * kd + kd + nd) * dtype.size()) as f64 / (t * 1e-3) / 1e9;
+    let gemv_gbps = (experts * (nd * kd + kd + nd) * dtype.size()) as f64 / (t * 1e-3) / 1e9;
     drop((x, w, y));
-    // 2. A permute that copies 256 MiB of rows to one expert (256 MiB read, 256 MiB written).
-    let tokens = 8192usize;
-    let hidden = (stream / 2 / (tokens * dtype.size())).max(1);
-    let x = b
-        .upload(random_host(seed + 4, tokens * hidden, -1.0, 1.0, dtype).as_slice())
-        .map_err(err)?;
-    let ids = b.upload(HostSlice::U32(&vec![0u32; tokens])).map_err(err)?;
-    let pshape = PermuteShape {
-        tokens,
-        hidden,
-        top_k: 1,
-        experts: 1,
+    // 2. A permute copying 256 MiB of rows (read and written); 64 MiB where a backend cannot
+    //    bind that much at once (wgpu), which may then partly sit in a large cache.
+    let (copy_gbps, clock) = match permute_gbps(b, dtype, seed + 4, stream / 2) {
+        Ok(r) => r,
+        Err(_) if stream / 2 > EXPERT_BYTES => permute_gbps(b, dtype, seed + 4, EXPERT_BYTES)?,
+        Err(e) => return Err(e),
     };
-    let mut perm = Permuted::alloc(b, pshape, dtype).map_err(err)?;
-    let (t, clock) = best_ms(b, || b.permute(&x, &ids, pshape, &mut perm))?;
     clocks.push(clock);
-    let copy_gbps = (2 * tokens * hidden * dtype.size() + tokens * 12) as f64 / (t * 1e-3) / 1e9;
     Ok(Ceilings {
         gemm_gflops,
         gemv_gbps,
@@ -600,6 +594,31 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
 
 /// Bytes each bandwidth ceiling touches.
 const STREAM_BYTES: usize = 512 << 20;
+/// Weight bytes per expert of the streaming ceiling.
+const EXPERT_BYTES: usize = 64 << 20;
+
+/// GB/s of a permute copying `bytes` of rows to one expert (read once, written once).
+fn permute_gbps<B: Backend>(b: &B, dtype: DType, seed: u64, bytes: usize) -> Result<(f64, Clock), String> {
+    let err = |e: moe_hal::MoeError| e.to_string();
+    let tokens = 8192usize;
+    let hidden = (bytes / (tokens * dtype.size())).max(1);
+    let x = b
+        .upload(random_host(seed, tokens * hidden, -1.0, 1.0, dtype).as_slice())
+        .map_err(err)?;
+    let ids = b.upload(HostSlice::U32(&vec![0u32; tokens])).map_err(err)?;
+    let pshape = PermuteShape {
+        tokens,
+        hidden,
+        top_k: 1,
+        experts: 1,
+    };
+    let mut perm = Permuted::alloc(b, pshape, dtype).map_err(err)?;
+    let (t, clock) = best_ms(b, || b.permute(&x, &ids, pshape, &mut perm))?;
+    Ok((
+        (2 * tokens * hidden * dtype.size() + tokens * 12) as f64 / (t * 1e-3) / 1e9,
+        clock,
+    ))
+}
 
 /// FLOPs and bytes touched by one measurement.
 #[derive(Clone, Copy, Debug, Default)]
