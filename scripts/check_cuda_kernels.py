@@ -18,12 +18,19 @@ def load_nvrtc():
 
 
 def compile_one(nvrtc, path, arch, include):
+    """One .cu on its own: its own folder is on the include path (select.cuh)."""
     src = open(path, "rb").read()
     prog = ctypes.c_void_p()
     rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None)
     if rc != 0:
         return False, f"nvrtcCreateProgram failed ({rc})"
-    opts = [f"--gpu-architecture={arch}", "--std=c++17", f"--include-path={include}", "-default-device"]
+    opts = [
+        f"--gpu-architecture={arch}",
+        "--std=c++17",
+        f"--include-path={include}",
+        f"--include-path={os.path.dirname(os.path.abspath(path))}",
+        "-default-device",
+    ]
     arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()

@@ -7,45 +7,9 @@
 
 #define MOE_INF __int_as_float(0x7f800000)
 
-struct Cand {
-    float v;
-    int id;  // -1: no candidate
-};
-
-// a before b: larger value, then lower id; a missing candidate loses.
-__device__ __forceinline__ bool better(Cand a, Cand b) {
-    if (b.id < 0) return a.id >= 0;
-    if (a.id < 0) return false;
-    return a.v > b.v || (a.v == b.v && a.id < b.id);
-}
-
-// Block-wide best candidate (fixed reduction tree: deterministic).
-__device__ Cand block_best(Cand c, Cand* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int off = 16; off > 0; off >>= 1) {
-        Cand o;
-        o.v = __shfl_down_sync(0xffffffffu, c.v, off);
-        o.id = __shfl_down_sync(0xffffffffu, c.id, off);
-        if (better(o, c)) c = o;
-    }
-    if (lane == 0) scratch[warp] = c;
-    __syncthreads();
-    if (warp == 0) {
-        const int nwarps = (blockDim.x + 31) >> 5;
-        c = lane < nwarps ? scratch[lane] : Cand{0.0f, -1};
-        for (int off = 16; off > 0; off >>= 1) {
-            Cand o;
-            o.v = __shfl_down_sync(0xffffffffu, c.v, off);
-            o.id = __shfl_down_sync(0xffffffffu, c.id, off);
-            if (better(o, c)) c = o;
-        }
-        if (lane == 0) scratch[0] = c;
-    }
-    __syncthreads();
-    Cand r = scratch[0];
-    __syncthreads();
-    return r;
-}
+#ifndef MOE_SELECT_CUH
+#include "select.cuh"
+#endif
 
 // Block-wide float reduction, fixed tree. op 0: max, 1: sum.
 __device__ float block_reduce(float x, int op, float* scratch) {

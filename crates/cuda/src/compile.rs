@@ -6,10 +6,23 @@ use moe_hal_core::{MoeError, Result};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-/// The kernel sources, embedded at build time.
+/// The kernel sources, embedded at build time. `select.cuh` (shared by route and topk) is
+/// prepended, so that NVRTC needs no include path of ours.
 pub const SOURCES: [(&str, &str); 5] = [
-    ("route.cu", include_str!("../../../kernels/cuda/route.cu")),
-    ("topk.cu", include_str!("../../../kernels/cuda/topk.cu")),
+    (
+        "route.cu",
+        concat!(
+            include_str!("../../../kernels/cuda/select.cuh"),
+            include_str!("../../../kernels/cuda/route.cu")
+        ),
+    ),
+    (
+        "topk.cu",
+        concat!(
+            include_str!("../../../kernels/cuda/select.cuh"),
+            include_str!("../../../kernels/cuda/topk.cu")
+        ),
+    ),
     ("permute.cu", include_str!("../../../kernels/cuda/permute.cu")),
     (
         "grouped_matmul.cu",
