@@ -262,7 +262,11 @@ impl Backend for CudaBackend {
 
     fn device_name(&self) -> String {
         let (a, b) = self.dev.arch;
-        format!("{} (sm_{a}{b}, {} MiB)", self.dev.name, self.dev.total_mem >> 20)
+        format!(
+            "{} (sm_{a}{b}, {} MiB); device clock: CUDA events",
+            self.dev.name,
+            self.dev.total_mem >> 20
+        )
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -238,7 +238,12 @@ impl Backend for WgpuBackend {
         } else {
             format!(", {} {}", i.driver, i.driver_info)
         };
-        format!("{} ({:?}, {:?}{})", i.name, i.backend, i.device_type, driver)
+        let clock = if self.gpu.timestamps {
+            "device clock: timestamp queries"
+        } else {
+            "no device clock (timed by wall clock)"
+        };
+        format!("{} ({:?}, {:?}{}); {clock}", i.name, i.backend, i.device_type, driver)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -389,6 +389,15 @@ fn device_time_without_timestamps_and_errors() {
     }
     let b = WgpuBackend::without_device_clock_for_tests().unwrap();
     assert!(!b.has_device_clock());
+    // `moe-bench info` shows the device name: it says which clock the bench will use.
+    assert!(b.device_name().contains("no device clock"), "{}", b.device_name());
+    let with = backend().unwrap();
+    assert_eq!(
+        with.device_name().contains("device clock: timestamp queries"),
+        with.has_device_clock(),
+        "{}",
+        with.device_name()
+    );
     let mut g = gemm(&b);
     let device = b
         .device_time_ms(&mut || b.grouped_matmul(&g.x, &g.offsets, &g.w, &mut g.y, g.shape))
