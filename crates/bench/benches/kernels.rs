@@ -14,10 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use moe_hal::conformance::{random_layer, Rng};
 use moe_hal::cpu::CpuBackend;
 use moe_hal::wgpu::WgpuBackend;
-use moe_hal::{
-    Activation, Backend, CombineShape, DType, GemmShape, HostSlice, MoeLayer, PermuteShape, Permuted, RouterShape,
-    RouterSpec,
-};
+use moe_hal::{Backend, DType, HostSlice, LayerShapes, MoeLayer, PermuteShape, Permuted, RouterSpec};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -100,31 +97,13 @@ fn bench_shape<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shape:
     let mut act = b.alloc(DType::F32, t * k * i)?;
     let mut eout = b.alloc(DType::F32, t * k * h)?;
     let mut out = b.alloc(DType::F32, t * h)?;
-    let rshape = RouterShape {
-        tokens: t,
-        hidden: h,
-        experts: e,
-    };
-    let gu = GemmShape {
-        rows: t * k,
-        in_features: h,
-        out_features: i,
-        experts: e,
-        activation: Activation::SwiGlu,
-    };
-    let dn = GemmShape {
-        rows: t * k,
-        in_features: i,
-        out_features: h,
-        experts: e,
-        activation: Activation::None,
-    };
-    let cs = CombineShape {
-        tokens: t,
-        hidden: h,
-        top_k: k,
-        accumulate: false,
-    };
+    let LayerShapes {
+        router: rshape,
+        permute: pshape,
+        gate_up: gu,
+        down: dn,
+        combine: cs,
+    } = LayerShapes::new(t, h, i, e, k);
     // One pass fills every buffer (and checks every call) before timing.
     b.router_logits(&x, &router_w, &mut logits, rshape)?;
     b.route(&logits, &spec, t, &mut ids, &mut rw)?;

@@ -6,8 +6,8 @@ use crate::report::{self, Ceilings, Clock, Record};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_hal::conformance::Rng;
 use moe_hal::{
-    bf16, f16, registry, Activation, Backend, CombineShape, DType, GemmShape, HostSlice, HostVec, LayerWeights,
-    MoeLayer, PermuteShape, Permuted, RouterShape, RouterSpec, SharedWeights,
+    bf16, f16, registry, Activation, Backend, DType, GemmShape, HostSlice, HostVec, LayerShapes, LayerWeights,
+    MoeLayer, PermuteShape, Permuted, RouterSpec, SharedWeights,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -687,32 +687,13 @@ impl Sweep<'_> {
         let mut records = Vec::new();
         for &t in self.tokens {
             let rows = t * k;
-            let rshape = RouterShape {
-                tokens: t,
-                hidden: h,
-                experts: e,
-            };
-            let pshape = PermuteShape { tokens: t, ..pmax };
-            let gu = GemmShape {
-                rows,
-                in_features: h,
-                out_features: i,
-                experts: e,
-                activation: Activation::SwiGlu,
-            };
-            let dn = GemmShape {
-                rows,
-                in_features: i,
-                out_features: h,
-                experts: e,
-                activation: Activation::None,
-            };
-            let cs = CombineShape {
-                tokens: t,
-                hidden: h,
-                top_k: k,
-                accumulate: false,
-            };
+            let LayerShapes {
+                router: rshape,
+                permute: pshape,
+                gate_up: gu,
+                down: dn,
+                combine: cs,
+            } = LayerShapes::new(t, h, i, e, k);
             // One pass to fill every buffer and learn which experts receive tokens.
             b.router_logits(&x, &router_w, &mut logits, rshape).map_err(err)?;
             b.route(&logits, &self.shape.spec, t, &mut ids, &mut rw).map_err(err)?;

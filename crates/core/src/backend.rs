@@ -234,6 +234,56 @@ pub struct CombineShape {
     pub accumulate: bool,
 }
 
+/// The shapes of the routed kernels of one MoE layer at `tokens` tokens, in the order the layer
+/// calls them: router GEMM, permute, gate/up GEMM with SwiGLU, down GEMM, combine (overwriting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShapes {
+    pub router: RouterShape,
+    pub permute: PermuteShape,
+    pub gate_up: GemmShape,
+    pub down: GemmShape,
+    pub combine: CombineShape,
+}
+
+impl LayerShapes {
+    pub fn new(tokens: usize, hidden: usize, inter: usize, experts: usize, top_k: usize) -> Self {
+        let rows = tokens * top_k;
+        LayerShapes {
+            router: RouterShape {
+                tokens,
+                hidden,
+                experts,
+            },
+            permute: PermuteShape {
+                tokens,
+                hidden,
+                top_k,
+                experts,
+            },
+            gate_up: GemmShape {
+                rows,
+                in_features: hidden,
+                out_features: inter,
+                experts,
+                activation: Activation::SwiGlu,
+            },
+            down: GemmShape {
+                rows,
+                in_features: inter,
+                out_features: hidden,
+                experts,
+                activation: Activation::None,
+            },
+            combine: CombineShape {
+                tokens,
+                hidden,
+                top_k,
+                accumulate: false,
+            },
+        }
+    }
+}
+
 /// Outputs of [`Backend::permute`].
 pub struct Permuted<B> {
     /// `[E]` u32: rows per expert.

@@ -1,6 +1,8 @@
 //! A whole MoE layer (routed plus shared experts) built from the trait's kernels.
 
-use crate::backend::{Activation, Backend, CombineShape, DeviceBuffer, GemmShape, PermuteShape, Permuted, RouterShape};
+use crate::backend::{
+    Activation, Backend, CombineShape, DeviceBuffer, GemmShape, LayerShapes, PermuteShape, Permuted, RouterShape,
+};
 use crate::dtype::{DType, HostSlice, HostVec};
 use crate::error::{MoeError, Result};
 use crate::reference::{self, LayerRef};
@@ -365,58 +367,13 @@ impl<B: Backend> MoeLayer<B> {
         self.last_tokens = tokens;
         let b = &self.backend;
         let s = self.scratch.as_mut().expect("scratch was just ensured");
-        b.router_logits(
-            x,
-            &self.router_weight,
-            &mut s.logits,
-            RouterShape {
-                tokens,
-                hidden: h,
-                experts: e,
-            },
-        )?;
+        let ls = LayerShapes::new(tokens, h, i, e, k);
+        b.router_logits(x, &self.router_weight, &mut s.logits, ls.router)?;
         b.route(&s.logits, &self.spec, tokens, &mut s.ids, &mut s.weights)?;
-        b.permute(
-            x,
-            &s.ids,
-            PermuteShape {
-                tokens,
-                hidden: h,
-                top_k: k,
-                experts: e,
-            },
-            &mut s.perm,
-        )?;
-        let rows = tokens * k;
-        let gate_up = GemmShape {
-            rows,
-            in_features: h,
-            out_features: i,
-            experts: e,
-            activation: Activation::SwiGlu,
-        };
-        b.grouped_matmul(&s.perm.rows, &s.perm.offsets, &self.gate_up, &mut s.act, gate_up)?;
-        let down = GemmShape {
-            rows,
-            in_features: i,
-            out_features: h,
-            experts: e,
-            activation: Activation::None,
-        };
-        b.grouped_matmul(&s.act, &s.perm.offsets, &self.down, &mut s.expert_out, down)?;
-        b.combine(
-            &s.expert_out,
-            &s.ids,
-            &s.weights,
-            &s.perm.slot_of,
-            out,
-            CombineShape {
-                tokens,
-                hidden: h,
-                top_k: k,
-                accumulate: false,
-            },
-        )?;
+        b.permute(x, &s.ids, ls.permute, &mut s.perm)?;
+        b.grouped_matmul(&s.perm.rows, &s.perm.offsets, &self.gate_up, &mut s.act, ls.gate_up)?;
+        b.grouped_matmul(&s.act, &s.perm.offsets, &self.down, &mut s.expert_out, ls.down)?;
+        b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
         if let (Some(sh), Some(ss)) = (&self.shared, s.shared.as_mut()) {
             b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
             let up = GemmShape {

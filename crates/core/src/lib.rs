@@ -16,7 +16,7 @@ pub mod spec;
 
 pub use backend::{
     tolerance, Activation, Backend, Capabilities, CombineShape, DeviceBuffer, GemmShape, Kernel, KernelCaps,
-    PermuteShape, Permuted, RouterShape,
+    LayerShapes, PermuteShape, Permuted, RouterShape,
 };
 pub use config::{ModelFamily, MoeConfig, SharedExpertConfig};
 pub use dtype::{DType, Element, HostSlice, HostVec};
