@@ -57,18 +57,7 @@ fn clean(b: u32) -> u32 {
     return b;
 }
 
-// An unsigned key with the order of the (non-NaN) float whose bits are `b`; -0 == +0.
-fn key_bits(b0: u32) -> u32 {
-    var b = b0;
-    if (b == 0x80000000u) {
-        b = 0u;
-    }
-    if ((b & 0x80000000u) != 0u) {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
-
+// key_bits and better: select.wgsl (NaN keys lowest; route cleans NaN logits before).
 fn key(x: f32) -> u32 {
     return key_bits(bitcast<u32>(x));
 }
@@ -84,11 +73,6 @@ fn sel_key(base: u32, i: u32) -> u32 {
         c = c + bias[i];
     }
     return key(c);
-}
-
-// Expert a ranks before expert b (c descending, ties to the lower id).
-fn better(ka: u32, a: u32, kb: u32, b: u32) -> bool {
-    return ka > kb || (ka == kb && a < b);
 }
 
 fn softmax(row: u32, base: u32) {

@@ -19,24 +19,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
 
-// Order key of the float with bits `b0`: NaN lowest (0), -0 == +0.
-fn key_bits(b0: u32) -> u32 {
-    var b = b0;
-    if ((b & 0x7fffffffu) > 0x7f800000u) {
-        return 0u;
-    }
-    if (b == 0x80000000u) {
-        b = 0u;
-    }
-    if ((b & 0x80000000u) != 0u) {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
-
-fn better(ka: u32, a: u32, kb: u32, b: u32) -> bool {
-    return ka > kb || (ka == kb && a < b);
-}
+// key_bits and better: select.wgsl.
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

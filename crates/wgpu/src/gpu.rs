@@ -12,8 +12,14 @@ pub(crate) const WG: u64 = 64;
 /// Output tile edge of the two GEMM kernels.
 pub(crate) const TILE: u64 = 32;
 
-const ROUTE: &str = include_str!("../../../kernels/wgsl/route.wgsl");
-const TOPK: &str = include_str!("../../../kernels/wgsl/topk.wgsl");
+const ROUTE: &str = concat!(
+    include_str!("../../../kernels/wgsl/select.wgsl"),
+    include_str!("../../../kernels/wgsl/route.wgsl")
+);
+const TOPK: &str = concat!(
+    include_str!("../../../kernels/wgsl/select.wgsl"),
+    include_str!("../../../kernels/wgsl/topk.wgsl")
+);
 const PERMUTE: &str = include_str!("../../../kernels/wgsl/permute.wgsl");
 const GROUPED_MATMUL: &str = concat!(
     include_str!("../../../kernels/wgsl/dtype.wgsl"),
