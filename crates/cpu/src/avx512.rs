@@ -17,6 +17,7 @@
 //! steps over its lane chunks (the last one masked) followed by the same lane
 //! reduction, so results do not depend on how the tile is cut.
 
+use crate::matmul::LANE_ROWS;
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -327,6 +328,177 @@ pub unsafe fn dots_bf16(x: &[bf16], rows: usize, k: usize, w: &[bf16], cols: usi
     dots_with::<DpBf16>(x, rows, k, w, cols, out)
 }
 
+/// How far ahead (in f32 elements) the broadcast kernel prefetches each weight row.
+const BCAST_AHEAD: usize = 128;
+/// Elements of `k` per step of [`bcast_one`].
+const BCAST_K: usize = 8;
+
+/// `RB` lane blocks (from `b0`) against the `C` weight rows from `c0`: for each `k` one vector load
+/// per lane block and one broadcast weight per column, `RB * C` FMAs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bcast_block<const RB: usize, const C: usize>(
+    xt: *const f32,
+    wp: *const f32,
+    k: usize,
+    b0: usize,
+    rows: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[_mm512_setzero_ps(); C]; RB];
+    let xb = xt.add(b0 * LANE_ROWS * k);
+    let w0 = wp.add(c0 * k);
+    for i in 0..k {
+        if i % 16 == 0 {
+            for b in 0..C {
+                _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
+            }
+        }
+        let mut xv = [_mm512_setzero_ps(); RB];
+        for (a, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(xb.add((a * k + i) * LANE_ROWS));
+        }
+        // Index loops: each broadcast feeds one column of the block across its lane blocks.
+        #[allow(clippy::needless_range_loop)]
+        for b in 0..C {
+            let wv = _mm512_set1_ps(*w0.add(b * k + i));
+            for a in 0..RB {
+                acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
+            }
+        }
+    }
+    store_lanes(&acc, b0, rows, c0, cols, out);
+}
+
+/// One lane block from `b0` against the `C` weight rows from `c0`, `k` in chunks of [`BCAST_K`]: the
+/// chunk's input vectors stay in registers while each weight row's run of `BCAST_K` elements is
+/// broadcast from one pointer with constant offsets (per-element addressing of `C` strided rows
+/// costs more instructions than the FMAs at one lane block). Same order of steps as
+/// [`bcast_block`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bcast_one<const C: usize>(
+    xt: *const f32,
+    wp: *const f32,
+    k: usize,
+    b0: usize,
+    rows: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [_mm512_setzero_ps(); C];
+    let xb = xt.add(b0 * LANE_ROWS * k);
+    let w0 = wp.add(c0 * k);
+    let full = k / BCAST_K * BCAST_K;
+    for i in (0..full).step_by(BCAST_K) {
+        if i % 16 == 0 {
+            for b in 0..C {
+                _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
+            }
+        }
+        let mut xv = [_mm512_setzero_ps(); BCAST_K];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(xb.add((i + j) * LANE_ROWS));
+        }
+        for (b, a) in acc.iter_mut().enumerate() {
+            let p = w0.add(b * k + i);
+            for (j, v) in xv.iter().enumerate() {
+                *a = _mm512_fmadd_ps(*v, _mm512_set1_ps(*p.add(j)), *a);
+            }
+        }
+    }
+    for i in full..k {
+        let v = _mm512_loadu_ps(xb.add(i * LANE_ROWS));
+        for (b, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(v, _mm512_set1_ps(*w0.add(b * k + i)), *a);
+        }
+    }
+    store_lanes(&[acc], b0, rows, c0, cols, out);
+}
+
+/// `out[r * cols + c0 + b] = acc[a][b][l]` for `r = (b0 + a) * LANE_ROWS + l < rows`.
+#[inline(always)]
+unsafe fn store_lanes<const RB: usize, const C: usize>(
+    acc: &[[__m512; C]; RB],
+    b0: usize,
+    rows: usize,
+    c0: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let mut lanes = [0.0f32; LANE_ROWS];
+    for (a, row) in acc.iter().enumerate() {
+        for (b, v) in row.iter().enumerate() {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *v);
+            for (l, &x) in lanes.iter().enumerate() {
+                let r = (b0 + a) * LANE_ROWS + l;
+                if r < rows {
+                    out[r * cols + c0 + b] = x;
+                }
+            }
+        }
+    }
+}
+
+/// Blocks of `C` weight rows from `c` while they fit, each against the lane blocks `b0 .. b1`
+/// `RB` at a time (weights outermost, so that a block of weight rows is read from memory once and
+/// then from cache); returns where they stopped.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bcast_cols<const RB: usize, const C: usize>(
+    xt: *const f32,
+    wp: *const f32,
+    k: usize,
+    (b0, b1): (usize, usize),
+    rows: usize,
+    mut c: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> usize {
+    while c + C <= cols {
+        for b in (b0..b1).step_by(RB) {
+            bcast_block::<RB, C>(xt, wp, k, b, rows, c, cols, out);
+        }
+        c += C;
+    }
+    c
+}
+
+/// `out[r * cols + c] = x[r] · w[c]` for `rows` input rows given interleaved ([`crate::matmul::interleave`]) as
+/// `xt`, and `cols` f32 weight rows (`[cols, k]`, as stored). Each output is one f32 chain over `k`
+/// in ascending order (one lane of one accumulator), so it does not depend on the blocking.
+///
+/// This is the kernel for tiles of a few dozen rows: the weights stream once per lane block, and
+/// every weight element loaded is a broadcast operand of the FMAs of 16 input rows, instead of the
+/// input rows being re-read from L2 for every block of weight rows as in [`dots`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn bcast(xt: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+    let blocks = rows.div_ceil(LANE_ROWS);
+    assert!(xt.len() >= blocks * LANE_ROWS * k && w.len() >= cols * k && out.len() >= rows * cols);
+    let (xp, wp) = (xt.as_ptr(), w.as_ptr());
+    // Pairs of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
+    let pairs = (0, blocks / 2 * 2);
+    let c = bcast_cols::<2, 12>(xp, wp, k, pairs, rows, 0, cols, out);
+    let c = bcast_cols::<2, 4>(xp, wp, k, pairs, rows, c, cols, out);
+    bcast_cols::<2, 1>(xp, wp, k, pairs, rows, c, cols, out);
+    // The odd lane block: 16 accumulators, input vectors held over k chunks.
+    if blocks % 2 == 1 {
+        let (b0, mut c) = (blocks - 1, 0);
+        while c + 16 <= cols {
+            bcast_one::<16>(xp, wp, k, b0, rows, c, cols, out);
+            c += 16;
+        }
+        let c = bcast_cols::<1, 4>(xp, wp, k, (b0, blocks), rows, c, cols, out);
+        bcast_cols::<1, 1>(xp, wp, k, (b0, blocks), rows, c, cols, out);
+    }
+}
+
 /// Whether this CPU runs [`dots`].
 pub fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
@@ -404,6 +576,46 @@ mod tests {
                     assert!(
                         (all[r * cols + c] as f64 - exact).abs() <= 1e-6 * (1.0 + scale),
                         "{rows}x{cols}x{k}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The broadcast kernel: every output is the f32 fused multiply-add chain over `k` in ascending
+    /// order, bit for bit, whatever the lane blocks, column blocks and tails.
+    #[test]
+    fn bcast_equals_sequential_fma_chains() {
+        if !has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+            return;
+        }
+        let cases: [(usize, usize, usize); 9] = [
+            (1, 1, 1),
+            (8, 5, 37),
+            (15, 29, 9),
+            (16, 16, 8),
+            (17, 12, 2048),
+            (33, 64, 40),
+            (48, 17, 16),
+            (64, 4, 7),
+            (128, 66, 24),
+        ];
+        for (rows, cols, k) in cases {
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let w: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+            let mut xt = vec![f32::NAN; rows.div_ceil(LANE_ROWS) * LANE_ROWS * k];
+            crate::matmul::interleave(&x, rows, k, &mut xt);
+            let mut out = vec![f32::NAN; rows * cols];
+            // SAFETY: has_avx512() was checked; the slices have the sizes given.
+            unsafe { bcast(&xt, rows, k, &w, cols, &mut out) };
+            for r in 0..rows {
+                for c in 0..cols {
+                    let want = (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(w[c * k + i], a));
+                    assert_eq!(
+                        out[r * cols + c].to_bits(),
+                        want.to_bits(),
+                        "{rows}x{cols}x{k}: row {r} col {c}"
                     );
                 }
             }
