@@ -6,9 +6,11 @@
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
 //! only on the dtypes, the instruction set and the tile's height:
-//! - f32 tiles of [`BCAST_ROWS`] rows or more with AVX-512: the broadcast
-//!   kernel ([`crate::avx512::bcast`]) on input rows interleaved once per call,
-//!   against the weight rows as stored (each output one FMA chain over `k`);
+//! - with AVX-512, f32 tiles of [`BCAST_ROWS`] rows or more, and 16-bit ones of
+//!   [`WIDE_BCAST_ROWS`]: the broadcast kernel ([`crate::avx512::bcast`]) on
+//!   input rows interleaved (and widened) once per call, against the weight
+//!   rows as stored, or widened once per tile (each output one FMA chain over
+//!   `k`);
 //! - bf16 against bf16 with AVX512-BF16: `vdpbf16ps` dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
 //!   products on the weight rows as stored (16-lane partial sums);
@@ -34,6 +36,12 @@ const NARROW_ROWS: usize = 64;
 /// gain for `down` only, left for a later split), and whole blocks beat `gemm` at every height
 /// (32 rows: 112 against 64 GFLOP/s gate/up; 128 rows: 89-114 against 69).
 const BCAST_ROWS: usize = 14;
+/// Tiles with 16-bit input or weights run the broadcast kernel from this many rows, on weights
+/// widened to f32 once per tile. `vdpbf16ps` peaks at about 87 GFLOP/s per core here, f32 FMA at 128,
+/// so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
+/// down, 8 experts, best of 15: 32 rows 78-80 / 79-82 GFLOP/s against 78 / 74 with `vdpbf16ps`; 48
+/// rows 76 / 83; 64 rows 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75).
+const WIDE_BCAST_ROWS: usize = 48;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
@@ -60,10 +68,20 @@ fn bf16_to_f32(b: bf16) -> f32 {
 /// Input rows per lane block of the broadcast kernel: one `zmm` of f32.
 pub const LANE_ROWS: usize = 16;
 
-/// Interleaves `rows` input rows (`x`, `[rows, k]`) into the lane blocks the broadcast kernel reads: block `b`
-/// is `[k][LANE_ROWS]` with row `b * LANE_ROWS + l` in lane `l`; lanes past `rows` are zero.
-/// `dst` holds `rows.div_ceil(LANE_ROWS) * LANE_ROWS * k` values.
-pub fn interleave(x: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+/// Interleaves the input rows `row0 .. row0 + rows` (of `[_, k]`), widened to f32, into the lane
+/// blocks the broadcast kernel reads: block `b` is `[k][LANE_ROWS]` with row `row0 + b * LANE_ROWS +
+/// l` in lane `l`; lanes past `rows` are zero. `dst` holds `rows.div_ceil(LANE_ROWS) * LANE_ROWS * k`
+/// values.
+pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    match x {
+        Floats::F32(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, |v| v),
+        Floats::BF16(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, bf16_to_f32),
+        Floats::F16(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, f16_to_f32),
+    }
+}
+
+#[inline(always)]
+fn interleave_with<T: Copy>(x: &[T], rows: usize, k: usize, dst: &mut [f32], wide: impl Fn(T) -> f32) {
     let blocks = rows.div_ceil(LANE_ROWS);
     assert!(x.len() >= rows * k && dst.len() >= blocks * LANE_ROWS * k);
     for (b, blk) in dst.chunks_exact_mut(LANE_ROWS * k).take(blocks).enumerate() {
@@ -71,7 +89,7 @@ pub fn interleave(x: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
             let r = b * LANE_ROWS + l;
             if r < rows {
                 for (d, &v) in blk[l..].iter_mut().step_by(LANE_ROWS).zip(&x[r * k..(r + 1) * k]) {
-                    *d = v;
+                    *d = wide(v);
                 }
             } else {
                 blk[l..].iter_mut().step_by(LANE_ROWS).for_each(|d| *d = 0.0);
@@ -273,7 +291,7 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
     }
     INTERLEAVED.with(|xt| {
         let xt = &mut *xt.borrow_mut();
-        if let (Floats::F32(x), false) = (input, ranges.is_empty()) {
+        if !ranges.is_empty() {
             xt.resize(xt_len, 0.0);
             let mut parts = Vec::with_capacity(ranges.len());
             let mut rest = &mut xt[..xt_len];
@@ -284,7 +302,7 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
             }
             parts
                 .into_par_iter()
-                .for_each(|(row0, rows, part)| interleave(&x[row0 * k..(row0 + rows) * k], rows, k, part));
+                .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, part));
         }
         run_tile_list(simd, input, &tiles, xt, weight, out, s)
     })
@@ -351,10 +369,22 @@ fn product(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = xt;
     #[cfg(target_arch = "x86_64")]
-    if let (Some(from), Floats::F32(w)) = (t.xt, weight) {
-        let len = t.rows.div_ceil(LANE_ROWS) * LANE_ROWS * k;
-        // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast); sized.
-        unsafe { crate::avx512::bcast(&xt[from..from + len], t.rows, k, &w[at..at + t.cols * k], t.cols, dst) };
+    if let Some(from) = t.xt {
+        let (len, n) = (t.rows.div_ceil(LANE_ROWS) * LANE_ROWS * k, t.cols * k);
+        // 16-bit weights are widened once per tile; every row of the tile reuses them.
+        let w = weight.as_f32(at, n, wscratch);
+        // SAFETY: as_f32 points to n readable f32 (the weights or wscratch, untouched until the call
+        // returns); tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast).
+        unsafe {
+            crate::avx512::bcast(
+                &xt[from..from + len],
+                t.rows,
+                k,
+                std::slice::from_raw_parts(w, n),
+                t.cols,
+                dst,
+            )
+        };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -515,13 +545,16 @@ impl Simd {
         false
     }
 
-    /// Whether a tile of `rows` rows runs the broadcast kernel: f32 input and weights, AVX-512, at
-    /// least [`BCAST_ROWS`] rows.
+    /// Whether a tile of `rows` rows runs the broadcast kernel: AVX-512, and at least [`BCAST_ROWS`]
+    /// rows with f32 input and weights, [`WIDE_BCAST_ROWS`] when either is 16-bit.
     #[inline]
     fn bcast(self, input: Floats, weight: Floats, rows: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
-            return matches!((input, weight), (Floats::F32(_), Floats::F32(_))) && rows >= BCAST_ROWS;
+            return match (input, weight) {
+                (Floats::F32(_), Floats::F32(_)) => rows >= BCAST_ROWS,
+                _ => rows >= WIDE_BCAST_ROWS,
+            };
         }
         let _ = (input, weight, rows);
         false
