@@ -39,9 +39,10 @@ const BCAST_ROWS: usize = 14;
 /// Tiles with 16-bit input or weights run the broadcast kernel from this many rows, on weights
 /// widened to f32 once per tile. `vdpbf16ps` peaks at about 87 GFLOP/s per core here, f32 FMA at 128,
 /// so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
-/// down, 8 experts, best of 15: 32 rows 78-80 / 79-82 GFLOP/s against 78 / 74 with `vdpbf16ps`; 48
-/// rows 76 / 83; 64 rows 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75).
-const WIDE_BCAST_ROWS: usize = 48;
+/// down, 8 experts, best of 15, GFLOP/s: 16 rows 55 / 67-72 against 72-74 / 73 with `vdpbf16ps`;
+/// 24 rows 59-60 / 62-72 against 74-77 / 73-75; 32 rows 77-79 / 85-88 against 78 / 76; 64 rows
+/// 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75).
+const WIDE_BCAST_ROWS: usize = 32;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
