@@ -355,7 +355,7 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Runs the layer on `x[T, H]` (layer dtype) into `out[T, H]` (layer dtype).
     pub fn forward_into(&mut self, x: &B::Buffer, tokens: usize, out: &mut B::Buffer) -> Result<()> {
-        let (e, k, h, i) = (self.spec.num_experts, self.spec.top_k, self.hidden, self.inter);
+        let (h, i) = (self.hidden, self.inter);
         crate::check::buffer(
             "layer input",
             x,
@@ -365,67 +365,18 @@ impl<B: Backend> MoeLayer<B> {
         crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
         self.ensure_scratch(tokens)?;
         self.last_tokens = tokens;
-        let b = &self.backend;
-        let s = self.scratch.as_mut().expect("scratch was just ensured");
-        let ls = LayerShapes::new(tokens, h, i, e, k);
-        b.router_logits(x, &self.router_weight, &mut s.logits, ls.router)?;
-        b.route(&s.logits, &self.spec, tokens, &mut s.ids, &mut s.weights)?;
-        b.permute(x, &s.ids, ls.permute, &mut s.perm)?;
-        b.grouped_matmul(&s.perm.rows, &s.perm.offsets, &self.gate_up, &mut s.act, ls.gate_up)?;
-        b.grouped_matmul(&s.act, &s.perm.offsets, &self.down, &mut s.expert_out, ls.down)?;
-        b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
-        if let (Some(sh), Some(ss)) = (&self.shared, s.shared.as_mut()) {
-            b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
-            let up = GemmShape {
-                rows: tokens,
-                in_features: h,
-                out_features: sh.inter,
-                experts: 1,
-                activation: Activation::SwiGlu,
-            };
-            b.grouped_matmul(x, &ss.offsets, &sh.gate_up, &mut ss.act, up)?;
-            let dn = GemmShape {
-                rows: tokens,
-                in_features: sh.inter,
-                out_features: h,
-                experts: 1,
-                activation: Activation::None,
-            };
-            b.grouped_matmul(&ss.act, &ss.offsets, &sh.down, &mut ss.out, dn)?;
-            if let Some(g) = &sh.gate {
-                b.router_logits(
-                    x,
-                    g,
-                    &mut ss.gate_logits,
-                    RouterShape {
-                        tokens,
-                        hidden: h,
-                        experts: 1,
-                    },
-                )?;
-                b.route(
-                    &ss.gate_logits,
-                    &shared_gate_spec(),
-                    tokens,
-                    &mut ss.zeros,
-                    &mut ss.weights,
-                )?;
-            }
-            b.combine(
-                &ss.out,
-                &ss.zeros,
-                &ss.weights,
-                &ss.iota,
-                out,
-                CombineShape {
-                    tokens,
-                    hidden: h,
-                    top_k: 1,
-                    accumulate: true,
-                },
-            )?;
-        }
-        Ok(())
+        let Self {
+            backend: b,
+            spec,
+            router_weight,
+            gate_up,
+            down,
+            shared,
+            scratch,
+            ..
+        } = self;
+        let (b, s) = (&*b, scratch.as_mut().expect("scratch was just ensured"));
+        b.run(|| kernels(b, spec, router_weight, gate_up, down, shared, s, x, tokens, (h, i), out))
     }
 
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
@@ -465,4 +416,82 @@ impl<B: Backend> MoeLayer<B> {
                 .map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
         ))
     }
+}
+
+/// The kernels of one layer forward, in order (the body of [`MoeLayer::forward_into`], run inside
+/// [`Backend::run`]).
+#[allow(clippy::too_many_arguments)]
+fn kernels<B: Backend>(
+    b: &B,
+    spec: &RouterSpec,
+    router_weight: &B::Buffer,
+    gate_up: &B::Buffer,
+    down: &B::Buffer,
+    shared: &Option<SharedDev<B>>,
+    s: &mut Scratch<B>,
+    x: &B::Buffer,
+    tokens: usize,
+    (h, i): (usize, usize),
+    out: &mut B::Buffer,
+) -> Result<()> {
+    let (e, k) = (spec.num_experts, spec.top_k);
+    let ls = LayerShapes::new(tokens, h, i, e, k);
+    b.router_logits(x, router_weight, &mut s.logits, ls.router)?;
+    b.route(&s.logits, spec, tokens, &mut s.ids, &mut s.weights)?;
+    b.permute(x, &s.ids, ls.permute, &mut s.perm)?;
+    b.grouped_matmul(&s.perm.rows, &s.perm.offsets, gate_up, &mut s.act, ls.gate_up)?;
+    b.grouped_matmul(&s.act, &s.perm.offsets, down, &mut s.expert_out, ls.down)?;
+    b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
+    if let (Some(sh), Some(ss)) = (shared, s.shared.as_mut()) {
+        b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
+        let up = GemmShape {
+            rows: tokens,
+            in_features: h,
+            out_features: sh.inter,
+            experts: 1,
+            activation: Activation::SwiGlu,
+        };
+        b.grouped_matmul(x, &ss.offsets, &sh.gate_up, &mut ss.act, up)?;
+        let dn = GemmShape {
+            rows: tokens,
+            in_features: sh.inter,
+            out_features: h,
+            experts: 1,
+            activation: Activation::None,
+        };
+        b.grouped_matmul(&ss.act, &ss.offsets, &sh.down, &mut ss.out, dn)?;
+        if let Some(g) = &sh.gate {
+            b.router_logits(
+                x,
+                g,
+                &mut ss.gate_logits,
+                RouterShape {
+                    tokens,
+                    hidden: h,
+                    experts: 1,
+                },
+            )?;
+            b.route(
+                &ss.gate_logits,
+                &shared_gate_spec(),
+                tokens,
+                &mut ss.zeros,
+                &mut ss.weights,
+            )?;
+        }
+        b.combine(
+            &ss.out,
+            &ss.zeros,
+            &ss.weights,
+            &ss.iota,
+            out,
+            CombineShape {
+                tokens,
+                hidden: h,
+                top_k: 1,
+                accumulate: true,
+            },
+        )?;
+    }
+    Ok(())
 }

@@ -150,6 +150,10 @@ impl Backend for CpuBackend {
         Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
         if len.checked_mul(dtype.size()).is_none_or(|b| b > isize::MAX as usize) {
             return Err(MoeError::shape("buffer length", len, "a size that fits in memory"));
@@ -290,5 +294,37 @@ impl Backend for CpuBackend {
             )
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_hal_core::Activation;
+
+    /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
+    /// kernels called inside it still work and give the same bits as outside.
+    #[test]
+    fn run_executes_on_the_pool() {
+        let b = CpuBackend::with_threads(2).unwrap();
+        assert_eq!(rayon::current_thread_index(), None);
+        assert!(b.run(|| rayon::current_thread_index().is_some()));
+        let x = b.upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0])).unwrap();
+        let w = b.upload(HostSlice::F32(&[0.5, -1.0, 2.0, 0.25])).unwrap();
+        let off = b.upload(HostSlice::U32(&[0, 2])).unwrap();
+        let shape = GemmShape {
+            rows: 2,
+            in_features: 2,
+            out_features: 2,
+            experts: 1,
+            activation: Activation::None,
+        };
+        let mut outside = b.alloc(DType::F32, 4).unwrap();
+        b.grouped_matmul(&x, &off, &w, &mut outside, shape).unwrap();
+        let mut inside = b.alloc(DType::F32, 4).unwrap();
+        b.run(|| b.grouped_matmul(&x, &off, &w, &mut inside, shape)).unwrap();
+        let (a, c) = (b.download(&outside).unwrap(), b.download(&inside).unwrap());
+        assert_eq!(a.to_f32(), Some(vec![-1.5, 2.5, -2.5, 7.0]));
+        assert_eq!(a.to_f32(), c.to_f32());
     }
 }
