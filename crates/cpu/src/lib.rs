@@ -2,13 +2,16 @@
 //!
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
-//! output columns) spread over the pool. Tiles of up to 64 rows (decode and
-//! the sparse experts of small batches) run register-blocked dot products
-//! straight on the checkpoint-layout weight rows (AVX-512: blocks of up to
-//! 4x6 fused multiply-adds, bf16/f16 widened in registers, or `vdpbf16ps`
-//! for bf16 inputs on bf16 weights where the CPU has AVX512-BF16; AVX2 and
-//! portable fallbacks); taller tiles call the `gemm` crate's cache-blocked
-//! kernels.
+//! output columns) spread over the pool. With AVX-512, tiles of 14 rows or
+//! more (32 for 16-bit dtypes) run a broadcast kernel: the input rows are
+//! interleaved once per call into 16-lane blocks and each weight element, as
+//! stored (or widened once per tile), is broadcast against 16 rows at a time.
+//! Shorter tiles (decode, the sparse experts of small batches) run
+//! register-blocked dot products straight on the checkpoint-layout weight
+//! rows (blocks of up to 4x6 fused multiply-adds, bf16/f16 widened in
+//! registers, or `vdpbf16ps` for bf16 inputs on bf16 weights where the CPU
+//! has AVX512-BF16). Without AVX-512: AVX2 and portable dot products, and the
+//! `gemm` crate's cache-blocked kernels for tiles taller than 64 rows.
 //! The tile grid does not depend on the thread count, so results are
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
