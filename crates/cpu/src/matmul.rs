@@ -638,4 +638,26 @@ mod tests {
             );
         }
     }
+
+    /// Interleaving puts row `row0 + b * 16 + l` in lane `l` of block `b`, widens 16-bit values
+    /// exactly and zeroes the lanes past the last row.
+    #[test]
+    fn interleave_layout() {
+        let (rows, k, row0) = (19, 3, 2);
+        let x: Vec<bf16> = (0..(row0 + rows) * k)
+            .map(|i| bf16::from_f32(i as f32 * 0.5 - 7.0))
+            .collect();
+        let mut dst = vec![f32::NAN; 2 * LANE_ROWS * k];
+        interleave(Floats::BF16(&x), row0, rows, k, &mut dst);
+        for b in 0..2 {
+            for kk in 0..k {
+                for l in 0..LANE_ROWS {
+                    let r = b * LANE_ROWS + l;
+                    let want = if r < rows { x[(row0 + r) * k + kk].to_f32() } else { 0.0 };
+                    let got = dst[(b * k + kk) * LANE_ROWS + l];
+                    assert_eq!(got.to_bits(), want.to_bits(), "block {b} k {kk} lane {l}");
+                }
+            }
+        }
+    }
 }
