@@ -266,20 +266,27 @@ fn silu(x: f32) -> f32 {
 /// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range.
 fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutPtr, s: GemmShape) {
     let (k, n) = (s.in_features, s.out_features);
-    let mut tiles = Vec::new();
-    // Row ranges of the broadcast kernel, (first row, rows), in the order of the interleaved buffer.
-    let mut ranges = Vec::new();
-    let mut xt_len = 0;
+    let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
-            let xt = simd.bcast(input, weight, rows).then(|| {
-                ranges.push((row0, rows));
-                xt_len += rows.div_ceil(LANE_ROWS) * LANE_ROWS * k;
-                xt_len - rows.div_ceil(LANE_ROWS) * LANE_ROWS * k
+            let need = if simd.bcast(input, weight, rows) {
+                rows.div_ceil(LANE_ROWS) * LANE_ROWS * k
+            } else {
+                0
+            };
+            let last = batches.last().expect("one batch at least");
+            if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
+                batches.push(Batch::default());
+            }
+            let batch = batches.last_mut().expect("one batch at least");
+            let xt = (need > 0).then(|| {
+                batch.ranges.push((row0, rows));
+                batch.xt_len += need;
+                batch.xt_len - need
             });
             for col0 in (0..n).step_by(TILE_COLS) {
-                tiles.push(Tile {
+                batch.tiles.push(Tile {
                     expert,
                     row0,
                     rows,
@@ -290,13 +297,15 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
             }
         }
     }
-    INTERLEAVED.with(|xt| {
-        let xt = &mut *xt.borrow_mut();
-        if !ranges.is_empty() {
-            xt.resize(xt_len, 0.0);
-            let mut parts = Vec::with_capacity(ranges.len());
-            let mut rest = &mut xt[..xt_len];
-            for &(row0, rows) in &ranges {
+    // Taken out of the thread-local for the call, not borrowed: while this thread waits in the
+    // parallel sections below, rayon may run another call's tiles on it.
+    let mut xt = INTERLEAVED.with(|c| c.take());
+    for batch in &batches {
+        if !batch.ranges.is_empty() {
+            xt.resize(batch.xt_len, 0.0);
+            let mut parts = Vec::with_capacity(batch.ranges.len());
+            let mut rest = &mut xt[..];
+            for &(row0, rows) in &batch.ranges {
                 let (part, tail) = rest.split_at_mut(rows.div_ceil(LANE_ROWS) * LANE_ROWS * k);
                 parts.push((row0, rows, part));
                 rest = tail;
@@ -305,9 +314,25 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
                 .into_par_iter()
                 .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, part));
         }
-        run_tile_list(simd, input, &tiles, xt, weight, out, s)
-    })
+        run_tile_list(simd, input, &batch.tiles, &xt, weight, out, s);
+    }
+    INTERLEAVED.with(|c| c.replace(xt));
 }
+
+/// Tiles run together, and the row ranges of their broadcast tiles, `(first row, rows)`, in the
+/// order of the interleaved buffer (`xt_len` f32).
+#[derive(Default)]
+struct Batch {
+    tiles: Vec<Tile>,
+    ranges: Vec<(usize, usize)>,
+    xt_len: usize,
+}
+
+/// At most this many interleaved f32 per batch of tiles (64 MiB; 16 KiB in unit tests, so that they
+/// cover several batches), unless one tile's rows need more:
+/// a large call runs its tiles in batches so that the buffer stays bounded (DeepSeek-V3's gate/up at
+/// 4096 tokens would otherwise interleave 32768 rows of 7168, 940 MB).
+const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
 
 /// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast tiles.
 fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: Floats, out: OutPtr, s: GemmShape) {
@@ -656,6 +681,57 @@ mod tests {
                     let want = if r < rows { x[(row0 + r) * k + kk].to_f32() } else { 0.0 };
                     let got = dst[(b * k + kk) * LANE_ROWS + l];
                     assert_eq!(got.to_bits(), want.to_bits(), "block {b} k {kk} lane {l}");
+                }
+            }
+        }
+    }
+
+    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output is
+    /// still the broadcast kernel's FMA chain over its own input row.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn batches_of_interleaved_rows() {
+        if !Simd::supported().contains(&Simd::Avx512) {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        let (k, n, per) = (64usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17]);
+        let mut off = vec![0];
+        per.iter().for_each(|r| off.push(off.last().unwrap() + r));
+        let rows = *off.last().unwrap();
+        assert!(rows.div_ceil(LANE_ROWS) * LANE_ROWS * k > 3 * INTERLEAVED_MAX);
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let w: Vec<f32> = (0..per.len() * n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
+            .collect();
+        let mut y = vec![f32::NAN; rows * n];
+        let s = GemmShape {
+            rows,
+            in_features: k,
+            out_features: n,
+            experts: per.len(),
+            activation: Activation::None,
+        };
+        grouped_matmul(
+            Simd::Avx512,
+            Floats::F32(&x),
+            &off,
+            Floats::F32(&w),
+            OutPtr::new(&mut y),
+            s,
+        );
+        for e in 0..per.len() {
+            for r in off[e]..off[e + 1] {
+                for c in 0..n {
+                    let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
+                    let want = if per[e] >= BCAST_ROWS {
+                        (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
+                    } else {
+                        let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
+                        assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "expert {e} row {r} col {c}");
+                        continue;
+                    };
+                    assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
                 }
             }
         }

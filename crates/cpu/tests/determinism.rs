@@ -127,3 +127,35 @@ fn conformance_on_every_simd_level() {
         eprintln!("{simd:?}: grouped_matmul and layer suites pass");
     }
 }
+
+/// Layers on one backend from several threads at once: rayon may run one call's tiles on a thread
+/// that waits inside another call, so per-thread buffers must not be held across parallel sections
+/// (a held borrow would panic). Every thread gets the single-threaded bits.
+#[test]
+fn concurrent_layers_on_one_backend() {
+    let want = layer_bits(1, DType::F32, 300);
+    let b = CpuBackend::with_threads(2).unwrap();
+    let spec = RouterSpec::deepseek_v3(64, 8, 8, 4, Some(Rng::new(3).vec(64, -0.2, 0.2)), true, 2.5);
+    let w = random_layer(9, spec, 200, 144, Some((144, false)));
+    let x = layer_input(4, &w, 300, DType::F32);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let mut layer = MoeLayer::new(b.clone(), &w).unwrap();
+                let xb = b.upload(HostSlice::F32(&x)).unwrap();
+                for _ in 0..10 {
+                    let out = layer.forward(&xb, 300).unwrap();
+                    let bits: Vec<u32> = b
+                        .download(&out)
+                        .unwrap()
+                        .to_f32()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    assert_eq!(bits, want);
+                }
+            });
+        }
+    });
+}
