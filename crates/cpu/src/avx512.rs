@@ -1,11 +1,12 @@
-//! AVX-512 dot-product kernels of the narrow grouped-matmul tiles (decode and
-//! the sparse experts of small batches), straight on the checkpoint-layout
-//! weight rows.
+//! AVX-512 kernels of the grouped-matmul tiles, straight on the
+//! checkpoint-layout weight rows.
 //!
-//! Outputs are computed in register blocks of up to 4 input rows by 6 weight
-//! rows (24 `zmm` accumulators), so that every weight chunk loaded is used by
-//! every input row of the block and even a single input row keeps several
-//! independent accumulation chains in flight. Two steps:
+//! **Dot products** ([`dots`], [`dots_bf16`]) for short tiles (decode and the
+//! sparse experts of small batches). Outputs are computed in register blocks
+//! of up to 4 input rows by 6 weight rows (24 `zmm` accumulators), so that
+//! every weight chunk loaded is used by every input row of the block and even
+//! a single input row keeps several independent accumulation chains in
+//! flight. Two steps:
 //! - [`Fma`]: f32 inputs, weights of any dtype widened to f32 in registers,
 //!   one fused multiply-add per 16 lanes;
 //! - [`DpBf16`]: bf16 inputs and bf16 weights, `vdpbf16ps` (AVX512-BF16) on
@@ -13,9 +14,18 @@
 //!   widening step (denormal bf16 inputs count as zero, as on every
 //!   AVX512-BF16 and AMX unit).
 //!
-//! Every output, whatever block it is computed in, is the same sequence of
-//! steps over its lane chunks (the last one masked) followed by the same lane
-//! reduction, so results do not depend on how the tile is cut.
+//! Every dot-product output, whatever block it is computed in, is the same
+//! sequence of steps over its lane chunks (the last one masked) followed by
+//! the same lane reduction.
+//!
+//! **The broadcast kernel** ([`bcast`]) for taller tiles: input rows
+//! interleaved in 16-lane blocks, each f32 weight element broadcast against a
+//! block; every output is one FMA chain over `k` in ascending order, whatever
+//! the blocking.
+//!
+//! So within a kernel results do not depend on how the tile is cut. Which
+//! kernel computes a row depends on its tile's height (and `k`), which the
+//! tile grid fixes independently of the thread count (`crate::matmul`).
 
 use crate::matmul::LANE_ROWS;
 use half::{bf16, f16};

@@ -3,7 +3,7 @@
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
 //! output columns) spread over the pool. With AVX-512, tiles of 14 rows or
-//! more (32 for 16-bit dtypes) run a broadcast kernel: the input rows are
+//! more (9 when K > 1024; 32 for 16-bit dtypes) run a broadcast kernel: the input rows are
 //! interleaved once per call into 16-lane blocks and each weight element, as
 //! stored (or widened once per tile), is broadcast against 16 rows at a time.
 //! Shorter tiles (decode, the sparse experts of small batches) run
@@ -29,7 +29,7 @@ use moe_hal_core::{
     check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, MoeError,
     PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const NAME: &str = "cpu";
 
@@ -53,11 +53,14 @@ impl DeviceBuffer for CpuBuffer {
     }
 }
 
-/// The CPU backend. Cheap to clone: clones share the thread pool.
+/// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
 #[derive(Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
     simd: Simd,
+    /// The broadcast kernel's interleaved input rows, kept between calls (one buffer per backend
+    /// and its clones, not one per thread: up to 64 MiB each).
+    interleaved: Arc<Mutex<Vec<f32>>>,
 }
 
 impl CpuBackend {
@@ -79,6 +82,7 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool: Arc::new(pool),
             simd: Simd::detect(),
+            interleaved: Arc::default(),
         })
     }
 
@@ -204,7 +208,14 @@ impl Backend for CpuBackend {
         check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.pool.install(|| {
-            matmul::router_logits(self.simd, float_slice(hidden), f32_slice(weight), out, s);
+            matmul::router_logits(
+                self.simd,
+                &self.interleaved,
+                float_slice(hidden),
+                f32_slice(weight),
+                out,
+                s,
+            );
         });
         Ok(())
     }
@@ -262,8 +273,17 @@ impl Backend for CpuBackend {
         check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
         let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
-        self.pool
-            .install(|| matmul::grouped_matmul(self.simd, float_slice(input), &offsets, float_slice(weight), out, s));
+        self.pool.install(|| {
+            matmul::grouped_matmul(
+                self.simd,
+                &self.interleaved,
+                float_slice(input),
+                &offsets,
+                float_slice(weight),
+                out,
+                s,
+            )
+        });
         Ok(())
     }
 

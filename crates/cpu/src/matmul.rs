@@ -5,12 +5,14 @@
 //! over threads, so work is balanced by rows times columns rather than by
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
-//! only on the dtypes, the instruction set and the tile's height:
-//! - with AVX-512, f32 tiles of [`BCAST_ROWS`] rows or more, and 16-bit ones of
+//! only on the dtypes, the instruction set, `k` and the tile's height:
+//! - with AVX-512, f32 tiles of [`BCAST_ROWS`] rows or more
+//!   ([`BCAST_ROWS_LONG_K`] when `k` is long), and 16-bit ones of
 //!   [`WIDE_BCAST_ROWS`]: the broadcast kernel ([`crate::avx512::bcast`]) on
 //!   input rows interleaved (and widened) once per call, against the weight
 //!   rows as stored, or widened once per tile (each output one FMA chain over
-//!   `k`);
+//!   `k`); a last lane block of at most [`SPLIT_ROWS`] rows past a full one is
+//!   split off into a tile of its own for the dot products;
 //! - bf16 against bf16 with AVX512-BF16: `vdpbf16ps` dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
 //!   products on the weight rows as stored (16-lane partial sums);
@@ -20,6 +22,7 @@ use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 const TILE_ROWS: usize = 128;
 const TILE_COLS: usize = 64;
@@ -36,12 +39,26 @@ const NARROW_ROWS: usize = 64;
 /// gain for `down` only, left for a later split), and whole blocks beat `gemm` at every height
 /// (32 rows: 112 against 64 GFLOP/s gate/up; 128 rows: 89-114 against 69).
 const BCAST_ROWS: usize = 14;
-/// Tiles with 16-bit input or weights run the broadcast kernel from this many rows, on weights
-/// widened to f32 once per tile. `vdpbf16ps` peaks at about 87 GFLOP/s per core here, f32 FMA at 128,
+/// [`BCAST_ROWS`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay in
+/// L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the 8-row
+/// blocks of 671c287: 8.5-9.1 ms from 8 to 13 rows, against dot products at 7.2-8.8 for 8 rows,
+/// 9.9-10.5 for 9, 10.4-10.6 for 12, 13.0-13.5 for 13; at K 768 the dot products stay ahead up to
+/// 13 rows: 2.6-4.1 ms against 4.2).
+const BCAST_ROWS_LONG_K: usize = 9;
+/// Longest `k` at which the dot products' four input rows stay in L1 next to the weight rows.
+const SHORT_K: usize = 1024;
+/// A last lane block of at most this many rows past a full one runs on dot products instead
+/// (one thread, f32, 8 experts, best of 15: gate/up at 17 / 18 / 20 rows per expert 10.8-11.0 /
+/// 11.3 / 11.9-12.1 ms against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8
+/// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
+const SPLIT_ROWS: usize = 4;
+/// Tiles with 16-bit input or weights run the broadcast kernel from this many rows (16-bit input
+/// widened while interleaving, 16-bit weights once per tile). `vdpbf16ps` peaks at about 87 GFLOP/s per core here, f32 FMA at 128,
 /// so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
 /// down, 8 experts, best of 15, GFLOP/s: 16 rows 55 / 67-72 against 72-74 / 73 with `vdpbf16ps`;
 /// 24 rows 59-60 / 62-72 against 74-77 / 73-75; 32 rows 77-79 / 85-88 against 78 / 76; 64 rows
-/// 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75).
+/// 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75). Measured for bf16 against
+/// bf16 only; f16, mixed dtypes and CPUs without AVX512-BF16 use the same threshold.
 const WIDE_BCAST_ROWS: usize = 32;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
@@ -227,8 +244,6 @@ struct Scratch {
 thread_local! {
     // Per-thread work buffers, reused across calls (the pool's threads live as long as the backend).
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-    // The interleaved input rows of the broadcast kernel, on the thread that starts the tiles.
-    static INTERLEAVED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `dst[m, n] = lhs[m, k] · w[n, k]^T`, row-major, single-threaded.
@@ -264,42 +279,57 @@ fn silu(x: f32) -> f32 {
 }
 
 /// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range.
-fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Floats, out: OutPtr, s: GemmShape) {
+#[allow(clippy::too_many_arguments)]
+fn run_tiles(
+    simd: Simd,
+    buf: &Mutex<Vec<f32>>,
+    input: Floats,
+    groups: &[(usize, usize)],
+    weight: Floats,
+    out: OutPtr,
+    s: GemmShape,
+) {
     let (k, n) = (s.in_features, s.out_features);
     let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
-            let need = if simd.bcast(input, weight, rows) {
-                rows.div_ceil(LANE_ROWS) * LANE_ROWS * k
-            } else {
-                0
-            };
+            let head = simd.bcast_rows(input, weight, rows, k);
+            let need = head.div_ceil(LANE_ROWS) * LANE_ROWS * k;
             let last = batches.last().expect("one batch at least");
             if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
                 batches.push(Batch::default());
             }
             let batch = batches.last_mut().expect("one batch at least");
             let xt = (need > 0).then(|| {
-                batch.ranges.push((row0, rows));
+                batch.ranges.push((row0, head));
                 batch.xt_len += need;
                 batch.xt_len - need
             });
             for col0 in (0..n).step_by(TILE_COLS) {
-                batch.tiles.push(Tile {
-                    expert,
-                    row0,
-                    rows,
-                    col0,
-                    cols: TILE_COLS.min(n - col0),
-                    xt,
-                });
+                let cols = TILE_COLS.min(n - col0);
+                // The broadcast rows, then the rest on dot products, next to each other in the list
+                // so that the same thread tends to run both while the weights are in its cache.
+                for (row0, rows, xt) in [(row0, head, xt), (row0 + head, rows - head, None)] {
+                    if rows > 0 {
+                        batch.tiles.push(Tile {
+                            expert,
+                            row0,
+                            rows,
+                            col0,
+                            cols,
+                            xt,
+                        });
+                    }
+                }
             }
         }
     }
-    // Taken out of the thread-local for the call, not borrowed: while this thread waits in the
-    // parallel sections below, rayon may run another call's tiles on it.
-    let mut xt = INTERLEAVED.with(|c| c.take());
+    // The backend's buffer when no other call holds it (never waited for: while this thread waits
+    // in the parallel sections below, rayon may run another call's tiles on it), else a new one.
+    let mut held = buf.try_lock().ok();
+    let mut own = Vec::new();
+    let xt = held.as_deref_mut().unwrap_or(&mut own);
     for batch in &batches {
         if !batch.ranges.is_empty() {
             xt.resize(batch.xt_len, 0.0);
@@ -314,9 +344,8 @@ fn run_tiles(simd: Simd, input: Floats, groups: &[(usize, usize)], weight: Float
                 .into_par_iter()
                 .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, part));
         }
-        run_tile_list(simd, input, &batch.tiles, &xt, weight, out, s);
+        run_tile_list(simd, input, &batch.tiles, xt, weight, out, s);
     }
-    INTERLEAVED.with(|c| c.replace(xt));
 }
 
 /// Tiles run together, and the row ranges of their broadcast tiles, `(first row, rows)`, in the
@@ -558,9 +587,8 @@ impl Simd {
         }
     }
 
-    /// Whether a tile runs bf16 dot products on the bf16 input as it is: with AVX512-BF16, at every
-    /// tile height (measured at 128 rows per expert, one thread: 74-76 GFLOP/s against 58-60 for
-    /// `gemm` on widened weights, qwen3-30b-a3b gate/up shapes).
+    /// Whether a tile that does not run the broadcast kernel ([`Simd::bcast_rows`]) runs bf16 dot
+    /// products on the bf16 input as it is: with AVX512-BF16, bf16 against bf16.
     #[inline]
     fn bf16_direct(self, input: Floats, weight: Floats) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -571,19 +599,28 @@ impl Simd {
         false
     }
 
-    /// Whether a tile of `rows` rows runs the broadcast kernel: AVX-512, and at least [`BCAST_ROWS`]
-    /// rows with f32 input and weights, [`WIDE_BCAST_ROWS`] when either is 16-bit.
+    /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
+    /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows with f32
+    /// input and weights ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs), [`WIDE_BCAST_ROWS`] when
+    /// either is 16-bit, except a last lane block of at most [`SPLIT_ROWS`] rows past a full one.
     #[inline]
-    fn bcast(self, input: Floats, weight: Floats, rows: usize) -> bool {
+    fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
         if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
-            return match (input, weight) {
-                (Floats::F32(_), Floats::F32(_)) => rows >= BCAST_ROWS,
-                _ => rows >= WIDE_BCAST_ROWS,
+            let min = match (input, weight) {
+                (Floats::F32(_), Floats::F32(_)) if k > SHORT_K => BCAST_ROWS_LONG_K,
+                (Floats::F32(_), Floats::F32(_)) => BCAST_ROWS,
+                _ => WIDE_BCAST_ROWS,
+            };
+            let part = rows % LANE_ROWS;
+            return match rows {
+                r if r < min => 0,
+                r if r > LANE_ROWS && part <= SPLIT_ROWS => r - part,
+                r => r,
             };
         }
-        let _ = (input, weight, rows);
-        false
+        let _ = (input, weight, rows, k);
+        0
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -620,12 +657,24 @@ unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, c
     dots_body(x, rows, k, w, start, cols, out)
 }
 
-pub fn grouped_matmul(simd: Simd, input: Floats, offsets: &[usize], weight: Floats, out: OutPtr, s: GemmShape) {
+/// `buf` holds the interleaved input rows of the broadcast kernel between calls (one per backend,
+/// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_matmul(
+    simd: Simd,
+    buf: &Mutex<Vec<f32>>,
+    input: Floats,
+    offsets: &[usize],
+    weight: Floats,
+    out: OutPtr,
+    s: GemmShape,
+) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(simd, input, &groups, weight, out, s);
+    run_tiles(simd, buf, input, &groups, weight, out, s);
 }
 
-pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
+/// See [`grouped_matmul`] for `buf`.
+pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
     let shape = GemmShape {
         rows: s.tokens,
         in_features: s.hidden,
@@ -633,7 +682,7 @@ pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s:
         experts: 1,
         activation: Activation::None,
     };
-    run_tiles(simd, hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
+    run_tiles(simd, buf, hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
 }
 
 #[cfg(test)]
@@ -686,8 +735,9 @@ mod tests {
         }
     }
 
-    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output is
-    /// still the broadcast kernel's FMA chain over its own input row.
+    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output of the
+    /// broadcast rows is still the kernel's FMA chain over its own input row, and the rows split
+    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4) are right too.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn batches_of_interleaved_rows() {
@@ -712,8 +762,10 @@ mod tests {
             experts: per.len(),
             activation: Activation::None,
         };
+        let buf = Mutex::new(Vec::new());
         grouped_matmul(
             Simd::Avx512,
+            &buf,
             Floats::F32(&x),
             &off,
             Floats::F32(&w),
@@ -724,7 +776,8 @@ mod tests {
             for r in off[e]..off[e + 1] {
                 for c in 0..n {
                     let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
-                    let want = if per[e] >= BCAST_ROWS {
+                    let head = Simd::Avx512.bcast_rows(Floats::F32(&x), Floats::F32(&w), per[e], k);
+                    let want = if r - off[e] < head {
                         (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
                     } else {
                         let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
