@@ -618,7 +618,7 @@ mod tests {
         for (rows, cols, k) in cases {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let w: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
-            let mut xt = vec![f32::NAN; rows.div_ceil(LANE_ROWS) * LANE_ROWS * k];
+            let mut xt = vec![f32::NAN; crate::matmul::interleaved_len(rows, k)];
             crate::matmul::interleave(crate::matmul::Floats::F32(&x), 0, rows, k, &mut xt);
             let mut out = vec![f32::NAN; rows * cols];
             // SAFETY: has_avx512() was checked; the slices have the sizes given.

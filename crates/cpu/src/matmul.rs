@@ -86,10 +86,14 @@ fn bf16_to_f32(b: bf16) -> f32 {
 /// Input rows per lane block of the broadcast kernel: one `zmm` of f32.
 pub const LANE_ROWS: usize = 16;
 
+/// f32 values of `rows` interleaved input rows of `k` elements (whole lane blocks).
+pub fn interleaved_len(rows: usize, k: usize) -> usize {
+    rows.div_ceil(LANE_ROWS) * LANE_ROWS * k
+}
+
 /// Interleaves the input rows `row0 .. row0 + rows` (of `[_, k]`), widened to f32, into the lane
 /// blocks the broadcast kernel reads: block `b` is `[k][LANE_ROWS]` with row `row0 + b * LANE_ROWS +
-/// l` in lane `l`; lanes past `rows` are zero. `dst` holds `rows.div_ceil(LANE_ROWS) * LANE_ROWS * k`
-/// values.
+/// l` in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k)` values.
 pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
     match x {
         Floats::F32(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, |v| v),
@@ -295,7 +299,7 @@ fn run_tiles(
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
             let head = simd.bcast_rows(input, weight, rows, k);
-            let need = head.div_ceil(LANE_ROWS) * LANE_ROWS * k;
+            let need = interleaved_len(head, k);
             let last = batches.last().expect("one batch at least");
             if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
                 batches.push(Batch::default());
@@ -336,7 +340,7 @@ fn run_tiles(
             let mut parts = Vec::with_capacity(batch.ranges.len());
             let mut rest = &mut xt[..];
             for &(row0, rows) in &batch.ranges {
-                let (part, tail) = rest.split_at_mut(rows.div_ceil(LANE_ROWS) * LANE_ROWS * k);
+                let (part, tail) = rest.split_at_mut(interleaved_len(rows, k));
                 parts.push((row0, rows, part));
                 rest = tail;
             }
@@ -425,7 +429,7 @@ fn product(
     let _ = xt;
     #[cfg(target_arch = "x86_64")]
     if let Some(from) = t.xt {
-        let (len, n) = (t.rows.div_ceil(LANE_ROWS) * LANE_ROWS * k, t.cols * k);
+        let (len, n) = (interleaved_len(t.rows, k), t.cols * k);
         // 16-bit weights are widened once per tile; every row of the tile reuses them.
         let w = weight.as_f32(at, n, wscratch);
         // SAFETY: as_f32 points to n readable f32 (the weights or wscratch, untouched until the call
@@ -749,7 +753,7 @@ mod tests {
         let mut off = vec![0];
         per.iter().for_each(|r| off.push(off.last().unwrap() + r));
         let rows = *off.last().unwrap();
-        assert!(rows.div_ceil(LANE_ROWS) * LANE_ROWS * k > 3 * INTERLEAVED_MAX);
+        assert!(interleaved_len(rows, k) > 3 * INTERLEAVED_MAX);
         let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         let w: Vec<f32> = (0..per.len() * n * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
