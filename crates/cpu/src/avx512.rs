@@ -347,6 +347,18 @@ const BCAST_K: usize = 8;
 /// against 96-97 with 16).
 const ONE_C: usize = 8;
 
+/// At every 16th element `i` (one cache line of f32), pulls the line [`BCAST_AHEAD`] elements ahead
+/// in each of the `C` weight rows from `w0` into L2.
+#[inline(always)]
+unsafe fn prefetch_rows<const C: usize>(w0: *const f32, k: usize, i: usize) {
+    if i.is_multiple_of(16) {
+        for b in 0..C {
+            // Only a hint: past the last row it names memory the kernel never reads, which cannot fault.
+            _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
+        }
+    }
+}
+
 /// `RB` lane blocks (from `b0`) against the `C` weight rows from `c0`: for each `k` one vector load
 /// per lane block and one broadcast weight per column, `RB * C` FMAs.
 #[inline(always)]
@@ -365,11 +377,7 @@ unsafe fn bcast_block<const RB: usize, const C: usize>(
     let xb = xt.add(b0 * LANE_ROWS * k);
     let w0 = wp.add(c0 * k);
     for i in 0..k {
-        if i % 16 == 0 {
-            for b in 0..C {
-                _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
-            }
-        }
+        prefetch_rows::<C>(w0, k, i);
         let mut xv = [_mm512_setzero_ps(); RB];
         for (a, v) in xv.iter_mut().enumerate() {
             *v = _mm512_loadu_ps(xb.add((a * k + i) * LANE_ROWS));
@@ -408,11 +416,7 @@ unsafe fn bcast_one<const C: usize>(
     let w0 = wp.add(c0 * k);
     let full = k / BCAST_K * BCAST_K;
     for i in (0..full).step_by(BCAST_K) {
-        if i % 16 == 0 {
-            for b in 0..C {
-                _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
-            }
-        }
+        prefetch_rows::<C>(w0, k, i);
         let mut xv = [_mm512_setzero_ps(); BCAST_K];
         for (j, v) in xv.iter_mut().enumerate() {
             *v = _mm512_loadu_ps(xb.add((i + j) * LANE_ROWS));
@@ -485,16 +489,17 @@ unsafe fn bcast_cols<const RB: usize, const C: usize>(
 /// `xt`, and `cols` f32 weight rows (`[cols, k]`, as stored). Each output is one f32 chain over `k`
 /// in ascending order (one lane of one accumulator), so it does not depend on the blocking.
 ///
-/// This is the kernel for tiles of a few dozen rows: the weights stream once per lane block, and
-/// every weight element loaded is a broadcast operand of the FMAs of 16 input rows, instead of the
-/// input rows being re-read from L2 for every block of weight rows as in [`dots`].
+/// This is the kernel for tiles of 9 rows and more (see `crate::matmul`): the weights stream once
+/// per pair of lane blocks, and every weight element loaded is a broadcast operand of the FMAs of 16
+/// input rows, instead of the input rows being re-read from L2 for every block of weight rows as in
+/// [`dots`].
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn bcast(xt: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
     let blocks = rows.div_ceil(LANE_ROWS);
-    assert!(xt.len() >= blocks * LANE_ROWS * k && w.len() >= cols * k && out.len() >= rows * cols);
+    assert!(xt.len() >= crate::matmul::interleaved_len(rows, k) && w.len() >= cols * k && out.len() >= rows * cols);
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
     // Pairs of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
     let pairs = (0, blocks / 2 * 2);

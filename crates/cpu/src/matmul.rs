@@ -32,12 +32,10 @@ const TILE_COLS: usize = 64;
 const NARROW_ROWS: usize = 64;
 /// f32 tiles with at least this many rows run the broadcast kernel ([`crate::avx512::bcast`]) where
 /// the CPU has AVX-512, on input rows interleaved in lane blocks of 16. A lane block costs the same
-/// whatever its rows (one thread, qwen3-30b-a3b shapes, 8 experts, best of 15: gate/up 10.7 ms,
-/// down 4.2 ms for 8 to 16 rows per expert), against dot products at 7.3 / 2.9 ms for 8 rows, 10.2 /
-/// 3.6 for 12 and 14.2 / 4.5 for 16. Past one block, a partial last block stays on the broadcast
-/// kernel (20 rows: 14.2 / 7.0-7.4 ms; dot products for the 4 extra rows measured 14.3 / 5.6-5.9, a
-/// gain for `down` only, left for a later split), and whole blocks beat `gemm` at every height
-/// (32 rows: 112 against 64 GFLOP/s gate/up; 128 rows: 89-114 against 69).
+/// whatever its rows (one thread, qwen3-30b-a3b shapes, 8 experts, best of 15, first version of the
+/// kernel: gate/up 10.7 ms, down 4.2 ms for 8 to 16 rows per expert), against dot products at
+/// 7.3 / 2.9 ms for 8 rows, 10.2 / 3.6 for 12 and 14.2 / 4.5 for 16. Whole blocks beat `gemm` at
+/// every height (32 rows: 112 against 64 GFLOP/s gate/up; 128 rows: 89-114 against 69).
 const BCAST_ROWS: usize = 14;
 /// [`BCAST_ROWS`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay in
 /// L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the 8-row
@@ -53,8 +51,8 @@ const SHORT_K: usize = 1024;
 /// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
 const SPLIT_ROWS: usize = 4;
 /// Tiles with 16-bit input or weights run the broadcast kernel from this many rows (16-bit input
-/// widened while interleaving, 16-bit weights once per tile). `vdpbf16ps` peaks at about 87 GFLOP/s per core here, f32 FMA at 128,
-/// so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
+/// widened while interleaving, 16-bit weights once per tile). `vdpbf16ps` peaks at about 87 GFLOP/s
+/// per core here, f32 FMA at 128, so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
 /// down, 8 experts, best of 15, GFLOP/s: 16 rows 55 / 67-72 against 72-74 / 73 with `vdpbf16ps`;
 /// 24 rows 59-60 / 62-72 against 74-77 / 73-75; 32 rows 77-79 / 85-88 against 78 / 76; 64 rows
 /// 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75). Measured for bf16 against
@@ -104,9 +102,12 @@ pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]
 
 #[inline(always)]
 fn interleave_with<T: Copy>(x: &[T], rows: usize, k: usize, dst: &mut [f32], wide: impl Fn(T) -> f32) {
-    let blocks = rows.div_ceil(LANE_ROWS);
-    assert!(x.len() >= rows * k && dst.len() >= blocks * LANE_ROWS * k);
-    for (b, blk) in dst.chunks_exact_mut(LANE_ROWS * k).take(blocks).enumerate() {
+    assert!(x.len() >= rows * k && dst.len() >= interleaved_len(rows, k));
+    for (b, blk) in dst
+        .chunks_exact_mut(LANE_ROWS * k)
+        .take(rows.div_ceil(LANE_ROWS))
+        .enumerate()
+    {
         for l in 0..LANE_ROWS {
             let r = b * LANE_ROWS + l;
             if r < rows {
@@ -433,7 +434,7 @@ fn product(
         // 16-bit weights are widened once per tile; every row of the tile reuses them.
         let w = weight.as_f32(at, n, wscratch);
         // SAFETY: as_f32 points to n readable f32 (the weights or wscratch, untouched until the call
-        // returns); tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast).
+        // returns); tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows).
         unsafe {
             crate::avx512::bcast(
                 &xt[from..from + len],
