@@ -19,9 +19,9 @@
 //! the same lane reduction.
 //!
 //! **The broadcast kernel** ([`bcast`]) for taller tiles: input rows
-//! interleaved in 16-lane blocks, each f32 weight element broadcast against a
-//! block; every output is one FMA chain over `k` in ascending order, whatever
-//! the blocking.
+//! interleaved in 16-lane blocks, each weight element (f32, or 16-bit widened
+//! exactly to f32 a chunk at a time) broadcast against a block; every output
+//! is one FMA chain over `k` in ascending order, whatever the blocking.
 //!
 //! So within a kernel results do not depend on how the tile is cut. Which
 //! kernel computes a row depends on its tile's height (and `k`), which the
@@ -338,7 +338,7 @@ pub unsafe fn dots_bf16(x: &[bf16], rows: usize, k: usize, w: &[bf16], cols: usi
     dots_with::<DpBf16>(x, rows, k, w, cols, out)
 }
 
-/// How far ahead (in f32 elements) the broadcast kernel prefetches each weight row.
+/// How far ahead (in elements) the broadcast kernel prefetches each f32 weight row.
 const BCAST_AHEAD: usize = 128;
 /// Elements of `k` per step of [`bcast_one`].
 const BCAST_K: usize = 8;
@@ -346,16 +346,82 @@ const BCAST_K: usize = 8;
 /// gate/up at 16 rows per expert: 92 GFLOP/s with 8, 86-88 with 12, 74-76 with 16; `down` 91-93
 /// against 96-97 with 16).
 const ONE_C: usize = 8;
+/// Elements of `k` per chunk of 16-bit weight rows widened at a time: 12 rows of 256 f32 (12 KiB)
+/// stay in L1 while the lane blocks use them, and widening costs two vector ops per 16 elements
+/// against 16 FMAs or more.
+const WIDE_K: usize = 256;
+/// Most weight rows in one block of the broadcast kernel (the 2 x 12 blocks of [`bcast`]).
+const MAX_C: usize = 12;
 
-/// At every 16th element `i` (one cache line of f32), pulls the line [`BCAST_AHEAD`] elements ahead
-/// in each of the `C` weight rows from `w0` into L2.
+/// Weight rows that the broadcast kernel reads: f32 as stored, 16-bit widened to f32 (exactly) a
+/// chunk of [`WIDE_K`] elements at a time.
+pub trait BcastWeight: Load16 {
+    /// Whether rows are widened before use.
+    const WIDE: bool;
+}
+
+impl BcastWeight for f32 {
+    const WIDE: bool = false;
+}
+
+impl BcastWeight for bf16 {
+    const WIDE: bool = true;
+}
+
+impl BcastWeight for f16 {
+    const WIDE: bool = true;
+}
+
+/// At every cache line of element `i`, pulls the line ahead in each of the `C` weight rows from `w0`
+/// into L2: [`BCAST_AHEAD`] elements ahead in f32 rows, the next chunk ([`WIDE_K`]) in 16-bit ones,
+/// so that widening it reads from L2.
 #[inline(always)]
-unsafe fn prefetch_rows<const C: usize>(w0: *const f32, k: usize, i: usize) {
-    if i.is_multiple_of(16) {
+unsafe fn prefetch_rows<W: BcastWeight, const C: usize>(w0: *const W, k: usize, i: usize) {
+    if i.is_multiple_of(64 / std::mem::size_of::<W>()) {
+        let ahead = if W::WIDE { WIDE_K } else { BCAST_AHEAD };
         for b in 0..C {
             // Only a hint: past the last row it names memory the kernel never reads, which cannot fault.
-            _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + BCAST_AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + ahead) as *const i8);
         }
+    }
+}
+
+/// Elements `k0 .. k0 + kc` of the `C` weight rows from `w0` (`k` apart) as f32: the first row and
+/// the distance between rows, where they are stored (f32) or widened into `buf` ([`MAX_C`] rows of
+/// [`WIDE_K`]; `kc <= WIDE_K` then).
+#[inline(always)]
+unsafe fn rows_f32<W: BcastWeight, const C: usize>(
+    w0: *const W,
+    k: usize,
+    (k0, kc): (usize, usize),
+    buf: *mut f32,
+) -> (*const f32, usize) {
+    if !W::WIDE {
+        // W is f32 here.
+        return (w0.add(k0) as *const f32, k);
+    }
+    for b in 0..C {
+        let (src, dst) = (w0.add(b * k + k0), buf.add(b * WIDE_K));
+        // Whole vectors, then a masked tail (a mask per vector costs more than the conversion).
+        let full = kc / 16 * 16;
+        for i in (0..full).step_by(16) {
+            _mm512_storeu_ps(dst.add(i), W::load(src.add(i), u16::MAX));
+        }
+        if full < kc {
+            let m = (1u16 << (kc - full)) - 1;
+            _mm512_mask_storeu_ps(dst.add(full), m, W::load(src.add(full), m));
+        }
+    }
+    (buf, WIDE_K)
+}
+
+/// The chunks of `k` that [`rows_f32`] takes: all of it for f32 rows.
+#[inline(always)]
+fn chunk_len<W: BcastWeight>(k: usize) -> usize {
+    if W::WIDE {
+        WIDE_K
+    } else {
+        k.max(1)
     }
 }
 
@@ -363,9 +429,9 @@ unsafe fn prefetch_rows<const C: usize>(w0: *const f32, k: usize, i: usize) {
 /// per lane block and one broadcast weight per column, `RB * C` FMAs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn bcast_block<const RB: usize, const C: usize>(
+unsafe fn bcast_block<W: BcastWeight, const RB: usize, const C: usize>(
     xt: *const f32,
-    wp: *const f32,
+    wp: *const W,
     k: usize,
     b0: usize,
     rows: usize,
@@ -376,18 +442,24 @@ unsafe fn bcast_block<const RB: usize, const C: usize>(
     let mut acc = [[_mm512_setzero_ps(); C]; RB];
     let xb = xt.add(b0 * LANE_ROWS * k);
     let w0 = wp.add(c0 * k);
-    for i in 0..k {
-        prefetch_rows::<C>(w0, k, i);
-        let mut xv = [_mm512_setzero_ps(); RB];
-        for (a, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(xb.add((a * k + i) * LANE_ROWS));
-        }
-        // Index loops: each broadcast feeds one column of the block across its lane blocks.
-        #[allow(clippy::needless_range_loop)]
-        for b in 0..C {
-            let wv = _mm512_set1_ps(*w0.add(b * k + i));
-            for a in 0..RB {
-                acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
+    let mut buf = std::mem::MaybeUninit::<[f32; MAX_C * WIDE_K]>::uninit();
+    for k0 in (0..k).step_by(chunk_len::<W>(k)) {
+        let kc = chunk_len::<W>(k).min(k - k0);
+        // Only the rows and elements just written are read from `buf`.
+        let (wc, stride) = rows_f32::<W, C>(w0, k, (k0, kc), buf.as_mut_ptr() as *mut f32);
+        for i in 0..kc {
+            prefetch_rows::<W, C>(w0, k, k0 + i);
+            let mut xv = [_mm512_setzero_ps(); RB];
+            for (a, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xb.add((a * k + k0 + i) * LANE_ROWS));
+            }
+            // Index loops: each broadcast feeds one column of the block across its lane blocks.
+            #[allow(clippy::needless_range_loop)]
+            for b in 0..C {
+                let wv = _mm512_set1_ps(*wc.add(b * stride + i));
+                for a in 0..RB {
+                    acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
+                }
             }
         }
     }
@@ -401,9 +473,9 @@ unsafe fn bcast_block<const RB: usize, const C: usize>(
 /// [`bcast_block`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn bcast_one<const C: usize>(
+unsafe fn bcast_one<W: BcastWeight, const C: usize>(
     xt: *const f32,
-    wp: *const f32,
+    wp: *const W,
     k: usize,
     b0: usize,
     rows: usize,
@@ -414,24 +486,30 @@ unsafe fn bcast_one<const C: usize>(
     let mut acc = [_mm512_setzero_ps(); C];
     let xb = xt.add(b0 * LANE_ROWS * k);
     let w0 = wp.add(c0 * k);
-    let full = k / BCAST_K * BCAST_K;
-    for i in (0..full).step_by(BCAST_K) {
-        prefetch_rows::<C>(w0, k, i);
-        let mut xv = [_mm512_setzero_ps(); BCAST_K];
-        for (j, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(xb.add((i + j) * LANE_ROWS));
-        }
-        for (b, a) in acc.iter_mut().enumerate() {
-            let p = w0.add(b * k + i);
-            for (j, v) in xv.iter().enumerate() {
-                *a = _mm512_fmadd_ps(*v, _mm512_set1_ps(*p.add(j)), *a);
+    let mut buf = std::mem::MaybeUninit::<[f32; MAX_C * WIDE_K]>::uninit();
+    for k0 in (0..k).step_by(chunk_len::<W>(k)) {
+        let kc = chunk_len::<W>(k).min(k - k0);
+        // As in bcast_block.
+        let (wc, stride) = rows_f32::<W, C>(w0, k, (k0, kc), buf.as_mut_ptr() as *mut f32);
+        let full = kc / BCAST_K * BCAST_K;
+        for i in (0..full).step_by(BCAST_K) {
+            prefetch_rows::<W, C>(w0, k, k0 + i);
+            let mut xv = [_mm512_setzero_ps(); BCAST_K];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xb.add((k0 + i + j) * LANE_ROWS));
+            }
+            for (b, a) in acc.iter_mut().enumerate() {
+                let p = wc.add(b * stride + i);
+                for (j, v) in xv.iter().enumerate() {
+                    *a = _mm512_fmadd_ps(*v, _mm512_set1_ps(*p.add(j)), *a);
+                }
             }
         }
-    }
-    for i in full..k {
-        let v = _mm512_loadu_ps(xb.add(i * LANE_ROWS));
-        for (b, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(v, _mm512_set1_ps(*w0.add(b * k + i)), *a);
+        for i in full..kc {
+            let v = _mm512_loadu_ps(xb.add((k0 + i) * LANE_ROWS));
+            for (b, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(v, _mm512_set1_ps(*wc.add(b * stride + i)), *a);
+            }
         }
     }
     store_lanes(&[acc], b0, rows, c0, cols, out);
@@ -466,9 +544,9 @@ unsafe fn store_lanes<const RB: usize, const C: usize>(
 /// then from cache); returns where they stopped.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn bcast_cols<const RB: usize, const C: usize>(
+unsafe fn bcast_cols<W: BcastWeight, const RB: usize, const C: usize>(
     xt: *const f32,
-    wp: *const f32,
+    wp: *const W,
     k: usize,
     (b0, b1): (usize, usize),
     rows: usize,
@@ -478,7 +556,7 @@ unsafe fn bcast_cols<const RB: usize, const C: usize>(
 ) -> usize {
     while c + C <= cols {
         for b in (b0..b1).step_by(RB) {
-            bcast_block::<RB, C>(xt, wp, k, b, rows, c, cols, out);
+            bcast_block::<W, RB, C>(xt, wp, k, b, rows, c, cols, out);
         }
         c += C;
     }
@@ -486,8 +564,9 @@ unsafe fn bcast_cols<const RB: usize, const C: usize>(
 }
 
 /// `out[r * cols + c] = x[r] · w[c]` for `rows` input rows given interleaved ([`crate::matmul::interleave`]) as
-/// `xt`, and `cols` f32 weight rows (`[cols, k]`, as stored). Each output is one f32 chain over `k`
-/// in ascending order (one lane of one accumulator), so it does not depend on the blocking.
+/// `xt`, and `cols` weight rows (`[cols, k]`, as stored; 16-bit ones widened exactly to f32 in
+/// chunks). Each output is one f32 FMA chain over `k` in ascending order (one lane of one
+/// accumulator), so it does not depend on the blocking or on the widening.
 ///
 /// This is the kernel for tiles of 9 rows and more (see `crate::matmul`): the weights stream once
 /// per pair of lane blocks, and every weight element loaded is a broadcast operand of the FMAs of 16
@@ -497,24 +576,24 @@ unsafe fn bcast_cols<const RB: usize, const C: usize>(
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn bcast(xt: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+pub unsafe fn bcast<W: BcastWeight>(xt: &[f32], rows: usize, k: usize, w: &[W], cols: usize, out: &mut [f32]) {
     let blocks = rows.div_ceil(LANE_ROWS);
     assert!(xt.len() >= crate::matmul::interleaved_len(rows, k) && w.len() >= cols * k && out.len() >= rows * cols);
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
     // Pairs of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
     let pairs = (0, blocks / 2 * 2);
-    let c = bcast_cols::<2, 12>(xp, wp, k, pairs, rows, 0, cols, out);
-    let c = bcast_cols::<2, 4>(xp, wp, k, pairs, rows, c, cols, out);
-    bcast_cols::<2, 1>(xp, wp, k, pairs, rows, c, cols, out);
+    let c = bcast_cols::<W, 2, MAX_C>(xp, wp, k, pairs, rows, 0, cols, out);
+    let c = bcast_cols::<W, 2, 4>(xp, wp, k, pairs, rows, c, cols, out);
+    bcast_cols::<W, 2, 1>(xp, wp, k, pairs, rows, c, cols, out);
     // The odd lane block: input vectors held in registers over k chunks.
     if blocks % 2 == 1 {
         let (b0, mut c) = (blocks - 1, 0);
         while c + ONE_C <= cols {
-            bcast_one::<ONE_C>(xp, wp, k, b0, rows, c, cols, out);
+            bcast_one::<W, ONE_C>(xp, wp, k, b0, rows, c, cols, out);
             c += ONE_C;
         }
-        let c = bcast_cols::<1, 4>(xp, wp, k, (b0, blocks), rows, c, cols, out);
-        bcast_cols::<1, 1>(xp, wp, k, (b0, blocks), rows, c, cols, out);
+        let c = bcast_cols::<W, 1, 4>(xp, wp, k, (b0, blocks), rows, c, cols, out);
+        bcast_cols::<W, 1, 1>(xp, wp, k, (b0, blocks), rows, c, cols, out);
     }
 }
 
@@ -602,14 +681,15 @@ mod tests {
     }
 
     /// The broadcast kernel: every output is the f32 fused multiply-add chain over `k` in ascending
-    /// order, bit for bit, whatever the lane blocks, column blocks and tails.
+    /// order, bit for bit, whatever the lane blocks, column blocks, tails and (for 16-bit weights)
+    /// chunks of widened weights.
     #[test]
     fn bcast_equals_sequential_fma_chains() {
         if !has_avx512() {
             eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
             return;
         }
-        let cases: [(usize, usize, usize); 9] = [
+        let cases: [(usize, usize, usize); 12] = [
             (1, 1, 1),
             (8, 5, 37),
             (15, 29, 9),
@@ -619,25 +699,37 @@ mod tests {
             (48, 17, 16),
             (64, 4, 7),
             (128, 66, 24),
+            // Chunks of widened weights: one and a tail, several with a tail not a multiple of 16.
+            (16, 9, WIDE_K + 44),
+            (40, 13, 2 * WIDE_K + 5),
+            (24, 25, WIDE_K),
         ];
-        for (rows, cols, k) in cases {
+        fn check<W: BcastWeight>(rows: usize, cols: usize, k: usize, w: &[W], wide: impl Fn(W) -> f32) {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-            let w: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
             let mut xt = vec![f32::NAN; crate::matmul::interleaved_len(rows, k)];
             crate::matmul::interleave(crate::matmul::Floats::F32(&x), 0, rows, k, &mut xt);
             let mut out = vec![f32::NAN; rows * cols];
             // SAFETY: has_avx512() was checked; the slices have the sizes given.
-            unsafe { bcast(&xt, rows, k, &w, cols, &mut out) };
+            unsafe { bcast(&xt, rows, k, w, cols, &mut out) };
             for r in 0..rows {
                 for c in 0..cols {
-                    let want = (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(w[c * k + i], a));
+                    let want = (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wide(w[c * k + i]), a));
                     assert_eq!(
                         out[r * cols + c].to_bits(),
                         want.to_bits(),
-                        "{rows}x{cols}x{k}: row {r} col {c}"
+                        "{} {rows}x{cols}x{k}: row {r} col {c}",
+                        std::any::type_name::<W>()
                     );
                 }
             }
+        }
+        for (rows, cols, k) in cases {
+            let w: Vec<f32> = (0..cols * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+            check(rows, cols, k, &w, |v| v);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            check(rows, cols, k, &wb, |v| v.to_f32());
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            check(rows, cols, k, &wh, |v| v.to_f32());
         }
     }
 }

@@ -3,9 +3,10 @@
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
 //! output columns) spread over the pool. With AVX-512, tiles of 14 rows or
-//! more (9 when K > 1024; 32 for 16-bit dtypes) run a broadcast kernel: the input rows are
+//! more (9 for f32 when K > 1024) run a broadcast kernel: the input rows are
 //! interleaved once per call into 16-lane blocks and each weight element, as
-//! stored (or widened once per tile), is broadcast against 16 rows at a time.
+//! stored (16-bit ones widened to f32 in L1 a chunk at a time), is broadcast
+//! against 16 rows at a time.
 //! Shorter tiles (decode, the sparse experts of small batches) run
 //! register-blocked dot products straight on the checkpoint-layout weight
 //! rows (blocks of up to 4x6 fused multiply-adds, bf16/f16 widened in

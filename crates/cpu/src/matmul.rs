@@ -6,13 +6,12 @@
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
 //! only on the dtypes, the instruction set, `k` and the tile's height:
-//! - with AVX-512, f32 tiles of [`BCAST_ROWS`] rows or more
-//!   ([`BCAST_ROWS_LONG_K`] when `k` is long), and 16-bit ones of
-//!   [`WIDE_BCAST_ROWS`]: the broadcast kernel ([`crate::avx512::bcast`]) on
-//!   input rows interleaved (and widened) once per call, against the weight
-//!   rows as stored, or widened once per tile (each output one FMA chain over
-//!   `k`); a last lane block of at most [`SPLIT_ROWS`] rows past a full one is
-//!   split off into a tile of its own for the dot products;
+//! - with AVX-512, tiles of [`BCAST_ROWS`] rows or more ([`BCAST_ROWS_LONG_K`]
+//!   for f32 when `k` is long): the broadcast kernel ([`crate::avx512::bcast`])
+//!   on input rows interleaved (and widened) once per call, against the weight
+//!   rows as stored (16-bit ones widened in L1 a chunk at a time; each output
+//!   one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
+//!   past a full one is split off into a tile of its own for the dot products;
 //! - bf16 against bf16 with AVX512-BF16: `vdpbf16ps` dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
 //!   products on the weight rows as stored (16-lane partial sums);
@@ -30,12 +29,20 @@ const TILE_COLS: usize = 64;
 /// weight rows instead of calling `gemm`, whose packing costs more than the math there (measured on
 /// qwen3-30b-a3b at 256 tokens: 8 rows 341 ms, 64 rows 286 ms in f32; 341 vs 227 ms in bf16).
 const NARROW_ROWS: usize = 64;
-/// f32 tiles with at least this many rows run the broadcast kernel ([`crate::avx512::bcast`]) where
+/// Tiles with at least this many rows run the broadcast kernel ([`crate::avx512::bcast`]) where
 /// the CPU has AVX-512, on input rows interleaved in lane blocks of 16. A lane block costs the same
 /// whatever its rows (one thread, qwen3-30b-a3b shapes, 8 experts, best of 15, first version of the
 /// kernel: gate/up 10.7 ms, down 4.2 ms for 8 to 16 rows per expert), against dot products at
 /// 7.3 / 2.9 ms for 8 rows, 10.2 / 3.6 for 12 and 14.2 / 4.5 for 16. Whole blocks beat `gemm` at
 /// every height (32 rows: 112 against 64 GFLOP/s gate/up; 128 rows: 89-114 against 69).
+///
+/// bf16 against bf16 meets `vdpbf16ps` dot products at the same height: one `vdpbf16ps` (32
+/// products) issues every other cycle here, two f32 FMAs (16 products each) every cycle (register
+/// loop, one core: 86 against 188 GFLOP/s), so past the widening the FMAs win (gate/up / down,
+/// same measure, GFLOP/s: 12 rows 60 / 63 against 73 / 72; 14 rows 73 / 73 against 73 / 72; 15 rows
+/// 78 / 78 against 76 / 73; 16 rows 81 / 84 against 73 / 74; 24 rows 80 / 80 against 77 / 74; 32
+/// rows 111 / 109 against 83 / 85 with a whole tile widened beforehand, as until 2026-11-29).
+/// Measured for bf16 against bf16 only; f16 and mixed dtypes use the same threshold.
 const BCAST_ROWS: usize = 14;
 /// [`BCAST_ROWS`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay in
 /// L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the 8-row
@@ -50,14 +57,6 @@ const SHORT_K: usize = 1024;
 /// 11.3 / 11.9-12.1 ms against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8
 /// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
 const SPLIT_ROWS: usize = 4;
-/// Tiles with 16-bit input or weights run the broadcast kernel from this many rows (16-bit input
-/// widened while interleaving, 16-bit weights once per tile). `vdpbf16ps` peaks at about 87 GFLOP/s
-/// per core here, f32 FMA at 128, so past the widening cost the broadcast kernel wins (bf16, one thread, qwen3-30b-a3b gate/up and
-/// down, 8 experts, best of 15, GFLOP/s: 16 rows 55 / 67-72 against 72-74 / 73 with `vdpbf16ps`;
-/// 24 rows 59-60 / 62-72 against 74-77 / 73-75; 32 rows 77-79 / 85-88 against 78 / 76; 64 rows
-/// 92-93 / 91-92 against 79 / 74; 128 rows 99 / 102-104 against 80 / 75). Measured for bf16 against
-/// bf16 only; f16, mixed dtypes and CPUs without AVX512-BF16 use the same threshold.
-const WIDE_BCAST_ROWS: usize = 32;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
@@ -430,20 +429,15 @@ fn product(
     let _ = xt;
     #[cfg(target_arch = "x86_64")]
     if let Some(from) = t.xt {
-        let (len, n) = (interleaved_len(t.rows, k), t.cols * k);
-        // 16-bit weights are widened once per tile; every row of the tile reuses them.
-        let w = weight.as_f32(at, n, wscratch);
-        // SAFETY: as_f32 points to n readable f32 (the weights or wscratch, untouched until the call
-        // returns); tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows).
+        let (xt, n) = (&xt[from..from + interleaved_len(t.rows, k)], t.cols * k);
+        // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows); the
+        // slices are sized for the tile.
         unsafe {
-            crate::avx512::bcast(
-                &xt[from..from + len],
-                t.rows,
-                k,
-                std::slice::from_raw_parts(w, n),
-                t.cols,
-                dst,
-            )
+            match weight {
+                Floats::F32(w) => crate::avx512::bcast(xt, t.rows, k, &w[at..at + n], t.cols, dst),
+                Floats::BF16(w) => crate::avx512::bcast(xt, t.rows, k, &w[at..at + n], t.cols, dst),
+                Floats::F16(w) => crate::avx512::bcast(xt, t.rows, k, &w[at..at + n], t.cols, dst),
+            }
         };
         return;
     }
@@ -605,17 +599,16 @@ impl Simd {
     }
 
     /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
-    /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows with f32
-    /// input and weights ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs), [`WIDE_BCAST_ROWS`] when
-    /// either is 16-bit, except a last lane block of at most [`SPLIT_ROWS`] rows past a full one.
+    /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows
+    /// ([`BCAST_ROWS_LONG_K`] with f32 input and weights past [`SHORT_K`] inputs), except a last
+    /// lane block of at most [`SPLIT_ROWS`] rows past a full one.
     #[inline]
     fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
         if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
             let min = match (input, weight) {
                 (Floats::F32(_), Floats::F32(_)) if k > SHORT_K => BCAST_ROWS_LONG_K,
-                (Floats::F32(_), Floats::F32(_)) => BCAST_ROWS,
-                _ => WIDE_BCAST_ROWS,
+                _ => BCAST_ROWS,
             };
             let part = rows % LANE_ROWS;
             return match rows {
