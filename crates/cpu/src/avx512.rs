@@ -374,14 +374,17 @@ impl BcastWeight for f16 {
 
 /// At every cache line of element `i`, pulls the line ahead in each of the `C` weight rows from `w0`
 /// into L2: [`BCAST_AHEAD`] elements ahead in f32 rows, the next chunk ([`WIDE_K`]) in 16-bit ones,
-/// so that widening it reads from L2.
+/// so that widening it reads from L2. Past the end of the rows, the start of the `C` rows after them
+/// (the next block's, usually).
 #[inline(always)]
 unsafe fn prefetch_rows<W: BcastWeight, const C: usize>(w0: *const W, k: usize, i: usize) {
     if i.is_multiple_of(64 / std::mem::size_of::<W>()) {
-        let ahead = if W::WIDE { WIDE_K } else { BCAST_AHEAD };
+        let at = i + if W::WIDE { WIDE_K } else { BCAST_AHEAD };
+        // Rows are `k` apart: offset `at - k` of row `b + C` is `(C - 1) * k` past `b * k + at`.
+        let skip = if at < k { 0 } else { (C - 1) * k };
         for b in 0..C {
             // Only a hint: past the last row it names memory the kernel never reads, which cannot fault.
-            _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + i + ahead) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(w0.wrapping_add(b * k + at + skip) as *const i8);
         }
     }
 }
