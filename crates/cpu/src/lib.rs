@@ -10,7 +10,7 @@
 //! Shorter tiles (decode, the sparse experts of small batches) run
 //! register-blocked dot products straight on the checkpoint-layout weight
 //! rows (blocks of up to 4x6 fused multiply-adds, bf16/f16 widened in
-//! registers, or `vdpbf16ps` for bf16 inputs on bf16 weights where the CPU
+//! registers, or `vdpbf16ps` for bf16 inputs on bf16 weights under 8 rows where the CPU
 //! has AVX512-BF16). Without AVX-512: AVX2 and portable dot products, and the
 //! `gemm` crate's cache-blocked kernels for tiles taller than 64 rows.
 //! The tile grid does not depend on the thread count, so results are

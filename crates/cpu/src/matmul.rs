@@ -12,7 +12,8 @@
 //!   rows as stored (16-bit ones widened in L1 a chunk at a time; each output
 //!   one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
 //!   past a full one is split off into a tile of its own for the dot products;
-//! - bf16 against bf16 with AVX512-BF16: `vdpbf16ps` dot products;
+//! - bf16 against bf16 with AVX512-BF16, under [`DP_BF16_ROWS`] rows: `vdpbf16ps`
+//!   dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
 //!   products on the weight rows as stored (16-lane partial sums);
 //! - the rest: `gemm`'s cache-blocked kernels.
@@ -50,6 +51,13 @@ const BCAST_ROWS: usize = 14;
 /// 9.9-10.5 for 9, 10.4-10.6 for 12, 13.0-13.5 for 13; at K 768 the dot products stay ahead up to
 /// 13 rows: 2.6-4.1 ms against 4.2).
 const BCAST_ROWS_LONG_K: usize = 9;
+/// bf16-against-bf16 tiles under this many rows (and under [`BCAST_ROWS`]) run `vdpbf16ps` dot
+/// products; from it, the f32 dot products on bf16 weights widened in registers, which issue twice
+/// as many FMAs per cycle once the rows reuse each weight (see [`BCAST_ROWS`]; one thread,
+/// qwen3-30b-a3b gate/up / down, best of 4 x 15, GFLOP/s: 2 rows 32 / 35 against 44 / 39 with
+/// `vdpbf16ps`; 4 rows 64 / 64 against 64 / 64; 8 rows 77 / 80 against 73 / 70; 12 rows 80 / 81
+/// against 72 / 73).
+const DP_BF16_ROWS: usize = 8;
 /// Longest `k` at which the dot products' four input rows stay in L1 next to the weight rows.
 const SHORT_K: usize = 1024;
 /// A last lane block of at most this many rows past a full one runs on dot products instead
@@ -376,7 +384,7 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: 
             let sc = &mut *sc.borrow_mut();
             let wbase = t.expert * wrows * k;
             // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
-            let lhs = if simd.bf16_direct(input, weight) || t.xt.is_some() {
+            let lhs = if simd.bf16_direct(input, weight, t.rows) || t.xt.is_some() {
                 std::ptr::null()
             } else {
                 input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
@@ -442,7 +450,7 @@ fn product(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if simd.bf16_direct(input, weight) {
+    if simd.bf16_direct(input, weight, t.rows) {
         if let (Floats::BF16(x), Floats::BF16(w)) = (input, weight) {
             let (x, w) = (&x[t.row0 * k..(t.row0 + t.rows) * k], &w[at..at + t.cols * k]);
             // SAFETY: bf16_direct holds only where the CPU has AVX512-BF16; the slices are sized.
@@ -464,7 +472,8 @@ fn product(
 /// Instruction set of the narrow-tile dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
-    /// [`Simd::Avx512`], plus `vdpbf16ps` dot products for bf16 inputs against bf16 weights.
+    /// [`Simd::Avx512`], plus `vdpbf16ps` dot products for short tiles of bf16 inputs against bf16
+    /// weights.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
     #[cfg(target_arch = "x86_64")]
@@ -586,15 +595,16 @@ impl Simd {
         }
     }
 
-    /// Whether a tile that does not run the broadcast kernel ([`Simd::bcast_rows`]) runs bf16 dot
-    /// products on the bf16 input as it is: with AVX512-BF16, bf16 against bf16.
+    /// Whether a tile of `rows` rows that does not run the broadcast kernel ([`Simd::bcast_rows`])
+    /// runs `vdpbf16ps` dot products on the bf16 input as it is: with AVX512-BF16, bf16 against bf16,
+    /// under [`DP_BF16_ROWS`] rows.
     #[inline]
-    fn bf16_direct(self, input: Floats, weight: Floats) -> bool {
+    fn bf16_direct(self, input: Floats, weight: Floats, rows: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512Bf16 {
+        if self == Simd::Avx512Bf16 && rows < DP_BF16_ROWS {
             return matches!((input, weight), (Floats::BF16(_), Floats::BF16(_)));
         }
-        let _ = (input, weight);
+        let _ = (input, weight, rows);
         false
     }
 
