@@ -43,7 +43,8 @@ const NARROW_ROWS: usize = 64;
 /// same measure, GFLOP/s: 12 rows 60 / 63 against 73 / 72; 14 rows 73 / 73 against 73 / 72; 15 rows
 /// 78 / 78 against 76 / 73; 16 rows 81 / 84 against 73 / 74; 24 rows 80 / 80 against 77 / 74; 32
 /// rows 111 / 109 against 83 / 85 with a whole tile widened beforehand, as until 2026-11-29).
-/// Measured for bf16 against bf16 only; f16 and mixed dtypes use the same threshold.
+/// Measured for bf16 against bf16 only; f16, mixed dtypes and CPUs without AVX512-BF16 use the
+/// same threshold.
 const BCAST_ROWS: usize = 14;
 /// [`BCAST_ROWS`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay in
 /// L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the 8-row
