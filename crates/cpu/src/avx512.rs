@@ -346,12 +346,18 @@ const BCAST_K: usize = 8;
 /// gate/up at 16 rows per expert: 92 GFLOP/s with 8, 86-88 with 12, 74-76 with 16; `down` 91-93
 /// against 96-97 with 16).
 const ONE_C: usize = 8;
-/// Elements of `k` per chunk of 16-bit weight rows widened at a time: 12 rows of 256 f32 (12 KiB)
-/// stay in L1 while the lane blocks use them, and widening costs two vector ops per 16 elements
-/// against 16 FMAs or more.
+/// [`ONE_C`] for widened 16-bit weights: they come from L1, where 16 rows beat 8 (bf16, one thread,
+/// qwen3 shapes at 16 rows per expert, 6 alternations of 15 runs, best three: gate/up 90-94 against
+/// 78-86 GFLOP/s, `down` 67-98 against 55-85).
+const WIDE_ONE_C: usize = 16;
+/// Elements of `k` per chunk of 16-bit weight rows widened at a time: up to 16 rows of 256 f32
+/// (16 KiB) stay in L1 while the lane blocks use them, and widening costs two vector ops per 16
+/// elements against 16 FMAs or more.
 const WIDE_K: usize = 256;
-/// Most weight rows in one block of the broadcast kernel (the 2 x 12 blocks of [`bcast`]).
-const MAX_C: usize = 12;
+/// Weight rows per block of a pair of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
+const PAIR_C: usize = 12;
+/// Most weight rows in one block of the broadcast kernel ([`WIDE_ONE_C`]).
+const MAX_C: usize = 16;
 
 /// Weight rows that the broadcast kernel reads: f32 as stored, 16-bit widened to f32 (exactly) a
 /// chunk of [`WIDE_K`] elements at a time.
@@ -600,14 +606,20 @@ pub unsafe fn bcast<W: BcastWeight>(xt: &[f32], rows: usize, k: usize, w: &[W], 
     let blocks = rows.div_ceil(LANE_ROWS);
     assert!(xt.len() >= crate::matmul::interleaved_len(rows, k) && w.len() >= cols * k && out.len() >= rows * cols);
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
-    // Pairs of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
+    // Pairs of lane blocks, then the odd one.
     let pairs = (0, blocks / 2 * 2);
-    let c = bcast_cols::<W, 2, MAX_C>(xp, wp, k, pairs, rows, 0, cols, out);
+    let c = bcast_cols::<W, 2, PAIR_C>(xp, wp, k, pairs, rows, 0, cols, out);
     let c = bcast_cols::<W, 2, 4>(xp, wp, k, pairs, rows, c, cols, out);
     bcast_cols::<W, 2, 1>(xp, wp, k, pairs, rows, c, cols, out);
     // The odd lane block: input vectors held in registers over k chunks.
     if blocks % 2 == 1 {
         let (b0, mut c) = (blocks - 1, 0);
+        if W::WIDE {
+            while c + WIDE_ONE_C <= cols {
+                bcast_one::<W, WIDE_ONE_C>(xp, wp, k, b0, rows, c, cols, out);
+                c += WIDE_ONE_C;
+            }
+        }
         while c + ONE_C <= cols {
             bcast_one::<W, ONE_C>(xp, wp, k, b0, rows, c, cols, out);
             c += ONE_C;
@@ -709,7 +721,7 @@ mod tests {
             eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
             return;
         }
-        let cases: [(usize, usize, usize); 13] = [
+        let cases: [(usize, usize, usize); 14] = [
             (1, 1, 1),
             (8, 5, 37),
             (15, 29, 9),
@@ -723,6 +735,7 @@ mod tests {
             (16, 9, WIDE_K + 44),
             (40, 13, 2 * WIDE_K + 5),
             (24, 25, WIDE_K),
+            (16, 2 * WIDE_ONE_C + ONE_C + 5, 2 * WIDE_K + 9),
             // More lane blocks than one call of bcast_block takes (GROUPS pairs and one more).
             (2 * GROUPS * LANE_ROWS + 20, 13, WIDE_K + 3),
         ];
