@@ -342,9 +342,9 @@ pub unsafe fn dots_bf16(x: &[bf16], rows: usize, k: usize, w: &[bf16], cols: usi
 const BCAST_AHEAD: usize = 128;
 /// Elements of `k` per step of [`bcast_one`].
 const BCAST_K: usize = 8;
-/// Weight rows per [`bcast_one`] block: 8 rows in flight stream better than 16 (one thread, qwen3
-/// gate/up at 16 rows per expert: 92 GFLOP/s with 8, 86-88 with 12, 74-76 with 16; `down` 91-93
-/// against 96-97 with 16).
+/// Weight rows per [`bcast_one`] block on f32 weights, read as stored: 8 rows in flight stream
+/// better than 16 (one thread, qwen3 gate/up at 16 rows per expert: 92 GFLOP/s with 8, 86-88 with
+/// 12, 74-76 with 16; `down` 91-93 against 96-97 with 16).
 const ONE_C: usize = 8;
 /// [`ONE_C`] for widened 16-bit weights: they come from L1, where 16 rows beat 8 (bf16, one thread,
 /// qwen3 shapes at 16 rows per expert, 6 alternations of 15 runs, best three: gate/up 90-94 against
@@ -440,9 +440,9 @@ const GROUPS: usize = 4;
 /// The lane blocks `b_lo .. b_hi` (at most [`GROUPS`] groups of `RB`) against the `C` weight rows
 /// from `c0`: for each `k` one vector load per lane block and one broadcast weight per column,
 /// `RB * C` FMAs per group. Each group runs over a whole chunk of `k` with its accumulators in
-/// registers, which wait in `accs` between chunks: a widened chunk serves every group (16-bit
-/// weights were widened once per group before: DeepSeek-V3 `down` at 128 rows, one thread, 108
-/// against 115 GFLOP/s with weights widened per tile), and f32 rows are one chunk.
+/// registers, which wait in `accs` between chunks, so that a widened chunk serves every group
+/// (DeepSeek-V3 `down` at 128 rows, one thread: 121 GFLOP/s, against 108 with each chunk widened
+/// again for every pair); f32 rows are one chunk.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn bcast_block<W: BcastWeight, const RB: usize, const C: usize>(
