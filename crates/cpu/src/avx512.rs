@@ -356,8 +356,9 @@ const WIDE_ONE_C: usize = 16;
 const WIDE_K: usize = 256;
 /// Weight rows per block of a pair of lane blocks: 2 x 12 accumulators, 14 loads per 24 FMAs.
 const PAIR_C: usize = 12;
-/// Most weight rows in one block of the broadcast kernel ([`WIDE_ONE_C`]).
-const MAX_C: usize = 16;
+/// Most weight rows in one block of the broadcast kernel: the rows of the buffer a chunk is
+/// widened into ([`rows_f32`] checks every block against it when it is compiled).
+const MAX_C: usize = if WIDE_ONE_C > PAIR_C { WIDE_ONE_C } else { PAIR_C };
 
 /// Weight rows that the broadcast kernel reads: f32 as stored, 16-bit widened to f32 (exactly) a
 /// chunk of [`WIDE_K`] elements at a time.
@@ -405,6 +406,8 @@ unsafe fn rows_f32<W: BcastWeight, const C: usize>(
     (k0, kc): (usize, usize),
     buf: *mut f32,
 ) -> (*const f32, usize) {
+    // `buf` holds MAX_C rows: a wider block would write past it.
+    const { assert!(C <= MAX_C) };
     if !W::WIDE {
         // W is f32 here.
         return (w0.add(k0) as *const f32, k);
