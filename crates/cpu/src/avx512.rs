@@ -427,6 +427,11 @@ unsafe fn rows_f32<W: BcastWeight, const C: usize>(
     (buf, WIDE_K)
 }
 
+/// Where [`rows_f32`] widens a chunk: on cache lines, so that none of its vector stores is split
+/// over two.
+#[repr(C, align(64))]
+struct WideBuf([f32; MAX_C * WIDE_K]);
+
 /// The chunks of `k` that [`rows_f32`] takes: all of it for f32 rows.
 #[inline(always)]
 fn chunk_len<W: BcastWeight>(k: usize) -> usize {
@@ -461,7 +466,7 @@ unsafe fn bcast_block<W: BcastWeight, const RB: usize, const C: usize>(
     let groups = (b_hi - b_lo) / RB;
     let mut accs = [[[_mm512_setzero_ps(); C]; RB]; GROUPS];
     let w0 = wp.add(c0 * k);
-    let mut buf = std::mem::MaybeUninit::<[f32; MAX_C * WIDE_K]>::uninit();
+    let mut buf = std::mem::MaybeUninit::<WideBuf>::uninit();
     for k0 in (0..k).step_by(chunk_len::<W>(k)) {
         let kc = chunk_len::<W>(k).min(k - k0);
         // Only the rows and elements just written are read from `buf`.
@@ -515,7 +520,7 @@ unsafe fn bcast_one<W: BcastWeight, const C: usize>(
     let mut acc = [_mm512_setzero_ps(); C];
     let xb = xt.add(b0 * LANE_ROWS * k);
     let w0 = wp.add(c0 * k);
-    let mut buf = std::mem::MaybeUninit::<[f32; MAX_C * WIDE_K]>::uninit();
+    let mut buf = std::mem::MaybeUninit::<WideBuf>::uninit();
     for k0 in (0..k).step_by(chunk_len::<W>(k)) {
         let kc = chunk_len::<W>(k).min(k - k0);
         // As in bcast_block.

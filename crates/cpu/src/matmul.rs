@@ -342,10 +342,14 @@ fn run_tiles(
     // in the parallel sections below, rayon may run another call's tiles on it), else a new one.
     let mut held = buf.try_lock().ok();
     let mut own = Vec::new();
-    let xt = held.as_deref_mut().unwrap_or(&mut own);
+    let buf = held.as_deref_mut().unwrap_or(&mut own);
     for batch in &batches {
+        // The lane blocks start on a cache line: each of their vector loads then reads one line
+        // instead of two (the allocator aligns large buffers to 16 bytes only).
+        buf.resize(batch.xt_len + LINE_F32, 0.0);
+        let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
+        let xt = &mut buf[skip..skip + batch.xt_len];
         if !batch.ranges.is_empty() {
-            xt.resize(batch.xt_len, 0.0);
             let mut parts = Vec::with_capacity(batch.ranges.len());
             let mut rest = &mut xt[..];
             for &(row0, rows) in &batch.ranges {
@@ -360,6 +364,9 @@ fn run_tiles(
         run_tile_list(simd, input, &batch.tiles, xt, weight, out, s);
     }
 }
+
+/// f32 per cache line.
+const LINE_F32: usize = 64 / std::mem::size_of::<f32>();
 
 /// Tiles run together, and the row ranges of their broadcast tiles, `(first row, rows)`, in the
 /// order of the interleaved buffer (`xt_len` f32).
