@@ -101,6 +101,24 @@ pub fn interleaved_len(rows: usize, k: usize) -> usize {
 /// blocks the broadcast kernel reads: block `b` is `[k][LANE_ROWS]` with row `row0 + b * LANE_ROWS +
 /// l` in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k)` values.
 pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx512::has_avx512() {
+        let r = row0 * k..(row0 + rows) * k;
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked just above).
+        unsafe {
+            match x {
+                Floats::F32(v) => crate::avx512::interleave(&v[r], rows, k, dst),
+                Floats::BF16(v) => crate::avx512::interleave(&v[r], rows, k, dst),
+                Floats::F16(v) => crate::avx512::interleave(&v[r], rows, k, dst),
+            }
+        }
+        return;
+    }
+    interleave_portable(x, row0, rows, k, dst)
+}
+
+/// [`interleave`] element by element (the reference of its tests, and the path without AVX-512).
+pub fn interleave_portable(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
     match x {
         Floats::F32(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, |v| v),
         Floats::BF16(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, bf16_to_f32),
@@ -747,6 +765,38 @@ mod tests {
                     let got = dst[(b * k + kk) * LANE_ROWS + l];
                     assert_eq!(got.to_bits(), want.to_bits(), "block {b} k {kk} lane {l}");
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 interleave (16 x 16 transposes) writes the same bits as the element-by-element
+    /// one, for every dtype, partial lane blocks and `k` not a multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn interleave_transposed_equals_portable() {
+        if !crate::avx512::has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        for (rows, k, row0) in [
+            (1, 1, 0),
+            (16, 16, 0),
+            (19, 3, 2),
+            (5, 17, 1),
+            (33, 40, 3),
+            (48, 64, 0),
+            (31, 100, 5),
+        ] {
+            let v: Vec<f32> = (0..(row0 + rows) * k).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+            let vb: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            let vh: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            for x in [Floats::F32(&v), Floats::BF16(&vb), Floats::F16(&vh)] {
+                let mut want = vec![f32::NAN; interleaved_len(rows, k)];
+                interleave_portable(x, row0, rows, k, &mut want);
+                let mut got = vec![f32::NAN; interleaved_len(rows, k)];
+                interleave(x, row0, rows, k, &mut got);
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{rows} rows, k {k}, row0 {row0}");
             }
         }
     }
