@@ -7,7 +7,8 @@
 //! interleaved once per call into 16-lane blocks and each weight element, as
 //! stored (16-bit ones widened to f32 in L1 a chunk at a time), is broadcast
 //! against 16 rows at a time.
-//! Shorter tiles (decode, the sparse experts of small batches) run
+//! Shorter tiles (decode, the sparse experts of small batches), and the last
+//! few rows past a full lane block (up to 4, or 8 with 16-bit weights), run
 //! register-blocked dot products straight on the checkpoint-layout weight
 //! rows (blocks of up to 4x6 fused multiply-adds, bf16/f16 widened in
 //! registers, or `vdpbf16ps` for bf16 inputs on bf16 weights under 8 rows where the CPU

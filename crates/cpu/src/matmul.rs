@@ -11,7 +11,8 @@
 //!   on input rows interleaved (and widened) once per call, against the weight
 //!   rows as stored (16-bit ones widened in L1 a chunk at a time; each output
 //!   one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
-//!   past a full one is split off into a tile of its own for the dot products;
+//!   ([`SPLIT_ROWS_WIDE`] with 16-bit weights) past a full one is split off
+//!   into a tile of its own for the dot products;
 //! - bf16 against bf16 with AVX512-BF16, under [`DP_BF16_ROWS`] rows: `vdpbf16ps`
 //!   dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
@@ -66,6 +67,12 @@ const SHORT_K: usize = 1024;
 /// 11.3 / 11.9-12.1 ms against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8
 /// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
 const SPLIT_ROWS: usize = 4;
+/// [`SPLIT_ROWS`] for 16-bit weights, whose lane blocks pay for widening too: up to 8 rows left
+/// run cheaper as dot products (one thread, 8 experts, best of 5 x 15, gate/up / down GFLOP/s: bf16
+/// 21 rows 95 / 95 against 80 / 76 for two lane blocks, 23 rows 91 / 92 against 88 / 85, 24 rows
+/// 96 / 94 against 93 / 85; f16 21 rows 88 / 78 against 81 / 67; f32 weights were slower split
+/// at 22-24 rows: 80-92 against 91-101).
+const SPLIT_ROWS_WIDE: usize = 8;
 
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
@@ -637,7 +644,7 @@ impl Simd {
     /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
     /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows
     /// ([`BCAST_ROWS_LONG_K`] with f32 input and weights past [`SHORT_K`] inputs), except a last
-    /// lane block of at most [`SPLIT_ROWS`] rows past a full one.
+    /// lane block of at most [`SPLIT_ROWS`] ([`SPLIT_ROWS_WIDE`]) rows past a full one.
     #[inline]
     fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
@@ -646,10 +653,14 @@ impl Simd {
                 (Floats::F32(_), Floats::F32(_)) if k > SHORT_K => BCAST_ROWS_LONG_K,
                 _ => BCAST_ROWS,
             };
+            let split = match weight {
+                Floats::F32(_) => SPLIT_ROWS,
+                _ => SPLIT_ROWS_WIDE,
+            };
             let part = rows % LANE_ROWS;
             return match rows {
                 r if r < min => 0,
-                r if r > LANE_ROWS && part <= SPLIT_ROWS => r - part,
+                r if r > LANE_ROWS && part <= split => r - part,
                 r => r,
             };
         }
@@ -803,7 +814,8 @@ mod tests {
 
     /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output of the
     /// broadcast rows is still the kernel's FMA chain over its own input row, and the rows split
-    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4) are right too.
+    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4, and 40 = 32 + 8 with bf16 weights) are
+    /// right too, for f32 and bf16 weights.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn batches_of_interleaved_rows() {
@@ -820,7 +832,7 @@ mod tests {
         let w: Vec<f32> = (0..per.len() * n * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
             .collect();
-        let mut y = vec![f32::NAN; rows * n];
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let s = GemmShape {
             rows,
             in_features: k,
@@ -828,29 +840,34 @@ mod tests {
             experts: per.len(),
             activation: Activation::None,
         };
-        let buf = Mutex::new(Vec::new());
-        grouped_matmul(
-            Simd::Avx512,
-            &buf,
-            Floats::F32(&x),
-            &off,
-            Floats::F32(&w),
-            OutPtr::new(&mut y),
-            s,
-        );
-        for e in 0..per.len() {
-            for r in off[e]..off[e + 1] {
-                for c in 0..n {
-                    let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
-                    let head = Simd::Avx512.bcast_rows(Floats::F32(&x), Floats::F32(&w), per[e], k);
-                    let want = if r - off[e] < head {
-                        (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
-                    } else {
-                        let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
-                        assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "expert {e} row {r} col {c}");
-                        continue;
-                    };
-                    assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
+        // f32 weights split off up to SPLIT_ROWS rows, 16-bit ones up to SPLIT_ROWS_WIDE (40 = 32 + 8).
+        let wide: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        for (weight, wv) in [(Floats::F32(&w), &w), (Floats::BF16(&wb), &wide)] {
+            let mut y = vec![f32::NAN; rows * n];
+            let buf = Mutex::new(Vec::new());
+            grouped_matmul(
+                Simd::Avx512,
+                &buf,
+                Floats::F32(&x),
+                &off,
+                weight,
+                OutPtr::new(&mut y),
+                s,
+            );
+            for e in 0..per.len() {
+                let head = Simd::Avx512.bcast_rows(Floats::F32(&x), weight, per[e], k);
+                for r in off[e]..off[e + 1] {
+                    for c in 0..n {
+                        let wr = &wv[(e * n + c) * k..(e * n + c + 1) * k];
+                        let want = if r - off[e] < head {
+                            (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
+                        } else {
+                            let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
+                            assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "expert {e} row {r} col {c}");
+                            continue;
+                        };
+                        assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
+                    }
                 }
             }
         }
