@@ -3,7 +3,7 @@
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
 //! output columns) spread over the pool. With AVX-512, tiles of 14 rows or
-//! more (9 for f32 when K > 1024) run a broadcast kernel: the input rows are
+//! more (f32: 10, or 9 when K > 1024) run a broadcast kernel: the input rows are
 //! interleaved once per call into 16-lane blocks and each weight element, as
 //! stored (16-bit ones widened to f32 in L1 a chunk at a time), is broadcast
 //! against 16 rows at a time.

@@ -6,8 +6,8 @@
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
 //! only on the dtypes, the instruction set, `k` and the tile's height:
-//! - with AVX-512, tiles of [`BCAST_ROWS`] rows or more ([`BCAST_ROWS_LONG_K`]
-//!   for f32 when `k` is long): the broadcast kernel ([`crate::avx512::bcast`])
+//! - with AVX-512, tiles of [`BCAST_ROWS`] rows or more ([`BCAST_ROWS_F32`] and
+//!   [`BCAST_ROWS_LONG_K`] for f32): the broadcast kernel ([`crate::avx512::bcast`])
 //!   on input rows interleaved (and widened) once per call, against the weight
 //!   rows as stored (16-bit ones widened in L1 a chunk at a time; each output
 //!   one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
@@ -47,12 +47,17 @@ const NARROW_ROWS: usize = 64;
 /// Measured for bf16 against bf16 only; f16, mixed dtypes and CPUs without AVX512-BF16 use the
 /// same threshold.
 const BCAST_ROWS: usize = 14;
-/// [`BCAST_ROWS`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay in
-/// L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the 8-row
-/// blocks of 671c287: 8.5-9.1 ms from 8 to 13 rows, against dot products at 7.2-8.8 for 8 rows,
-/// 9.9-10.5 for 9, 10.4-10.6 for 12, 13.0-13.5 for 13; at K 768 the dot products stay ahead up to
-/// 13 rows: 2.6-4.1 ms against 4.2).
+/// [`BCAST_ROWS`] for f32 where `k` is above [`SHORT_K`]: the dot products' input rows no longer
+/// stay in L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the
+/// 8-row blocks of 671c287: 8.5-9.1 ms from 8 to 13 rows, against dot products at 7.2-8.8 for 8
+/// rows, 9.9-10.5 for 9, 10.4-10.6 for 12, 13.0-13.5 for 13).
 const BCAST_ROWS_LONG_K: usize = 9;
+/// [`BCAST_ROWS`] for f32 inputs and weights up to [`SHORT_K`]: since the broadcast kernel's loads
+/// stay on cache lines and its single lane block keeps independent FMA chains in flight (ff26870,
+/// 68f5e94), it beats the dot products from 10 rows (one thread, 8 experts, best of 5 x 15,
+/// GFLOP/s at K 768 / K 1024: 10 rows 67 / 69 against 64 / 58, 12 rows 83 / 80 against 68 / 71,
+/// 13 rows 87 / 87 against 63 / 66).
+const BCAST_ROWS_F32: usize = 10;
 /// bf16-against-bf16 tiles under this many rows (and under [`BCAST_ROWS`]) run `vdpbf16ps` dot
 /// products; from it, the f32 dot products on bf16 weights widened in registers, which issue twice
 /// as many FMAs per cycle once the rows reuse each weight (see [`BCAST_ROWS`]; one thread,
@@ -642,8 +647,8 @@ impl Simd {
     }
 
     /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
-    /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows
-    /// ([`BCAST_ROWS_LONG_K`] with f32 input and weights past [`SHORT_K`] inputs), except a last
+    /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows (f32 input
+    /// and weights: [`BCAST_ROWS_F32`], [`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs), except a last
     /// lane block of at most [`SPLIT_ROWS`] ([`SPLIT_ROWS_WIDE`]) rows past a full one.
     #[inline]
     fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
@@ -651,6 +656,7 @@ impl Simd {
         if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
             let min = match (input, weight) {
                 (Floats::F32(_), Floats::F32(_)) if k > SHORT_K => BCAST_ROWS_LONG_K,
+                (Floats::F32(_), Floats::F32(_)) => BCAST_ROWS_F32,
                 _ => BCAST_ROWS,
             };
             let split = match weight {
@@ -815,7 +821,7 @@ mod tests {
     /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output of the
     /// broadcast rows is still the kernel's FMA chain over its own input row, and the rows split
     /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4, and 40 = 32 + 8 with bf16 weights) are
-    /// right too, for f32 and bf16 weights.
+    /// right too, for f32 and bf16 weights (12 rows: the broadcast kernel on f32, dot products on bf16).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn batches_of_interleaved_rows() {
@@ -823,7 +829,7 @@ mod tests {
             eprintln!("SKIPPED: no AVX-512 on this CPU");
             return;
         }
-        let (k, n, per) = (64usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17]);
+        let (k, n, per) = (64usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17, 12]);
         let mut off = vec![0];
         per.iter().for_each(|r| off.push(off.last().unwrap() + r));
         let rows = *off.last().unwrap();
