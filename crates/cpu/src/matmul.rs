@@ -381,9 +381,9 @@ fn run_tiles(
                 batch.xt_len += need;
                 batch.xt_len - need
             });
-            let tile_cols = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu);
-            for col0 in (0..n).step_by(tile_cols) {
-                let cols = tile_cols.min(n - col0);
+            let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu);
+            for col0 in (0..n).step_by(width) {
+                let cols = width.min(n - col0);
                 // The broadcast rows, then the rest on dot products, next to each other in the list
                 // so that the same thread tends to run both while the weights are in its cache.
                 for (row0, rows, xt) in [(row0, head, xt), (row0 + head, rows - head, None)] {
@@ -853,8 +853,9 @@ mod tests {
 
     /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output of the
     /// broadcast rows is still the kernel's FMA chain over its own input row, and the rows split
-    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4, and 40 = 32 + 8 with bf16 weights) are
-    /// right too, for f32 and bf16 weights (12 rows: the broadcast kernel on f32, dot products on bf16).
+    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4, and 40 = 32 + 8 with bf16
+    /// weights) are right too, for f32 and bf16 weights (12 rows: the broadcast kernel on f32, dot
+    /// products on bf16).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn batches_of_interleaved_rows() {
