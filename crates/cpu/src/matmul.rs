@@ -408,8 +408,12 @@ fn run_tiles(
     let buf = held.as_deref_mut().unwrap_or(&mut own);
     for batch in &batches {
         // The lane blocks start on a cache line: each of their vector loads then reads one line
-        // instead of two (the allocator aligns large buffers to 16 bytes only).
-        buf.resize(batch.xt_len + LINE_F32, 0.0);
+        // instead of two (the allocator aligns large buffers to 16 bytes only). The buffer only
+        // grows: `interleave` rewrites every value read, and shrinking it for a call without
+        // broadcast tiles (decode) made the next large call zero up to 64 MiB again.
+        if buf.len() < batch.xt_len + LINE_F32 {
+            buf.resize(batch.xt_len + LINE_F32, 0.0);
+        }
         let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
         let xt = &mut buf[skip..skip + batch.xt_len];
         if !batch.ranges.is_empty() {
