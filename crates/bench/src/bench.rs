@@ -526,11 +526,6 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     let x = b
         .upload(random_host(seed, rows * kd, -1.0, 1.0, dtype).as_slice())
         .map_err(err)?;
-    let w = b
-        .upload(random_host(seed + 1, nd * kd, -0.02, 0.02, dtype).as_slice())
-        .map_err(err)?;
-    let offsets = b.upload(HostSlice::U32(&[0, rows as u32])).map_err(err)?;
-    let mut y = b.alloc(dtype, rows * nd).map_err(err)?;
     let shape = GemmShape {
         rows,
         in_features: kd,
@@ -538,6 +533,12 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
         experts: 1,
         activation: Activation::None,
     };
+    // Weights go up as the layer's do (packed where the backend packs them).
+    let w = b
+        .upload_weights(random_host(seed + 1, nd * kd, -0.02, 0.02, dtype).as_slice(), shape)
+        .map_err(err)?;
+    let offsets = b.upload(HostSlice::U32(&[0, rows as u32])).map_err(err)?;
+    let mut y = b.alloc(dtype, rows * nd).map_err(err)?;
     let (t, clock) = best_ms(b, || b.grouped_matmul(&x, &offsets, &w, &mut y, shape))?;
     let mut clocks = vec![clock];
     let gemm_gflops = 2.0 * (rows * kd * nd) as f64 / (t * 1e-3) / 1e9;
@@ -554,12 +555,6 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     let x = b
         .upload(random_host(seed + 2, experts * kd, -1.0, 1.0, dtype).as_slice())
         .map_err(err)?;
-    let w = b
-        .upload(random_host(seed + 3, experts * nd * kd, -0.02, 0.02, dtype).as_slice())
-        .map_err(err)?;
-    let offsets: Vec<u32> = (0..=experts as u32).collect();
-    let offsets = b.upload(HostSlice::U32(&offsets)).map_err(err)?;
-    let mut y = b.alloc(dtype, experts * nd).map_err(err)?;
     let shape = GemmShape {
         rows: experts,
         in_features: kd,
@@ -567,6 +562,15 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
         experts,
         activation: Activation::None,
     };
+    let w = b
+        .upload_weights(
+            random_host(seed + 3, experts * nd * kd, -0.02, 0.02, dtype).as_slice(),
+            shape,
+        )
+        .map_err(err)?;
+    let offsets: Vec<u32> = (0..=experts as u32).collect();
+    let offsets = b.upload(HostSlice::U32(&offsets)).map_err(err)?;
+    let mut y = b.alloc(dtype, experts * nd).map_err(err)?;
     let (t, clock) = best_ms(b, || b.grouped_matmul(&x, &offsets, &w, &mut y, shape))?;
     clocks.push(clock);
     let gemv_gbps = (experts * (nd * kd + kd + nd) * dtype.size()) as f64 / (t * 1e-3) / 1e9;
@@ -666,8 +670,9 @@ impl Sweep<'_> {
         let ds = dt.size() as f64;
         let tmax = *self.tokens.iter().max().expect("at least one token count");
         let router_w = b.upload(HostSlice::F32(&lw.router_weight)).map_err(err)?;
-        let gate_up = b.upload(lw.gate_up.as_slice()).map_err(err)?;
-        let down = b.upload(lw.down.as_slice()).map_err(err)?;
+        let shapes = LayerShapes::new(0, h, i, e, k);
+        let gate_up = b.upload_weights(lw.gate_up.as_slice(), shapes.gate_up).map_err(err)?;
+        let down = b.upload_weights(lw.down.as_slice(), shapes.down).map_err(err)?;
         let x = b
             .upload(random_host(self.seed + 10, tmax * h, -1.0, 1.0, dt).as_slice())
             .map_err(err)?;

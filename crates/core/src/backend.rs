@@ -335,6 +335,16 @@ pub trait Backend: Send + Sync {
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;
     fn upload(&self, data: HostSlice<'_>) -> Result<Self::Buffer>;
+    /// Uploads expert weights (`[E, N, K]`, or `[E, 2N, K]` for SwiGLU, as checkpoints store them)
+    /// for [`Backend::grouped_matmul`] calls of `shape` (its `rows` is ignored), in whatever layout
+    /// that backend's kernels read fastest: weights are packed once here, never at call time. The
+    /// buffer is for grouped matmuls with the same experts, weight rows and `K` (another shape gets
+    /// an error), [`Backend::download`] returns the checkpoint layout, and [`Backend::write`] takes
+    /// it too. The default checks the length and calls [`Backend::upload`]; the CPU packs.
+    fn upload_weights(&self, data: HostSlice<'_>, shape: GemmShape) -> Result<Self::Buffer> {
+        crate::check::weights(&data, shape)?;
+        self.upload(data)
+    }
     /// Overwrites the first `data.len()` elements of `buf`.
     fn write(&self, buf: &mut Self::Buffer, data: HostSlice<'_>) -> Result<()>;
     /// Waits for pending work and copies the whole buffer to the host.

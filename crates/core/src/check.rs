@@ -214,6 +214,40 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
     )
 }
 
+/// Expert weights for [`crate::Backend::upload_weights`]: a float dtype, and exactly
+/// `experts * weight_rows * in_features` elements.
+pub fn weights(data: &crate::HostSlice<'_>, s: GemmShape) -> Result<()> {
+    nonzero("experts", s.experts)?;
+    nonzero("in_features", s.in_features)?;
+    nonzero("out_features", s.out_features)?;
+    if !data.dtype().is_float() {
+        return Err(MoeError::DType {
+            what: "expert weights".to_string(),
+            got: data.dtype(),
+            expected: "a float dtype".to_string(),
+        });
+    }
+    let rows = checked_mul(s.out_features, 2, "2 * out_features")?;
+    let rows = if s.activation == crate::backend::Activation::SwiGlu {
+        rows
+    } else {
+        s.out_features
+    };
+    let want = checked_mul(
+        s.experts,
+        checked_mul(rows, s.in_features, "weight rows * in_features")?,
+        "experts * weight size",
+    )?;
+    if data.len() != want {
+        return Err(MoeError::shape(
+            "expert weights length",
+            data.len(),
+            format!("experts * weight rows * in_features = {want}"),
+        ));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn combine<B: DeviceBuffer + ?Sized>(
     backend: &str,

@@ -537,7 +537,15 @@ fn ragged_offsets(rng: &mut Rng, rows: usize, experts: usize, used: usize) -> Ve
     off
 }
 
-fn check_gemm<B: Backend>(b: &B, dtype: DType, s: GemmShape, used: usize, seed: u64) -> Result<(f64, f64), String> {
+/// `packed`: the weights go up with [`Backend::upload_weights`] (and must download unchanged).
+fn check_gemm<B: Backend>(
+    b: &B,
+    dtype: DType,
+    s: GemmShape,
+    used: usize,
+    seed: u64,
+    packed: bool,
+) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
     let offsets = ragged_offsets(&mut rng, s.rows, s.experts, used);
     let scale = 1.0 / (s.in_features as f32).sqrt();
@@ -551,8 +559,16 @@ fn check_gemm<B: Backend>(b: &B, dtype: DType, s: GemmShape, used: usize, seed: 
     let (xb, ob, wb) = (
         b.upload(x.as_slice()).map_err(e2s)?,
         b.upload(HostSlice::U32(&offsets)).map_err(e2s)?,
-        b.upload(w.as_slice()).map_err(e2s)?,
+        if packed {
+            b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..s })
+        } else {
+            b.upload(w.as_slice())
+        }
+        .map_err(e2s)?,
     );
+    if packed && b.download(&wb).map_err(e2s)? != w {
+        return Err("upload_weights then download did not give the weights back".into());
+    }
     let mut yb = b.upload(out0.as_slice()).map_err(e2s)?;
     b.grouped_matmul(&xb, &ob, &wb, &mut yb, s).map_err(e2s)?;
     let got = floats(b, &yb, s.rows * s.out_features)?;
@@ -821,6 +837,14 @@ fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Outcome)> {
             b.grouped_matmul(&x, &off, &wb, &mut y, gs),
         ));
         v.push((
+            "upload_weights: length is not experts * weight rows * K".into(),
+            b.upload_weights(HostSlice::F32(&[0.0; 5]), gs).map(|_| ()),
+        ));
+        v.push((
+            "upload_weights: u32 weights".into(),
+            b.upload_weights(HostSlice::U32(&[0; 72]), gs).map(|_| ()),
+        ));
+        v.push((
             "grouped_matmul: in_features = 0".into(),
             b.grouped_matmul(&x, &off, &wt, &mut y, GemmShape { in_features: 0, ..gs }),
         ));
@@ -966,10 +990,13 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
                     experts: e,
                     activation: act,
                 };
-                let name = format!("rows={m} K={kf} N={n} E={e} {act:?}");
-                r.push("grouped_matmul", name, dtype, || {
-                    check_gemm(b, dtype, s, m, (m * 7 + kf + e) as u64)
-                });
+                for packed in [false, true] {
+                    let how = if packed { "upload_weights" } else { "upload" };
+                    let name = format!("rows={m} K={kf} N={n} E={e} {act:?} weights by {how}");
+                    r.push("grouped_matmul", name, dtype, || {
+                        check_gemm(b, dtype, s, m, (m * 7 + kf + e) as u64, packed)
+                    });
+                }
             }
         }
         let s = GemmShape {
@@ -983,7 +1010,7 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
             "grouped_matmul",
             "offsets[E] < rows (tail untouched)".into(),
             dtype,
-            || check_gemm(b, dtype, s, 13, 5),
+            || check_gemm(b, dtype, s, 13, 5, false),
         );
     }
     r

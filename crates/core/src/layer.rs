@@ -269,14 +269,18 @@ impl<B: Backend> MoeLayer<B> {
         }
         caps.check_route(backend.name(), &weights.router)?;
         let router_weight = backend.upload(HostSlice::F32(&weights.router_weight))?;
-        let gate_up = backend.upload(weights.gate_up.as_slice())?;
-        let down = backend.upload(weights.down.as_slice())?;
+        // Expert weights go up for the shapes of the forward pass (any token count), packed where
+        // the backend packs them.
+        let (h, r) = (weights.hidden_size, &weights.router);
+        let ls = LayerShapes::new(0, h, weights.intermediate_size, r.num_experts, r.top_k);
+        let gate_up = backend.upload_weights(weights.gate_up.as_slice(), ls.gate_up)?;
+        let down = backend.upload_weights(weights.down.as_slice(), ls.down)?;
         let shared = match &weights.shared {
             None => None,
             Some(s) => Some(SharedDev {
                 inter: s.intermediate_size,
-                gate_up: backend.upload(s.gate_up.as_slice())?,
-                down: backend.upload(s.down.as_slice())?,
+                gate_up: backend.upload_weights(s.gate_up.as_slice(), shared_shapes(0, h, s.intermediate_size).0)?,
+                down: backend.upload_weights(s.down.as_slice(), shared_shapes(0, h, s.intermediate_size).1)?,
                 gate: s.gate.as_ref().map(|g| backend.upload(HostSlice::F32(g))).transpose()?,
             }),
         };
@@ -418,6 +422,25 @@ impl<B: Backend> MoeLayer<B> {
     }
 }
 
+/// The shared expert's gate/up and down matmuls for `tokens` tokens (one expert, every row).
+fn shared_shapes(tokens: usize, h: usize, inter: usize) -> (GemmShape, GemmShape) {
+    let up = GemmShape {
+        rows: tokens,
+        in_features: h,
+        out_features: inter,
+        experts: 1,
+        activation: Activation::SwiGlu,
+    };
+    let dn = GemmShape {
+        rows: tokens,
+        in_features: inter,
+        out_features: h,
+        experts: 1,
+        activation: Activation::None,
+    };
+    (up, dn)
+}
+
 /// The kernels of one layer forward, in order (the body of [`MoeLayer::forward_into`], run inside
 /// [`Backend::run`]).
 #[allow(clippy::too_many_arguments)]
@@ -444,21 +467,8 @@ fn kernels<B: Backend>(
     b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
     if let (Some(sh), Some(ss)) = (shared, s.shared.as_mut()) {
         b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;
-        let up = GemmShape {
-            rows: tokens,
-            in_features: h,
-            out_features: sh.inter,
-            experts: 1,
-            activation: Activation::SwiGlu,
-        };
+        let (up, dn) = shared_shapes(tokens, h, sh.inter);
         b.grouped_matmul(x, &ss.offsets, &sh.gate_up, &mut ss.act, up)?;
-        let dn = GemmShape {
-            rows: tokens,
-            in_features: sh.inter,
-            out_features: h,
-            experts: 1,
-            activation: Activation::None,
-        };
         b.grouped_matmul(&ss.act, &ss.offsets, &sh.down, &mut ss.out, dn)?;
         if let Some(g) = &sh.gate {
             b.router_logits(

@@ -695,6 +695,245 @@ pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, dst: &mut [f
     }
 }
 
+/// Thirty-two packed weights of one input index ([`crate::pack`]) as f32 in two registers:
+/// rows 0-15 and 16-31 of the block.
+pub trait Wide32: Copy {
+    /// Cache lines of 32 weights.
+    const LINES: usize = 32 * std::mem::size_of::<Self>() / 64;
+    /// # Safety
+    /// 32 elements must be readable from `p`; the CPU must have AVX-512 F and BW.
+    unsafe fn load32(p: *const Self) -> (__m512, __m512);
+}
+
+impl Wide32 for f32 {
+    #[inline(always)]
+    unsafe fn load32(p: *const f32) -> (__m512, __m512) {
+        (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+    }
+}
+
+impl Wide32 for bf16 {
+    /// Rows `j` and `16 + j` share lane `j` (low and high half): the high half is already an f32
+    /// once the low bits are masked off, and the low half is one after a shift. Two integer
+    /// operations per 32 weights, no shuffle.
+    #[inline(always)]
+    unsafe fn load32(p: *const bf16) -> (__m512, __m512) {
+        let raw = _mm512_loadu_si512(p as *const _);
+        let hi = _mm512_and_si512(raw, _mm512_set1_epi32(0xffff_0000u32 as i32));
+        (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw)),
+            _mm512_castsi512_ps(hi),
+        )
+    }
+}
+
+impl Wide32 for f16 {
+    #[inline(always)]
+    unsafe fn load32(p: *const f16) -> (__m512, __m512) {
+        let (a, b) = (
+            _mm256_loadu_si256(p as *const __m256i),
+            _mm256_loadu_si256(p.add(16) as *const __m256i),
+        );
+        (_mm512_cvtph_ps(a), _mm512_cvtph_ps(b))
+    }
+}
+
+/// Most input rows of one packed register block: `2 * R` accumulators, two widened weight
+/// vectors, the raw load and the mask fit the 32 `zmm`.
+const PACKED_R: usize = 12;
+/// Most packed blocks of one register block (for blocks of at most 3 rows).
+const PACKED_NB: usize = 4;
+/// Input indices ahead that [`packed_rows`] prefetches its weights: one stream per block is too
+/// few for the hardware prefetchers to keep up (one thread, 8 experts of qwen3-30b-a3b gate/up
+/// in DRAM, bf16, GFLOP/s at 8 / 16 rows: none 41-70 / 71-74, 32 ahead 134-139 / 97-107, 64 ahead
+/// 141-145 / 121-141, 128 ahead 128-144 / 110-141; standalone copy of the kernel).
+const PACKED_AHEAD: usize = 64;
+/// Outputs per row of a register block's results.
+const PACKED_OUT: usize = PACKED_NB * 32;
+
+/// Accumulates `R` interleaved input rows from `x` (lane stride [`LANE_ROWS`]) against `NB` packed
+/// blocks from `w` (`stride` elements apart) over the input indices `k0 .. k1`, into
+/// `io[r * PACKED_OUT + c]` (zero first when `k0` is 0): per input index, one 32-weight load per
+/// block widened once, then `R` broadcasts of an input each feeding `2 * NB` FMAs. Each output is
+/// one FMA chain over `k` in ascending order, held in a register within the range and in `io`
+/// between ranges.
+///
+/// Short blocks (decode) take several weight blocks at once: one input row against one block has
+/// two dependent FMA chains and one memory stream.
+///
+/// # Safety
+/// `io` must hold `R * PACKED_OUT` f32; `x` and `w` as [`packed`] sizes them.
+#[inline(always)]
+unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
+    x: *const f32,
+    (k0, k1): (usize, usize),
+    w: *const W,
+    stride: usize,
+    io: *mut f32,
+) {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; R];
+    if k0 > 0 {
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (j, a) in a.iter_mut().enumerate() {
+                let o = io.add(r * PACKED_OUT + j * 32);
+                *a = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
+            }
+        }
+    }
+    for i in k0..k1 {
+        let mut wv = [[_mm512_setzero_ps(); 2]; NB];
+        for j in 0..NB {
+            // Past the block's end this reaches the next block, which follows it.
+            let ahead = w.wrapping_add(j * stride + (i + PACKED_AHEAD) * 32);
+            for l in 0..W::LINES {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
+            }
+        }
+        for (j, v) in wv.iter_mut().enumerate() {
+            let (a, b) = W::load32(w.add(j * stride + i * 32));
+            *v = [a, b];
+        }
+        let mut xp = x.add(i * LANE_ROWS);
+        for a in acc.iter_mut() {
+            let b = _mm512_set1_ps(*xp);
+            for (a, v) in a.iter_mut().zip(&wv) {
+                a[0] = _mm512_fmadd_ps(b, v[0], a[0]);
+                a[1] = _mm512_fmadd_ps(b, v[1], a[1]);
+            }
+            xp = xp.add(1);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (j, a) in a.iter().enumerate() {
+            let o = io.add(r * PACKED_OUT + j * 32);
+            _mm512_storeu_ps(o, a[0]);
+            _mm512_storeu_ps(o.add(16), a[1]);
+        }
+    }
+}
+
+/// [`packed_rows`] for `r` rows (1 to [`PACKED_R`]) and `nb` blocks (4 for up to 3 rows, 2 for up
+/// to 6, else 1).
+#[inline(always)]
+unsafe fn packed_rows_n<W: Wide32>(
+    r: usize,
+    nb: usize,
+    x: *const f32,
+    k: (usize, usize),
+    w: *const W,
+    stride: usize,
+    out: *mut f32,
+) {
+    match (nb, r) {
+        (4, 1) => packed_rows::<W, 1, 4>(x, k, w, stride, out),
+        (4, 2) => packed_rows::<W, 2, 4>(x, k, w, stride, out),
+        (4, 3) => packed_rows::<W, 3, 4>(x, k, w, stride, out),
+        (2, 1) => packed_rows::<W, 1, 2>(x, k, w, stride, out),
+        (2, 2) => packed_rows::<W, 2, 2>(x, k, w, stride, out),
+        (2, 3) => packed_rows::<W, 3, 2>(x, k, w, stride, out),
+        (2, 4) => packed_rows::<W, 4, 2>(x, k, w, stride, out),
+        (2, 5) => packed_rows::<W, 5, 2>(x, k, w, stride, out),
+        (2, 6) => packed_rows::<W, 6, 2>(x, k, w, stride, out),
+        (_, 1) => packed_rows::<W, 1, 1>(x, k, w, stride, out),
+        (_, 2) => packed_rows::<W, 2, 1>(x, k, w, stride, out),
+        (_, 3) => packed_rows::<W, 3, 1>(x, k, w, stride, out),
+        (_, 4) => packed_rows::<W, 4, 1>(x, k, w, stride, out),
+        (_, 5) => packed_rows::<W, 5, 1>(x, k, w, stride, out),
+        (_, 6) => packed_rows::<W, 6, 1>(x, k, w, stride, out),
+        (_, 7) => packed_rows::<W, 7, 1>(x, k, w, stride, out),
+        (_, 8) => packed_rows::<W, 8, 1>(x, k, w, stride, out),
+        (_, 9) => packed_rows::<W, 9, 1>(x, k, w, stride, out),
+        (_, 10) => packed_rows::<W, 10, 1>(x, k, w, stride, out),
+        (_, 11) => packed_rows::<W, 11, 1>(x, k, w, stride, out),
+        _ => packed_rows::<W, PACKED_R, 1>(x, k, w, stride, out),
+    }
+}
+
+/// Blocks per register block for `rows` rows: the accumulators stay at most 24 `zmm`.
+fn packed_nb(rows: usize) -> usize {
+    match rows {
+        0..=3 => 4,
+        4..=6 => 2,
+        _ => 1,
+    }
+}
+
+/// Weight bytes per block that [`packed`] runs every register block of a tile over before the
+/// next range of `k`: the range stays in L1, so a tile streams its weights from memory once
+/// whatever its rows (in two passes of 8 rows, the first pass ran at the memory's pace and the
+/// second after it).
+const PACKED_CHUNK_BYTES: usize = 16 << 10;
+
+/// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows given interleaved
+/// ([`crate::matmul::interleave`]) as `xt`, against one expert's packed weights `w`
+/// ([`crate::pack`]). Register blocks are up to 12 input rows by one 32-row weight block (up to 4
+/// blocks for 3 rows or fewer); a lane block of 13 to 16 rows runs as 8 and the rest; all of them
+/// go over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
+/// ascending order, so it does not depend on the blocking.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn packed<W: Wide32>(
+    xt: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[W],
+    first: usize,
+    cols: usize,
+    io: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use crate::pack::PACK_ROWS;
+    let end = first + cols;
+    let (b0, b1) = (first / PACK_ROWS, end.div_ceil(PACK_ROWS));
+    assert!(
+        xt.len() >= crate::matmul::interleaved_len(rows, k)
+            && w.len() >= b1 * PACK_ROWS * k
+            && out.len() >= rows * cols
+    );
+    io.resize(rows * PACKED_OUT, 0.0);
+    let (stride, chunk) = (
+        PACK_ROWS * k,
+        (PACKED_CHUNK_BYTES / (32 * std::mem::size_of::<W>())).max(1),
+    );
+    let mut b = b0;
+    while b < b1 {
+        let nb = packed_nb(rows).min(b1 - b);
+        let nb = if nb == 3 { 2 } else { nb };
+        let wp = w.as_ptr().add(b * stride);
+        for k0 in (0..k).step_by(chunk) {
+            let ks = (k0, (k0 + chunk).min(k));
+            for lb in 0..rows.div_ceil(LANE_ROWS) {
+                let live = (rows - lb * LANE_ROWS).min(LANE_ROWS);
+                let mut r0 = 0;
+                while r0 < live {
+                    let r = if live - r0 > PACKED_R { 8 } else { live - r0 };
+                    let x = xt.as_ptr().add(lb * LANE_ROWS * k + r0);
+                    packed_rows_n(
+                        r,
+                        nb,
+                        x,
+                        ks,
+                        wp,
+                        stride,
+                        io.as_mut_ptr().add((lb * LANE_ROWS + r0) * PACKED_OUT),
+                    );
+                    r0 += r;
+                }
+            }
+        }
+        // The wanted columns of the nb blocks: [lo, hi) of the weight rows.
+        let (lo, hi) = (first.max(b * PACK_ROWS), end.min((b + nb) * PACK_ROWS));
+        for row in 0..rows {
+            out[row * cols + lo - first..row * cols + hi - first]
+                .copy_from_slice(&io[row * PACKED_OUT + lo - b * PACK_ROWS..row * PACKED_OUT + hi - b * PACK_ROWS]);
+        }
+        b += nb;
+    }
+}
+
 /// Whether this CPU runs [`dots`].
 pub fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")

@@ -22,6 +22,7 @@
 mod avx512;
 mod combine;
 mod matmul;
+pub mod pack;
 mod permute;
 mod route;
 
@@ -31,18 +32,25 @@ use moe_hal_core::{
     check, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, HostSlice, HostVec, MoeError,
     PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
+use pack::Packing;
 use std::sync::{Arc, Mutex};
 
 const NAME: &str = "cpu";
 
-/// A host-memory buffer.
+/// A host-memory buffer: as uploaded, or expert weights packed by `upload_weights` ([`pack`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct CpuBuffer(HostVec);
+pub struct CpuBuffer(HostVec, Option<Packing>);
 
 impl CpuBuffer {
-    /// The data, for zero-copy host access.
+    /// The data, for zero-copy host access; in the packed layout for weights from
+    /// `upload_weights` ([`CpuBuffer::is_packed`]; [`Backend::download`] unpacks).
     pub fn host(&self) -> &HostVec {
         &self.0
+    }
+
+    /// Whether this buffer holds expert weights packed by `upload_weights`.
+    pub fn is_packed(&self) -> bool {
+        self.1.is_some()
     }
 }
 
@@ -50,9 +58,25 @@ impl DeviceBuffer for CpuBuffer {
     fn dtype(&self) -> DType {
         self.0.dtype()
     }
+    /// Elements in the layout it was uploaded in (for packed weights, not counting the padding).
     fn len(&self) -> usize {
-        self.0.len()
+        match self.1 {
+            Some(p) => p.logical_len(),
+            None => self.0.len(),
+        }
     }
+}
+
+/// `b` as uploaded: packed weights are only the weights of grouped matmuls.
+fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
+    if b.is_packed() {
+        return Err(MoeError::shape(
+            what,
+            "expert weights packed by upload_weights",
+            "a buffer from alloc or upload (packed weights are only the weight of grouped_matmul)",
+        ));
+    }
+    Ok(())
 }
 
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
@@ -173,15 +197,34 @@ impl Backend for CpuBackend {
             DType::F16 => HostVec::F16(vec![half::f16::ZERO; n]),
             DType::U32 => HostVec::U32(vec![0; n]),
         };
-        Ok(CpuBuffer(zero(len)))
+        Ok(CpuBuffer(zero(len), None))
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(data.to_vec()))
+        Ok(CpuBuffer(data.to_vec(), None))
+    }
+
+    /// Packs the weights ([`pack`]) on the backend's threads: each expert's rows in blocks of 32,
+    /// `[k][32]`, read by the packed kernels as one stream per block.
+    fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
+        check::weights(&data, s)?;
+        let p = Packing {
+            experts: s.experts,
+            rows: s.weight_rows(),
+            k: s.in_features,
+        };
+        Ok(CpuBuffer(self.pool.install(|| p.pack(data)), Some(p)))
     }
 
     fn write(&self, buf: &mut CpuBuffer, data: HostSlice<'_>) -> Result<()> {
         check::buffer("write destination", buf, data.dtype(), data.len())?;
+        if let Some(p) = buf.1 {
+            // Rare (weights change between calls): unpack, overwrite, pack again.
+            let mut plain = CpuBuffer(self.pool.install(|| p.unpack(&buf.0)), None);
+            self.write(&mut plain, data)?;
+            buf.0 = self.pool.install(|| p.pack(plain.0.as_slice()));
+            return Ok(());
+        }
         match (&mut buf.0, data) {
             (HostVec::F32(d), HostSlice::F32(s)) => d[..s.len()].copy_from_slice(s),
             (HostVec::BF16(d), HostSlice::BF16(s)) => d[..s.len()].copy_from_slice(s),
@@ -193,7 +236,10 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, buf: &CpuBuffer) -> Result<HostVec> {
-        Ok(buf.0.clone())
+        Ok(match buf.1 {
+            Some(p) => self.pool.install(|| p.unpack(&buf.0)),
+            None => buf.0.clone(),
+        })
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -208,6 +254,9 @@ impl Backend for CpuBackend {
         s: RouterShape,
     ) -> Result<()> {
         check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
+        plain("hidden", hidden)?;
+        plain("router weight", weight)?;
+        plain("logits", logits)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.pool.install(|| {
             matmul::router_logits(
@@ -261,6 +310,8 @@ impl Backend for CpuBackend {
         out: &mut Permuted<CpuBuffer>,
     ) -> Result<()> {
         check::permute(NAME, &self.capabilities(), hidden, ids, s, out)?;
+        plain("hidden", hidden)?;
+        plain("permuted rows", &out.rows)?;
         self.pool.install(|| permute::permute(hidden, u32_slice(ids), s, out))
     }
 
@@ -273,6 +324,22 @@ impl Backend for CpuBackend {
         s: GemmShape,
     ) -> Result<()> {
         check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
+        plain("input", input)?;
+        plain("output", output)?;
+        if let Some(p) = weight.1 {
+            if (p.experts, p.rows, p.k) != (s.experts, s.weight_rows(), s.in_features) {
+                return Err(MoeError::shape(
+                    "packed weight",
+                    format!("{} experts of {} rows x {} inputs", p.experts, p.rows, p.k),
+                    format!(
+                        "the shape's {} experts of {} rows x {} inputs (weights are packed for one shape)",
+                        s.experts,
+                        s.weight_rows(),
+                        s.in_features
+                    ),
+                ));
+            }
+        }
         let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
         self.pool.install(|| {
@@ -282,6 +349,7 @@ impl Backend for CpuBackend {
                 float_slice(input),
                 &offsets,
                 float_slice(weight),
+                weight.1,
                 out,
                 s,
             )
@@ -299,6 +367,8 @@ impl Backend for CpuBackend {
         s: CombineShape,
     ) -> Result<()> {
         check::combine(NAME, &self.capabilities(), expert_out, ids, weights, slot_of, output, s)?;
+        plain("expert_out", expert_out)?;
+        plain("output", output)?;
         let rows = expert_out.len() / s.hidden.max(1);
         let slots = &u32_slice(slot_of)[..s.tokens * s.top_k];
         if let Some((i, &v)) = slots.iter().enumerate().find(|(_, &v)| v as usize >= rows) {
@@ -351,5 +421,59 @@ mod tests {
         let (a, c) = (b.download(&outside).unwrap(), b.download(&inside).unwrap());
         assert_eq!(a.to_f32(), Some(vec![-1.5, 2.5, -2.5, 7.0]));
         assert_eq!(a.to_f32(), c.to_f32());
+    }
+
+    /// Weights from `upload_weights` are packed, download and `write` see the checkpoint layout,
+    /// a grouped matmul of another shape and every other use get errors, and the packed product
+    /// matches the plain one within f32 rounding.
+    #[test]
+    fn packed_weights_round_trip_and_refuse_other_uses() {
+        let b = CpuBackend::with_threads(2).unwrap();
+        let s = GemmShape {
+            rows: 3,
+            in_features: 5,
+            out_features: 3,
+            experts: 2,
+            activation: Activation::SwiGlu,
+        };
+        let w: Vec<f32> = (0..2 * 6 * 5).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut packed = b.upload_weights(HostSlice::F32(&w), s).unwrap();
+        assert!(packed.is_packed() && packed.len() == w.len());
+        assert_eq!(b.download(&packed).unwrap(), HostVec::F32(w.clone()));
+        b.write(&mut packed, HostSlice::F32(&[9.0, 8.0])).unwrap();
+        let mut w2 = w.clone();
+        w2[..2].copy_from_slice(&[9.0, 8.0]);
+        assert_eq!(b.download(&packed).unwrap(), HostVec::F32(w2.clone()));
+
+        let x = b.upload(HostSlice::F32(&[0.5; 18])).unwrap();
+        let off = b.upload(HostSlice::U32(&[0, 1, 3])).unwrap();
+        let (mut y, mut want) = (b.alloc(DType::F32, 9).unwrap(), b.alloc(DType::F32, 9).unwrap());
+        b.grouped_matmul(&x, &off, &packed, &mut y, s).unwrap();
+        let plain = b.upload(HostSlice::F32(&w2)).unwrap();
+        b.grouped_matmul(&x, &off, &plain, &mut want, s).unwrap();
+        let (y, want) = (
+            b.download(&y).unwrap().to_f32().unwrap(),
+            b.download(&want).unwrap().to_f32().unwrap(),
+        );
+        assert!(
+            y.iter()
+                .zip(&want)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)),
+            "{y:?} vs {want:?}"
+        );
+
+        let mut out = b.alloc(DType::F32, 15).unwrap();
+        let other = GemmShape {
+            in_features: 6,
+            out_features: 5,
+            activation: Activation::None,
+            ..s
+        };
+        let e = b.grouped_matmul(&x, &off, &packed, &mut out, other).unwrap_err();
+        assert!(e.to_string().contains("packed for one shape"), "{e}");
+        let e = b.grouped_matmul(&packed, &off, &plain, &mut out, s).unwrap_err();
+        assert!(e.to_string().contains("upload_weights"), "{e}");
+        let e = b.upload_weights(HostSlice::F32(&w[..59]), s).unwrap_err().to_string();
+        assert!(e.contains("expert weights length"), "{e}");
     }
 }

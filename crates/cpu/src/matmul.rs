@@ -20,6 +20,7 @@
 //!   products on the weight rows as stored (16-lane partial sums);
 //! - the rest: `gemm`'s cache-blocked kernels.
 
+use crate::pack::Packing;
 use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
 use rayon::prelude::*;
@@ -95,7 +96,7 @@ const SPLIT_ROWS_WIDE: usize = 8;
 /// f16 bits to f32, exact, with integer ops and one multiply so that loops of it vectorise
 /// (half's per-element conversion dispatches on F16C at run time and does not).
 #[inline(always)]
-fn f16_to_f32(h: f16) -> f32 {
+pub(crate) fn f16_to_f32(h: f16) -> f32 {
     let h = h.to_bits() as u32;
     let em = h & 0x7fff;
     // Normal and subnormal: place the bits in an f32 and rescale the exponent bias by 2^112.
@@ -110,7 +111,7 @@ fn f16_to_f32(h: f16) -> f32 {
 
 /// bf16 bits to f32: bf16 is the top half of an f32.
 #[inline(always)]
-fn bf16_to_f32(b: bf16) -> f32 {
+pub(crate) fn bf16_to_f32(b: bf16) -> f32 {
     f32::from_bits((b.to_bits() as u32) << 16)
 }
 
@@ -361,6 +362,7 @@ fn run_tiles(
     input: Floats,
     groups: &[(usize, usize)],
     weight: Floats,
+    packed: Option<Packing>,
     out: OutPtr,
     s: GemmShape,
 ) {
@@ -369,7 +371,11 @@ fn run_tiles(
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
-            let head = simd.bcast_rows(input, weight, rows, k);
+            let head = match packed {
+                Some(_) if simd.avx512() => rows,
+                Some(_) => 0,
+                None => simd.bcast_rows(input, weight, rows, k),
+            };
             let need = interleaved_len(head, k);
             let last = batches.last().expect("one batch at least");
             if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
@@ -428,7 +434,7 @@ fn run_tiles(
                 .into_par_iter()
                 .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, part));
         }
-        run_tile_list(simd, input, &batch.tiles, xt, weight, out, s);
+        run_tile_list(simd, input, &batch.tiles, xt, weight, packed, out, s);
     }
 }
 
@@ -450,14 +456,27 @@ struct Batch {
 /// 4096 tokens would otherwise interleave 32768 rows of 7168, 940 MB).
 const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
 
-/// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast tiles.
-fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: Floats, out: OutPtr, s: GemmShape) {
+/// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast and packed
+/// tiles.
+#[allow(clippy::too_many_arguments)]
+fn run_tile_list(
+    simd: Simd,
+    input: Floats,
+    tiles: &[Tile],
+    xt: &[f32],
+    weight: Floats,
+    packed: Option<Packing>,
+    out: OutPtr,
+    s: GemmShape,
+) {
     let (k, n) = (s.in_features, s.out_features);
     let wrows = s.weight_rows();
+    // Packed weights never take the bf16 dot products.
+    let simd = if packed.is_some() { simd.without_bf16() } else { simd };
     tiles.par_iter().for_each(|t| {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
-            let wbase = t.expert * wrows * k;
+            let wbase = t.expert * wrows;
             // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
             let lhs = if simd.bf16_direct(input, weight, t.rows) || t.xt.is_some() {
                 std::ptr::null()
@@ -465,14 +484,14 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: 
                 input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
             };
             sc.gate.resize(t.rows * t.cols, 0.0);
-            let gate_at = wbase + t.col0 * k;
+            let w = Weights { floats: weight, packed };
             product(
                 simd,
                 input,
                 lhs,
                 xt,
-                weight,
-                gate_at,
+                w,
+                wbase + t.col0,
                 t,
                 k,
                 &mut sc.gate_w,
@@ -480,8 +499,18 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: 
             );
             if s.activation == Activation::SwiGlu {
                 sc.up.resize(t.rows * t.cols, 0.0);
-                let up_at = wbase + (n + t.col0) * k;
-                product(simd, input, lhs, xt, weight, up_at, t, k, &mut sc.up_w, &mut sc.up);
+                product(
+                    simd,
+                    input,
+                    lhs,
+                    xt,
+                    w,
+                    wbase + n + t.col0,
+                    t,
+                    k,
+                    &mut sc.up_w,
+                    &mut sc.up,
+                );
                 sc.gate.iter_mut().zip(&sc.up).for_each(|(g, &u)| *g = silu(*g) * u);
             }
             for r in 0..t.rows {
@@ -492,17 +521,25 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], weight: 
     });
 }
 
-/// `dst[r, c] = input[t.row0 + r] · weight[at / k + c]` over the tile's rows and columns. `lhs` is
-/// the tile's input rows as f32 (null when [`Simd::bf16_direct`] holds or the tile has interleaved
-/// rows in `xt`); `wscratch` receives widened weights for `gemm`.
+/// The weights of a grouped matmul: as stored, or packed at upload ([`crate::pack`]).
+#[derive(Clone, Copy)]
+struct Weights<'a> {
+    floats: Floats<'a>,
+    packed: Option<Packing>,
+}
+
+/// `dst[r, c] = input[t.row0 + r] · weight row (wrow + c)` over the tile's rows and columns, where
+/// `wrow` counts the rows of every expert. `lhs` is the tile's input rows as f32 (null when
+/// [`Simd::bf16_direct`] holds or the tile has interleaved rows in `xt`); `wscratch` receives
+/// widened weights for `gemm`, or the packed kernel's accumulators.
 #[allow(clippy::too_many_arguments)]
 fn product(
     simd: Simd,
     input: Floats,
     lhs: *const f32,
     xt: &[f32],
-    weight: Floats,
-    at: usize,
+    w: Weights,
+    wrow: usize,
     t: &Tile,
     k: usize,
     wscratch: &mut Vec<f32>,
@@ -510,6 +547,34 @@ fn product(
 ) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = xt;
+    let (weight, at) = (w.floats, wrow * k);
+    if let Some(p) = w.packed {
+        let (e, first) = (wrow / p.rows, wrow % p.rows);
+        let span = e * p.expert_len()..(e + 1) * p.expert_len();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(from) = t.xt {
+            let xt = &xt[from..from + interleaved_len(t.rows, k)];
+            // SAFETY: tiles get interleaved rows with packed weights only where the CPU has
+            // AVX-512 (Simd::avx512 in run_tiles); `packed` checks the slices' lengths.
+            unsafe {
+                match weight {
+                    Floats::F32(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
+                    Floats::BF16(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
+                    Floats::F16(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
+                }
+            }
+            return;
+        }
+        // SAFETY: lhs covers the tile's rows * k f32 (as_f32 in the caller).
+        let x = unsafe { std::slice::from_raw_parts(lhs, t.rows * k) };
+        let w = match weight {
+            Floats::F32(v) => Floats::F32(&v[span]),
+            Floats::BF16(v) => Floats::BF16(&v[span]),
+            Floats::F16(v) => Floats::F16(&v[span]),
+        };
+        simd.packed(x, t.rows, k, w, first, t.cols, dst);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(from) = t.xt {
         let (xt, n) = (&xt[from..from + interleaved_len(t.rows, k)], t.cols * k);
@@ -711,6 +776,38 @@ impl Simd {
         0
     }
 
+    /// Whether this level runs the AVX-512 kernels (broadcast, packed).
+    #[inline]
+    fn avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
+            return true;
+        }
+        false
+    }
+
+    /// The same level without `vdpbf16ps` dot products.
+    #[inline]
+    fn without_bf16(self) -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx512Bf16 {
+            return Simd::Avx512;
+        }
+        self
+    }
+
+    /// [`crate::pack::product_portable`], vectorised for this level; for tiles of packed weights
+    /// where the CPU lacks AVX-512 (that level runs [`crate::avx512::packed`] on interleaved rows).
+    #[allow(clippy::too_many_arguments)]
+    fn packed(self, x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
+        match self {
+            // SAFETY: the variant is only chosen after detecting the features on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { packed_avx2(x, rows, k, w, first, cols, out) },
+            _ => crate::pack::product_portable(x, rows, k, w, first, cols, out),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn dots(self, x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
         match self {
@@ -745,8 +842,16 @@ unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, c
     dots_body(x, rows, k, w, start, cols, out)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_avx2(x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
+    crate::pack::product_portable(x, rows, k, w, first, cols, out)
+}
+
 /// `buf` holds the interleaved input rows of the broadcast kernel between calls (one per backend,
-/// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more).
+/// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more). `packed`: `weight` is packed
+/// ([`crate::pack`]) in that layout, which the caller checked against `s`.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul(
     simd: Simd,
@@ -754,11 +859,12 @@ pub fn grouped_matmul(
     input: Floats,
     offsets: &[usize],
     weight: Floats,
+    packed: Option<Packing>,
     out: OutPtr,
     s: GemmShape,
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(simd, buf, input, &groups, weight, out, s);
+    run_tiles(simd, buf, input, &groups, weight, packed, out, s);
 }
 
 /// See [`grouped_matmul`] for `buf`.
@@ -770,12 +876,22 @@ pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: 
         experts: 1,
         activation: Activation::None,
     };
-    run_tiles(simd, buf, hidden, &[(0, s.tokens)], Floats::F32(weight), out, shape);
+    run_tiles(
+        simd,
+        buf,
+        hidden,
+        &[(0, s.tokens)],
+        Floats::F32(weight),
+        None,
+        out,
+        shape,
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moe_hal_core::HostSlice;
 
     #[test]
     fn f16_conversion_is_exact_for_every_bit_pattern() {
@@ -895,6 +1011,7 @@ mod tests {
                 Floats::F32(&x),
                 &off,
                 weight,
+                None,
                 OutPtr::new(&mut y),
                 s,
             );
@@ -911,6 +1028,79 @@ mod tests {
                             continue;
                         };
                         assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packed weights ([`crate::pack`]): at every SIMD level, for f32, bf16 and f16 weights, every
+    /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512, a
+    /// multiply then an add below it), bit for bit, whatever the rows per expert (register blocks
+    /// of 1-12 rows, lane blocks split 8 + 5 .. 8 + 8, several lane blocks, decode tiles), with
+    /// weight rows in partial blocks and tiles that start inside a block, over several batches.
+    #[test]
+    fn packed_weights_are_one_chain_per_output() {
+        let (k, n, per) = (40usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17, 12, 1, 13, 5]);
+        let mut off = vec![0];
+        per.iter().for_each(|r| off.push(off.last().unwrap() + r));
+        let rows = *off.last().unwrap();
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let w: Vec<f32> = (0..per.len() * n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
+            .collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let s = GemmShape {
+            rows,
+            in_features: k,
+            out_features: n,
+            experts: per.len(),
+            activation: Activation::None,
+        };
+        let p = Packing {
+            experts: per.len(),
+            rows: n,
+            k,
+        };
+        for simd in Simd::supported() {
+            for data in [HostSlice::F32(&w), HostSlice::BF16(&wb), HostSlice::F16(&wh)] {
+                let (packed, wv) = (p.pack(data), data.to_vec().to_f32().unwrap());
+                let weight = match &packed {
+                    HostVec::F32(v) => Floats::F32(v),
+                    HostVec::BF16(v) => Floats::BF16(v),
+                    HostVec::F16(v) => Floats::F16(v),
+                    HostVec::U32(_) => unreachable!(),
+                };
+                let mut y = vec![f32::NAN; rows * n];
+                let buf = Mutex::new(Vec::new());
+                grouped_matmul(
+                    simd,
+                    &buf,
+                    Floats::F32(&x),
+                    &off,
+                    weight,
+                    Some(p),
+                    OutPtr::new(&mut y),
+                    s,
+                );
+                for e in 0..per.len() {
+                    for r in off[e]..off[e + 1] {
+                        for c in 0..n {
+                            let (xr, wr) = (&x[r * k..(r + 1) * k], &wv[(e * n + c) * k..(e * n + c + 1) * k]);
+                            let want = if simd.avx512() {
+                                (0..k).fold(0.0f32, |a, i| xr[i].mul_add(wr[i], a))
+                            } else {
+                                (0..k).fold(0.0f32, |a, i| a + xr[i] * wr[i])
+                            };
+                            let got = y[r * n + c];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{simd:?} {:?} expert {e} row {r} col {c}",
+                                data.dtype()
+                            );
+                        }
                     }
                 }
             }

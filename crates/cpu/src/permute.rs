@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 fn u32s(b: &mut CpuBuffer) -> &mut [u32] {
     match b {
-        CpuBuffer(HostVec::U32(v)) => v,
+        CpuBuffer(HostVec::U32(v), _) => v,
         _ => unreachable!("dtype checked before"),
     }
 }

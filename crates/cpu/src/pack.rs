@@ -1,0 +1,204 @@
+//! Expert weights packed once at upload ([`crate::CpuBackend`]'s `upload_weights`), for the
+//! packed kernels of the grouped matmul.
+//!
+//! Each expert's weight rows (the output columns) are cut into blocks of [`PACK_ROWS`], the last
+//! one zero-padded, and each block is stored `[k][PACK_ROWS]`: for every input index, the block's
+//! 32 weights side by side. A kernel then reads one contiguous stream per block, holds 32 output
+//! columns of an input row in two vector registers, and broadcasts the input rows, so that every
+//! input row count is a whole number of register blocks (the checkpoint layout needs lane blocks
+//! of 16 input rows, where a partial one costs a full one).
+//!
+//! bf16 pairs row `j` with row `16 + j` in one 32-bit lane (`j` in the low half), so that a shift
+//! and a mask widen both exactly; f32 and f16 keep the rows in order. The storage dtype does not
+//! change: packing costs the padding of the last block only.
+//!
+//! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512,
+//! a multiply then an add otherwise), whatever the blocking; so results do not depend on the tile
+//! grid or the thread count.
+
+use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
+use half::{bf16, f16};
+use moe_hal_core::{HostSlice, HostVec};
+use rayon::prelude::*;
+
+/// Weight rows per packed block: two `zmm` of f32.
+pub const PACK_ROWS: usize = 32;
+
+/// The packed layout of `experts` experts of `rows` weight rows of `k` inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packing {
+    pub experts: usize,
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl Packing {
+    /// Blocks of [`PACK_ROWS`] rows per expert.
+    pub fn blocks(&self) -> usize {
+        self.rows.div_ceil(PACK_ROWS)
+    }
+
+    /// Elements of one expert, packed.
+    pub fn expert_len(&self) -> usize {
+        self.blocks() * PACK_ROWS * self.k
+    }
+
+    /// Elements of the weights in the checkpoint layout.
+    pub fn logical_len(&self) -> usize {
+        self.experts * self.rows * self.k
+    }
+
+    /// The position of row `j` of a block within its 32 values of one input index.
+    #[inline(always)]
+    pub fn lane(pairs: bool, j: usize) -> usize {
+        if pairs {
+            (j % 16) * 2 + j / 16
+        } else {
+            j
+        }
+    }
+
+    /// `data` (checkpoint layout, [`Packing::logical_len`] elements) packed.
+    pub fn pack(&self, data: HostSlice<'_>) -> HostVec {
+        match data {
+            HostSlice::F32(v) => HostVec::F32(self.pack_with(v, false)),
+            HostSlice::BF16(v) => HostVec::BF16(self.pack_with(v, true)),
+            HostSlice::F16(v) => HostVec::F16(self.pack_with(v, false)),
+            HostSlice::U32(v) => HostVec::U32(v.to_vec()),
+        }
+    }
+
+    /// Packed `data` back in the checkpoint layout.
+    pub fn unpack(&self, data: &HostVec) -> HostVec {
+        match data {
+            HostVec::F32(v) => HostVec::F32(self.unpack_with(v, false)),
+            HostVec::BF16(v) => HostVec::BF16(self.unpack_with(v, true)),
+            HostVec::F16(v) => HostVec::F16(self.unpack_with(v, false)),
+            HostVec::U32(v) => HostVec::U32(v.clone()),
+        }
+    }
+
+    fn pack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Vec<T> {
+        let (k, blocks) = (self.k, self.blocks());
+        let mut dst = vec![T::default(); self.experts * self.expert_len()];
+        if k == 0 {
+            return dst;
+        }
+        dst.par_chunks_mut(PACK_ROWS * k).enumerate().for_each(|(eb, blk)| {
+            let (e, b) = (eb / blocks, eb % blocks);
+            for j in 0..PACK_ROWS.min(self.rows - b * PACK_ROWS) {
+                let row = &src[(e * self.rows + b * PACK_ROWS + j) * k..][..k];
+                let l = Self::lane(pairs, j);
+                for (d, &v) in blk[l..].iter_mut().step_by(PACK_ROWS).zip(row) {
+                    *d = v;
+                }
+            }
+        });
+        dst
+    }
+
+    fn unpack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Vec<T> {
+        let (k, blocks) = (self.k, self.blocks());
+        let mut dst = vec![T::default(); self.logical_len()];
+        if k == 0 {
+            return dst;
+        }
+        dst.par_chunks_mut(k).enumerate().for_each(|(er, row)| {
+            let (e, r) = (er / self.rows, er % self.rows);
+            let blk = &src[(e * blocks + r / PACK_ROWS) * PACK_ROWS * k..];
+            let l = Self::lane(pairs, r % PACK_ROWS);
+            for (d, &v) in row.iter_mut().zip(blk[l..].iter().step_by(PACK_ROWS)) {
+                *d = v;
+            }
+        });
+        dst
+    }
+}
+
+/// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32, `[rows][k]`)
+/// against one expert's packed weights `w` ([`Packing::expert_len`] elements): the kernel without
+/// AVX-512, one multiply then one add per step, each output summed over `k` in ascending order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn product_portable(x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
+    match w {
+        Floats::F32(v) => product_with(x, rows, k, v, false, first, cols, out, |v| v),
+        Floats::BF16(v) => product_with(x, rows, k, v, true, first, cols, out, |v: bf16| bf16_to_f32(v)),
+        Floats::F16(v) => product_with(x, rows, k, v, false, first, cols, out, |v: f16| f16_to_f32(v)),
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn product_with<T: Copy>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[T],
+    pairs: bool,
+    first: usize,
+    cols: usize,
+    out: &mut [f32],
+    wide: impl Fn(T) -> f32,
+) {
+    let end = first + cols;
+    for b in first / PACK_ROWS..end.div_ceil(PACK_ROWS) {
+        let blk = &w[b * PACK_ROWS * k..(b + 1) * PACK_ROWS * k];
+        let (lo, hi) = (first.max(b * PACK_ROWS), end.min((b + 1) * PACK_ROWS));
+        for r in 0..rows {
+            let mut acc = [0.0f32; PACK_ROWS];
+            for (&xv, ws) in x[r * k..(r + 1) * k].iter().zip(blk.chunks_exact(PACK_ROWS)) {
+                for (a, &wv) in acc.iter_mut().zip(ws) {
+                    *a += xv * wide(wv);
+                }
+            }
+            for c in lo..hi {
+                out[r * cols + c - first] = acc[Packing::lane(pairs, c - b * PACK_ROWS)];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing then unpacking gives the weights back for every dtype, with partial last blocks.
+    #[test]
+    fn unpack_inverts_pack() {
+        for (experts, rows, k) in [(1, 1, 1), (2, 33, 5), (3, 64, 7), (1, 70, 16)] {
+            let p = Packing { experts, rows, k };
+            let f: Vec<f32> = (0..p.logical_len()).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<bf16> = f.iter().map(|&v| bf16::from_f32(v)).collect();
+            let h: Vec<f16> = f.iter().map(|&v| f16::from_f32(v)).collect();
+            for data in [HostSlice::F32(&f), HostSlice::BF16(&b), HostSlice::F16(&h)] {
+                let packed = p.pack(data);
+                assert_eq!(packed.len(), experts * p.expert_len());
+                assert_eq!(
+                    p.unpack(&packed),
+                    data.to_vec(),
+                    "{experts} x {rows} x {k} {:?}",
+                    data.dtype()
+                );
+            }
+        }
+    }
+
+    /// bf16 pairs row j with row 16 + j in one 32-bit lane, low half first.
+    #[test]
+    fn bf16_pairs_rows_sixteen_apart() {
+        let p = Packing {
+            experts: 1,
+            rows: 32,
+            k: 1,
+        };
+        let v: Vec<bf16> = (0..32).map(|i| bf16::from_f32(i as f32)).collect();
+        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)) else {
+            unreachable!()
+        };
+        assert_eq!(packed[0].to_f32(), 0.0);
+        assert_eq!(packed[1].to_f32(), 16.0);
+        assert_eq!(packed[2].to_f32(), 1.0);
+        assert_eq!(packed[31].to_f32(), 31.0);
+    }
+}
