@@ -614,7 +614,11 @@ unsafe fn bcast_cols<W: BcastWeight, const RB: usize, const C: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn bcast<W: BcastWeight>(xt: &[f32], rows: usize, k: usize, w: &[W], cols: usize, out: &mut [f32]) {
     let blocks = rows.div_ceil(LANE_ROWS);
-    assert!(xt.len() >= crate::matmul::interleaved_len(rows, k) && w.len() >= cols * k && out.len() >= rows * cols);
+    assert!(
+        xt.len() >= crate::matmul::interleaved_len(rows, k, LANE_ROWS)
+            && w.len() >= cols * k
+            && out.len() >= rows * cols
+    );
     let (xp, wp) = (xt.as_ptr(), w.as_ptr());
     // Pairs of lane blocks, then the odd one.
     let pairs = (0, blocks / 2 * 2);
@@ -674,12 +678,13 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, dst: &mut [f32]) {
-    assert!(x.len() >= rows * k && dst.len() >= crate::matmul::interleaved_len(rows, k));
+pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
+    assert!(lanes <= LANE_ROWS && x.len() >= rows * k && dst.len() >= crate::matmul::interleaved_len(rows, k, lanes));
     let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr());
-    for b in 0..rows.div_ceil(LANE_ROWS) {
-        let live = (rows - b * LANE_ROWS).min(LANE_ROWS);
-        let (src, out) = (xp.add(b * LANE_ROWS * k), dp.add(b * LANE_ROWS * k));
+    let keep = ((1u32 << lanes) - 1) as __mmask16;
+    for b in 0..rows.div_ceil(lanes) {
+        let live = (rows - b * lanes).min(lanes);
+        let (src, out) = (xp.add(b * lanes * k), dp.add(b * lanes * k));
         for k0 in (0..k).step_by(16) {
             let kc = (k - k0).min(16);
             let m = if kc == 16 { u16::MAX } else { (1u16 << kc) - 1 };
@@ -689,7 +694,12 @@ pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, dst: &mut [f
             }
             transpose16(&mut v);
             for (j, v) in v.iter().enumerate().take(kc) {
-                _mm512_storeu_ps(out.add((k0 + j) * LANE_ROWS), *v);
+                if lanes == LANE_ROWS {
+                    _mm512_storeu_ps(out.add((k0 + j) * LANE_ROWS), *v);
+                } else {
+                    // Only this step's lanes: the next step's follow them.
+                    _mm512_mask_storeu_ps(out.add((k0 + j) * lanes), keep, *v);
+                }
             }
         }
     }
@@ -738,9 +748,8 @@ impl Wide32 for f16 {
     }
 }
 
-/// Most input rows of one packed register block: `2 * R` accumulators, two widened weight
-/// vectors, the raw load and the mask fit the 32 `zmm`.
-const PACKED_R: usize = 12;
+/// Most input rows of one packed register block: one lane block.
+const PACKED_R: usize = crate::pack::PACKED_LANES;
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
 /// Input indices ahead that [`packed_rows`] prefetches its weights: one stream per block is too
@@ -751,7 +760,7 @@ const PACKED_AHEAD: usize = 64;
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
 
-/// Accumulates `R` interleaved input rows from `x` (lane stride [`LANE_ROWS`]) against `NB` packed
+/// Accumulates `R` interleaved input rows from `x` (lane stride [`PACKED_R`]) against `NB` packed
 /// blocks from `w` (`stride` elements apart) over the input indices `k0 .. k1`, into
 /// `io[r * PACKED_OUT + c]` (zero first when `k0` is 0): per input index, one 32-weight load per
 /// block widened once, then `R` broadcasts of an input each feeding `2 * NB` FMAs. Each output is
@@ -793,7 +802,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
             let (a, b) = W::load32(w.add(j * stride + i * 32));
             *v = [a, b];
         }
-        let mut xp = x.add(i * LANE_ROWS);
+        let mut xp = x.add(i * PACKED_R);
         for a in acc.iter_mut() {
             let b = _mm512_set1_ps(*xp);
             for (a, v) in a.iter_mut().zip(&wv) {
@@ -860,15 +869,15 @@ fn packed_nb(rows: usize) -> usize {
 
 /// Weight bytes per block that [`packed`] runs every register block of a tile over before the
 /// next range of `k`: the range stays in L1, so a tile streams its weights from memory once
-/// whatever its rows (in two passes of 8 rows, the first pass ran at the memory's pace and the
-/// second after it).
+/// whatever its rows, instead of the first register block running at the memory's pace and the
+/// others after it.
 const PACKED_CHUNK_BYTES: usize = 16 << 10;
 
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows given interleaved
-/// ([`crate::matmul::interleave`]) as `xt`, against one expert's packed weights `w`
-/// ([`crate::pack`]). Register blocks are up to 12 input rows by one 32-row weight block (up to 4
-/// blocks for 3 rows or fewer); a lane block of 13 to 16 rows runs as 8 and the rest; all of them
-/// go over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
+/// ([`crate::matmul::interleave`]) in lane blocks of [`PACKED_R`] as `xt`, against one expert's
+/// packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12 input rows)
+/// by one 32-row weight block, or up to 4 weight blocks for 3 rows or fewer; every register block
+/// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
 /// ascending order, so it does not depend on the blocking.
 ///
 /// # Safety
@@ -889,7 +898,7 @@ pub unsafe fn packed<W: Wide32>(
     let end = first + cols;
     let (b0, b1) = (first / PACK_ROWS, end.div_ceil(PACK_ROWS));
     assert!(
-        xt.len() >= crate::matmul::interleaved_len(rows, k)
+        xt.len() >= crate::matmul::interleaved_len(rows, k, PACKED_R)
             && w.len() >= b1 * PACK_ROWS * k
             && out.len() >= rows * cols
     );
@@ -905,23 +914,18 @@ pub unsafe fn packed<W: Wide32>(
         let wp = w.as_ptr().add(b * stride);
         for k0 in (0..k).step_by(chunk) {
             let ks = (k0, (k0 + chunk).min(k));
-            for lb in 0..rows.div_ceil(LANE_ROWS) {
-                let live = (rows - lb * LANE_ROWS).min(LANE_ROWS);
-                let mut r0 = 0;
-                while r0 < live {
-                    let r = if live - r0 > PACKED_R { 8 } else { live - r0 };
-                    let x = xt.as_ptr().add(lb * LANE_ROWS * k + r0);
-                    packed_rows_n(
-                        r,
-                        nb,
-                        x,
-                        ks,
-                        wp,
-                        stride,
-                        io.as_mut_ptr().add((lb * LANE_ROWS + r0) * PACKED_OUT),
-                    );
-                    r0 += r;
-                }
+            for lb in 0..rows.div_ceil(PACKED_R) {
+                let r = (rows - lb * PACKED_R).min(PACKED_R);
+                let x = xt.as_ptr().add(lb * PACKED_R * k);
+                packed_rows_n(
+                    r,
+                    nb,
+                    x,
+                    ks,
+                    wp,
+                    stride,
+                    io.as_mut_ptr().add(lb * PACKED_R * PACKED_OUT),
+                );
             }
         }
         // The wanted columns of the nb blocks: [lo, hi) of the weight rows.
@@ -1046,8 +1050,8 @@ mod tests {
         ];
         fn check<W: BcastWeight>(rows: usize, cols: usize, k: usize, w: &[W], wide: impl Fn(W) -> f32) {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-            let mut xt = vec![f32::NAN; crate::matmul::interleaved_len(rows, k)];
-            crate::matmul::interleave(crate::matmul::Floats::F32(&x), 0, rows, k, &mut xt);
+            let mut xt = vec![f32::NAN; crate::matmul::interleaved_len(rows, k, LANE_ROWS)];
+            crate::matmul::interleave(crate::matmul::Floats::F32(&x), 0, rows, k, LANE_ROWS, &mut xt);
             let mut out = vec![f32::NAN; rows * cols];
             // SAFETY: has_avx512() was checked; the slices have the sizes given.
             unsafe { bcast(&xt, rows, k, w, cols, &mut out) };

@@ -17,6 +17,12 @@
 //! The tile grid does not depend on the thread count, so results are
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
+//!
+//! bf16 expert weights uploaded with `upload_weights` (as [`moe_hal_core::MoeLayer`] does) are
+//! packed once ([`pack`]): each expert's rows in blocks of 32, `[k][32]`. Their tiles run the
+//! packed kernel at every height: input rows interleaved in lane blocks of 12, each input
+//! broadcast against 32 output columns held in two registers (four blocks at once for up to 3
+//! rows), the weights prefetched ahead in one stream per block and widened with a shift and a mask.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -204,10 +210,18 @@ impl Backend for CpuBackend {
         Ok(CpuBuffer(data.to_vec(), None))
     }
 
-    /// Packs the weights ([`pack`]) on the backend's threads: each expert's rows in blocks of 32,
-    /// `[k][32]`, read by the packed kernels as one stream per block.
+    /// Packs bf16 weights ([`pack`]) on the backend's threads: each expert's rows in blocks of 32,
+    /// `[k][32]`, read by the packed kernel as one stream per block. bf16 gains at every height
+    /// (one thread, 8 experts of qwen3-30b-a3b gate/up, K 2048, best of 3, GFLOP/s packed against
+    /// as stored: 8 rows 125 against 74, 16 rows 118 against 99, 24 rows 123 against 92, 128 rows
+    /// 129 against 125). f32 and f16 weights stay as stored, where the packed kernel lost from 12
+    /// rows (f32: 16 rows 65 against 92-145, 128 rows 119 against 130) or from 32 (f16, whose
+    /// conversion takes the FMA ports: 128 rows 114 against 127), though it won at decode.
     fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
         check::weights(&data, s)?;
+        if data.dtype() != DType::BF16 {
+            return self.upload(data);
+        }
         let p = Packing {
             experts: s.experts,
             rows: s.weight_rows(),
@@ -395,6 +409,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
     use moe_hal_core::Activation;
 
     /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
@@ -423,7 +438,7 @@ mod tests {
         assert_eq!(a.to_f32(), c.to_f32());
     }
 
-    /// Weights from `upload_weights` are packed, download and `write` see the checkpoint layout,
+    /// bf16 weights from `upload_weights` are packed (f32 ones are not), download and `write` see the checkpoint layout,
     /// a grouped matmul of another shape and every other use get errors, and the packed product
     /// matches the plain one within f32 rounding.
     #[test]
@@ -436,20 +451,31 @@ mod tests {
             experts: 2,
             activation: Activation::SwiGlu,
         };
-        let w: Vec<f32> = (0..2 * 6 * 5).map(|i| (i as f32 * 0.7).sin()).collect();
-        let mut packed = b.upload_weights(HostSlice::F32(&w), s).unwrap();
+        let w: Vec<bf16> = (0..2 * 6 * 5).map(|i| bf16::from_f32((i as f32 * 0.7).sin())).collect();
+        let mut packed = b.upload_weights(HostSlice::BF16(&w), s).unwrap();
         assert!(packed.is_packed() && packed.len() == w.len());
-        assert_eq!(b.download(&packed).unwrap(), HostVec::F32(w.clone()));
-        b.write(&mut packed, HostSlice::F32(&[9.0, 8.0])).unwrap();
+        assert_eq!(b.download(&packed).unwrap(), HostVec::BF16(w.clone()));
+        let nine = [bf16::from_f32(9.0), bf16::from_f32(8.0)];
+        b.write(&mut packed, HostSlice::BF16(&nine)).unwrap();
         let mut w2 = w.clone();
-        w2[..2].copy_from_slice(&[9.0, 8.0]);
-        assert_eq!(b.download(&packed).unwrap(), HostVec::F32(w2.clone()));
+        w2[..2].copy_from_slice(&nine);
+        assert_eq!(b.download(&packed).unwrap(), HostVec::BF16(w2.clone()));
+        let f: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        assert!(
+            !b.upload_weights(HostSlice::F32(&f), s).unwrap().is_packed(),
+            "f32 weights stay as stored"
+        );
+        let h: Vec<half::f16> = f.iter().map(|&v| half::f16::from_f32(v)).collect();
+        assert!(
+            !b.upload_weights(HostSlice::F16(&h), s).unwrap().is_packed(),
+            "f16 weights stay as stored"
+        );
 
-        let x = b.upload(HostSlice::F32(&[0.5; 18])).unwrap();
+        let x = b.upload(HostSlice::BF16(&[bf16::from_f32(0.5); 18])).unwrap();
         let off = b.upload(HostSlice::U32(&[0, 1, 3])).unwrap();
-        let (mut y, mut want) = (b.alloc(DType::F32, 9).unwrap(), b.alloc(DType::F32, 9).unwrap());
+        let (mut y, mut want) = (b.alloc(DType::BF16, 9).unwrap(), b.alloc(DType::BF16, 9).unwrap());
         b.grouped_matmul(&x, &off, &packed, &mut y, s).unwrap();
-        let plain = b.upload(HostSlice::F32(&w2)).unwrap();
+        let plain = b.upload(HostSlice::BF16(&w2)).unwrap();
         b.grouped_matmul(&x, &off, &plain, &mut want, s).unwrap();
         let (y, want) = (
             b.download(&y).unwrap().to_f32().unwrap(),
@@ -458,11 +484,11 @@ mod tests {
         assert!(
             y.iter()
                 .zip(&want)
-                .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)),
+                .all(|(a, b)| (a - b).abs() <= 1e-2 * b.abs().max(1.0)),
             "{y:?} vs {want:?}"
         );
 
-        let mut out = b.alloc(DType::F32, 15).unwrap();
+        let mut out = b.alloc(DType::BF16, 15).unwrap();
         let other = GemmShape {
             in_features: 6,
             out_features: 5,
@@ -473,7 +499,7 @@ mod tests {
         assert!(e.to_string().contains("packed for one shape"), "{e}");
         let e = b.grouped_matmul(&packed, &off, &plain, &mut out, s).unwrap_err();
         assert!(e.to_string().contains("upload_weights"), "{e}");
-        let e = b.upload_weights(HostSlice::F32(&w[..59]), s).unwrap_err().to_string();
+        let e = b.upload_weights(HostSlice::BF16(&w[..59]), s).unwrap_err().to_string();
         assert!(e.contains("expert weights length"), "{e}");
     }
 }

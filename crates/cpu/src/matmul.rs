@@ -19,8 +19,13 @@
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
 //!   products on the weight rows as stored (16-lane partial sums);
 //! - the rest: `gemm`'s cache-blocked kernels.
+//!
+//! Weights packed at upload ([`crate::pack`]) take none of these: with AVX-512 every tile runs
+//! [`crate::avx512::packed`] on input rows interleaved in lane blocks of
+//! [`crate::pack::PACKED_LANES`], otherwise [`crate::pack::product_portable`]. Each output is one
+//! multiply-add chain over `k` either way.
 
-use crate::pack::Packing;
+use crate::pack::{Packing, PACKED_LANES};
 use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
 use rayon::prelude::*;
@@ -118,56 +123,55 @@ pub(crate) fn bf16_to_f32(b: bf16) -> f32 {
 /// Input rows per lane block of the broadcast kernel: one `zmm` of f32.
 pub const LANE_ROWS: usize = 16;
 
-/// f32 values of `rows` interleaved input rows of `k` elements (whole lane blocks).
-pub fn interleaved_len(rows: usize, k: usize) -> usize {
-    rows.div_ceil(LANE_ROWS) * LANE_ROWS * k
+/// f32 values of `rows` interleaved input rows of `k` elements (whole lane blocks of `lanes`).
+pub fn interleaved_len(rows: usize, k: usize, lanes: usize) -> usize {
+    rows.div_ceil(lanes) * lanes * k
 }
 
 /// Interleaves the input rows `row0 .. row0 + rows` (of `[_, k]`), widened to f32, into the lane
-/// blocks the broadcast kernel reads: block `b` is `[k][LANE_ROWS]` with row `row0 + b * LANE_ROWS +
-/// l` in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k)` values.
-pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+/// blocks the broadcast kernel ([`LANE_ROWS`] lanes) and the packed kernel
+/// ([`crate::pack::PACKED_LANES`]) read: block `b` is `[k][lanes]` with row `row0 + b * lanes + l`
+/// in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k, lanes)`
+/// values; `lanes` is at most 16.
+pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::avx512::has_avx512() {
         let r = row0 * k..(row0 + rows) * k;
         // SAFETY: the CPU has AVX-512 F, BW and VL (checked just above).
         unsafe {
             match x {
-                Floats::F32(v) => crate::avx512::interleave(&v[r], rows, k, dst),
-                Floats::BF16(v) => crate::avx512::interleave(&v[r], rows, k, dst),
-                Floats::F16(v) => crate::avx512::interleave(&v[r], rows, k, dst),
+                Floats::F32(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
+                Floats::BF16(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
+                Floats::F16(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
             }
         }
         return;
     }
-    interleave_portable(x, row0, rows, k, dst)
+    interleave_portable(x, row0, rows, k, lanes, dst)
 }
 
 /// [`interleave`] element by element (the reference of its tests, and the path without AVX-512).
-pub fn interleave_portable(x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+pub fn interleave_portable(x: Floats, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
+    let r = row0 * k..(row0 + rows) * k;
     match x {
-        Floats::F32(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, |v| v),
-        Floats::BF16(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, bf16_to_f32),
-        Floats::F16(v) => interleave_with(&v[row0 * k..(row0 + rows) * k], rows, k, dst, f16_to_f32),
+        Floats::F32(v) => interleave_with(&v[r], rows, k, lanes, dst, |v| v),
+        Floats::BF16(v) => interleave_with(&v[r], rows, k, lanes, dst, bf16_to_f32),
+        Floats::F16(v) => interleave_with(&v[r], rows, k, lanes, dst, f16_to_f32),
     }
 }
 
 #[inline(always)]
-fn interleave_with<T: Copy>(x: &[T], rows: usize, k: usize, dst: &mut [f32], wide: impl Fn(T) -> f32) {
-    assert!(x.len() >= rows * k && dst.len() >= interleaved_len(rows, k));
-    for (b, blk) in dst
-        .chunks_exact_mut(LANE_ROWS * k)
-        .take(rows.div_ceil(LANE_ROWS))
-        .enumerate()
-    {
-        for l in 0..LANE_ROWS {
-            let r = b * LANE_ROWS + l;
+fn interleave_with<T: Copy>(x: &[T], rows: usize, k: usize, lanes: usize, dst: &mut [f32], wide: impl Fn(T) -> f32) {
+    assert!(x.len() >= rows * k && dst.len() >= interleaved_len(rows, k, lanes));
+    for (b, blk) in dst.chunks_exact_mut(lanes * k).take(rows.div_ceil(lanes)).enumerate() {
+        for l in 0..lanes {
+            let r = b * lanes + l;
             if r < rows {
-                for (d, &v) in blk[l..].iter_mut().step_by(LANE_ROWS).zip(&x[r * k..(r + 1) * k]) {
+                for (d, &v) in blk[l..].iter_mut().step_by(lanes).zip(&x[r * k..(r + 1) * k]) {
                     *d = wide(v);
                 }
             } else {
-                blk[l..].iter_mut().step_by(LANE_ROWS).for_each(|d| *d = 0.0);
+                blk[l..].iter_mut().step_by(lanes).for_each(|d| *d = 0.0);
             }
         }
     }
@@ -367,6 +371,7 @@ fn run_tiles(
     s: GemmShape,
 ) {
     let (k, n) = (s.in_features, s.out_features);
+    let lanes = if packed.is_some() { PACKED_LANES } else { LANE_ROWS };
     let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
@@ -376,7 +381,7 @@ fn run_tiles(
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
             };
-            let need = interleaved_len(head, k);
+            let need = interleaved_len(head, k, lanes);
             let last = batches.last().expect("one batch at least");
             if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
                 batches.push(Batch::default());
@@ -426,13 +431,13 @@ fn run_tiles(
             let mut parts = Vec::with_capacity(batch.ranges.len());
             let mut rest = &mut xt[..];
             for &(row0, rows) in &batch.ranges {
-                let (part, tail) = rest.split_at_mut(interleaved_len(rows, k));
+                let (part, tail) = rest.split_at_mut(interleaved_len(rows, k, lanes));
                 parts.push((row0, rows, part));
                 rest = tail;
             }
             parts
                 .into_par_iter()
-                .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, part));
+                .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, lanes, part));
         }
         run_tile_list(simd, input, &batch.tiles, xt, weight, packed, out, s);
     }
@@ -553,7 +558,7 @@ fn product(
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
         #[cfg(target_arch = "x86_64")]
         if let Some(from) = t.xt {
-            let xt = &xt[from..from + interleaved_len(t.rows, k)];
+            let xt = &xt[from..from + interleaved_len(t.rows, k, PACKED_LANES)];
             // SAFETY: tiles get interleaved rows with packed weights only where the CPU has
             // AVX-512 (Simd::avx512 in run_tiles); `packed` checks the slices' lengths.
             unsafe {
@@ -577,7 +582,7 @@ fn product(
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(from) = t.xt {
-        let (xt, n) = (&xt[from..from + interleaved_len(t.rows, k)], t.cols * k);
+        let (xt, n) = (&xt[from..from + interleaved_len(t.rows, k, LANE_ROWS)], t.cols * k);
         // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows); the
         // slices are sized for the tile.
         unsafe {
@@ -926,7 +931,7 @@ mod tests {
             .map(|i| bf16::from_f32(i as f32 * 0.5 - 7.0))
             .collect();
         let mut dst = vec![f32::NAN; 2 * LANE_ROWS * k];
-        interleave(Floats::BF16(&x), row0, rows, k, &mut dst);
+        interleave(Floats::BF16(&x), row0, rows, k, LANE_ROWS, &mut dst);
         for b in 0..2 {
             for kk in 0..k {
                 for l in 0..LANE_ROWS {
@@ -961,12 +966,14 @@ mod tests {
             let vb: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
             let vh: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
             for x in [Floats::F32(&v), Floats::BF16(&vb), Floats::F16(&vh)] {
-                let mut want = vec![f32::NAN; interleaved_len(rows, k)];
-                interleave_portable(x, row0, rows, k, &mut want);
-                let mut got = vec![f32::NAN; interleaved_len(rows, k)];
-                interleave(x, row0, rows, k, &mut got);
-                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{rows} rows, k {k}, row0 {row0}");
+                for lanes in [LANE_ROWS, PACKED_LANES] {
+                    let mut want = vec![f32::NAN; interleaved_len(rows, k, lanes)];
+                    interleave_portable(x, row0, rows, k, lanes, &mut want);
+                    let mut got = vec![f32::NAN; interleaved_len(rows, k, lanes)];
+                    interleave(x, row0, rows, k, lanes, &mut got);
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{rows} rows, k {k}, row0 {row0}, {lanes} lanes");
+                }
             }
         }
     }
@@ -987,7 +994,7 @@ mod tests {
         let mut off = vec![0];
         per.iter().for_each(|r| off.push(off.last().unwrap() + r));
         let rows = *off.last().unwrap();
-        assert!(interleaved_len(rows, k) > 3 * INTERLEAVED_MAX);
+        assert!(interleaved_len(rows, k, LANE_ROWS) > 3 * INTERLEAVED_MAX);
         let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         let w: Vec<f32> = (0..per.len() * n * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)

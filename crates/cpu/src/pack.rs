@@ -1,5 +1,6 @@
 //! Expert weights packed once at upload ([`crate::CpuBackend`]'s `upload_weights`), for the
-//! packed kernels of the grouped matmul.
+//! packed kernels of the grouped matmul. The backend packs bf16 weights (see `upload_weights` for
+//! the measurements); the layout and the kernels take f32 and f16 too, and the tests run them.
 //!
 //! Each expert's weight rows (the output columns) are cut into blocks of [`PACK_ROWS`], the last
 //! one zero-padded, and each block is stored `[k][PACK_ROWS]`: for every input index, the block's
@@ -23,6 +24,12 @@ use rayon::prelude::*;
 
 /// Weight rows per packed block: two `zmm` of f32.
 pub const PACK_ROWS: usize = 32;
+
+/// Input rows per lane block of the packed kernel's interleaved input, and most rows of one
+/// register block: `2 * 12` accumulators, two widened weight vectors, the raw load and a mask fit
+/// the 32 `zmm`. Lane blocks of 16 ran as 8 + 8 rows (one thread, 8 experts of qwen3-30b-a3b,
+/// bf16, GFLOP/s at 12 rows 131-134, at 16 rows 91-128, at 128 rows 118-122).
+pub const PACKED_LANES: usize = 12;
 
 /// The packed layout of `experts` experts of `rows` weight rows of `k` inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
