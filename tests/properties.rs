@@ -106,4 +106,19 @@ proptest! {
         let act = if swiglu { Activation::SwiGlu } else { Activation::None };
         let _ = b.grouped_matmul(&x, &o, &w, &mut y, GemmShape { rows, in_features: kf, out_features: n, experts: e, activation: act });
     }
+
+    /// Random shapes for packed bf16 weights (`upload_weights`, then used with a shape that may
+    /// differ): an error or a result, never a panic.
+    #[test]
+    fn packed_weights_never_panic(rows in 0usize..20, kf in 0usize..9, n in 0usize..9, e in 0usize..4, swiglu in any::<bool>(), wlen in 0usize..400, kf2 in 0usize..9, olen in 0usize..200, off in prop::collection::vec(0u32..25, 0..6)) {
+        let b = CpuBackend::with_threads(1).unwrap();
+        let act = if swiglu { Activation::SwiGlu } else { Activation::None };
+        let s = GemmShape { rows, in_features: kf, out_features: n, experts: e, activation: act };
+        let Ok(w) = b.upload_weights(HostSlice::BF16(&vec![moe_hal::bf16::ONE; wlen]), s) else { return Ok(()) };
+        prop_assert_eq!(b.download(&w).unwrap().len(), wlen);
+        let x = b.alloc(DType::BF16, rows * kf2).unwrap();
+        let o = b.upload(HostSlice::U32(&off)).unwrap();
+        let mut y = b.alloc(DType::BF16, olen).unwrap();
+        let _ = b.grouped_matmul(&x, &o, &w, &mut y, GemmShape { in_features: kf2, ..s });
+    }
 }
