@@ -338,9 +338,10 @@ pub trait Backend: Send + Sync {
     /// Uploads expert weights (`[E, N, K]`, or `[E, 2N, K]` for SwiGLU, as checkpoints store them)
     /// for [`Backend::grouped_matmul`] calls of `shape` (its `rows` is ignored), in whatever layout
     /// that backend's kernels read fastest: weights are packed once here, never at call time. The
-    /// buffer is for grouped matmuls with the same experts, weight rows and `K` (another shape gets
-    /// an error), [`Backend::download`] returns the checkpoint layout, and [`Backend::write`] takes
-    /// it too. The default checks the length and calls [`Backend::upload`]; the CPU packs.
+    /// buffer is for grouped matmuls with the same experts, weight rows and `K` (another shape may
+    /// get an error, and other kernels may refuse it), [`Backend::download`] returns the
+    /// checkpoint layout, and [`Backend::write`] takes it too. The default checks the length and
+    /// calls [`Backend::upload`]; the CPU packs bf16 weights where it has AVX-512.
     fn upload_weights(&self, data: HostSlice<'_>, shape: GemmShape) -> Result<Self::Buffer> {
         crate::check::weights(&data, shape)?;
         self.upload(data)

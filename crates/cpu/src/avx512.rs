@@ -1,5 +1,6 @@
-//! AVX-512 kernels of the grouped-matmul tiles, straight on the
-//! checkpoint-layout weight rows.
+//! AVX-512 kernels of the grouped-matmul tiles: straight on the
+//! checkpoint-layout weight rows ([`dots`], [`dots_bf16`], [`bcast`]), or on
+//! weights packed at upload ([`packed`], see `crate::pack`).
 //!
 //! **Dot products** ([`dots`], [`dots_bf16`]) for short tiles (decode and the
 //! sparse experts of small batches). Outputs are computed in register blocks
@@ -671,9 +672,10 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
-/// [`crate::matmul::interleave`] for the CPUs that run [`bcast`]: each lane block is written as
-/// 16 x 16 tiles transposed in registers (element by element with strided stores, a 2048-token
-/// gate/up input took 3.7-4.2 ms on two threads).
+/// [`crate::matmul::interleave`] for the CPUs that run [`bcast`] and [`packed`]: each lane block is
+/// written as 16 x 16 tiles transposed in registers, of which lane blocks of 12 rows store 12
+/// lanes a step (element by element with strided stores, a 2048-token gate/up input took 3.7-4.2
+/// ms on two threads).
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
@@ -771,7 +773,8 @@ const PACKED_OUT: usize = PACKED_NB * 32;
 /// two dependent FMA chains and one memory stream.
 ///
 /// # Safety
-/// `io` must hold `R * PACKED_OUT` f32; `x` and `w` as [`packed`] sizes them.
+/// The CPU must have AVX-512 F and BW; `x` must be readable up to `x[(k1 - 1) * PACKED_R + R - 1]`,
+/// `w` up to `w[(NB - 1) * stride + 32 * k1 - 1]`, and `io` must hold `R * PACKED_OUT` f32.
 #[inline(always)]
 unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     x: *const f32,
@@ -823,6 +826,9 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
 
 /// [`packed_rows`] for `r` rows (1 to [`PACKED_R`]) and `nb` blocks (4 for up to 3 rows, 2 for up
 /// to 6, else 1).
+///
+/// # Safety
+/// As [`packed_rows`], whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
 #[inline(always)]
 unsafe fn packed_rows_n<W: Wide32>(
     r: usize,
@@ -843,18 +849,21 @@ unsafe fn packed_rows_n<W: Wide32>(
         (2, 4) => packed_rows::<W, 4, 2>(x, k, w, stride, out),
         (2, 5) => packed_rows::<W, 5, 2>(x, k, w, stride, out),
         (2, 6) => packed_rows::<W, 6, 2>(x, k, w, stride, out),
-        (_, 1) => packed_rows::<W, 1, 1>(x, k, w, stride, out),
-        (_, 2) => packed_rows::<W, 2, 1>(x, k, w, stride, out),
-        (_, 3) => packed_rows::<W, 3, 1>(x, k, w, stride, out),
-        (_, 4) => packed_rows::<W, 4, 1>(x, k, w, stride, out),
-        (_, 5) => packed_rows::<W, 5, 1>(x, k, w, stride, out),
-        (_, 6) => packed_rows::<W, 6, 1>(x, k, w, stride, out),
-        (_, 7) => packed_rows::<W, 7, 1>(x, k, w, stride, out),
-        (_, 8) => packed_rows::<W, 8, 1>(x, k, w, stride, out),
-        (_, 9) => packed_rows::<W, 9, 1>(x, k, w, stride, out),
-        (_, 10) => packed_rows::<W, 10, 1>(x, k, w, stride, out),
-        (_, 11) => packed_rows::<W, 11, 1>(x, k, w, stride, out),
-        _ => packed_rows::<W, PACKED_R, 1>(x, k, w, stride, out),
+        (1, 1) => packed_rows::<W, 1, 1>(x, k, w, stride, out),
+        (1, 2) => packed_rows::<W, 2, 1>(x, k, w, stride, out),
+        (1, 3) => packed_rows::<W, 3, 1>(x, k, w, stride, out),
+        (1, 4) => packed_rows::<W, 4, 1>(x, k, w, stride, out),
+        (1, 5) => packed_rows::<W, 5, 1>(x, k, w, stride, out),
+        (1, 6) => packed_rows::<W, 6, 1>(x, k, w, stride, out),
+        (1, 7) => packed_rows::<W, 7, 1>(x, k, w, stride, out),
+        (1, 8) => packed_rows::<W, 8, 1>(x, k, w, stride, out),
+        (1, 9) => packed_rows::<W, 9, 1>(x, k, w, stride, out),
+        (1, 10) => packed_rows::<W, 10, 1>(x, k, w, stride, out),
+        (1, 11) => packed_rows::<W, 11, 1>(x, k, w, stride, out),
+        (1, 12) => packed_rows::<W, 12, 1>(x, k, w, stride, out),
+        // `packed` picks nb from the tile's rows (packed_nb), so the rows of a register block are
+        // at most 12 / nb: anything else would read and write past the buffers sized for them.
+        _ => unreachable!("packed register block of {r} rows by {nb} blocks"),
     }
 }
 
@@ -876,7 +885,8 @@ const PACKED_CHUNK_BYTES: usize = 16 << 10;
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows given interleaved
 /// ([`crate::matmul::interleave`]) in lane blocks of [`PACKED_R`] as `xt`, against one expert's
 /// packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12 input rows)
-/// by one 32-row weight block, or up to 4 weight blocks for 3 rows or fewer; every register block
+/// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer;
+/// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
 /// ascending order, so it does not depend on the blocking.
 ///

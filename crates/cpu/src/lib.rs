@@ -18,17 +18,18 @@
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
 //!
-//! bf16 expert weights uploaded with `upload_weights` (as [`moe_hal_core::MoeLayer`] does) are
-//! packed once ([`pack`]): each expert's rows in blocks of 32, `[k][32]`. Their tiles run the
-//! packed kernel at every height: input rows interleaved in lane blocks of 12, each input
-//! broadcast against 32 output columns held in two registers (four blocks at once for up to 3
-//! rows), the weights prefetched ahead in one stream per block and widened with a shift and a mask.
+//! With AVX-512, bf16 expert weights uploaded with `upload_weights` (as
+//! [`moe_hal_core::MoeLayer`] does) are packed once: each expert's rows in blocks of 32,
+//! `[k][32]`. Their tiles run the packed kernel at every height: input rows interleaved in lane
+//! blocks of 12, each input broadcast against 32 output columns held in two registers (2 blocks
+//! at once for tiles of 4-6 rows, 4 for up to 3), the weights prefetched ahead in one stream per
+//! block and widened with a shift and a mask.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod combine;
 mod matmul;
-pub mod pack;
+mod pack;
 mod permute;
 mod route;
 
@@ -43,7 +44,9 @@ use std::sync::{Arc, Mutex};
 
 const NAME: &str = "cpu";
 
-/// A host-memory buffer: as uploaded, or expert weights packed by `upload_weights` ([`pack`]).
+/// A host-memory buffer: as uploaded, or bf16 expert weights packed by `upload_weights` (each
+/// expert's rows in blocks of 32, the last zero-padded, each block `[k][32]` with rows `j` and
+/// `16 + j` side by side).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuBuffer(HostVec, Option<Packing>);
 
@@ -76,10 +79,10 @@ impl DeviceBuffer for CpuBuffer {
 /// `b` as uploaded: packed weights are only the weights of grouped matmuls.
 fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
     if b.is_packed() {
-        return Err(MoeError::shape(
-            what,
-            "expert weights packed by upload_weights",
-            "a buffer from alloc or upload (packed weights are only the weight of grouped_matmul)",
+        return Err(MoeError::unsupported(
+            NAME,
+            format!("{what} holding expert weights packed by upload_weights"),
+            "packed weights are only the weight of grouped_matmul; pass a buffer from alloc or upload",
         ));
     }
     Ok(())
@@ -90,7 +93,7 @@ fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
     simd: Simd,
-    /// The broadcast kernel's interleaved input rows, kept between calls (one buffer per backend
+    /// The broadcast and packed kernels' interleaved input rows, kept between calls (one buffer per backend
     /// and its clones, not one per thread: up to 64 MiB each).
     interleaved: Arc<Mutex<Vec<f32>>>,
 }
@@ -210,7 +213,8 @@ impl Backend for CpuBackend {
         Ok(CpuBuffer(data.to_vec(), None))
     }
 
-    /// Packs bf16 weights ([`pack`]) on the backend's threads: each expert's rows in blocks of 32,
+    /// Packs bf16 weights on the backend's threads where the CPU has AVX-512 (the packed kernel's
+    /// only fast path; without it, tall tiles keep `gemm`): each expert's rows in blocks of 32,
     /// `[k][32]`, read by the packed kernel as one stream per block. bf16 gains at every height
     /// (one thread, 8 experts of qwen3-30b-a3b gate/up, K 2048, best of 3, GFLOP/s packed against
     /// as stored: 8 rows 125 against 74, 16 rows 118 against 99, 24 rows 123 against 92, 128 rows
@@ -219,7 +223,7 @@ impl Backend for CpuBackend {
     /// conversion takes the FMA ports: 128 rows 114 against 127), though it won at decode.
     fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
         check::weights(&data, s)?;
-        if data.dtype() != DType::BF16 {
+        if data.dtype() != DType::BF16 || !self.simd.avx512() {
             return self.upload(data);
         }
         let p = Packing {
@@ -294,6 +298,7 @@ impl Backend for CpuBackend {
         weights: &mut CpuBuffer,
     ) -> Result<()> {
         check::route(NAME, &self.capabilities(), logits, spec, tokens, ids, weights)?;
+        plain("logits", logits)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
         self.pool
             .install(|| route::route(f32_slice(logits), spec, tokens, ids, weights));
@@ -310,6 +315,7 @@ impl Backend for CpuBackend {
         out: &mut CpuBuffer,
     ) -> Result<()> {
         check::topk(NAME, &self.capabilities(), values, rows, cols, k, ids, out)?;
+        plain("values", values)?;
         let (ids, out) = (u32_mut(ids), f32_mut(out));
         self.pool
             .install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
@@ -443,6 +449,10 @@ mod tests {
     /// matches the plain one within f32 rounding.
     #[test]
     fn packed_weights_round_trip_and_refuse_other_uses() {
+        if !Simd::detect().avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU, so weights are not packed");
+            return;
+        }
         let b = CpuBackend::with_threads(2).unwrap();
         let s = GemmShape {
             rows: 3,

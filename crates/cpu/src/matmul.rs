@@ -297,7 +297,7 @@ struct Tile {
     rows: usize,
     col0: usize,
     cols: usize,
-    /// Where the tile's rows start in the interleaved input, for the broadcast kernel.
+    /// Where the tile's rows start in the interleaved input, for the broadcast and packed kernels.
     xt: Option<usize>,
 }
 
@@ -783,7 +783,7 @@ impl Simd {
 
     /// Whether this level runs the AVX-512 kernels (broadcast, packed).
     #[inline]
-    fn avx512(self) -> bool {
+    pub(crate) fn avx512(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
             return true;
@@ -854,7 +854,7 @@ unsafe fn packed_avx2(x: &[f32], rows: usize, k: usize, w: Floats, first: usize,
     crate::pack::product_portable(x, rows, k, w, first, cols, out)
 }
 
-/// `buf` holds the interleaved input rows of the broadcast kernel between calls (one per backend,
+/// `buf` holds the interleaved input rows of the broadcast and packed kernels between calls (one per backend,
 /// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more). `packed`: `weight` is packed
 /// ([`crate::pack`]) in that layout, which the caller checked against `s`.
 #[allow(clippy::too_many_arguments)]
@@ -1043,70 +1043,83 @@ mod tests {
 
     /// Packed weights ([`crate::pack`]): at every SIMD level, for f32, bf16 and f16 weights, every
     /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512, a
-    /// multiply then an add below it), bit for bit, whatever the rows per expert (register blocks
-    /// of 1-12 rows, lane blocks split 8 + 5 .. 8 + 8, several lane blocks, decode tiles), with
-    /// weight rows in partial blocks and tiles that start inside a block, over several batches.
+    /// multiply then an add below it), bit for bit, then SwiGLU as the kernel applies it, whatever
+    /// the rows per expert (register blocks of 1-12 rows, several lane blocks of 12, decode tiles
+    /// taking 2 and 4 weight blocks at once), with weight rows in partial blocks, tiles and the up
+    /// half that start inside a block, `k` over several ranges, and several batches.
     #[test]
     fn packed_weights_are_one_chain_per_output() {
-        let (k, n, per) = (40usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17, 12, 1, 13, 5]);
-        let mut off = vec![0];
-        per.iter().for_each(|r| off.push(off.last().unwrap() + r));
-        let rows = *off.last().unwrap();
-        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        let w: Vec<f32> = (0..per.len() * n * k)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
-            .collect();
-        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let s = GemmShape {
-            rows,
-            in_features: k,
-            out_features: n,
-            experts: per.len(),
-            activation: Activation::None,
-        };
-        let p = Packing {
-            experts: per.len(),
-            rows: n,
-            k,
-        };
-        for simd in Simd::supported() {
-            for data in [HostSlice::F32(&w), HostSlice::BF16(&wb), HostSlice::F16(&wh)] {
-                let (packed, wv) = (p.pack(data), data.to_vec().to_f32().unwrap());
-                let weight = match &packed {
-                    HostVec::F32(v) => Floats::F32(v),
-                    HostVec::BF16(v) => Floats::BF16(v),
-                    HostVec::F16(v) => Floats::F16(v),
-                    HostVec::U32(_) => unreachable!(),
-                };
-                let mut y = vec![f32::NAN; rows * n];
-                let buf = Mutex::new(Vec::new());
-                grouped_matmul(
-                    simd,
-                    &buf,
-                    Floats::F32(&x),
-                    &off,
-                    weight,
-                    Some(p),
-                    OutPtr::new(&mut y),
-                    s,
-                );
-                for e in 0..per.len() {
-                    for r in off[e]..off[e + 1] {
-                        for c in 0..n {
-                            let (xr, wr) = (&x[r * k..(r + 1) * k], &wv[(e * n + c) * k..(e * n + c + 1) * k]);
-                            let want = if simd.avx512() {
-                                (0..k).fold(0.0f32, |a, i| xr[i].mul_add(wr[i], a))
-                            } else {
-                                (0..k).fold(0.0f32, |a, i| a + xr[i] * wr[i])
-                            };
-                            let got = y[r * n + c];
-                            assert_eq!(
-                                got.to_bits(),
-                                want.to_bits(),
-                                "{simd:?} {:?} expert {e} row {r} col {c}",
-                                data.dtype()
-                            );
+        let cases: [(usize, usize, Activation, &[usize]); 2] = [
+            (40, 70, Activation::None, &[40, 14, 33, 0, 20, 128, 17, 12, 1, 13, 5]),
+            (600, 170, Activation::SwiGlu, &[1, 2, 3, 5, 6, 0, 7, 14]),
+        ];
+        for (k, n, act, per) in cases {
+            let mut off = vec![0];
+            per.iter().for_each(|r| off.push(off.last().unwrap() + r));
+            let rows = *off.last().unwrap();
+            let s = GemmShape {
+                rows,
+                in_features: k,
+                out_features: n,
+                experts: per.len(),
+                activation: act,
+            };
+            let wrows = s.weight_rows();
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 170.0).collect();
+            let w: Vec<f32> = (0..per.len() * wrows * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 230.0)
+                .collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let p = Packing {
+                experts: per.len(),
+                rows: wrows,
+                k,
+            };
+            for simd in Simd::supported() {
+                for data in [HostSlice::F32(&w), HostSlice::BF16(&wb), HostSlice::F16(&wh)] {
+                    let (packed, wv) = (p.pack(data), data.to_vec().to_f32().unwrap());
+                    let weight = match &packed {
+                        HostVec::F32(v) => Floats::F32(v),
+                        HostVec::BF16(v) => Floats::BF16(v),
+                        HostVec::F16(v) => Floats::F16(v),
+                        HostVec::U32(_) => unreachable!(),
+                    };
+                    let mut y = vec![f32::NAN; rows * n];
+                    let buf = Mutex::new(Vec::new());
+                    grouped_matmul(
+                        simd,
+                        &buf,
+                        Floats::F32(&x),
+                        &off,
+                        weight,
+                        Some(p),
+                        OutPtr::new(&mut y),
+                        s,
+                    );
+                    let chain = |r: usize, wr: usize| {
+                        let (xr, wr) = (&x[r * k..(r + 1) * k], &wv[wr * k..(wr + 1) * k]);
+                        if simd.avx512() {
+                            (0..k).fold(0.0f32, |a, i| xr[i].mul_add(wr[i], a))
+                        } else {
+                            (0..k).fold(0.0f32, |a, i| a + xr[i] * wr[i])
+                        }
+                    };
+                    for e in 0..per.len() {
+                        for r in off[e]..off[e + 1] {
+                            for c in 0..n {
+                                let want = match act {
+                                    Activation::None => chain(r, e * wrows + c),
+                                    Activation::SwiGlu => silu(chain(r, e * wrows + c)) * chain(r, e * wrows + n + c),
+                                };
+                                let got = y[r * n + c];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{simd:?} {:?} k {k} expert {e} row {r} col {c}",
+                                    data.dtype()
+                                );
+                            }
                         }
                     }
                 }

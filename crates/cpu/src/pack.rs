@@ -127,7 +127,15 @@ impl Packing {
 /// AVX-512, one multiply then one add per step, each output summed over `k` in ascending order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn product_portable(x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
+pub(crate) fn product_portable(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Floats,
+    first: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
     match w {
         Floats::F32(v) => product_with(x, rows, k, v, false, first, cols, out, |v| v),
         Floats::BF16(v) => product_with(x, rows, k, v, true, first, cols, out, |v: bf16| bf16_to_f32(v)),
