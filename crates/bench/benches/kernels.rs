@@ -3,7 +3,9 @@
 //! `kernels`), WebGPU at the small shape (group `kernels-wgpu`; skipped with
 //! the reason when there is no adapter). Run: `cargo bench -p moe-bench --bench
 //! kernels` (add `-- route`, `-- wgpu` etc. to filter; `WGPU_BACKEND=vulkan`
-//! picks Vulkan, e.g. Mesa's lavapipe). The full model-shape sweeps are
+//! picks Vulkan, e.g. Mesa's lavapipe). The group `kernels-bf16-weights` runs
+//! the CPU's bf16 grouped matmuls on weights as uploaded and as
+//! `upload_weights` packs them (`-- bf16-weights`). The full model-shape sweeps are
 //! `moe-bench bench` (see benches/README.md at the repository root).
 //!
 //! Each call is timed on its own and waits for its work: with the device clock
@@ -14,7 +16,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use moe_hal::conformance::{random_layer, Rng};
 use moe_hal::cpu::CpuBackend;
 use moe_hal::wgpu::WgpuBackend;
-use moe_hal::{Backend, DType, HostSlice, LayerShapes, MoeLayer, PermuteShape, Permuted, RouterSpec};
+use moe_hal::{Backend, DType, HostSlice, HostVec, LayerShapes, MoeLayer, PermuteShape, Permuted, RouterSpec};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,12 @@ const MEDIUM: Shape = ("medium", 1024, 512, 64, 8, 128);
 
 fn kernels(c: &mut Criterion) {
     match CpuBackend::new() {
-        Ok(b) => bench_backend(c, "kernels", &b, &[SMALL, MEDIUM]),
+        Ok(b) => {
+            bench_backend(c, "kernels", &b, &[SMALL, MEDIUM]);
+            if let Err(e) = bench_uploads(c, &b, MEDIUM) {
+                eprintln!("kernels-bf16-weights: SKIPPED: {e}");
+            }
+        }
         Err(e) => eprintln!("kernels (cpu): SKIPPED: {e}"),
     }
     // A software adapter is slow: the small shape only.
@@ -156,6 +163,64 @@ fn bench_shape<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shape:
     g.bench_function(BenchmarkId::new("layer", &id), |bn| {
         bn.iter_custom(|n| timed(b, n, &mut || layer.forward_into(black_box(&x), t, &mut out)))
     });
+    g.finish();
+    Ok(())
+}
+
+/// bf16 grouped matmuls (gate/up with SwiGLU, then down) on expert weights as uploaded and as
+/// `upload_weights` packs them, side by side in the group `kernels-bf16-weights` (the medium
+/// shape has 16 rows per expert, as qwen3-30b-a3b at 256 tokens).
+fn bench_uploads<B: Backend>(c: &mut Criterion, b: &B, shape: Shape) -> moe_hal::Result<()> {
+    let (name, h, i, e, k, t) = shape;
+    let w = random_layer(1, RouterSpec::softmax_topk(e, k, true), h, i, None);
+    let mut rng = Rng::new(2);
+    let rows = t * k;
+    let bf16 = |v: &[f32]| HostVec::from_f32(v, DType::BF16).expect("bf16 is a float dtype");
+    let x = b.upload(bf16(&rng.vec(rows * h, -1.0, 1.0)).as_slice())?;
+    let per = (0..=e).map(|j| (j * rows / e) as u32).collect::<Vec<_>>();
+    let offsets = b.upload(HostSlice::U32(&per))?;
+    let LayerShapes {
+        gate_up: gu, down: dn, ..
+    } = LayerShapes::new(t, h, i, e, k);
+    let (gate_up, down) = (
+        bf16(&w.gate_up.to_f32().expect("f32 weights")),
+        bf16(&w.down.to_f32().expect("f32 weights")),
+    );
+    let mut act = b.alloc(DType::BF16, rows * i)?;
+    let mut y = b.alloc(DType::BF16, rows * h)?;
+    let id = format!("{name}/h{h}-i{i}-e{e}-rows{}", rows / e);
+    let mut g = c.benchmark_group("kernels-bf16-weights");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(rows as u64));
+    for packed in [false, true] {
+        let up = |v: &HostVec, s| {
+            if packed {
+                b.upload_weights(v.as_slice(), s)
+            } else {
+                b.upload(v.as_slice())
+            }
+        };
+        let (wg, wd) = (up(&gate_up, gu)?, up(&down, dn)?);
+        b.grouped_matmul(&x, &offsets, &wg, &mut act, gu)?;
+        b.grouped_matmul(&act, &offsets, &wd, &mut y, dn)?;
+        let how = if packed { "upload_weights" } else { "upload" };
+        g.bench_function(BenchmarkId::new(format!("gemm_gate_up/{how}"), &id), |bn| {
+            bn.iter_custom(|n| {
+                timed(b, n, &mut || {
+                    b.grouped_matmul(black_box(&x), &offsets, &wg, &mut act, gu)
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new(format!("gemm_down/{how}"), &id), |bn| {
+            bn.iter_custom(|n| {
+                timed(b, n, &mut || {
+                    b.grouped_matmul(black_box(&act), &offsets, &wd, &mut y, dn)
+                })
+            })
+        });
+    }
     g.finish();
     Ok(())
 }
