@@ -190,6 +190,18 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
         checked_mul(s.rows, s.in_features, "rows * in_features")?,
     )?;
     buffer("offsets", offsets, DType::U32, s.experts + 1)?;
+    buffer("weight", weight, dt, weight_len(s)?)?;
+    buffer(
+        "output",
+        output,
+        dt,
+        checked_mul(s.rows, s.out_features, "rows * out_features")?,
+    )
+}
+
+/// Elements of the expert weights of grouped matmuls of shape `s`: `experts * weight rows *
+/// in_features`, checked for overflow.
+fn weight_len(s: GemmShape) -> Result<usize> {
     let weight_rows = checked_mul(s.out_features, 2, "2 * out_features")?;
     let per_expert = checked_mul(
         if s.activation == crate::backend::Activation::SwiGlu {
@@ -200,18 +212,7 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
         s.in_features,
         "weight rows * in_features",
     )?;
-    buffer(
-        "weight",
-        weight,
-        dt,
-        checked_mul(s.experts, per_expert, "experts * weight size")?,
-    )?;
-    buffer(
-        "output",
-        output,
-        dt,
-        checked_mul(s.rows, s.out_features, "rows * out_features")?,
-    )
+    checked_mul(s.experts, per_expert, "experts * weight size")
 }
 
 /// Expert weights for [`crate::Backend::upload_weights`]: a float dtype, and exactly
@@ -227,17 +228,7 @@ pub fn weights(data: &crate::HostSlice<'_>, s: GemmShape) -> Result<()> {
             expected: "a float dtype".to_string(),
         });
     }
-    let rows = checked_mul(s.out_features, 2, "2 * out_features")?;
-    let rows = if s.activation == crate::backend::Activation::SwiGlu {
-        rows
-    } else {
-        s.out_features
-    };
-    let want = checked_mul(
-        s.experts,
-        checked_mul(rows, s.in_features, "weight rows * in_features")?,
-        "experts * weight size",
-    )?;
+    let want = weight_len(s)?;
     if data.len() != want {
         return Err(MoeError::shape(
             "expert weights length",

@@ -277,12 +277,15 @@ impl<B: Backend> MoeLayer<B> {
         let down = backend.upload_weights(weights.down.as_slice(), ls.down)?;
         let shared = match &weights.shared {
             None => None,
-            Some(s) => Some(SharedDev {
-                inter: s.intermediate_size,
-                gate_up: backend.upload_weights(s.gate_up.as_slice(), shared_shapes(0, h, s.intermediate_size).0)?,
-                down: backend.upload_weights(s.down.as_slice(), shared_shapes(0, h, s.intermediate_size).1)?,
-                gate: s.gate.as_ref().map(|g| backend.upload(HostSlice::F32(g))).transpose()?,
-            }),
+            Some(s) => {
+                let (up, dn) = shared_shapes(0, h, s.intermediate_size);
+                Some(SharedDev {
+                    inter: s.intermediate_size,
+                    gate_up: backend.upload_weights(s.gate_up.as_slice(), up)?,
+                    down: backend.upload_weights(s.down.as_slice(), dn)?,
+                    gate: s.gate.as_ref().map(|g| backend.upload(HostSlice::F32(g))).transpose()?,
+                })
+            }
         };
         Ok(MoeLayer {
             spec: weights.router.clone(),

@@ -867,12 +867,17 @@ unsafe fn packed_rows_n<W: Wide32>(
     }
 }
 
-/// Blocks per register block for `rows` rows: the accumulators stay at most 24 `zmm`.
-fn packed_nb(rows: usize) -> usize {
-    match rows {
+/// Blocks per register block for `rows` rows with `left` blocks to go: the accumulators stay at
+/// most 24 `zmm`, and there is no 3-block kernel.
+fn packed_nb(rows: usize, left: usize) -> usize {
+    let nb = match rows {
         0..=3 => 4,
         4..=6 => 2,
         _ => 1,
+    };
+    match nb.min(left) {
+        3 => 2,
+        nb => nb,
     }
 }
 
@@ -919,8 +924,7 @@ pub unsafe fn packed<W: Wide32>(
     );
     let mut b = b0;
     while b < b1 {
-        let nb = packed_nb(rows).min(b1 - b);
-        let nb = if nb == 3 { 2 } else { nb };
+        let nb = packed_nb(rows, b1 - b);
         let wp = w.as_ptr().add(b * stride);
         for k0 in (0..k).step_by(chunk) {
             let ks = (k0, (k0 + chunk).min(k));

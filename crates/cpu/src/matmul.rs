@@ -365,18 +365,17 @@ fn run_tiles(
     buf: &Mutex<Vec<f32>>,
     input: Floats,
     groups: &[(usize, usize)],
-    weight: Floats,
-    packed: Option<Packing>,
+    w: Weights,
     out: OutPtr,
     s: GemmShape,
 ) {
-    let (k, n) = (s.in_features, s.out_features);
-    let lanes = if packed.is_some() { PACKED_LANES } else { LANE_ROWS };
+    let (k, n, weight) = (s.in_features, s.out_features, w.floats);
+    let lanes = if w.packed.is_some() { PACKED_LANES } else { LANE_ROWS };
     let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
-            let head = match packed {
+            let head = match w.packed {
                 Some(_) if simd.avx512() => rows,
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
@@ -439,7 +438,7 @@ fn run_tiles(
                 .into_par_iter()
                 .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, lanes, part));
         }
-        run_tile_list(simd, input, &batch.tiles, xt, weight, packed, out, s);
+        run_tile_list(simd, input, &batch.tiles, xt, w, out, s);
     }
 }
 
@@ -463,21 +462,12 @@ const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
 
 /// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast and packed
 /// tiles.
-#[allow(clippy::too_many_arguments)]
-fn run_tile_list(
-    simd: Simd,
-    input: Floats,
-    tiles: &[Tile],
-    xt: &[f32],
-    weight: Floats,
-    packed: Option<Packing>,
-    out: OutPtr,
-    s: GemmShape,
-) {
+fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], xt: &[f32], w: Weights, out: OutPtr, s: GemmShape) {
     let (k, n) = (s.in_features, s.out_features);
     let wrows = s.weight_rows();
     // Packed weights never take the bf16 dot products.
-    let simd = if packed.is_some() { simd.without_bf16() } else { simd };
+    let simd = if w.packed.is_some() { simd.without_bf16() } else { simd };
+    let weight = w.floats;
     tiles.par_iter().for_each(|t| {
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
@@ -489,7 +479,6 @@ fn run_tile_list(
                 input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
             };
             sc.gate.resize(t.rows * t.cols, 0.0);
-            let w = Weights { floats: weight, packed };
             product(
                 simd,
                 input,
@@ -869,7 +858,7 @@ pub fn grouped_matmul(
     s: GemmShape,
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(simd, buf, input, &groups, weight, packed, out, s);
+    run_tiles(simd, buf, input, &groups, Weights { floats: weight, packed }, out, s);
 }
 
 /// See [`grouped_matmul`] for `buf`.
@@ -886,8 +875,10 @@ pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: 
         buf,
         hidden,
         &[(0, s.tokens)],
-        Floats::F32(weight),
-        None,
+        Weights {
+            floats: Floats::F32(weight),
+            packed: None,
+        },
         out,
         shape,
     );
