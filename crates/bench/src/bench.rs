@@ -595,13 +595,18 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
 }
 
 /// The best time of `run` on weights `wh` uploaded with [`Backend::upload`] and with
-/// [`Backend::upload_weights`] (one copy on the backend at a time).
+/// [`Backend::upload_weights`] (one copy on the backend at a time). Where the backend does not pack
+/// `wh`'s dtype ([`moe_hal::Capabilities::packed_weights`]) both store the same, so it runs once.
 fn best_of_uploads<B: Backend>(
     b: &B,
     wh: &HostVec,
     shape: GemmShape,
     mut run: impl FnMut(&B::Buffer) -> Result<(f64, Clock), String>,
 ) -> Result<(f64, Clock), String> {
+    if !b.capabilities().packed_weights.contains(&wh.dtype()) {
+        let w = b.upload_weights(wh.as_slice(), shape).map_err(|e| e.to_string())?;
+        return run(&w);
+    }
     let w = b.upload(wh.as_slice()).map_err(|e| e.to_string())?;
     let plain = run(&w)?;
     drop(w);

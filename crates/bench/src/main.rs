@@ -154,6 +154,15 @@ fn info(backend: Option<&str>) -> Result<ExitCode, String> {
                 c.max_experts,
                 c.max_top_k
             );
+            let packed: Vec<String> = c.packed_weights.iter().map(|d| d.to_string()).collect();
+            println!(
+                "  packed      : {}",
+                if packed.is_empty() {
+                    "no weights (upload_weights stores them as upload does)".to_string()
+                } else {
+                    format!("{} weights (upload_weights packs them once at load)", packed.join(", "))
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -107,6 +107,10 @@ pub struct Capabilities {
     pub max_experts: usize,
     /// Largest `top_k` the route and topk kernels handle.
     pub max_top_k: usize,
+    /// Weight dtypes that [`Backend::upload_weights`] stores in a layout of the backend's own
+    /// (packed once at load); for any other dtype it stores what [`Backend::upload`] stores. Lets
+    /// callers skip comparing the two uploads where they are the same.
+    pub packed_weights: Vec<DType>,
 }
 
 impl Capabilities {
@@ -127,7 +131,14 @@ impl Capabilities {
             max_buffer_bytes,
             max_experts,
             max_top_k,
+            packed_weights: Vec::new(),
         }
+    }
+
+    /// The same, with `upload_weights` packing weights of `dtypes`.
+    pub fn packing(mut self, dtypes: &[DType]) -> Self {
+        self.packed_weights = dtypes.to_vec();
+        self
     }
 
     pub fn kernel(&self, kernel: Kernel) -> Option<&KernelCaps> {
@@ -341,7 +352,8 @@ pub trait Backend: Send + Sync {
     /// buffer is for grouped matmuls with the same experts, weight rows and `K` (another shape may
     /// get an error, and other kernels may refuse it), [`Backend::download`] returns the
     /// checkpoint layout, and [`Backend::write`] takes it too. The default checks the length and
-    /// calls [`Backend::upload`]; the CPU packs bf16 weights where it has AVX-512.
+    /// calls [`Backend::upload`]; the CPU packs bf16 weights where it has AVX-512. A backend that
+    /// packs a dtype lists it in [`Capabilities::packed_weights`].
     fn upload_weights(&self, data: HostSlice<'_>, shape: GemmShape) -> Result<Self::Buffer> {
         crate::check::weights(&data, shape)?;
         self.upload(data)

@@ -88,6 +88,16 @@ fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
     Ok(())
 }
 
+/// Weight dtypes that `upload_weights` packs ([`pack`]; its doc says why only these), as reported
+/// in [`Capabilities::packed_weights`].
+fn packed_dtypes(simd: Simd) -> &'static [DType] {
+    if simd.avx512() {
+        &[DType::BF16]
+    } else {
+        &[]
+    }
+}
+
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
 #[derive(Clone)]
 pub struct CpuBackend {
@@ -189,7 +199,7 @@ impl Backend for CpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
+        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20).packing(packed_dtypes(self.simd))
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -223,7 +233,7 @@ impl Backend for CpuBackend {
     /// conversion takes the FMA ports: 128 rows 114 against 127), though it won at decode.
     fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
         check::weights(&data, s)?;
-        if data.dtype() != DType::BF16 || !self.simd.avx512() {
+        if !packed_dtypes(self.simd).contains(&data.dtype()) {
             return self.upload(data);
         }
         let p = Packing {
@@ -447,6 +457,36 @@ mod tests {
     /// bf16 weights from `upload_weights` are packed (f32 ones are not), download and `write` see the checkpoint layout,
     /// a grouped matmul of another shape and every other use get errors, and the packed product
     /// matches the plain one within f32 rounding.
+    #[test]
+    fn packed_weights_capability_says_what_upload_weights_does() {
+        let s = GemmShape {
+            rows: 0,
+            in_features: 4,
+            out_features: 2,
+            experts: 1,
+            activation: Activation::None,
+        };
+        let f = [0.25f32; 8];
+        for simd in Simd::supported() {
+            let b = CpuBackend::with_threads(1).unwrap().with_simd(simd).unwrap();
+            let caps = b.capabilities();
+            for data in [
+                HostVec::from_f32(&f, DType::F32),
+                HostVec::from_f32(&f, DType::BF16),
+                HostVec::from_f32(&f, DType::F16),
+            ] {
+                let data = data.unwrap();
+                let packed = b.upload_weights(data.as_slice(), s).unwrap().is_packed();
+                assert_eq!(
+                    caps.packed_weights.contains(&data.dtype()),
+                    packed,
+                    "{simd:?} {}",
+                    data.dtype()
+                );
+            }
+        }
+    }
+
     #[test]
     fn packed_weights_round_trip_and_refuse_other_uses() {
         if !Simd::detect().avx512() {
