@@ -24,11 +24,15 @@
 //! blocks of 12, each input broadcast against 32 output columns held in two registers (2 blocks
 //! at once for tiles of 4-6 rows, 4 for up to 3), the weights prefetched ahead in one stream per
 //! block and widened with a shift and a mask.
+//!
+//! Buffers of 4 MiB or more are advised onto transparent huge pages on Linux (`mem`): the
+//! weights stream with fewer TLB misses.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod combine;
 mod matmul;
+mod mem;
 mod pack;
 mod permute;
 mod route;
@@ -211,16 +215,24 @@ impl Backend for CpuBackend {
             return Err(MoeError::shape("buffer length", len, "a size that fits in memory"));
         }
         let zero = |n| match dtype {
-            DType::F32 => HostVec::F32(vec![0.0; n]),
-            DType::BF16 => HostVec::BF16(vec![half::bf16::ZERO; n]),
-            DType::F16 => HostVec::F16(vec![half::f16::ZERO; n]),
-            DType::U32 => HostVec::U32(vec![0; n]),
+            DType::F32 => HostVec::F32(mem::filled(n, 0.0)),
+            DType::BF16 => HostVec::BF16(mem::filled(n, half::bf16::ZERO)),
+            DType::F16 => HostVec::F16(mem::filled(n, half::f16::ZERO)),
+            DType::U32 => HostVec::U32(mem::filled(n, 0)),
         };
         Ok(CpuBuffer(zero(len), None))
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(data.to_vec(), None))
+        Ok(CpuBuffer(
+            match data {
+                HostSlice::F32(v) => HostVec::F32(mem::copied(v)),
+                HostSlice::BF16(v) => HostVec::BF16(mem::copied(v)),
+                HostSlice::F16(v) => HostVec::F16(mem::copied(v)),
+                HostSlice::U32(v) => HostVec::U32(mem::copied(v)),
+            },
+            None,
+        ))
     }
 
     /// Packs bf16 weights on the backend's threads where the CPU has AVX-512 (the packed kernel's

@@ -87,7 +87,7 @@ impl Packing {
 
     fn pack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Vec<T> {
         let (k, blocks) = (self.k, self.blocks());
-        let mut dst = vec![T::default(); self.experts * self.expert_len()];
+        let mut dst = crate::mem::filled(self.experts * self.expert_len(), T::default());
         if k == 0 {
             return dst;
         }
