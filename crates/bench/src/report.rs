@@ -60,6 +60,24 @@ pub struct Ceilings {
     pub clock: Clock,
 }
 
+impl Ceilings {
+    /// The better of each measurement in `self` and `other`.
+    pub fn best(&self, other: &Ceilings) -> Ceilings {
+        let (gemv_gbps, copy_gbps) = (self.gemv_gbps.max(other.gemv_gbps), self.copy_gbps.max(other.copy_gbps));
+        Ceilings {
+            gemm_gflops: self.gemm_gflops.max(other.gemm_gflops),
+            gemv_gbps,
+            copy_gbps,
+            bandwidth_gbps: gemv_gbps.max(copy_gbps),
+            clock: if self.clock == other.clock {
+                self.clock
+            } else {
+                Clock::Wall
+            },
+        }
+    }
+}
+
 pub const COLUMNS: [&str; 12] = [
     "backend",
     "preset",
