@@ -466,9 +466,8 @@ mod tests {
         assert_eq!(a.to_f32(), c.to_f32());
     }
 
-    /// bf16 weights from `upload_weights` are packed (f32 ones are not), download and `write` see the checkpoint layout,
-    /// a grouped matmul of another shape and every other use get errors, and the packed product
-    /// matches the plain one within f32 rounding.
+    /// `Capabilities::packed_weights` lists exactly the dtypes whose `upload_weights` buffers come
+    /// back packed, at every SIMD level.
     #[test]
     fn packed_weights_capability_says_what_upload_weights_does() {
         let s = GemmShape {
@@ -499,6 +498,9 @@ mod tests {
         }
     }
 
+    /// bf16 weights from `upload_weights` are packed (f32 ones are not), download and `write` see the checkpoint layout,
+    /// a grouped matmul of another shape and every other use get errors, and the packed product
+    /// matches the plain one within f32 rounding.
     #[test]
     fn packed_weights_round_trip_and_refuse_other_uses() {
         if !Simd::detect().avx512() {

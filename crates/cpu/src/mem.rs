@@ -1,8 +1,8 @@
 //! Large buffers on transparent huge pages (Linux).
 //!
 //! The layer streams its experts' weights from memory: over a gigabyte per call at a few hundred
-//! tokens. On 4 KiB pages that is a TLB entry, and a fresh start for the hardware prefetchers,
-//! every 4 KiB (64 input indices of a packed bf16 block). Buffers of at least [`HUGE_MIN_BYTES`]
+//! tokens. On 4 KiB pages that is a TLB entry, and often a page walk, every 4 KiB (64 input
+//! indices of a packed bf16 block). Buffers of at least [`HUGE_MIN_BYTES`]
 //! are advised `MADV_HUGEPAGE` before their first write, so that Linux backs them with 2 MiB pages
 //! where the system allows it (`/sys/kernel/mm/transparent_hugepage/enabled` at `madvise`, the
 //! common default, or `always`; `never` keeps 4 KiB pages, and the advice then does nothing).
