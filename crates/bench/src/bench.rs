@@ -670,9 +670,11 @@ struct Sweep<'a> {
 }
 
 impl Sweep<'_> {
-    fn record(&self, backend: &str, c: &Ceilings, tokens: usize, kernel: &str, t: Timing, w: Work) -> Record {
+    /// A record of `w` done in `t`; its roofline fraction is set by [`Sweep::run_on`] once the
+    /// ceilings are final.
+    fn record(&self, backend: &str, tokens: usize, kernel: &str, t: Timing, w: Work) -> Record {
         let s = t.median_ms * 1e-3;
-        let mut r = Record {
+        Record {
             backend: backend.to_string(),
             preset: self.shape.label.clone(),
             dtype: self.dtype.to_string(),
@@ -683,15 +685,13 @@ impl Sweep<'_> {
             max_ms: t.max_ms,
             gflops: w.flops / s / 1e9,
             gbps: w.bytes / s / 1e9,
-            roofline_fraction: 0.0,
+            roofline_fraction: f64::NAN,
             clock: t.clock.name().to_string(),
-        };
-        r.roofline_fraction = roofline_fraction(c, &r);
-        r
+        }
     }
 
     /// The five kernels at every token count, on buffers prepared here.
-    fn kernels<B: Backend>(&self, b: &B, lw: &LayerWeights, c: &Ceilings) -> Result<Vec<Record>, String> {
+    fn kernels<B: Backend>(&self, b: &B, lw: &LayerWeights) -> Result<Vec<Record>, String> {
         let err = |e: moe_hal::MoeError| e.to_string();
         let (h, i, e, k) = (self.shape.hidden, self.shape.inter, self.shape.experts, self.shape.topk);
         let dt = self.dtype;
@@ -773,7 +773,7 @@ impl Sweep<'_> {
                     })?,
                     _ => time(b, wu, rp, || b.combine(&eout, &ids, &rw, &perm.slot_of, &mut out, cs))?,
                 };
-                records.push(self.record(b.name(), c, t, kernel, timing, w));
+                records.push(self.record(b.name(), t, kernel, timing, w));
                 self.progress.inc(1);
             }
         }
@@ -781,13 +781,7 @@ impl Sweep<'_> {
     }
 
     /// The whole layer (`MoeLayer::forward_into`) at every token count.
-    fn layer<B: Backend + Clone>(
-        &self,
-        b: B,
-        lw: &LayerWeights,
-        c: &Ceilings,
-        kernels: &[Record],
-    ) -> Result<Vec<Record>, String> {
+    fn layer<B: Backend + Clone>(&self, b: B, lw: &LayerWeights, kernels: &[Record]) -> Result<Vec<Record>, String> {
         let err = |e: moe_hal::MoeError| e.to_string();
         let name = b.name();
         let h = self.shape.hidden as f64;
@@ -828,7 +822,7 @@ impl Sweep<'_> {
                 run += 1;
                 layer.forward_into(&xs[run % xs.len()], t, &mut out)
             })?;
-            records.push(self.record(name, c, t, "layer", timing, w));
+            records.push(self.record(name, t, "layer", timing, w));
             self.progress.inc(1);
         }
         Ok(records)
@@ -851,10 +845,10 @@ impl Sweep<'_> {
         let first = ceilings(&b, self.dtype, self.seed + 100)?;
         self.progress.inc(1);
         self.progress.set_message(format!("{}: kernels", b.name()));
-        let mut records = self.kernels(&b, lw, &first)?;
+        let mut records = self.kernels(&b, lw)?;
         self.progress.set_message(format!("{}: layer", b.name()));
         let sync = b.clone();
-        let layer = self.layer(b, lw, &first, &records)?;
+        let layer = self.layer(b, lw, &records)?;
         records.extend(layer);
         // Measured again after the runs, each ceiling the better of the two: on a shared machine a
         // disturbed measurement would lower a ceiling and flatter every fraction judged against it.
