@@ -149,8 +149,8 @@ fn info(backend: Option<&str>) -> Result<ExitCode, String> {
                 println!("  {:<14}: {}", k.name(), d.unwrap_or_else(|| "not supported".into()));
             }
             println!(
-                "  limits      : max buffer {} MiB, max experts {}, max top-k {}",
-                c.max_buffer_bytes >> 20,
+                "  limits      : max buffer {}, max experts {}, max top-k {}",
+                binary_size(c.max_buffer_bytes),
                 c.max_experts,
                 c.max_top_k
             );
@@ -166,6 +166,17 @@ fn info(backend: Option<&str>) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bytes` in whole MiB, as device limits are given; from 1 PiB on (no device has that much: it
+/// means "no limit of its own", the CPU's `isize::MAX`), in PiB or EiB to one decimal instead of
+/// thirteen digits of MiB.
+fn binary_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 60 => format!("{:.1} EiB", b as f64 / (1u64 << 60) as f64),
+        b if b >= 1 << 50 => format!("{:.1} PiB", b as f64 / (1u64 << 50) as f64),
+        b => format!("{} MiB", b >> 20),
+    }
 }
 
 /// Runs `f` on the named backend (generic at this edge only).
@@ -256,5 +267,21 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
     } else {
         eprintln!("moe-bench: verification failed (see FAIL lines above)");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binary_size;
+
+    /// Device limits stay in MiB; a limit of 1 PiB or more reads in PiB or EiB.
+    #[test]
+    fn binary_size_keeps_mib_and_shortens_the_unbounded() {
+        assert_eq!(binary_size(2047 << 20), "2047 MiB");
+        assert_eq!(binary_size(143_771 << 20), "143771 MiB");
+        assert_eq!(binary_size((1 << 50) - 1), "1073741823 MiB");
+        assert_eq!(binary_size(3 << 49), "1.5 PiB");
+        assert_eq!(binary_size(isize::MAX as u64), "8.0 EiB");
+        assert_eq!(binary_size(u64::MAX), "16.0 EiB");
     }
 }
