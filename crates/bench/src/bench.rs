@@ -847,13 +847,14 @@ impl Sweep<'_> {
         self.progress.set_message(format!("{}: kernels", b.name()));
         let mut records = self.kernels(&b, lw)?;
         self.progress.set_message(format!("{}: layer", b.name()));
-        let sync = b.clone();
+        // `layer` takes the backend; a handle on the same device measures the ceilings after it.
+        let after = b.clone();
         let layer = self.layer(b, lw, &records)?;
         records.extend(layer);
         // Measured again after the runs, each ceiling the better of the two: on a shared machine a
         // disturbed measurement would lower a ceiling and flatter every fraction judged against it.
-        self.progress.set_message(format!("{}: ceilings again", sync.name()));
-        let c = first.best(&ceilings(&sync, self.dtype, self.seed + 100)?);
+        self.progress.set_message(format!("{}: ceilings again", after.name()));
+        let c = first.best(&ceilings(&after, self.dtype, self.seed + 100)?);
         self.progress.inc(1);
         for r in &mut records {
             r.roofline_fraction = roofline_fraction(&c, r);
