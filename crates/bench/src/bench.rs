@@ -594,6 +594,35 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     })
 }
 
+/// What [`Sweep::run_on`] measured on one backend.
+type Run = (Ceilings, Option<String>, Vec<Record>);
+
+/// `c` with its GEMM peak raised to the best rate (FLOPs over the median time) of any record, where
+/// one beat the measured peak, and which record that was. A kernel cannot do more FLOPs per second
+/// than the machine can: a peak below one was measured while the host was disturbed, and would let
+/// every fraction judged against it read too high (bf16 at 256 tokens on the shared dev VM: peak 207
+/// GFLOP/s in two runs, gate/up 215-217 in the same runs, against a peak of 281 in another). The
+/// bandwidth is not raised this way: a kernel's bytes may come from a cache.
+fn peak_at_least_achieved(c: Ceilings, records: &[Record]) -> (Ceilings, Option<String>) {
+    let best = records
+        .iter()
+        .filter(|r| r.gflops.is_finite())
+        .max_by(|a, b| a.gflops.total_cmp(&b.gflops));
+    match best {
+        Some(r) if r.gflops > c.gemm_gflops => (
+            Ceilings {
+                gemm_gflops: r.gflops,
+                ..c
+            },
+            Some(format!(
+                "raised from the measured {:.1} to {} at {} tokens",
+                c.gemm_gflops, r.kernel, r.tokens
+            )),
+        ),
+        _ => (c, None),
+    }
+}
+
 /// The roofline bound of `r`'s work (FLOPs over the GEMM peak or bytes over the bandwidth,
 /// whichever takes longer) over its median time.
 fn roofline_fraction(c: &Ceilings, r: &Record) -> f64 {
@@ -828,7 +857,9 @@ impl Sweep<'_> {
         Ok(records)
     }
 
-    fn run_on<B: Backend + Clone>(&self, b: B, lw: &LayerWeights) -> Result<(Ceilings, Vec<Record>), String> {
+    /// The ceilings (with the record that raised the GEMM peak, if one did: [`peak_at_least_achieved`])
+    /// and every record, each judged against the final ceilings.
+    fn run_on<B: Backend + Clone>(&self, b: B, lw: &LayerWeights) -> Result<Run, String> {
         let caps = b.capabilities();
         let largest = (lw.gate_up.len() * self.dtype.size()) as u64;
         if largest > caps.max_buffer_bytes {
@@ -856,10 +887,11 @@ impl Sweep<'_> {
         self.progress.set_message(format!("{}: ceilings again", after.name()));
         let c = first.best(&ceilings(&after, self.dtype, self.seed + 100)?);
         self.progress.inc(1);
+        let (c, raised) = peak_at_least_achieved(c, &records);
         for r in &mut records {
             r.roofline_fraction = roofline_fraction(&c, r);
         }
-        Ok((c, records))
+        Ok((c, raised, records))
     }
 }
 
@@ -953,8 +985,8 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
             other => Err(format!("backend {other} cannot be benchmarked by this build")),
         };
         match run {
-            Ok((c, records)) => {
-                ceilings.push((name, c));
+            Ok((c, raised, records)) => {
+                ceilings.push((name, c, raised));
                 all.extend(records);
             }
             // With `all`, a backend that cannot run this shape is skipped, not fatal.
@@ -985,10 +1017,14 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         },
         started.elapsed().as_secs_f64()
     );
-    for (name, c) in &ceilings {
+    for (name, c, raised) in &ceilings {
+        let peak = match raised {
+            Some(why) => format!("GEMM peak {:.1} GFLOP/s ({why})", c.gemm_gflops),
+            None => format!("GEMM peak {:.1} GFLOP/s (1024x2048x2048 {dtype})", c.gemm_gflops),
+        };
         println!(
-            "{name}: ceilings (best of before and after the runs): GEMM peak {:.1} GFLOP/s (1024x2048x2048 {dtype}), memory bandwidth {:.1} GB/s (stream GEMV {:.1}, copy {:.1}); {} clock",
-            c.gemm_gflops, c.bandwidth_gbps, c.gemv_gbps, c.copy_gbps, c.clock.name()
+            "{name}: ceilings (best of before and after the runs): {peak}, memory bandwidth {:.1} GB/s (stream GEMV {:.1}, copy {:.1}); {} clock",
+            c.bandwidth_gbps, c.gemv_gbps, c.copy_gbps, c.clock.name()
         );
     }
     print!("{}", report::table(&all));
@@ -1049,6 +1085,50 @@ mod tests {
         r.roofline_fraction = roofline_fraction(&c, &r);
         assert!((r.roofline_fraction - 0.4).abs() < 1e-12, "{}", r.roofline_fraction);
         assert!((roofline_fraction(&a, &r) - 0.5).abs() < 1e-12);
+    }
+
+    /// A record faster than the measured peak raises it, so that no compute-bound record reads
+    /// above 100%; slower records, NaN rates and the bandwidth leave the ceilings as measured.
+    #[test]
+    fn peak_is_at_least_what_a_kernel_achieved() {
+        let c = Ceilings {
+            gemm_gflops: 200.0,
+            gemv_gbps: 25.0,
+            copy_gbps: 20.0,
+            bandwidth_gbps: 25.0,
+            clock: Clock::Wall,
+        };
+        let rec = |kernel: &str, tokens: usize, gflops: f64, gbps: f64| Record {
+            backend: "cpu".into(),
+            preset: "p".into(),
+            dtype: "bf16".into(),
+            tokens,
+            kernel: kernel.into(),
+            median_ms: 60.0,
+            min_ms: 58.0,
+            max_ms: 66.0,
+            gflops,
+            gbps,
+            roofline_fraction: f64::NAN,
+            clock: "wall".into(),
+        };
+        let slower = [rec("gemm_down", 256, 150.0, 12.0), rec("route", 256, f64::NAN, 90.0)];
+        let (same, why) = peak_at_least_achieved(c, &slower);
+        assert_eq!((same.gemm_gflops, same.bandwidth_gbps, why), (200.0, 25.0, None));
+
+        let faster = [
+            rec("gemm_down", 256, 150.0, 12.0),
+            rec("gemm_gate_up", 256, 216.6, 13.7),
+        ];
+        let (raised, why) = peak_at_least_achieved(c, &faster);
+        assert_eq!((raised.gemm_gflops, raised.bandwidth_gbps), (216.6, 25.0));
+        assert_eq!(
+            why.as_deref(),
+            Some("raised from the measured 200.0 to gemm_gate_up at 256 tokens")
+        );
+        // Against the measured peak it read 108%; against the raised one, exactly its bound.
+        assert!(roofline_fraction(&c, &faster[1]) > 1.08);
+        assert!((roofline_fraction(&raised, &faster[1]) - 1.0).abs() < 1e-12);
     }
 
     #[test]
