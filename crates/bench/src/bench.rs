@@ -595,7 +595,16 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
 }
 
 /// What [`Sweep::run_on`] measured on one backend.
-type Run = (Ceilings, Option<String>, Vec<Record>);
+struct Run {
+    /// The ceilings every fraction is judged against.
+    ceilings: Ceilings,
+    /// The two measurements they come from, before and after the runs: far apart, they say the
+    /// host was disturbed during the run.
+    measured: [Ceilings; 2],
+    /// Which record raised the GEMM peak, if one did ([`peak_at_least_achieved`]).
+    raised: Option<String>,
+    records: Vec<Record>,
+}
 
 /// `c` with its GEMM peak raised to the best rate (FLOPs over the median time) of any record, where
 /// one beat the measured peak, and which record that was. A kernel cannot do more FLOPs per second
@@ -857,8 +866,7 @@ impl Sweep<'_> {
         Ok(records)
     }
 
-    /// The ceilings (with the record that raised the GEMM peak, if one did: [`peak_at_least_achieved`])
-    /// and every record, each judged against the final ceilings.
+    /// The ceilings and every record, each judged against the final ceilings.
     fn run_on<B: Backend + Clone>(&self, b: B, lw: &LayerWeights) -> Result<Run, String> {
         let caps = b.capabilities();
         let largest = (lw.gate_up.len() * self.dtype.size()) as u64;
@@ -885,13 +893,18 @@ impl Sweep<'_> {
         // Measured again after the runs, each ceiling the better of the two: on a shared machine a
         // disturbed measurement would lower a ceiling and flatter every fraction judged against it.
         self.progress.set_message(format!("{}: ceilings again", after.name()));
-        let c = first.best(&ceilings(&after, self.dtype, self.seed + 100)?);
+        let second = ceilings(&after, self.dtype, self.seed + 100)?;
         self.progress.inc(1);
-        let (c, raised) = peak_at_least_achieved(c, &records);
+        let (c, raised) = peak_at_least_achieved(first.best(&second), &records);
         for r in &mut records {
             r.roofline_fraction = roofline_fraction(&c, r);
         }
-        Ok((c, raised, records))
+        Ok(Run {
+            ceilings: c,
+            measured: [first, second],
+            raised,
+            records,
+        })
     }
 }
 
@@ -985,9 +998,9 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
             other => Err(format!("backend {other} cannot be benchmarked by this build")),
         };
         match run {
-            Ok((c, raised, records)) => {
-                ceilings.push((name, c, raised));
-                all.extend(records);
+            Ok(run) => {
+                all.extend(run.records);
+                ceilings.push((name, run.ceilings, run.measured, run.raised));
             }
             // With `all`, a backend that cannot run this shape is skipped, not fatal.
             Err(e) if every => progress.suspend(|| eprintln!("moe-bench: skipping {name}: {e}")),
@@ -1017,14 +1030,21 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         },
         started.elapsed().as_secs_f64()
     );
-    for (name, c, raised) in &ceilings {
+    for (name, c, [before, after], raised) in &ceilings {
         let peak = match raised {
             Some(why) => format!("GEMM peak {:.1} GFLOP/s ({why})", c.gemm_gflops),
             None => format!("GEMM peak {:.1} GFLOP/s (1024x2048x2048 {dtype})", c.gemm_gflops),
         };
         println!(
-            "{name}: ceilings (best of before and after the runs): {peak}, memory bandwidth {:.1} GB/s (stream GEMV {:.1}, copy {:.1}); {} clock",
-            c.bandwidth_gbps, c.gemv_gbps, c.copy_gbps, c.clock.name()
+            "{name}: ceilings (best of before and after the runs): {peak}, memory bandwidth {:.1} GB/s (stream GEMV {:.1}, copy {:.1}); {} clock; before / after: {:.1} / {:.1} GFLOP/s, {:.1} / {:.1} GB/s",
+            c.bandwidth_gbps,
+            c.gemv_gbps,
+            c.copy_gbps,
+            c.clock.name(),
+            before.gemm_gflops,
+            after.gemm_gflops,
+            before.bandwidth_gbps,
+            after.bandwidth_gbps
         );
     }
     print!("{}", report::table(&all));

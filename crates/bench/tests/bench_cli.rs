@@ -129,6 +129,28 @@ fn tiny_bench_writes_json_csv_and_plots() {
         stdout.contains("; wall clock"),
         "the ceilings line names its clock: {stdout}"
     );
+    // ... and gives both measurements its ceilings are the better of.
+    let line = stdout.lines().find(|l| l.starts_with("cpu: ceilings")).unwrap();
+    let both = line
+        .split("before / after: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    let nums: Vec<f64> = both
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    assert!(nums.len() == 4 && nums.iter().all(|&x| x > 0.0), "{line}");
+    let figure = |key: &str| -> f64 {
+        let rest = line.split(key).nth(1).unwrap_or_else(|| panic!("{line}"));
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    // The peak is at least the better measurement (more where a kernel beat both); the bandwidth
+    // is the better one.
+    assert!(figure("GEMM peak ") >= nums[0].max(nums[1]) - 0.05, "{line}");
+    assert!(
+        (figure("memory bandwidth ") - nums[2].max(nums[3])).abs() < 0.051,
+        "{line}"
+    );
 
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("<svg") && svg.contains("gemm_down") && svg.matches("<polyline").count() > 12);
