@@ -979,7 +979,7 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         progress: &progress,
     };
     let mut all = Vec::new();
-    let mut ceilings = Vec::new();
+    let mut runs = Vec::new();
     let every = a.backend == "all";
     for name in names {
         let run = match name {
@@ -998,9 +998,9 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
             other => Err(format!("backend {other} cannot be benchmarked by this build")),
         };
         match run {
-            Ok(run) => {
-                all.extend(run.records);
-                ceilings.push((name, run.ceilings, run.measured, run.raised));
+            Ok(mut run) => {
+                all.append(&mut run.records);
+                runs.push((name, run));
             }
             // With `all`, a backend that cannot run this shape is skipped, not fatal.
             Err(e) if every => progress.suspend(|| eprintln!("moe-bench: skipping {name}: {e}")),
@@ -1030,8 +1030,9 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         },
         started.elapsed().as_secs_f64()
     );
-    for (name, c, [before, after], raised) in &ceilings {
-        let peak = match raised {
+    for (name, run) in &runs {
+        let (c, [before, after]) = (&run.ceilings, &run.measured);
+        let peak = match &run.raised {
             Some(why) => format!("GEMM peak {:.1} GFLOP/s ({why})", c.gemm_gflops),
             None => format!("GEMM peak {:.1} GFLOP/s (1024x2048x2048 {dtype})", c.gemm_gflops),
         };
@@ -1064,6 +1065,24 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// A CPU record of `kernel` at `tokens` with these rates over a median of `median_ms`.
+    fn record(kernel: &str, tokens: usize, median_ms: f64, gflops: f64, gbps: f64) -> Record {
+        Record {
+            backend: "cpu".into(),
+            preset: "p".into(),
+            dtype: "f32".into(),
+            tokens,
+            kernel: kernel.into(),
+            median_ms,
+            min_ms: median_ms * 0.9,
+            max_ms: median_ms * 1.1,
+            gflops,
+            gbps,
+            roofline_fraction: f64::NAN,
+            clock: "wall".into(),
+        }
+    }
+
     #[test]
     fn ceilings_keep_the_better_measurement_and_fractions_follow() {
         let (a, b) = (
@@ -1088,22 +1107,9 @@ mod tests {
             (100.0, 20.0, 25.0, 25.0)
         );
         // 2 GFLOP and 10 GB in 1 s: 20 ms at the peak, 400 ms at 25 GB/s.
-        let mut r = Record {
-            backend: "cpu".into(),
-            preset: "p".into(),
-            dtype: "f32".into(),
-            tokens: 1,
-            kernel: "layer".into(),
-            median_ms: 1000.0,
-            min_ms: 900.0,
-            max_ms: 1100.0,
-            gflops: 2.0,
-            gbps: 10.0,
-            roofline_fraction: 0.0,
-            clock: "wall".into(),
-        };
-        r.roofline_fraction = roofline_fraction(&c, &r);
-        assert!((r.roofline_fraction - 0.4).abs() < 1e-12, "{}", r.roofline_fraction);
+        let r = record("layer", 1, 1000.0, 2.0, 10.0);
+        let f = roofline_fraction(&c, &r);
+        assert!((f - 0.4).abs() < 1e-12, "{f}");
         assert!((roofline_fraction(&a, &r) - 0.5).abs() < 1e-12);
     }
 
@@ -1118,20 +1124,7 @@ mod tests {
             bandwidth_gbps: 25.0,
             clock: Clock::Wall,
         };
-        let rec = |kernel: &str, tokens: usize, gflops: f64, gbps: f64| Record {
-            backend: "cpu".into(),
-            preset: "p".into(),
-            dtype: "bf16".into(),
-            tokens,
-            kernel: kernel.into(),
-            median_ms: 60.0,
-            min_ms: 58.0,
-            max_ms: 66.0,
-            gflops,
-            gbps,
-            roofline_fraction: f64::NAN,
-            clock: "wall".into(),
-        };
+        let rec = |kernel: &str, tokens: usize, gflops: f64, gbps: f64| record(kernel, tokens, 60.0, gflops, gbps);
         let slower = [rec("gemm_down", 256, 150.0, 12.0), rec("route", 256, f64::NAN, 90.0)];
         let (same, why) = peak_at_least_achieved(c, &slower);
         assert_eq!((same.gemm_gflops, same.bandwidth_gbps, why), (200.0, 25.0, None));
