@@ -7,13 +7,17 @@
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
 //! only on the dtypes, the instruction set, `k` and the tile's height:
-//! - with AVX-512, tiles of [`BCAST_ROWS`] rows or more ([`BCAST_ROWS_F32`] and
-//!   [`BCAST_ROWS_LONG_K`] for f32): the broadcast kernel ([`crate::avx512::bcast`])
-//!   on input rows interleaved (and widened) once per call, against the weight
-//!   rows as stored (16-bit ones widened in L1 a chunk at a time; each output
-//!   one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
-//!   ([`SPLIT_ROWS_WIDE`] with 16-bit weights) past a full one is split off
-//!   into a tile of its own for the dot products;
+//! - with AVX-512, f32 input against f32 weights, tiles of [`BCAST_ROWS_F32`] rows or more
+//!   ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs): the k-pair broadcast kernel
+//!   ([`crate::avx512::bcast_pairs`]) on input rows interleaved once per call in blocks of 8 rows
+//!   of input pairs, against the weight rows as stored; each output is the FMA chain over its
+//!   even inputs plus the one over its odd inputs;
+//! - with AVX-512, other dtypes, tiles of [`BCAST_ROWS`] rows or more: the broadcast kernel
+//!   ([`crate::avx512::bcast`]) on input rows interleaved (and widened) once per call in lane
+//!   blocks of 16, against the weight rows as stored (16-bit ones widened in L1 a chunk at a
+//!   time; each output one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
+//!   ([`SPLIT_ROWS_WIDE`] with 16-bit weights) past a full one is split off into a tile of its
+//!   own for the dot products;
 //! - bf16 against bf16 with AVX512-BF16, under [`DP_BF16_ROWS`] rows: `vdpbf16ps`
 //!   dot products;
 //! - other tiles of at most [`NARROW_ROWS`] rows: register-blocked dot
@@ -66,16 +70,18 @@ const NARROW_ROWS: usize = 64;
 /// Measured for bf16 against bf16 only; f16, mixed dtypes and CPUs without AVX512-BF16 use the
 /// same threshold.
 const BCAST_ROWS: usize = 14;
-/// [`BCAST_ROWS`] for f32 where `k` is above [`SHORT_K`]: the dot products' input rows no longer
-/// stay in L1, and from 9 rows one lane block is cheaper (gate/up, K 2048, same measure after the
-/// 8-row blocks of 671c287: 8.5-9.1 ms from 8 to 13 rows, against dot products at 7.2-8.8 for 8
-/// rows, 9.9-10.5 for 9, 10.4-10.6 for 12, 13.0-13.5 for 13).
-const BCAST_ROWS_LONG_K: usize = 9;
-/// [`BCAST_ROWS`] for f32 inputs and weights up to [`SHORT_K`]: since the broadcast kernel's loads
-/// stay on cache lines and its single lane block keeps independent FMA chains in flight (ff26870,
-/// 68f5e94), it beats the dot products from 10 rows (one thread, 8 experts, best of 5 x 15,
-/// GFLOP/s at K 768 / K 1024: 10 rows 67 / 69 against 64 / 58, 12 rows 83 / 80 against 68 / 71,
-/// 13 rows 87 / 87 against 63 / 66).
+/// [`BCAST_ROWS_F32`] where `k` is above [`SHORT_K`]: the dot products' input rows no longer stay
+/// in L1, and from 5 rows one block of [`crate::avx512::bcast_pairs`] is cheaper. qwen3-30b-a3b
+/// gate/up (K 2048), 128 experts from DRAM, one thread, CPU time, the two alternated call by call,
+/// median time ratio pairs / dot products: 2 rows 1.06, 3 rows 1.04, 4 rows 1.07, 5 rows 0.85,
+/// 6 rows 0.86, 8 rows 0.80.
+const BCAST_ROWS_LONG_K: usize = 5;
+/// [`BCAST_ROWS`] for f32 inputs and weights up to [`SHORT_K`]: the broadcast kernels beat the dot
+/// products from about 8 to 10 rows. With the 16-row lane blocks of [`crate::avx512::bcast`]
+/// (ff26870, 68f5e94; one thread, 8 experts, best of 5 x 15, GFLOP/s at K 768 / K 1024: 10 rows 67 /
+/// 69 against 64 / 58, 12 rows 83 / 80 against 68 / 71, 13 rows 87 / 87 against 63 / 66); with
+/// [`crate::avx512::bcast_pairs`], `down` (K 768) as for [`BCAST_ROWS_LONG_K`]: 5 rows 1.06, 6 rows
+/// 1.05, 8 rows 0.99 against the dot products.
 const BCAST_ROWS_F32: usize = 10;
 /// bf16-against-bf16 tiles under this many rows (and under [`BCAST_ROWS`]) run `vdpbf16ps` dot
 /// products; from it, the f32 dot products on bf16 weights widened in registers, which issue twice
@@ -86,8 +92,9 @@ const BCAST_ROWS_F32: usize = 10;
 const DP_BF16_ROWS: usize = 8;
 /// Longest `k` at which the dot products' four input rows stay in L1 next to the weight rows.
 const SHORT_K: usize = 1024;
-/// A last lane block of at most this many rows past a full one runs on dot products instead
-/// (one thread, f32, 8 experts, best of 15: gate/up at 17 / 18 / 20 rows per expert 10.8-11.0 /
+/// A last lane block of at most this many rows past a full one runs on dot products instead, for
+/// f32 weights under an input of another dtype (f32 inputs run [`crate::avx512::bcast_pairs`],
+/// which splits nothing off). Measured with f32 inputs before that kernel (one thread, f32, 8 experts, best of 15: gate/up at 17 / 18 / 20 rows per expert 10.8-11.0 /
 /// 11.3 / 11.9-12.1 ms against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8
 /// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
 const SPLIT_ROWS: usize = 4;
@@ -370,7 +377,7 @@ fn run_tiles(
     s: GemmShape,
 ) {
     let (k, n, weight) = (s.in_features, s.out_features, w.floats);
-    let lanes = if w.packed.is_some() { PACKED_LANES } else { LANE_ROWS };
+    let layout = Layout::of(simd, input, w);
     let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
@@ -380,7 +387,7 @@ fn run_tiles(
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
             };
-            let need = interleaved_len(head, k, lanes);
+            let need = layout.len(head, k);
             let last = batches.last().expect("one batch at least");
             if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
                 batches.push(Batch::default());
@@ -430,15 +437,59 @@ fn run_tiles(
             let mut parts = Vec::with_capacity(batch.ranges.len());
             let mut rest = &mut xt[..];
             for &(row0, rows) in &batch.ranges {
-                let (part, tail) = rest.split_at_mut(interleaved_len(rows, k, lanes));
+                let (part, tail) = rest.split_at_mut(layout.len(rows, k));
                 parts.push((row0, rows, part));
                 rest = tail;
             }
             parts
                 .into_par_iter()
-                .for_each(|(row0, rows, part)| interleave(input, row0, rows, k, lanes, part));
+                .for_each(|(row0, rows, part)| layout.interleave(input, row0, rows, k, part));
         }
         run_tile_list(simd, input, &batch.tiles, xt, w, out, s);
+    }
+}
+
+/// How the input rows of broadcast and packed tiles are interleaved.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// Lane blocks of this many rows ([`interleave`]).
+    Lanes(usize),
+    /// Blocks of eight rows of input pairs, for [`crate::avx512::bcast_pairs`].
+    #[cfg(target_arch = "x86_64")]
+    Pairs,
+}
+
+impl Layout {
+    fn of(simd: Simd, input: Floats, w: Weights) -> Layout {
+        if w.packed.is_some() {
+            return Layout::Lanes(PACKED_LANES);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd.pairs(input, w.floats) {
+            return Layout::Pairs;
+        }
+        let _ = (simd, input);
+        Layout::Lanes(LANE_ROWS)
+    }
+
+    /// f32 values of `rows` interleaved rows of `k` inputs.
+    fn len(self, rows: usize, k: usize) -> usize {
+        match self {
+            Layout::Lanes(lanes) => interleaved_len(rows, k, lanes),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Pairs => crate::avx512::pairs_len(rows, k),
+        }
+    }
+
+    fn interleave(self, x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+        match (self, x) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: pairs are chosen only where the CPU has AVX-512 (Simd::pairs).
+            (Layout::Pairs, Floats::F32(v)) => unsafe { crate::avx512::interleave_pairs(&v[row0 * k..], rows, k, dst) },
+            #[cfg(target_arch = "x86_64")]
+            (Layout::Pairs, _) => unreachable!("pairs are chosen for f32 inputs only"),
+            (Layout::Lanes(lanes), _) => interleave(x, row0, rows, k, lanes, dst),
+        }
     }
 }
 
@@ -567,6 +618,14 @@ fn product(
             Floats::F16(v) => Floats::F16(&v[span]),
         };
         simd.packed(x, t.rows, k, w, first, t.cols, dst);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(from), true, Floats::F32(w)) = (t.xt, simd.pairs(input, weight), weight) {
+        let xt = &xt[from..from + crate::avx512::pairs_len(t.rows, k)];
+        // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows), in
+        // pairs for f32 input and weights (Layout::of); the slices are sized for the tile.
+        unsafe { crate::avx512::bcast_pairs(xt, t.rows, k, &w[at..at + t.cols * k], t.cols, dst) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -744,8 +803,9 @@ impl Simd {
 
     /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
     /// dot products run the rest): with AVX-512, all of them from [`BCAST_ROWS`] rows (f32 input
-    /// and weights: [`BCAST_ROWS_F32`], [`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs), except a last
-    /// lane block of at most [`SPLIT_ROWS`] ([`SPLIT_ROWS_WIDE`]) rows past a full one.
+    /// and weights: [`BCAST_ROWS_F32`], [`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs), except, for
+    /// other dtypes than f32 against f32, a last lane block of at most [`SPLIT_ROWS`]
+    /// ([`SPLIT_ROWS_WIDE`]) rows past a full one.
     #[inline]
     fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
@@ -762,12 +822,22 @@ impl Simd {
             let part = rows % LANE_ROWS;
             return match rows {
                 r if r < min => 0,
+                // Blocks of eight rows (bcast_pairs): at most seven rows of lanes to split off.
+                r if self.pairs(input, weight) => r,
                 r if r > LANE_ROWS && part <= split => r - part,
                 r => r,
             };
         }
         let _ = (input, weight, rows, k);
         0
+    }
+
+    /// Whether broadcast tiles run [`crate::avx512::bcast_pairs`]: f32 input against f32 weights
+    /// as stored, with AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    fn pairs(self, input: Floats, weight: Floats) -> bool {
+        matches!((input, weight), (Floats::F32(_), Floats::F32(_))) && self.avx512()
     }
 
     /// Whether this level runs the AVX-512 kernels (broadcast, packed).
@@ -998,9 +1068,12 @@ mod tests {
             experts: per.len(),
             activation: Activation::None,
         };
-        // f32 weights split off up to SPLIT_ROWS rows, 16-bit ones up to SPLIT_ROWS_WIDE (40 = 32 + 8).
+        // f32 weights run every row of a broadcast tile in pairs (each output the chain over even
+        // inputs plus the one over odd inputs); 16-bit ones split off up to SPLIT_ROWS_WIDE rows
+        // (40 = 32 + 8), and the others are one chain each.
         let wide: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
         for (weight, wv) in [(Floats::F32(&w), &w), (Floats::BF16(&wb), &wide)] {
+            let pairs = matches!(weight, Floats::F32(_));
             let mut y = vec![f32::NAN; rows * n];
             let buf = Mutex::new(Vec::new());
             grouped_matmul(
@@ -1018,8 +1091,17 @@ mod tests {
                 for r in off[e]..off[e + 1] {
                     for c in 0..n {
                         let wr = &wv[(e * n + c) * k..(e * n + c + 1) * k];
+                        let chain = |from: usize, step: usize| {
+                            (from..k)
+                                .step_by(step)
+                                .fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
+                        };
                         let want = if r - off[e] < head {
-                            (0..k).fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
+                            if pairs {
+                                chain(0, 2) + chain(1, 2)
+                            } else {
+                                chain(0, 1)
+                            }
                         } else {
                             let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
                             assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "expert {e} row {r} col {c}");
