@@ -1,5 +1,5 @@
 //! AVX-512 kernels of the grouped-matmul tiles: straight on the
-//! checkpoint-layout weight rows ([`dots`], [`dots_bf16`], [`bcast`]), or on
+//! checkpoint-layout weight rows ([`dots`], [`dots_bf16`], [`bcast_pairs`], [`bcast`]), or on
 //! weights packed at upload ([`packed`], see `crate::pack`).
 //!
 //! **Dot products** ([`dots`], [`dots_bf16`]) for short tiles (decode and the
@@ -748,8 +748,8 @@ unsafe fn pair_of(p: *const f32) -> __m512 {
 }
 
 /// `NB` blocks of [`PAIR_ROWS`] rows from block `b0` against the `C` weight rows from `c0`: each
-/// broadcast pair of weights feeds the `NB` blocks, so loads stay below one per FMA, and no
-/// lanes go to rows beyond the next multiple of eight.
+/// broadcast pair of weights feeds the `NB` blocks (one load per `NB` FMAs, plus the input
+/// vectors), and no lanes go to rows beyond the next multiple of eight.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pairs_block<const NB: usize, const C: usize>(
@@ -782,12 +782,12 @@ unsafe fn pairs_block<const NB: usize, const C: usize>(
         }
     }
     if steps > full {
-        // Odd `k`: the last weight in the even lanes only (a pair would read past the row).
+        // Odd `k`: the last weight into the even lanes only (a pair would read past the row). The
+        // odd lanes are left as they are: adding 0 * 0 would turn a -0.0 chain into +0.0.
         for (n, row) in acc.iter_mut().enumerate() {
             let xv = _mm512_loadu_ps(xb.add((n * steps + full) * 16));
             for (b, a) in row.iter_mut().enumerate() {
-                let wv = _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*w0.add(b * k + k - 1)));
-                *a = _mm512_fmadd_ps(xv, wv, *a);
+                *a = _mm512_mask3_fmadd_ps(xv, _mm512_set1_ps(*w0.add(b * k + k - 1)), *a, 0x5555);
             }
         }
     }
@@ -840,7 +840,7 @@ unsafe fn pairs_cols<const NB: usize, const C: usize>(
 ///
 /// The kernel for f32 tiles of 5 rows and more (10 up to `k` 1024; see `crate::matmul`). Against [`bcast`], whose lane
 /// blocks hold 16 rows and take one broadcast load per FMA when a tile has one block, a block here
-/// holds 8 rows of two inputs each: a pair of weights broadcast in one load feeds up to three
+/// holds 8 rows of two inputs each: a pair of weights broadcast in one load feeds up to four
 /// blocks, and a tile wastes at most 7 rows of lanes instead of 15 (one thread, weights in L2,
 /// 64 weight rows of `k` 2048: 16 rows 50 us against 67-70 for `bcast`, 24 rows 69-71 against 105
 /// for `bcast`'s two lane blocks; from DRAM, qwen3-30b-a3b at 256 tokens, as routed, two threads:
@@ -1287,6 +1287,8 @@ mod tests {
             (40, 7, 16),
             (56, 21, 33),
             (128, 50, 18),
+            (44, 9, 5),
+            (0, 3, 5),
         ];
         for (rows, cols, k) in cases {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
@@ -1298,23 +1300,39 @@ mod tests {
             interleave_pairs_portable(&x, rows, k, &mut portable);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&xt), bits(&portable), "interleaved {rows}x{k}");
-            let mut out = vec![f32::NAN; rows * cols];
+            check_pairs(&x, &xt, &w, rows, cols, k);
+        }
+        // Signed zeros: products that underflow to -0.0, with odd and even `k`, must stay -0.0.
+        for k in [1, 2, 3, 4, 5] {
+            let (rows, cols) = (9, 3);
+            let x = vec![-1e-30f32; rows * k];
+            let w = vec![1e-30f32; cols * k];
+            let mut xt = vec![f32::NAN; pairs_len(rows, k)];
             // SAFETY: has_avx512() was checked; the slices have the sizes given.
-            unsafe { bcast_pairs(&xt, rows, k, &w, cols, &mut out) };
-            for r in 0..rows {
-                for c in 0..cols {
-                    let chain = |from: usize| {
-                        (from..k)
-                            .step_by(2)
-                            .fold(0.0f32, |a, i| x[r * k + i].mul_add(w[c * k + i], a))
-                    };
-                    let want = chain(0) + chain(1);
-                    assert_eq!(
-                        out[r * cols + c].to_bits(),
-                        want.to_bits(),
-                        "{rows}x{cols}x{k}: row {r} col {c}"
-                    );
-                }
+            unsafe { interleave_pairs(&x, rows, k, &mut xt) };
+            check_pairs(&x, &xt, &w, rows, cols, k);
+        }
+    }
+
+    /// [`bcast_pairs`] on interleaved `xt` of `x` against `w`, bit for bit against the even chain
+    /// plus the odd chain of every output.
+    fn check_pairs(x: &[f32], xt: &[f32], w: &[f32], rows: usize, cols: usize, k: usize) {
+        let mut out = vec![f32::NAN; rows * cols];
+        // SAFETY: has_avx512() was checked by the caller; the slices have the sizes given.
+        unsafe { bcast_pairs(xt, rows, k, w, cols, &mut out) };
+        for r in 0..rows {
+            for c in 0..cols {
+                let chain = |from: usize| {
+                    (from..k)
+                        .step_by(2)
+                        .fold(0.0f32, |a, i| x[r * k + i].mul_add(w[c * k + i], a))
+                };
+                let want = chain(0) + chain(1);
+                assert_eq!(
+                    out[r * cols + c].to_bits(),
+                    want.to_bits(),
+                    "{rows}x{cols}x{k}: row {r} col {c}"
+                );
             }
         }
     }

@@ -2,13 +2,17 @@
 //!
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
-//! output columns) spread over the pool. With AVX-512, tiles of 14 rows or
-//! more (f32: 10, or 9 when K > 1024) run a broadcast kernel: the input rows are
-//! interleaved once per call into 16-lane blocks and each weight element, as
-//! stored (16-bit ones widened to f32 in L1 a chunk at a time), is broadcast
-//! against 16 rows at a time.
-//! Shorter tiles (decode, the sparse experts of small batches), and the last
-//! few rows past a full lane block (up to 4, or 8 with 16-bit weights), run
+//! output columns) spread over the pool. With AVX-512, f32 tiles of 10 rows or
+//! more (5 when K > 1024) run the k-pair broadcast kernel: the input rows are
+//! interleaved once per call into blocks of 8 rows of two consecutive inputs, and
+//! each pair of weights, as stored, is broadcast in one load against up to four
+//! such blocks (each output: the chain over its even inputs plus the one over its
+//! odd inputs). Other dtypes' tiles of 14 rows or more run a broadcast kernel on
+//! 16-lane blocks, each weight element (16-bit ones widened to f32 in L1 a chunk
+//! at a time) broadcast against 16 rows at a time.
+//! Shorter tiles (decode, the sparse experts of small batches), and, for other
+//! dtypes than f32, the last few rows past a full lane block (up to 4, or 8 with
+//! 16-bit weights), run
 //! register-blocked dot products straight on the checkpoint-layout weight
 //! rows (blocks of up to 4x6 fused multiply-adds, bf16/f16 widened in
 //! registers, or `vdpbf16ps` for bf16 inputs on bf16 weights under 8 rows where the CPU

@@ -822,7 +822,7 @@ impl Simd {
             let part = rows % LANE_ROWS;
             return match rows {
                 r if r < min => 0,
-                // Blocks of eight rows (bcast_pairs): at most seven rows of lanes to split off.
+                // Blocks of eight rows (bcast_pairs): at most seven rows of lanes wasted, nothing split off.
                 r if self.pairs(input, weight) => r,
                 r if r > LANE_ROWS && part <= split => r - part,
                 r => r,
@@ -1039,11 +1039,12 @@ mod tests {
         }
     }
 
-    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches; every output of the
-    /// broadcast rows is still the kernel's FMA chain over its own input row, and the rows split
-    /// off to dot products (33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4, and 40 = 32 + 8 with bf16
-    /// weights) are right too, for f32 and bf16 weights (12 rows: the broadcast kernel on f32, dot
-    /// products on bf16).
+    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches, bit for bit as the
+    /// kernels compute them: f32 against f32 in pairs (each output the chain over even inputs
+    /// plus the one over odd inputs; every row of a broadcast tile, from 5 rows at `k` 1031 and 10
+    /// at `k` 64), and otherwise one FMA chain per broadcast row, with the rows split off to dot
+    /// products (bf16 input on f32 weights: 33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4; f32 input on
+    /// bf16 weights: 40 = 32 + 8) checked against f64.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn batches_of_interleaved_rows() {
@@ -1051,63 +1052,58 @@ mod tests {
             eprintln!("SKIPPED: no AVX-512 on this CPU");
             return;
         }
-        let (k, n, per) = (64usize, 70usize, [40usize, 14, 33, 0, 20, 128, 17, 12]);
+        let (n, per) = (70usize, [40usize, 14, 33, 0, 20, 128, 17, 12, 6, 3]);
         let mut off = vec![0];
         per.iter().for_each(|r| off.push(off.last().unwrap() + r));
         let rows = *off.last().unwrap();
-        assert!(interleaved_len(rows, k, LANE_ROWS) > 3 * INTERLEAVED_MAX);
-        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        let w: Vec<f32> = (0..per.len() * n * k)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
-            .collect();
-        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        let s = GemmShape {
-            rows,
-            in_features: k,
-            out_features: n,
-            experts: per.len(),
-            activation: Activation::None,
-        };
-        // f32 weights run every row of a broadcast tile in pairs (each output the chain over even
-        // inputs plus the one over odd inputs); 16-bit ones split off up to SPLIT_ROWS_WIDE rows
-        // (40 = 32 + 8), and the others are one chain each.
-        let wide: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-        for (weight, wv) in [(Floats::F32(&w), &w), (Floats::BF16(&wb), &wide)] {
-            let pairs = matches!(weight, Floats::F32(_));
-            let mut y = vec![f32::NAN; rows * n];
-            let buf = Mutex::new(Vec::new());
-            grouped_matmul(
-                Simd::Avx512,
-                &buf,
-                Floats::F32(&x),
-                &off,
-                weight,
-                None,
-                OutPtr::new(&mut y),
-                s,
-            );
-            for e in 0..per.len() {
-                let head = Simd::Avx512.bcast_rows(Floats::F32(&x), weight, per[e], k);
-                for r in off[e]..off[e + 1] {
-                    for c in 0..n {
-                        let wr = &wv[(e * n + c) * k..(e * n + c + 1) * k];
-                        let chain = |from: usize, step: usize| {
-                            (from..k)
-                                .step_by(step)
-                                .fold(0.0f32, |a, i| x[r * k + i].mul_add(wr[i], a))
-                        };
-                        let want = if r - off[e] < head {
-                            if pairs {
-                                chain(0, 2) + chain(1, 2)
-                            } else {
-                                chain(0, 1)
+        for k in [64usize, 1031] {
+            let len = crate::avx512::pairs_len(rows, k).min(interleaved_len(rows, k, LANE_ROWS));
+            assert!(len > 3 * INTERLEAVED_MAX);
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xbw: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let w: Vec<f32> = (0..per.len() * n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0)
+                .collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wbw: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let s = GemmShape {
+                rows,
+                in_features: k,
+                out_features: n,
+                experts: per.len(),
+                activation: Activation::None,
+            };
+            let cases = [
+                (Floats::F32(&x), &x, Floats::F32(&w), &w),
+                (Floats::F32(&x), &x, Floats::BF16(&wb), &wbw),
+                (Floats::BF16(&xb), &xbw, Floats::F32(&w), &w),
+            ];
+            for (input, xv, weight, wv) in cases {
+                let pairs = Simd::Avx512.pairs(input, weight);
+                let mut y = vec![f32::NAN; rows * n];
+                let buf = Mutex::new(Vec::new());
+                grouped_matmul(Simd::Avx512, &buf, input, &off, weight, None, OutPtr::new(&mut y), s);
+                for e in 0..per.len() {
+                    let head = Simd::Avx512.bcast_rows(input, weight, per[e], k);
+                    for r in off[e]..off[e + 1] {
+                        for c in 0..n {
+                            let wr = &wv[(e * n + c) * k..(e * n + c + 1) * k];
+                            let at = format!("k {k}, pairs {pairs}, expert {e} row {r} col {c}");
+                            if r - off[e] >= head {
+                                // Dot products: 16-lane partial sums, checked against f64.
+                                let exact: f64 = (0..k).map(|i| xv[r * k + i] as f64 * wr[i] as f64).sum();
+                                assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "{at}");
+                                continue;
                             }
-                        } else {
-                            let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wr[i] as f64).sum();
-                            assert!((y[r * n + c] as f64 - exact).abs() < 1e-3, "expert {e} row {r} col {c}");
-                            continue;
-                        };
-                        assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
+                            let chain = |from: usize, step: usize| {
+                                (from..k)
+                                    .step_by(step)
+                                    .fold(0.0f32, |a, i| xv[r * k + i].mul_add(wr[i], a))
+                            };
+                            let want = if pairs { chain(0, 2) + chain(1, 2) } else { chain(0, 1) };
+                            assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "{at}");
+                        }
                     }
                 }
             }
