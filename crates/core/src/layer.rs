@@ -305,6 +305,12 @@ impl<B: Backend> MoeLayer<B> {
     pub fn backend(&self) -> &B {
         &self.backend
     }
+    /// The routed experts' gate/up (`[E, 2I, H]`) and down (`[E, H, I]`) weights as uploaded
+    /// (packed where the backend packs them), so that a caller can time the kernels on the layer's
+    /// own buffers instead of a second copy.
+    pub fn expert_weights(&self) -> (&B::Buffer, &B::Buffer) {
+        (&self.gate_up, &self.down)
+    }
     pub fn dtype(&self) -> DType {
         self.dtype
     }
