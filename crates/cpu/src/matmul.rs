@@ -94,9 +94,10 @@ const DP_BF16_ROWS: usize = 8;
 const SHORT_K: usize = 1024;
 /// A last lane block of at most this many rows past a full one runs on dot products instead, for
 /// f32 weights under an input of another dtype (f32 inputs run [`crate::avx512::bcast_pairs`],
-/// which splits nothing off). Measured with f32 inputs before that kernel (one thread, f32, 8 experts, best of 15: gate/up at 17 / 18 / 20 rows per expert 10.8-11.0 /
-/// 11.3 / 11.9-12.1 ms against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8
-/// against 6.7-7.0; with 6 or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
+/// which splits nothing off). Measured with f32 inputs before that kernel (one thread, f32, 8
+/// experts, best of 15: gate/up at 17 / 18 / 20 rows per expert 10.8-11.0 / 11.3 / 11.9-12.1 ms
+/// against 13.7-13.9 for two lane blocks, `down` 5.5-5.7 / 5.4-5.5 / 5.8 against 6.7-7.0; with 6
+/// or 8 rows left, gate/up is slower split: 22 rows 14.2-14.5 against 13.8).
 const SPLIT_ROWS: usize = 4;
 /// [`SPLIT_ROWS`] for 16-bit weights, whose lane blocks pay for widening too: up to 8 rows left
 /// run cheaper as dot products (one thread, 8 experts, best of 5 x 15, gate/up / down GFLOP/s: bf16
