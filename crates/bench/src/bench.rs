@@ -890,8 +890,8 @@ impl Sweep<'_> {
         let mut records = self.kernels(&b, lw, layer.expert_weights())?;
         self.progress.set_message(format!("{}: layer", b.name()));
         let after = b.clone();
-        let layer = self.layer(layer, &records)?;
-        records.extend(layer);
+        let layer_records = self.layer(layer, &records)?;
+        records.extend(layer_records);
         // Measured again after the runs, each ceiling the better of the two: on a shared machine a
         // disturbed measurement would lower a ceiling and flatter every fraction judged against it.
         self.progress.set_message(format!("{}: ceilings again", after.name()));
