@@ -739,7 +739,7 @@ const PAIRS_C: [usize; 4] = [16, 12, 8, 6];
 /// Weight rows per panel of [`bcast_pairs`]: every group of blocks runs over a panel before the
 /// next, so that a panel (a multiple of each of [`PAIRS_C`]) is read from memory once and then
 /// from L2 (384 KiB at `k` 2048; 48 = 6 x 8 = 4 x 12 = 3 x 16).
-const PAIRS_PANEL: usize = 48;
+pub const PAIRS_PANEL: usize = 48;
 
 /// Weights `2s` and `2s + 1` of a row in every pair of lanes (one 8-byte broadcast load).
 #[inline(always)]
