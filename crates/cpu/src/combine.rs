@@ -1,15 +1,26 @@
 //! Weighted un-permute with a fixed summation order.
 
-use crate::matmul::Floats;
+use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
 use half::{bf16, f16};
 use moe_hal_core::{CombineShape, HostVec};
 use rayon::prelude::*;
 
-fn load(src: Floats, start: usize, dst: &mut [f32]) {
+/// `acc += w * src[start..]` element by element (a multiply, then an add), widening 16-bit
+/// values exactly as they are read. Reading the expert rows in place instead of copying (widening)
+/// each into a work row first took 0.59-0.66 of the time with the same bits (qwen3-30b-a3b at 256
+/// tokens, one and two threads, 30 alternations: f32 1.00 -> 0.66 ms, bf16 1.62 -> 0.93 ms on two).
+fn add_scaled(acc: &mut [f32], src: Floats, start: usize, w: f32) {
+    let n = acc.len();
     match src {
-        Floats::F32(v) => dst.copy_from_slice(&v[start..start + dst.len()]),
-        Floats::BF16(v) => dst.iter_mut().zip(&v[start..]).for_each(|(d, s)| *d = s.to_f32()),
-        Floats::F16(v) => dst.iter_mut().zip(&v[start..]).for_each(|(d, s)| *d = s.to_f32()),
+        Floats::F32(v) => acc.iter_mut().zip(&v[start..start + n]).for_each(|(a, &x)| *a += w * x),
+        Floats::BF16(v) => acc
+            .iter_mut()
+            .zip(&v[start..start + n])
+            .for_each(|(a, &x)| *a += w * bf16_to_f32(x)),
+        Floats::F16(v) => acc
+            .iter_mut()
+            .zip(&v[start..start + n])
+            .for_each(|(a, &x)| *a += w * f16_to_f32(x)),
     }
 }
 
@@ -20,18 +31,16 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
     if h == 0 || s.tokens == 0 {
         return;
     }
-    // Per-task work rows (order, accumulator, widened expert row), reused across the task's tokens.
-    let scratch = || (Vec::<usize>::with_capacity(k), vec![0.0f32; h], vec![0.0f32; h]);
-    let token = |(order, acc, row): &mut (Vec<usize>, Vec<f32>, Vec<f32>), t: usize, prev: &mut [f32]| {
+    // Per-task work (order, accumulator), reused across the task's tokens.
+    let scratch = || (Vec::<usize>::with_capacity(k), vec![0.0f32; h]);
+    let token = |(order, acc): &mut (Vec<usize>, Vec<f32>), t: usize, prev: &mut [f32]| {
         order.clear();
         order.extend(0..k);
         order.sort_by_key(|&j| (ids[t * k + j], j));
         acc.fill(0.0);
         for &j in order.iter() {
             let f = t * k + j;
-            load(y, slots[f] as usize * h, row);
-            let w = weights[f];
-            acc.iter_mut().zip(row.iter()).for_each(|(a, &v)| *a += w * v);
+            add_scaled(acc, y, slots[f] as usize * h, weights[f]);
         }
         if s.accumulate {
             prev.iter_mut().zip(acc.iter()).for_each(|(p, &a)| *p += a);
