@@ -26,8 +26,9 @@
 //!
 //! Weights packed at upload ([`crate::pack`]) take none of these: with AVX-512 every tile runs
 //! [`crate::avx512::packed`] on input rows interleaved in lane blocks of
-//! [`crate::pack::PACKED_LANES`], otherwise [`crate::pack::product_portable`]. Each output is one
-//! multiply-add chain over `k` either way.
+//! [`crate::pack::PACKED_LANES`], with AVX2 [`crate::avx2::packed`] on the input rows as they are,
+//! otherwise [`crate::pack::product_portable`]. Each output is one multiply-add chain over `k`
+//! every way.
 
 use crate::pack::{Packing, PACKED_LANES};
 use half::{bf16, f16};
@@ -635,7 +636,7 @@ fn product(
             Floats::BF16(v) => Floats::BF16(&v[span]),
             Floats::F16(v) => Floats::F16(&v[span]),
         };
-        simd.packed(x, t.rows, k, w, first, t.cols, dst);
+        simd.packed(x, t.rows, k, w, first, t.cols, wscratch, dst);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -768,7 +769,7 @@ impl Simd {
             if crate::avx512::has_avx512() {
                 v.push(Simd::Avx512);
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if crate::avx2::has_avx2() {
                 v.push(Simd::Avx2);
             }
         }
@@ -786,7 +787,7 @@ impl Simd {
             if crate::avx512::has_avx512() {
                 return Simd::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if crate::avx2::has_avx2() {
                 return Simd::Avx2;
             }
         }
@@ -878,15 +879,34 @@ impl Simd {
         self
     }
 
-    /// [`crate::pack::product_portable`], vectorised for this level; for tiles of packed weights
-    /// where the CPU lacks AVX-512 (that level runs [`crate::avx512::packed`] on interleaved rows).
+    /// Tiles of packed weights where the CPU lacks AVX-512 (that level runs
+    /// [`crate::avx512::packed`] on interleaved rows): [`crate::avx2::packed`] with AVX2, else
+    /// [`crate::pack::product_portable`]. `io` is the kernel's scratch.
     #[allow(clippy::too_many_arguments)]
-    fn packed(self, x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
-        match self {
-            // SAFETY: the variant is only chosen after detecting the features on this CPU.
+    fn packed(
+        self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: Floats,
+        first: usize,
+        cols: usize,
+        io: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        match (self, w) {
+            // SAFETY (all three): Avx2 is only chosen after detecting AVX2, FMA and F16C on this
+            // CPU; `packed` checks the slices' lengths.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { packed_avx2(x, rows, k, w, first, cols, out) },
-            _ => crate::pack::product_portable(x, rows, k, w, first, cols, out),
+            (Simd::Avx2, Floats::F32(v)) => unsafe { crate::avx2::packed(x, rows, k, v, first, cols, io, out) },
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, Floats::BF16(v)) => unsafe { crate::avx2::packed(x, rows, k, v, first, cols, io, out) },
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, Floats::F16(v)) => unsafe { crate::avx2::packed(x, rows, k, v, first, cols, io, out) },
+            _ => {
+                let _ = io;
+                crate::pack::product_portable(x, rows, k, w, first, cols, out)
+            }
         }
     }
 
@@ -922,13 +942,6 @@ unsafe fn dots_avx512(x: &[f32], rows: usize, k: usize, w: Floats, start: usize,
 #[allow(clippy::too_many_arguments)]
 unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, cols: usize, out: &mut [f32]) {
     dots_body(x, rows, k, w, start, cols, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn packed_avx2(x: &[f32], rows: usize, k: usize, w: Floats, first: usize, cols: usize, out: &mut [f32]) {
-    crate::pack::product_portable(x, rows, k, w, first, cols, out)
 }
 
 /// `buf` holds the interleaved input rows of the broadcast and packed kernels between calls (one per backend,
@@ -1148,8 +1161,8 @@ mod tests {
     }
 
     /// Packed weights ([`crate::pack`]): at every SIMD level, for f32, bf16 and f16 weights, every
-    /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512, a
-    /// multiply then an add below it), bit for bit, then SwiGLU as the kernel applies it, whatever
+    /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512 and
+    /// AVX2, a multiply then an add in the portable code), bit for bit, then SwiGLU as the kernel applies it, whatever
     /// the rows per expert (register blocks of 1-12 rows, several lane blocks of 12, decode tiles
     /// taking 2 and 4 weight blocks at once), with weight rows in partial blocks, tiles and the up
     /// half that start inside a block, `k` over several ranges, and several batches.
@@ -1205,7 +1218,7 @@ mod tests {
                     );
                     let chain = |r: usize, wr: usize| {
                         let (xr, wr) = (&x[r * k..(r + 1) * k], &wv[wr * k..(wr + 1) * k]);
-                        if simd.avx512() {
+                        if simd != Simd::Portable {
                             (0..k).fold(0.0f32, |a, i| xr[i].mul_add(wr[i], a))
                         } else {
                             (0..k).fold(0.0f32, |a, i| a + xr[i] * wr[i])

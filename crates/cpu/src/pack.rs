@@ -1,7 +1,7 @@
 //! Expert weights packed once at upload ([`crate::CpuBackend`]'s `upload_weights`), for the
-//! packed kernels of the grouped matmul. The backend packs bf16 and f16 weights (see
-//! `upload_weights` for the measurements); the layout and the kernels take f32 too, and the tests
-//! run it.
+//! packed kernels of the grouped matmul. The backend packs bf16 and f16 weights with AVX-512, and
+//! f32 as well with AVX2 (see `upload_weights` for the measurements); the layout and every kernel
+//! take all three, and the tests run each.
 //!
 //! Each expert's weight rows (the output columns) are cut into blocks of [`PACK_ROWS`], the last
 //! one zero-padded, and each block is stored `[k][PACK_ROWS]`: for every input index, the block's
