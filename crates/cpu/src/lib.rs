@@ -2,7 +2,8 @@
 //!
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
-//! output columns) spread over the pool. With AVX-512, f32 tiles of 10 rows or
+//! output columns, or more for decode and for the k-pair kernel's short weight rows) spread over
+//! the pool. With AVX-512, f32 tiles of 10 rows or
 //! more (5 when K > 1024) run the k-pair broadcast kernel: the input rows are
 //! interleaved once per call into blocks of 8 rows of two consecutive inputs, and
 //! each pair of weights, as stored, is broadcast in one load against up to four
@@ -56,9 +57,9 @@ use std::sync::{Arc, Mutex};
 
 const NAME: &str = "cpu";
 
-/// A host-memory buffer: as uploaded, or bf16 or f16 expert weights packed by `upload_weights` (each
-/// expert's rows in blocks of 32, the last zero-padded, each block `[k][32]` with rows `j` and
-/// `16 + j` side by side).
+/// A host-memory buffer: as uploaded, or expert weights packed by `upload_weights` (bf16 and f16
+/// with AVX-512; f32, bf16 and f16 with AVX2): each expert's rows in blocks of 32, the last
+/// zero-padded, each block `[k][32]` (bf16 with rows `j` and `16 + j` side by side).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuBuffer(HostVec, Option<Packing>);
 
@@ -100,8 +101,8 @@ fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
     Ok(())
 }
 
-/// Weight dtypes that `upload_weights` packs ([`pack`]; its doc says why only these), as reported
-/// in [`Capabilities::packed_weights`].
+/// Weight dtypes that `upload_weights` packs ([`pack`]; its doc says why these), as reported in
+/// [`Capabilities::packed_weights`].
 fn packed_dtypes(simd: Simd) -> &'static [DType] {
     match simd {
         _ if simd.avx512() => &[DType::BF16, DType::F16],
@@ -525,16 +526,27 @@ mod tests {
         }
     }
 
-    /// bf16 and f16 weights from `upload_weights` are packed (f32 ones are not), download and `write` see the checkpoint layout,
-    /// a grouped matmul of another shape and every other use get errors, and the packed product
-    /// matches the plain one within f32 rounding.
+    /// At every level that packs (AVX-512: bf16 and f16; AVX2: f32 too): bf16 and f16 weights from
+    /// `upload_weights` are packed, f32 ones as the capability says, download and `write` see the
+    /// checkpoint layout, a grouped matmul of another shape and every other use get errors, and
+    /// the packed product matches the plain one within f32 rounding.
     #[test]
     fn packed_weights_round_trip_and_refuse_other_uses() {
-        if !Simd::detect().avx512() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU, so weights are not packed");
+        let levels: Vec<Simd> = Simd::supported()
+            .into_iter()
+            .filter(|&s| !packed_dtypes(s).is_empty())
+            .collect();
+        if levels.is_empty() {
+            eprintln!("SKIPPED: no AVX2 or AVX-512 on this CPU, so weights are not packed");
             return;
         }
-        let b = CpuBackend::with_threads(2).unwrap();
+        for simd in levels {
+            packed_round_trip(simd);
+        }
+    }
+
+    fn packed_round_trip(simd: Simd) {
+        let b = CpuBackend::with_threads(2).unwrap().with_simd(simd).unwrap();
         let s = GemmShape {
             rows: 3,
             in_features: 5,
@@ -552,9 +564,10 @@ mod tests {
         w2[..2].copy_from_slice(&nine);
         assert_eq!(b.download(&packed).unwrap(), HostVec::BF16(w2.clone()));
         let f: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-        assert!(
-            !b.upload_weights(HostSlice::F32(&f), s).unwrap().is_packed(),
-            "f32 weights stay as stored"
+        assert_eq!(
+            b.upload_weights(HostSlice::F32(&f), s).unwrap().is_packed(),
+            b.capabilities().packed_weights.contains(&DType::F32),
+            "{simd:?}: f32 weights packed as the capability says"
         );
         let h: Vec<half::f16> = f.iter().map(|&v| half::f16::from_f32(v)).collect();
         let packed_h = b.upload_weights(HostSlice::F16(&h), s).unwrap();

@@ -2,7 +2,7 @@
 //!
 //! The output is cut into a fixed grid of tiles (one expert, up to
 //! `TILE_ROWS` rows, up to `TILE_COLS` output columns, more for the short
-//! tiles of decode: [`tile_cols`]); rayon spreads tiles
+//! tiles of decode and for the k-pair kernel's short weight rows: [`tile_cols`]); rayon spreads tiles
 //! over threads, so work is balanced by rows times columns rather than by
 //! expert, and the grid (hence every result bit) does not depend on the
 //! thread count. A tile is single-threaded, and which kernel runs it depends
@@ -417,7 +417,10 @@ fn run_tiles(
                 batch.xt_len += need;
                 batch.xt_len - need
             });
-            let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu, layout);
+            // Only tiles whose rows run the broadcast kernels take their layout's width (a short
+            // f32 tile on dot products keeps the dot products' grid).
+            let kernel = if head > 0 { layout } else { Layout::Lanes(LANE_ROWS) };
+            let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu, kernel);
             for col0 in (0..n).step_by(width) {
                 let cols = width.min(n - col0);
                 // The broadcast rows, then the rest on dot products, next to each other in the list
@@ -802,7 +805,7 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 => "AVX-512",
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => "AVX2+FMA",
+            Simd::Avx2 => "AVX2+FMA+F16C",
             Simd::Portable => "portable SIMD",
         }
     }

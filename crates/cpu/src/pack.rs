@@ -14,8 +14,8 @@
 //! and a mask widen both exactly; f32 and f16 keep the rows in order. The storage dtype does not
 //! change: packing costs the padding of the last block only.
 //!
-//! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512,
-//! a multiply then an add otherwise), whatever the blocking; so results do not depend on the tile
+//! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512 and
+//! AVX2, a multiply then an add at the portable level), whatever the blocking; so results do not depend on the tile
 //! grid or the thread count.
 
 use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
@@ -124,8 +124,9 @@ impl Packing {
 }
 
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32, `[rows][k]`)
-/// against one expert's packed weights `w` ([`Packing::expert_len`] elements): the kernel without
-/// AVX-512, one multiply then one add per step, each output summed over `k` in ascending order.
+/// against one expert's packed weights `w` ([`Packing::expert_len`] elements): the portable
+/// level's kernel, one multiply then one add per step, each output summed over `k` in ascending
+/// order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product_portable(
