@@ -153,11 +153,7 @@ pub unsafe fn packed<W: Wide8>(
                 rows_block::<W, 1>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS));
             }
         }
-        let (lo, hi) = (first.max(b * PACK_ROWS), end.min((b + 1) * PACK_ROWS));
-        for row in 0..rows {
-            out[row * cols + lo - first..row * cols + hi - first]
-                .copy_from_slice(&io[row * PACK_ROWS + lo - b * PACK_ROWS..row * PACK_ROWS + hi - b * PACK_ROWS]);
-        }
+        crate::pack::copy_block_cols(io, PACK_ROWS, b, (b + 1) * PACK_ROWS, rows, first, cols, out);
     }
 }
 

@@ -1172,12 +1172,8 @@ pub unsafe fn packed<W: Wide32>(
                 );
             }
         }
-        // The wanted columns of the nb blocks: [lo, hi) of the weight rows.
-        let (lo, hi) = (first.max(b * PACK_ROWS), end.min((b + nb) * PACK_ROWS));
-        for row in 0..rows {
-            out[row * cols + lo - first..row * cols + hi - first]
-                .copy_from_slice(&io[row * PACKED_OUT + lo - b * PACK_ROWS..row * PACKED_OUT + hi - b * PACK_ROWS]);
-        }
+        // The wanted columns of the nb blocks.
+        crate::pack::copy_block_cols(io, PACKED_OUT, b, (b + nb) * PACK_ROWS, rows, first, cols, out);
         b += nb;
     }
 }

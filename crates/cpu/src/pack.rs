@@ -123,6 +123,27 @@ impl Packing {
     }
 }
 
+/// Copies a packed kernel's results for the weight rows `first .. first + cols` that fall in the
+/// blocks from `b` up to `end` (exclusive, a weight row): `io` holds `stride` f32 per input row,
+/// the first one for weight row `b * PACK_ROWS`; `out` holds `cols` per input row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_block_cols(
+    io: &[f32],
+    stride: usize,
+    b: usize,
+    end: usize,
+    rows: usize,
+    first: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let (lo, hi) = (first.max(b * PACK_ROWS), (first + cols).min(end));
+    let at = |row: usize, c: usize| row * stride + c - b * PACK_ROWS;
+    for row in 0..rows {
+        out[row * cols + lo - first..row * cols + hi - first].copy_from_slice(&io[at(row, lo)..at(row, hi)]);
+    }
+}
+
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32, `[rows][k]`)
 /// against one expert's packed weights `w` ([`Packing::expert_len`] elements): the portable
 /// level's kernel, one multiply then one add per step, each output summed over `k` in ascending
