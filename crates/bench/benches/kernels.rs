@@ -5,7 +5,9 @@
 //! kernels` (add `-- route`, `-- wgpu` etc. to filter; `WGPU_BACKEND=vulkan`
 //! picks Vulkan, e.g. Mesa's lavapipe). The group `kernels-bf16-weights` runs
 //! the CPU's bf16 grouped matmuls on weights as uploaded and as
-//! `upload_weights` packs them (`-- bf16-weights`). The full model-shape sweeps are
+//! `upload_weights` packs them (`-- bf16-weights`); on an x86-64 CPU with AVX2 and a better level,
+//! the group `kernels-avx2-weights` does the same for f32 and bf16 at the AVX2 level (`-- avx2`),
+//! the only level that packs f32. The full model-shape sweeps are
 //! `moe-bench bench` (see benches/README.md at the repository root).
 //!
 //! Each call is timed on its own and waits for its work: with the device clock
@@ -30,9 +32,10 @@ fn kernels(c: &mut Criterion) {
     match CpuBackend::new() {
         Ok(b) => {
             bench_backend(c, "kernels", &b, &[SMALL, MEDIUM]);
-            if let Err(e) = bench_uploads(c, &b, MEDIUM) {
+            if let Err(e) = bench_uploads(c, "kernels-bf16-weights", &b, MEDIUM, &[DType::BF16]) {
                 eprintln!("kernels-bf16-weights: SKIPPED: {e}");
             }
+            bench_avx2(c);
         }
         Err(e) => eprintln!("kernels (cpu): SKIPPED: {e}"),
     }
@@ -167,29 +170,68 @@ fn bench_shape<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shape:
     Ok(())
 }
 
-/// bf16 grouped matmuls (gate/up with SwiGLU, then down) on expert weights as uploaded and as
-/// `upload_weights` packs them, side by side in the group `kernels-bf16-weights` (the medium
-/// shape has 16 rows per expert, as qwen3-30b-a3b at 256 tokens).
-fn bench_uploads<B: Backend>(c: &mut Criterion, b: &B, shape: Shape) -> moe_hal::Result<()> {
+/// The CPU's AVX2 level where the CPU has AVX2 and a better level (where AVX2 is the best, the
+/// group `kernels` runs it already).
+fn bench_avx2(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use moe_hal::cpu::Simd;
+        if Simd::detect() == Simd::Avx2 || !Simd::supported().contains(&Simd::Avx2) {
+            eprintln!("kernels-avx2-weights: SKIPPED: AVX2 is this CPU's best level or missing");
+            return;
+        }
+        let mut run = || -> moe_hal::Result<()> {
+            let b = CpuBackend::new()?.with_simd(Simd::Avx2)?;
+            bench_uploads(c, "kernels-avx2-weights", &b, MEDIUM, &[DType::F32, DType::BF16])
+        };
+        if let Err(e) = run() {
+            eprintln!("kernels-avx2-weights: SKIPPED: {e}");
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
+/// Grouped matmuls (gate/up with SwiGLU, then down) in each of `dtypes` on expert weights as
+/// uploaded and as `upload_weights` packs them, side by side in the criterion group `group` (the
+/// medium shape has 16 rows per expert, as qwen3-30b-a3b at 256 tokens).
+fn bench_uploads<B: Backend>(
+    c: &mut Criterion,
+    group: &str,
+    b: &B,
+    shape: Shape,
+    dtypes: &[DType],
+) -> moe_hal::Result<()> {
+    for &dtype in dtypes {
+        bench_upload(c, group, b, shape, dtype)?;
+    }
+    Ok(())
+}
+
+fn bench_upload<B: Backend>(c: &mut Criterion, group: &str, b: &B, shape: Shape, dtype: DType) -> moe_hal::Result<()> {
     let (name, h, i, e, k, t) = shape;
     let w = random_layer(1, RouterSpec::softmax_topk(e, k, true), h, i, None);
     let mut rng = Rng::new(2);
     let rows = t * k;
-    let bf16 = |v: &[f32]| HostVec::from_f32(v, DType::BF16).expect("bf16 is a float dtype");
-    let x = b.upload(bf16(&rng.vec(rows * h, -1.0, 1.0)).as_slice())?;
+    let cast = |v: &[f32]| HostVec::from_f32(v, dtype).expect("a float dtype");
+    let x = b.upload(cast(&rng.vec(rows * h, -1.0, 1.0)).as_slice())?;
     let per = (0..=e).map(|j| (j * rows / e) as u32).collect::<Vec<_>>();
     let offsets = b.upload(HostSlice::U32(&per))?;
     let LayerShapes {
         gate_up: gu, down: dn, ..
     } = LayerShapes::new(t, h, i, e, k);
     let (gate_up, down) = (
-        bf16(&w.gate_up.to_f32().expect("f32 weights")),
-        bf16(&w.down.to_f32().expect("f32 weights")),
+        cast(&w.gate_up.to_f32().expect("f32 weights")),
+        cast(&w.down.to_f32().expect("f32 weights")),
     );
-    let mut act = b.alloc(DType::BF16, rows * i)?;
-    let mut y = b.alloc(DType::BF16, rows * h)?;
-    let id = format!("{name}/h{h}-i{i}-e{e}-rows{}", rows / e);
-    let mut g = c.benchmark_group("kernels-bf16-weights");
+    let mut act = b.alloc(dtype, rows * i)?;
+    let mut y = b.alloc(dtype, rows * h)?;
+    // The bf16-only group keeps its ids; others name the dtype.
+    let id = match group {
+        "kernels-bf16-weights" => format!("{name}/h{h}-i{i}-e{e}-rows{}", rows / e),
+        _ => format!("{name}-{dtype}/h{h}-i{i}-e{e}-rows{}", rows / e),
+    };
+    let mut g = c.benchmark_group(group);
     g.sample_size(20)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
