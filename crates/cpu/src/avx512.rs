@@ -609,10 +609,10 @@ unsafe fn bcast_cols<W: BcastWeight, const RB: usize, const C: usize>(
 /// chunks). Each output is one f32 FMA chain over `k` in ascending order (one lane of one
 /// accumulator), so it does not depend on the blocking or on the widening.
 ///
-/// This is the kernel for tiles of 14 rows and more with 16-bit inputs or weights (see `crate::matmul`): the weights stream once
-/// per pair of lane blocks, and every weight element loaded is a broadcast operand of the FMAs of 16
-/// input rows, instead of the input rows being re-read from L2 for every block of weight rows as in
-/// [`dots`].
+/// This is the kernel for tiles of 14 rows and more with 16-bit inputs or weights (see
+/// `crate::matmul`): the weights stream once per pair of lane blocks, and every weight element
+/// loaded is a broadcast operand of the FMAs of 16 input rows, instead of the input rows being
+/// re-read from L2 for every block of weight rows as in [`dots`].
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.

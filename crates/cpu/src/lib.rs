@@ -253,9 +253,10 @@ impl Backend for CpuBackend {
     /// With AVX2 (measured on this AVX-512 machine at that level), 128 experts of qwen3-30b-a3b as
     /// routed at 256 tokens, one thread, packed and as stored alternated call by call, time ratios
     /// gate/up / `down`: f32 0.44 / 0.41, bf16 0.39 / 0.37; at 1024 tokens (42-83 rows) 0.49 /
-    /// 0.46 and 0.51 / 0.49; one row each (decode), two threads: 0.77 / 0.74 and 0.59 / 0.58. f32 tiles of 128-256 rows run 63 GFLOP/s packed against 68 in `gemm`
-    /// (8 experts, in cache): prefill-sized tiles lose 8% there, every smaller one gains (16 rows
-    /// 46 against 18).
+    /// 0.46 and 0.51 / 0.49; one row each (decode), two threads: 0.77 / 0.74 and 0.59 / 0.58.
+    /// f32 tiles of 128-256 rows run 63 GFLOP/s packed against 68 in `gemm` (8 experts, in
+    /// cache): prefill-sized tiles lose 8% there, every smaller one gains (16 rows 46 against
+    /// 18).
     ///
     /// With AVX-512: bf16 gains at every height
     /// (one thread, 8 experts of qwen3-30b-a3b gate/up, K 2048, best of 3, GFLOP/s packed against

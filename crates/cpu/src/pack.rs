@@ -14,9 +14,9 @@
 //! and a mask widen both exactly; f32 and f16 keep the rows in order. The storage dtype does not
 //! change: packing costs the padding of the last block only.
 //!
-//! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512 and
-//! AVX2, a multiply then an add at the portable level), whatever the blocking; so results do not depend on the tile
-//! grid or the thread count.
+//! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512
+//! and AVX2, a multiply then an add at the portable level), whatever the blocking; so results do
+//! not depend on the tile grid or the thread count.
 
 use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
 use half::{bf16, f16};
