@@ -203,12 +203,20 @@ fn bench_uploads<B: Backend>(
     dtypes: &[DType],
 ) -> moe_hal::Result<()> {
     for &dtype in dtypes {
-        bench_upload(c, group, b, shape, dtype)?;
+        // A group of one dtype keeps ids without it (those of `kernels-bf16-weights` before).
+        bench_upload(c, group, b, shape, dtype, dtypes.len() > 1)?;
     }
     Ok(())
 }
 
-fn bench_upload<B: Backend>(c: &mut Criterion, group: &str, b: &B, shape: Shape, dtype: DType) -> moe_hal::Result<()> {
+fn bench_upload<B: Backend>(
+    c: &mut Criterion,
+    group: &str,
+    b: &B,
+    shape: Shape,
+    dtype: DType,
+    name_dtype: bool,
+) -> moe_hal::Result<()> {
     let (name, h, i, e, k, t) = shape;
     let w = random_layer(1, RouterSpec::softmax_topk(e, k, true), h, i, None);
     let mut rng = Rng::new(2);
@@ -226,10 +234,10 @@ fn bench_upload<B: Backend>(c: &mut Criterion, group: &str, b: &B, shape: Shape,
     );
     let mut act = b.alloc(dtype, rows * i)?;
     let mut y = b.alloc(dtype, rows * h)?;
-    // The bf16-only group keeps its ids; others name the dtype.
-    let id = match group {
-        "kernels-bf16-weights" => format!("{name}/h{h}-i{i}-e{e}-rows{}", rows / e),
-        _ => format!("{name}-{dtype}/h{h}-i{i}-e{e}-rows{}", rows / e),
+    let id = if name_dtype {
+        format!("{name}-{dtype}/h{h}-i{i}-e{e}-rows{}", rows / e)
+    } else {
+        format!("{name}/h{h}-i{i}-e{e}-rows{}", rows / e)
     };
     let mut g = c.benchmark_group(group);
     g.sample_size(20)
