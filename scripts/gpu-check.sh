@@ -47,19 +47,19 @@ step() { # name, timeout (s), command...
   return $rc
 }
 
-step info 120 "$bundle/moe-bench" info --backend cuda; tail -5 "$out/info.log"
-step conformance 240 "$bundle/conformance" --test-threads 1
+step info 60 "$bundle/moe-bench" info --backend cuda; tail -5 "$out/info.log"
+step conformance 120 "$bundle/conformance" --test-threads 1
 grep -E "^test |passed|SKIPPED|panicked|FAIL|error" "$out/conformance.log" | head -60
-step golden 120 "$bundle/golden" --nocapture
+step golden 60 "$bundle/golden" --nocapture
 grep -E "cuda|test result|FAIL|panicked" "$out/golden.log" | tail -30
-step verify 120 "$bundle/moe-bench" verify --backend cuda
+step verify 60 "$bundle/moe-bench" verify --backend cuda
 tail -15 "$out/verify.log"
-step bench 300 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 --tokens 1,64,512,4096 \
+step bench 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 --tokens 1,64,512,4096 \
   --json "$out/cuda-deepseek-bf16.json"
 tail -30 "$out/bench.log"
 if python3 -c 'import torch' 2>/dev/null; then
   export PYTHONUNBUFFERED=1
-  step torch 240 python3 scripts/compare/torch_grouped_gemm.py --tokens 1,64,512,4096 \
+  step torch 150 python3 scripts/compare/torch_grouped_gemm.py --tokens 1,64,512,4096 \
     --json "$out/torch-deepseek-bf16.json"
   tail -22 "$out/torch.log"
   if [ -f "$out/torch-deepseek-bf16.json" ] && [ -f "$out/cuda-deepseek-bf16.json" ]; then
