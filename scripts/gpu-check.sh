@@ -50,16 +50,30 @@ step() { # name, timeout (s), command...
 step info 60 "$bundle/moe-bench" info --backend cuda; tail -5 "$out/info.log"
 step conformance 120 "$bundle/conformance" --test-threads 1
 grep -E "^test |passed|SKIPPED|panicked|FAIL|error" "$out/conformance.log" | head -60
+# Every grouped_matmul kernel family, forced (auto picks by rows per expert; see crates/cuda/src/launch.rs).
+for g in rows tc tiles; do
+  MOE_CUDA_GEMM=$g step "conformance-$g" 120 "$bundle/conformance" --test-threads 1 cuda::
+  grep -E "test result|panicked|FAIL" "$out/conformance-$g.log" | head -10
+done
 step golden 60 "$bundle/golden" --nocapture
 grep -E "cuda|test result|FAIL|panicked" "$out/golden.log" | tail -30
 step verify 60 "$bundle/moe-bench" verify --backend cuda
 tail -15 "$out/verify.log"
-step bench 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 --tokens 1,64,512,4096 \
+tokens=1,64,128,256,512,1024,4096
+step bench 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 --tokens $tokens \
   --json "$out/cuda-deepseek-bf16.json"
-tail -30 "$out/bench.log"
+tail -48 "$out/bench.log"
+# GPU_CHECK_SWEEP=1: the same sweep with each kernel family forced, to place the auto threshold.
+if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
+  for g in rows tc; do
+    MOE_CUDA_GEMM=$g step "bench-$g" 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 \
+      --tokens 64,128,256,512,1024,4096 --repeat 5 --warmup 1 --json "$out/cuda-deepseek-bf16-$g.json"
+    grep -E "gemm_(gate_up|down)" "$out/bench-$g.log"
+  done
+fi
 if python3 -c 'import torch' 2>/dev/null; then
   export PYTHONUNBUFFERED=1
-  step torch 150 python3 scripts/compare/torch_grouped_gemm.py --tokens 1,64,512,4096 \
+  step torch 150 python3 scripts/compare/torch_grouped_gemm.py --tokens $tokens \
     --json "$out/torch-deepseek-bf16.json"
   tail -22 "$out/torch.log"
   if [ -f "$out/torch-deepseek-bf16.json" ] && [ -f "$out/cuda-deepseek-bf16.json" ]; then

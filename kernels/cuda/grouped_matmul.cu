@@ -7,14 +7,19 @@
 // rounded once when stored. Rows outside offsets[0] .. offsets[E] are not
 // touched.
 //
-// Grid: x = row tiles, an upper bound (ceil(rows / BM) + E) computed on the
-// host; each block finds its expert by walking the device-side offsets, so no
-// read-back is needed. y = column tiles.
-//
-// f32: SIMT tiles, 256 threads, 4x4 outputs per thread.
-// f16/bf16: tensor cores through WMMA (16x16x16, f32 accumulators), 4 warps
-// per 64x64 tile.
-
+// Three kernel families, chosen on the host from upper bounds (no read-back):
+// - grouped_matmul_rows_*: few rows per expert (decode, the router). One warp
+//   per output column, lanes across K with 16-byte loads; every weight row is
+//   streamed from memory once and applied to up to ROWS_PER_PASS rows of x at
+//   a time. Memory-bound by design. Each output: a per-lane f32 FMA chain in
+//   ascending k, then a fixed butterfly over the 32 lanes.
+// - grouped_matmul_tc_{f16,bf16}: many rows per expert, K a multiple of 8.
+//   Tensor cores (WMMA 16x16x16, f32 accumulators), 128-row x 128-weight-row
+//   tiles, 8 warps, 16-byte cp.async copies into a two-stage shared-memory
+//   pipeline. Grid x: ceil(rows / 128) + E row tiles (an upper bound: each
+//   block finds its expert by walking the device-side offsets).
+// - grouped_matmul_{f32,f16,bf16}: any K. 64x64 tiles, f32 on SIMT (256
+//   threads, 4x4 outputs per thread), f16/bf16 on WMMA (4 warps).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -27,15 +32,16 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // This block's expert and row range [r0, r1); false when the block has no work.
 __device__ bool find_tile(const unsigned int* __restrict__ offsets, unsigned int experts, unsigned int rows,
-                          unsigned int tile, unsigned int* e_out, unsigned int* r0, unsigned int* r1) {
+                          unsigned int tile, unsigned int* e_out, unsigned int* r0, unsigned int* r1,
+                          unsigned int bm = BM) {
     unsigned int cum = 0;
     for (unsigned int e = 0; e < experts; ++e) {
         const unsigned int a = min(offsets[e], rows), b = min(offsets[e + 1], rows);
-        const unsigned int n_tiles = b > a ? (b - a + BM - 1) / BM : 0;
+        const unsigned int n_tiles = b > a ? (b - a + bm - 1) / bm : 0;
         if (tile < cum + n_tiles) {
             *e_out = e;
-            *r0 = a + (tile - cum) * BM;
-            *r1 = min(*r0 + BM, b);
+            *r0 = a + (tile - cum) * bm;
+            *r1 = min(*r0 + bm, b);
             return true;
         }
         cum += n_tiles;
@@ -173,6 +179,308 @@ extern "C" __global__ void __launch_bounds__(128)
                         __nv_bfloat16* y, unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
                         unsigned int swiglu) {
     grouped_matmul_wmma(x, offsets, w, y, rows, K, N, experts, swiglu);
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Few rows per expert: grouped_matmul_rows_*.
+
+#define ROWS_PER_PASS 8
+#define ROWS_WARPS 8
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
+
+// 16 bytes at p (16-byte aligned), widened to f32.
+__device__ __forceinline__ void load16(const float* p, float* f) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    f[0] = v.x;
+    f[1] = v.y;
+    f[2] = v.z;
+    f[3] = v.w;
+}
+__device__ __forceinline__ void load16(const __half* p, float* f) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 t = __half22float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float* f) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+// Block (e, column block): 8 warps, each `cols_per_warp` output columns. vec: K * sizeof(T) is a multiple of 16,
+// so every row starts 16-byte aligned (buffers are 256-byte aligned).
+template <typename T>
+__device__ void grouped_matmul_rows_impl(const T* __restrict__ x, const unsigned int* __restrict__ offsets,
+                                         const T* __restrict__ w, T* __restrict__ y, unsigned int rows,
+                                         unsigned int K, unsigned int N, unsigned int experts, unsigned int swiglu,
+                                         unsigned int cols_per_warp) {
+    constexpr unsigned int V = 16 / sizeof(T);
+    const unsigned int e = blockIdx.x;
+    if (e >= experts) return;
+    const unsigned int a = min(offsets[e], rows), b = min(offsets[e + 1], rows);
+    if (b <= a) return;
+    const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t wrows = swiglu ? 2 * (size_t)N : (size_t)N;
+    const T* we = w + (size_t)e * wrows * K;
+    const bool vec = (K % V) == 0;
+    const unsigned int col_base = blockIdx.y * ROWS_WARPS * cols_per_warp;
+    for (unsigned int c = 0; c < cols_per_warp; ++c) {
+        const unsigned int n = col_base + c * ROWS_WARPS + warp;
+        if (n >= N) break;
+        const T* wg = we + (size_t)n * K;
+        const T* wu = we + ((size_t)N + n) * K;  // read only when swiglu
+        for (unsigned int r0 = a; r0 < b; r0 += ROWS_PER_PASS) {
+            const unsigned int nr = min((unsigned int)ROWS_PER_PASS, b - r0);
+            const T* xr = x + (size_t)r0 * K;
+            float g[ROWS_PER_PASS], u[ROWS_PER_PASS];
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_PASS; ++r) g[r] = u[r] = 0.0f;
+            if (vec) {
+                for (unsigned int k = lane * V; k < K; k += 32 * V) {
+                    float wv[V], uv[V];
+                    load16(wg + k, wv);
+                    if (swiglu) load16(wu + k, uv);
+#pragma unroll
+                    for (int r = 0; r < ROWS_PER_PASS; ++r) {
+                        if (r < nr) {
+                            float xv[V];
+                            load16(xr + (size_t)r * K + k, xv);
+#pragma unroll
+                            for (int j = 0; j < V; ++j) g[r] = fmaf(xv[j], wv[j], g[r]);
+                            if (swiglu) {
+#pragma unroll
+                                for (int j = 0; j < V; ++j) u[r] = fmaf(xv[j], uv[j], u[r]);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for (unsigned int k = lane; k < K; k += 32) {
+                    const float wv = to_f(wg[k]), uv = swiglu ? to_f(wu[k]) : 0.0f;
+#pragma unroll
+                    for (int r = 0; r < ROWS_PER_PASS; ++r) {
+                        if (r < nr) {
+                            const float xv = to_f(xr[(size_t)r * K + k]);
+                            g[r] = fmaf(xv, wv, g[r]);
+                            u[r] = fmaf(xv, uv, u[r]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_PASS; ++r) {
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) {
+                    g[r] += __shfl_xor_sync(0xffffffffu, g[r], off);
+                    u[r] += __shfl_xor_sync(0xffffffffu, u[r], off);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_PASS; ++r)
+                if (lane == r && r < nr) store_f(&y[(size_t)(r0 + r) * N + n], swiglu ? silu(g[r]) * u[r] : g[r]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    grouped_matmul_rows_f32(const float* x, const unsigned int* offsets, const float* w, float* y,
+                            unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
+                            unsigned int swiglu, unsigned int cols_per_warp) {
+    grouped_matmul_rows_impl(x, offsets, w, y, rows, K, N, experts, swiglu, cols_per_warp);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    grouped_matmul_rows_f16(const __half* x, const unsigned int* offsets, const __half* w, __half* y,
+                            unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
+                            unsigned int swiglu, unsigned int cols_per_warp) {
+    grouped_matmul_rows_impl(x, offsets, w, y, rows, K, N, experts, swiglu, cols_per_warp);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    grouped_matmul_rows_bf16(const __nv_bfloat16* x, const unsigned int* offsets, const __nv_bfloat16* w,
+                             __nv_bfloat16* y, unsigned int rows, unsigned int K, unsigned int N,
+                             unsigned int experts, unsigned int swiglu, unsigned int cols_per_warp) {
+    grouped_matmul_rows_impl(x, offsets, w, y, rows, K, N, experts, swiglu, cols_per_warp);
+}
+
+// ---------------------------------------------------------------------------
+// Many rows per expert, K % 8 == 0: grouped_matmul_tc_*.
+//
+// A block computes 128 rows against 128 weight rows: with SwiGLU the gate rows n0..n0+63 and the up rows
+// N+n0..N+n0+63 (64 output columns), without it the rows n0..n0+127 (128 output columns). Warps: 4 along M
+// (32 rows each) x 2 along the weight rows; each warp holds 2x4 accumulator fragments. Shared memory holds two
+// stages of A [128][TC_LD] and B [128][TC_LD] (TC_LD = 40: 32 k-values plus 8 of padding against bank
+// conflicts), reused after the loop as per-warp 16x16 float scratch for the epilogue.
+
+#define TC_BM 128
+#define TC_BW 128
+#define TC_BK 32
+#define TC_LD 40
+
+__device__ __forceinline__ void cp16(void* smem, const void* gmem, bool pred) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    const int n = pred ? 16 : 0;  // 0: fills the 16 bytes with zeros, reads nothing
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+#else
+    *reinterpret_cast<uint4*>(smem) = pred ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void cp_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_wait_one() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+template <typename T>
+__device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned int* __restrict__ offsets,
+                                       const T* __restrict__ w, T* __restrict__ y, unsigned int rows,
+                                       unsigned int K, unsigned int N, unsigned int experts, unsigned int swiglu) {
+    using namespace nvcuda;
+    unsigned int e, r0, r1;
+    if (!find_tile(offsets, experts, rows, blockIdx.x, &e, &r0, &r1, TC_BM)) return;
+    const unsigned int out_cols = swiglu ? TC_BW / 2 : TC_BW;
+    const unsigned int col0 = blockIdx.y * out_cols;
+    const size_t wrows = swiglu ? 2 * (size_t)N : (size_t)N;
+    const T* we = w + (size_t)e * wrows * K;
+    // Two stages of A and B; after the loop, 8 warps x 256 floats of epilogue scratch.
+    __shared__ __align__(128) unsigned char smem[2 * 2 * TC_BM * TC_LD * sizeof(T)];
+    T* As = reinterpret_cast<T*>(smem);          // [stage][TC_BM][TC_LD]
+    T* Bs = As + 2 * TC_BM * TC_LD;              // [stage][TC_BW][TC_LD]
+    const unsigned int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const unsigned int wm = warp >> 1, wn = warp & 1;
+
+    // This thread's two 16-byte copies per operand and stage: row tid/4 and tid/4 + 64, k-chunk tid%4.
+    const unsigned int crow = tid >> 2, cchunk = (tid & 3) * 8;
+    const T* a_src[2];
+    bool a_ok[2];
+    const T* b_src[2];
+    bool b_ok[2];
+    for (int i = 0; i < 2; ++i) {
+        const unsigned int r = crow + i * 64;
+        a_ok[i] = r0 + r < r1;
+        a_src[i] = x + (size_t)(a_ok[i] ? r0 + r : r0) * K;
+        // Weight row of B row r: gate/up halves with SwiGLU.
+        unsigned int wr, col;
+        if (swiglu) {
+            col = col0 + (r & 63);
+            wr = (r < 64 ? 0 : N) + col;
+        } else {
+            col = col0 + r;
+            wr = col;
+        }
+        b_ok[i] = col < N;
+        b_src[i] = we + (size_t)(b_ok[i] ? wr : 0) * K;
+    }
+    const unsigned int kt_count = (K + TC_BK - 1) / TC_BK;
+    auto load_stage = [&](unsigned int stage, unsigned int k0) {
+        const unsigned int k = k0 + cchunk;
+        const bool kin = k < K;  // K % 8 == 0: a chunk is wholly in or out
+        for (int i = 0; i < 2; ++i) {
+            const unsigned int r = crow + i * 64;
+            cp16(As + (stage * TC_BM + r) * TC_LD + cchunk, a_src[i] + (kin ? k : 0), a_ok[i] && kin);
+            cp16(Bs + (stage * TC_BW + r) * TC_LD + cchunk, b_src[i] + (kin ? k : 0), b_ok[i] && kin);
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    // B rows of this warp's fragments j = 0..3: with SwiGLU gate wn*32 + {0, 16}, then up 64 + wn*32 + {0, 16};
+    // without, wn*64 + {0, 16, 32, 48}.
+    unsigned int brow[4];
+    for (int j = 0; j < 4; ++j) brow[j] = swiglu ? (j < 2 ? 0 : 64) + wn * 32 + (j & 1) * 16 : wn * 64 + j * 16;
+
+    load_stage(0, 0);
+    cp_commit();
+    for (unsigned int kt = 0; kt < kt_count; ++kt) {
+        if (kt + 1 < kt_count) load_stage((kt + 1) & 1, (kt + 1) * TC_BK);
+        cp_commit();
+        cp_wait_one();
+        __syncthreads();
+        const T* as = As + (kt & 1) * TC_BM * TC_LD;
+        const T* bs = Bs + (kt & 1) * TC_BW * TC_LD;
+#pragma unroll
+        for (int kk = 0; kk < TC_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[4];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], as + (wm * 32 + i * 16) * TC_LD + kk, TC_LD);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], bs + brow[j] * TC_LD + kk, TC_LD);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+    // Epilogue: with SwiGLU, silu(gate) * up element by element (gate and up fragments of the same shape share
+    // their element layout); then each 16x16 result through this warp's scratch to global memory.
+    float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+    // Fully unrolled, so that every fragment index is a constant and the accumulators stay in registers.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (swiglu && j >= 2) continue;
+            if (swiglu) {
+#pragma unroll
+                for (int t = 0; t < acc[i][j].num_elements; ++t)
+                    acc[i][j].x[t] = silu(acc[i][j].x[t]) * acc[i][(j + 2) & 3].x[t];
+            }
+            wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            const unsigned int rr = lane >> 1, cc = (lane & 1) * 8;
+            const unsigned int row = r0 + wm * 32 + i * 16 + rr;
+            const unsigned int col = col0 + (swiglu ? wn * 32 + j * 16 : wn * 64 + j * 16) + cc;
+            if (row < r1) {
+                T* dst = y + (size_t)row * N + col;
+#pragma unroll
+                for (int t = 0; t < 8; ++t)
+                    if (col + t < N) store_f(dst + t, scratch[rr * 16 + cc + t]);
+            }
+            __syncwarp();
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    grouped_matmul_tc_f16(const __half* x, const unsigned int* offsets, const __half* w, __half* y,
+                          unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
+                          unsigned int swiglu) {
+    grouped_matmul_tc_impl(x, offsets, w, y, rows, K, N, experts, swiglu);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+extern "C" __global__ void __launch_bounds__(256)
+    grouped_matmul_tc_bf16(const __nv_bfloat16* x, const unsigned int* offsets, const __nv_bfloat16* w,
+                           __nv_bfloat16* y, unsigned int rows, unsigned int K, unsigned int N,
+                           unsigned int experts, unsigned int swiglu) {
+    grouped_matmul_tc_impl(x, offsets, w, y, rows, K, N, experts, swiglu);
 }
 #endif
 

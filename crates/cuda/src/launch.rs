@@ -95,6 +95,97 @@ pub fn gemm_grid(rows: usize, out_features: usize, experts: usize) -> Result<(u3
     Ok((x as u32, y as u32))
 }
 
+/// Which grouped_matmul kernel family runs a call (grouped_matmul.cu's header says what each does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// `grouped_matmul_rows_*`: a warp per output column, weights streamed once per 8 rows.
+    Rows,
+    /// `grouped_matmul_tc_*`: pipelined tensor-core tiles (f16/bf16, K a multiple of 8).
+    TensorCore,
+    /// `grouped_matmul_{f32,f16,bf16}`: 64x64 tiles, any K.
+    Tiles,
+}
+
+/// Which kernels the backend may pick from: `MOE_CUDA_GEMM` = `auto` (default), `rows`, `tc` or `tiles`
+/// forces one family where it applies (for benchmarks and for tests that cover every kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPolicy {
+    Auto,
+    Force(GemmKernel),
+}
+
+impl GemmPolicy {
+    /// Parses `MOE_CUDA_GEMM`'s value; unset or empty is `Auto`.
+    pub fn parse(v: Option<&str>) -> std::result::Result<Self, String> {
+        match v.map(str::trim) {
+            None | Some("") | Some("auto") => Ok(GemmPolicy::Auto),
+            Some("rows") => Ok(GemmPolicy::Force(GemmKernel::Rows)),
+            Some("tc") => Ok(GemmPolicy::Force(GemmKernel::TensorCore)),
+            Some("tiles") => Ok(GemmPolicy::Force(GemmKernel::Tiles)),
+            Some(o) => Err(format!("MOE_CUDA_GEMM={o:?}: expected auto, rows, tc or tiles")),
+        }
+    }
+}
+
+/// `Auto` streams weights with the rows kernel while the rows per expert (on average, an upper bound known
+/// on the host) stay at or below this; above it tiles reuse each weight tile across more rows.
+pub const ROWS_KERNEL_MAX_AVG_ROWS: usize = 16;
+
+/// The kernel for `rows` rows over `experts` experts with `in_features` K, in half precision or f32.
+/// The tensor-core kernel needs K % 8 == 0 (16-byte row starts) and a half-precision dtype.
+pub fn choose_gemm(policy: GemmPolicy, rows: usize, experts: usize, in_features: usize, half: bool) -> GemmKernel {
+    let tc_ok = half && in_features.is_multiple_of(8);
+    let want = match policy {
+        GemmPolicy::Force(k) => k,
+        GemmPolicy::Auto if rows <= ROWS_KERNEL_MAX_AVG_ROWS * experts.max(1) => GemmKernel::Rows,
+        GemmPolicy::Auto => GemmKernel::TensorCore,
+    };
+    match want {
+        GemmKernel::TensorCore if !tc_ok => GemmKernel::Tiles,
+        k => k,
+    }
+}
+
+/// Warps per block of the rows kernel (`ROWS_WARPS`).
+pub const ROWS_WARPS: usize = 8;
+/// Blocks the rows kernel's grid aims at: most blocks of a decode step find their expert empty and
+/// exit, so more columns per warp keep that overhead small.
+const ROWS_TARGET_BLOCKS: usize = 16384;
+
+/// Grid (x = experts, y = column blocks) and output columns per warp of the rows kernel.
+pub fn rows_grid(experts: usize, out_features: usize) -> Result<((u32, u32), u32)> {
+    let cols_per_warp = (experts.max(1) * out_features.max(1).div_ceil(ROWS_WARPS))
+        .div_ceil(ROWS_TARGET_BLOCKS)
+        .clamp(1, 8);
+    let y = out_features.div_ceil(ROWS_WARPS * cols_per_warp).max(1);
+    if experts > i32::MAX as usize || y > 65535 {
+        return Err(MoeError::shape(
+            "grouped_matmul grid",
+            experts.max(y),
+            "at most 2^31 - 1 experts and 65535 column blocks",
+        ));
+    }
+    Ok(((experts.max(1) as u32, y as u32), cols_per_warp as u32))
+}
+
+/// Tile height and width (in weight rows) of the tensor-core kernel (`TC_BM`, `TC_BW`).
+pub const TC_TILE: usize = 128;
+
+/// Grid of the tensor-core kernel: x = row tiles (an upper bound), y = column tiles. With SwiGLU a tile
+/// covers 64 output columns (their gate and up rows), without it 128.
+pub fn tc_grid(rows: usize, out_features: usize, experts: usize, swiglu: bool) -> Result<(u32, u32)> {
+    let x = rows.div_ceil(TC_TILE) + experts;
+    let y = out_features.div_ceil(if swiglu { TC_TILE / 2 } else { TC_TILE });
+    if x > i32::MAX as usize || y > 65535 {
+        return Err(MoeError::shape(
+            "grouped_matmul tiles",
+            x.max(y),
+            "at most 2^31 - 1 row tiles and 65535 column tiles",
+        ));
+    }
+    Ok((x as u32, y as u32))
+}
+
 /// Chunks of the permute counting sort.
 pub fn permute_chunks(n: usize) -> usize {
     n.div_ceil(PERMUTE_CHUNK)
@@ -143,6 +234,43 @@ mod tests {
             .to_string();
         assert!(e.contains("at most 2048 experts"), "{e}");
         assert!(route_args(&RouterSpec::softmax_topk(1024, 32, true), 1).is_ok());
+    }
+
+    #[test]
+    fn gemm_kernel_choice() {
+        use GemmKernel::*;
+        let auto = GemmPolicy::Auto;
+        // DeepSeek-V3: decode and up to 16 rows per expert stream weights; prefill uses tensor cores.
+        assert_eq!(choose_gemm(auto, 8, 256, 7168, true), Rows);
+        assert_eq!(choose_gemm(auto, 4096, 256, 7168, true), Rows);
+        assert_eq!(choose_gemm(auto, 4097, 256, 7168, true), TensorCore);
+        // No tensor cores for f32 or K % 8 != 0.
+        assert_eq!(choose_gemm(auto, 32768, 256, 7168, false), Tiles);
+        assert_eq!(choose_gemm(auto, 32768, 256, 37, true), Tiles);
+        assert_eq!(choose_gemm(GemmPolicy::Force(TensorCore), 1, 1, 37, true), Tiles);
+        assert_eq!(choose_gemm(GemmPolicy::Force(Rows), 1 << 20, 1, 64, true), Rows);
+        // The router: one expert, T rows.
+        assert_eq!(choose_gemm(auto, 16, 1, 7168, false), Rows);
+        assert_eq!(choose_gemm(auto, 17, 1, 7168, false), Tiles);
+        assert_eq!(GemmPolicy::parse(None).unwrap(), auto);
+        assert_eq!(GemmPolicy::parse(Some("tc")).unwrap(), GemmPolicy::Force(TensorCore));
+        assert!(GemmPolicy::parse(Some("fast"))
+            .unwrap_err()
+            .contains("expected auto, rows, tc or tiles"));
+    }
+
+    #[test]
+    fn rows_and_tc_grids() {
+        // Router (E = 1, N = 256): a column per warp, 32 blocks.
+        assert_eq!(rows_grid(1, 256).unwrap(), ((1, 32), 1));
+        // DeepSeek gate/up (N = 2048) and down (N = 7168) over 256 experts: at most ~16K blocks.
+        assert_eq!(rows_grid(256, 2048).unwrap(), ((256, 64), 4));
+        assert_eq!(rows_grid(256, 7168).unwrap(), ((256, 112), 8));
+        assert_eq!(rows_grid(3, 1).unwrap(), ((3, 1), 1));
+        assert_eq!(rows_grid(0, 0).unwrap(), ((1, 1), 1));
+        assert_eq!(tc_grid(32768, 2048, 256, true).unwrap(), (256 + 256, 32));
+        assert_eq!(tc_grid(32768, 7168, 256, false).unwrap(), (512, 56));
+        assert_eq!(tc_grid(1, 70, 3, true).unwrap(), (4, 2));
     }
 
     #[test]

@@ -99,6 +99,11 @@ struct Kernels {
     gmm_f32: CudaFunction,
     gmm_f16: CudaFunction,
     gmm_bf16: Option<CudaFunction>,
+    gmm_rows_f32: CudaFunction,
+    gmm_rows_f16: CudaFunction,
+    gmm_rows_bf16: CudaFunction,
+    gmm_tc_f16: CudaFunction,
+    gmm_tc_bf16: Option<CudaFunction>,
     cast_f16: CudaFunction,
     cast_bf16: CudaFunction,
     combine_f32: CudaFunction,
@@ -117,6 +122,7 @@ struct Device {
     router_offsets: Mutex<HashMap<usize, Arc<CudaSlice<u32>>>>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
+    gemm_policy: launch::GemmPolicy,
     name: String,
     arch: (i32, i32),
     total_mem: usize,
@@ -166,6 +172,8 @@ fn init_device(ordinal: usize) -> Result<Device> {
             format!("compute capability {major}.{minor}; NVRTC 13 and the WMMA kernels need 7.5 or newer"),
         ));
     }
+    let gemm_policy = launch::GemmPolicy::parse(std::env::var("MOE_CUDA_GEMM").ok().as_deref())
+        .map_err(|why| MoeError::unavailable(NAME, why))?;
     let arch = format!("sm_{major}{minor}");
     let mut modules: HashMap<&str, Arc<CudaModule>> = HashMap::new();
     for (name, src) in compile::SOURCES {
@@ -188,6 +196,15 @@ fn init_device(ordinal: usize) -> Result<Device> {
         } else {
             None
         },
+        gmm_rows_f32: f("grouped_matmul.cu", "grouped_matmul_rows_f32")?,
+        gmm_rows_f16: f("grouped_matmul.cu", "grouped_matmul_rows_f16")?,
+        gmm_rows_bf16: f("grouped_matmul.cu", "grouped_matmul_rows_bf16")?,
+        gmm_tc_f16: f("grouped_matmul.cu", "grouped_matmul_tc_f16")?,
+        gmm_tc_bf16: if major >= 8 {
+            Some(f("grouped_matmul.cu", "grouped_matmul_tc_bf16")?)
+        } else {
+            None
+        },
         cast_f16: f("grouped_matmul.cu", "cast_f16_f32")?,
         cast_bf16: f("grouped_matmul.cu", "cast_bf16_f32")?,
         combine_f32: f("combine.cu", "combine_f32")?,
@@ -202,6 +219,7 @@ fn init_device(ordinal: usize) -> Result<Device> {
         total_mem: ctx.total_mem().unwrap_or(0),
         arch: (major, minor),
         kernels,
+        gemm_policy,
     })
 }
 
@@ -558,13 +576,20 @@ impl Backend for CudaBackend {
         match (&input.data, &weight.data, &mut output.data) {
             (Data::F32(x), Data::F32(w), Data::F32(y)) => self.gemm_f32(x, offsets.u32(), w, y, s),
             (Data::B16(x), Data::B16(w), Data::B16(y)) => {
-                let f = match input.dtype {
-                    DType::BF16 => self.dev.kernels.gmm_bf16.as_ref().ok_or_else(|| {
-                        MoeError::unsupported(NAME, "bf16 grouped_matmul", "bf16 tensor cores need sm_80 or newer")
-                    })?,
-                    _ => &self.dev.kernels.gmm_f16,
+                let k = &self.dev.kernels;
+                let bf16 = input.dtype == DType::BF16;
+                let no_bf16 =
+                    || MoeError::unsupported(NAME, "bf16 grouped_matmul", "bf16 tensor cores need sm_80 or newer");
+                let (rows, tc, tiles) = if bf16 {
+                    (
+                        &k.gmm_rows_bf16,
+                        k.gmm_tc_bf16.as_ref().ok_or_else(no_bf16)?,
+                        k.gmm_bf16.as_ref().ok_or_else(no_bf16)?,
+                    )
+                } else {
+                    (&k.gmm_rows_f16, &k.gmm_tc_f16, &k.gmm_f16)
                 };
-                self.gemm_launch(f, x, offsets.u32(), w, y, s, 128)
+                self.gemm_launch([rows, tc, tiles], true, x, offsets.u32(), w, y, s)
             }
             _ => unreachable!("dtypes checked before"),
         }
@@ -649,24 +674,26 @@ impl CudaBackend {
         y: &mut CudaSlice<f32>,
         s: GemmShape,
     ) -> Result<()> {
-        self.gemm_launch(&self.dev.kernels.gmm_f32, x, offsets, w, y, s, 256)
+        let k = &self.dev.kernels;
+        // f32 has no tensor-core kernel: choose_gemm never picks it for `half = false`.
+        self.gemm_launch([&k.gmm_rows_f32, &k.gmm_f32, &k.gmm_f32], false, x, offsets, w, y, s)
     }
 
+    /// Launches the grouped_matmul kernel [`launch::choose_gemm`] picks among `[rows, tensor core, tiles]`.
     #[allow(clippy::too_many_arguments)]
     fn gemm_launch<T>(
         &self,
-        f: &CudaFunction,
+        [rows_k, tc_k, tiles_k]: [&CudaFunction; 3],
+        half: bool,
         x: &CudaSlice<T>,
         offsets: &CudaSlice<u32>,
         w: &CudaSlice<T>,
         y: &mut CudaSlice<T>,
         s: GemmShape,
-        threads: u32,
     ) -> Result<()> {
         if s.rows == 0 {
             return Ok(());
         }
-        let grid = launch::gemm_grid(s.rows, s.out_features, s.experts)?;
         let (rows, kf, n, e) = (
             u32_of("rows", s.rows)?,
             u32_of("in_features", s.in_features)?,
@@ -674,6 +701,21 @@ impl CudaBackend {
             u32_of("experts", s.experts)?,
         );
         let swiglu = (s.activation == Activation::SwiGlu) as u32;
+        let kernel = launch::choose_gemm(self.dev.gemm_policy, s.rows, s.experts, s.in_features, half);
+        let (f, config, cols_per_warp) = match kernel {
+            launch::GemmKernel::Rows => {
+                let (grid, cpw) = launch::rows_grid(s.experts, s.out_features)?;
+                (rows_k, cfg(grid, (launch::ROWS_WARPS * 32) as u32, 0), Some(cpw))
+            }
+            launch::GemmKernel::TensorCore => {
+                let grid = launch::tc_grid(s.rows, s.out_features, s.experts, swiglu == 1)?;
+                (tc_k, cfg(grid, 256, 0), None)
+            }
+            launch::GemmKernel::Tiles => {
+                let grid = launch::gemm_grid(s.rows, s.out_features, s.experts)?;
+                (tiles_k, cfg(grid, if half { 128 } else { 256 }, 0), None)
+            }
+        };
         let mut b = self.stream().launch_builder(f);
         b.arg(x)
             .arg(offsets)
@@ -684,9 +726,13 @@ impl CudaBackend {
             .arg(&n)
             .arg(&e)
             .arg(&swiglu);
-        // SAFETY: input rows*K, weight E*(N or 2N)*K, output rows*N and offsets E+1 were checked; the kernel
-        // clamps offsets to rows and never touches rows outside offsets[0] .. offsets[E].
-        unsafe { b.launch(cfg(grid, threads, 0)) }.map_err(dev_err)?;
+        if let Some(cpw) = &cols_per_warp {
+            b.arg(cpw);
+        }
+        // SAFETY: input rows*K, weight E*(N or 2N)*K, output rows*N and offsets E+1 were checked; every kernel
+        // clamps offsets to rows and never touches rows outside offsets[0] .. offsets[E]. The tensor-core
+        // kernel's 16-byte copies need K % 8 == 0, which choose_gemm guarantees.
+        unsafe { b.launch(config) }.map_err(dev_err)?;
         Ok(())
     }
 }
