@@ -7,13 +7,16 @@
 #
 # NVRTC and the CUDA headers come from the CUDA toolkit (/usr/local/cuda) or
 # from Python wheels (site-packages/nvidia/cu13/{lib,include}); set
-# PYTHON_SITE to choose the site-packages. Full logs and JSON go to $OUT
-# (default: gpu-out/). Exits non-zero when a test step failed.
+# PYTHON_SITE to choose the site-packages. Full logs and JSON go to gpu-out/,
+# and into $OUT/gpu-check.tgz where $OUT is set. Exits non-zero when a test
+# step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
-out="${OUT:-gpu-out}"
-mkdir -p "$out"
+out=gpu-out
+rm -rf "$out" && mkdir -p "$out"
+# Everything under gpu-out/ in one archive in $OUT (the device tool returns a few files only).
+trap '[ -n "${OUT:-}" ] && tar czf "$OUT/gpu-check.tgz" "$out"' EXIT
 [ -x "$bundle/conformance" ] || { echo "gpu-check: no $bundle/ (run scripts/build-gpu-bundle.sh first)"; exit 1; }
 
 site="${PYTHON_SITE:-$(python3 -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)}"
@@ -68,7 +71,7 @@ if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
   for g in rows tc; do
     MOE_CUDA_GEMM=$g step "bench-$g" 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 \
       --tokens 64,128,256,512,1024,4096 --repeat 5 --warmup 1 --json "$out/cuda-deepseek-bf16-$g.json"
-    grep -E "gemm_(gate_up|down)" "$out/bench-$g.log"
+    grep -E "route|gemm_(gate_up|down)" "$out/bench-$g.log"
   done
 fi
 if python3 -c 'import torch' 2>/dev/null; then

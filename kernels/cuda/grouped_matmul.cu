@@ -222,7 +222,7 @@ __device__ __forceinline__ void load16(const __nv_bfloat16* p, float* f) {
     }
 }
 
-// Block (e, column block): 8 warps, each `cols_per_warp` output columns. vec: K * sizeof(T) is a multiple of 16,
+// Block (e, column block, row split): 8 warps, each `cols_per_warp` output columns. vec: K * sizeof(T) is a multiple of 16,
 // so every row starts 16-byte aligned (buffers are 256-byte aligned).
 template <typename T>
 __device__ void grouped_matmul_rows_impl(const T* __restrict__ x, const unsigned int* __restrict__ offsets,
@@ -244,7 +244,8 @@ __device__ void grouped_matmul_rows_impl(const T* __restrict__ x, const unsigned
         if (n >= N) break;
         const T* wg = we + (size_t)n * K;
         const T* wu = we + ((size_t)N + n) * K;  // read only when swiglu
-        for (unsigned int r0 = a; r0 < b; r0 += ROWS_PER_PASS) {
+        // Row chunks of this expert: blockIdx.z, then every gridDim.z-th (z > 1 splits a dense GEMM's rows).
+        for (unsigned int r0 = a + blockIdx.z * ROWS_PER_PASS; r0 < b; r0 += gridDim.z * ROWS_PER_PASS) {
             const unsigned int nr = min((unsigned int)ROWS_PER_PASS, b - r0);
             const T* xr = x + (size_t)r0 * K;
             float g[ROWS_PER_PASS], u[ROWS_PER_PASS];
@@ -325,7 +326,9 @@ extern "C" __global__ void __launch_bounds__(256)
 // N+n0..N+n0+63 (64 output columns), without it the rows n0..n0+127 (128 output columns). Warps: 4 along M
 // (32 rows each) x 2 along the weight rows; each warp holds 2x4 accumulator fragments. Shared memory holds two
 // stages of A [128][TC_LD] and B [128][TC_LD] (TC_LD = 40: 32 k-values plus 8 of padding against bank
-// conflicts), reused after the loop as per-warp 16x16 float scratch for the epilogue.
+// conflicts) in dynamic shared memory, S stages deep (S - 1 copies in flight while one stage is multiplied),
+// reused after the loop as per-warp 16x16 float scratch for the epilogue. S = 4 (80 KiB, opted in by the host)
+// where the device allows it, else S = 2 (40 KiB).
 
 #define TC_BM 128
 #define TC_BW 128
@@ -346,16 +349,18 @@ __device__ __forceinline__ void cp_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
-__device__ __forceinline__ void cp_wait_one() {
+template <int N>
+__device__ __forceinline__ void cp_wait() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
 
-template <typename T>
+template <typename T, int S>
 __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned int* __restrict__ offsets,
                                        const T* __restrict__ w, T* __restrict__ y, unsigned int rows,
-                                       unsigned int K, unsigned int N, unsigned int experts, unsigned int swiglu) {
+                                       unsigned int K, unsigned int N, unsigned int experts, unsigned int swiglu,
+                                       unsigned char* smem) {
     using namespace nvcuda;
     unsigned int e, r0, r1;
     if (!find_tile(offsets, experts, rows, blockIdx.x, &e, &r0, &r1, TC_BM)) return;
@@ -363,10 +368,9 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
     const unsigned int col0 = blockIdx.y * out_cols;
     const size_t wrows = swiglu ? 2 * (size_t)N : (size_t)N;
     const T* we = w + (size_t)e * wrows * K;
-    // Two stages of A and B; after the loop, 8 warps x 256 floats of epilogue scratch.
-    __shared__ __align__(128) unsigned char smem[2 * 2 * TC_BM * TC_LD * sizeof(T)];
-    T* As = reinterpret_cast<T*>(smem);          // [stage][TC_BM][TC_LD]
-    T* Bs = As + 2 * TC_BM * TC_LD;              // [stage][TC_BW][TC_LD]
+    // S stages of A and B; after the loop, 8 warps x 256 floats of epilogue scratch.
+    T* As = reinterpret_cast<T*>(smem);  // [stage][TC_BM][TC_LD]
+    T* Bs = As + S * TC_BM * TC_LD;      // [stage][TC_BW][TC_LD]
     const unsigned int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const unsigned int wm = warp >> 1, wn = warp & 1;
 
@@ -413,15 +417,21 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
     unsigned int brow[4];
     for (int j = 0; j < 4; ++j) brow[j] = swiglu ? (j < 2 ? 0 : 64) + wn * 32 + (j & 1) * 16 : wn * 64 + j * 16;
 
-    load_stage(0, 0);
-    cp_commit();
-    for (unsigned int kt = 0; kt < kt_count; ++kt) {
-        if (kt + 1 < kt_count) load_stage((kt + 1) & 1, (kt + 1) * TC_BK);
+    // Prologue: stages 0 .. S-2 in flight (one commit group each, empty past K).
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+        if (st < kt_count) load_stage(st, st * TC_BK);
         cp_commit();
-        cp_wait_one();
+    }
+    for (unsigned int kt = 0; kt < kt_count; ++kt) {
+        // Groups committed so far: S - 1 + kt; all but the newest S - 2 done means group kt (this stage) is.
+        cp_wait<S - 2>();
         __syncthreads();
-        const T* as = As + (kt & 1) * TC_BM * TC_LD;
-        const T* bs = Bs + (kt & 1) * TC_BW * TC_LD;
+        // The slot refilled now was multiplied in iteration kt - 1, which every warp has finished (barrier above).
+        if (kt + S - 1 < kt_count) load_stage((kt + S - 1) % S, (kt + S - 1) * TC_BK);
+        cp_commit();
+        const T* as = As + (kt % S) * TC_BM * TC_LD;
+        const T* bs = Bs + (kt % S) * TC_BW * TC_LD;
 #pragma unroll
         for (int kk = 0; kk < TC_BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
@@ -435,8 +445,11 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
 #pragma unroll
                 for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
-        __syncthreads();
     }
+    // No copy is left in flight (the last groups are empty), and every warp is done with the stages before
+    // the epilogue reuses their memory.
+    cp_wait<0>();
+    __syncthreads();
 
     // Epilogue: with SwiGLU, silu(gate) * up element by element (gate and up fragments of the same shape share
     // their element layout); then each 16x16 result through this warp's scratch to global memory.
@@ -468,20 +481,19 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    grouped_matmul_tc_f16(const __half* x, const unsigned int* offsets, const __half* w, __half* y,
-                          unsigned int rows, unsigned int K, unsigned int N, unsigned int experts,
-                          unsigned int swiglu) {
-    grouped_matmul_tc_impl(x, offsets, w, y, rows, K, N, experts, swiglu);
-}
+#define TC_KERNEL(name, T, S)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                                             \
+        name(const T* x, const unsigned int* offsets, const T* w, T* y, unsigned int rows, unsigned int K,        \
+             unsigned int N, unsigned int experts, unsigned int swiglu) {                                         \
+        extern __shared__ __align__(128) unsigned char tc_smem[];                                                 \
+        grouped_matmul_tc_impl<T, S>(x, offsets, w, y, rows, K, N, experts, swiglu, tc_smem);                     \
+    }
 
+TC_KERNEL(grouped_matmul_tc_f16, __half, 4)
+TC_KERNEL(grouped_matmul_tc2_f16, __half, 2)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-extern "C" __global__ void __launch_bounds__(256)
-    grouped_matmul_tc_bf16(const __nv_bfloat16* x, const unsigned int* offsets, const __nv_bfloat16* w,
-                           __nv_bfloat16* y, unsigned int rows, unsigned int K, unsigned int N,
-                           unsigned int experts, unsigned int swiglu) {
-    grouped_matmul_tc_impl(x, offsets, w, y, rows, K, N, experts, swiglu);
-}
+TC_KERNEL(grouped_matmul_tc_bf16, __nv_bfloat16, 4)
+TC_KERNEL(grouped_matmul_tc2_bf16, __nv_bfloat16, 2)
 #endif
 
 // Widening for the f32 router GEMM when activations are stored in half precision.

@@ -127,9 +127,13 @@ impl GemmPolicy {
     }
 }
 
-/// `Auto` streams weights with the rows kernel while the rows per expert (on average, an upper bound known
-/// on the host) stay at or below this; above it tiles reuse each weight tile across more rows.
-pub const ROWS_KERNEL_MAX_AVG_ROWS: usize = 16;
+/// `Auto` streams weights with the rows kernel while the rows per expert (on average: known on the host)
+/// stay at or below these; above them tiles reuse each weight tile across more rows. Half precision: measured
+/// on an H200 at DeepSeek-V3's shapes (benches/RESULTS.md), the rows kernel took 0.64x the tensor-core
+/// kernel's time at 2 rows per expert and 1.03x at 4. f32 (the router's GEMM, E = 1, and f32 layers): the
+/// SIMT tiles are slower still.
+pub const ROWS_MAX_AVG_HALF: usize = 4;
+pub const ROWS_MAX_AVG_F32: usize = 64;
 
 /// The kernel for `rows` rows over `experts` experts with `in_features` K, in half precision or f32.
 /// The tensor-core kernel needs K % 8 == 0 (16-byte row starts) and a half-precision dtype.
@@ -137,7 +141,9 @@ pub fn choose_gemm(policy: GemmPolicy, rows: usize, experts: usize, in_features:
     let tc_ok = half && in_features.is_multiple_of(8);
     let want = match policy {
         GemmPolicy::Force(k) => k,
-        GemmPolicy::Auto if rows <= ROWS_KERNEL_MAX_AVG_ROWS * experts.max(1) => GemmKernel::Rows,
+        GemmPolicy::Auto if rows <= if half { ROWS_MAX_AVG_HALF } else { ROWS_MAX_AVG_F32 } * experts.max(1) => {
+            GemmKernel::Rows
+        }
         GemmPolicy::Auto => GemmKernel::TensorCore,
     };
     match want {
@@ -152,24 +158,34 @@ pub const ROWS_WARPS: usize = 8;
 /// exit, so more columns per warp keep that overhead small.
 const ROWS_TARGET_BLOCKS: usize = 16384;
 
-/// Grid (x = experts, y = column blocks) and output columns per warp of the rows kernel.
-pub fn rows_grid(experts: usize, out_features: usize) -> Result<((u32, u32), u32)> {
-    let cols_per_warp = (experts.max(1) * out_features.max(1).div_ceil(ROWS_WARPS))
+/// Rows the rows kernel applies each weight row to per pass (`ROWS_PER_PASS`).
+pub const ROWS_PER_PASS: usize = 8;
+
+/// Grid of the rows kernel (x = experts, y = column blocks, z = row splits) and output columns per warp.
+/// z splits each expert's passes over `rows.div_ceil(experts)` rows (its average, an upper bound for a dense
+/// GEMM such as the router's, E = 1) across blocks, so that a GEMM with few experts still fills the device.
+pub fn rows_grid(experts: usize, out_features: usize, rows: usize) -> Result<((u32, u32, u32), u32)> {
+    let e = experts.max(1);
+    let cols_per_warp = (e * out_features.max(1).div_ceil(ROWS_WARPS))
         .div_ceil(ROWS_TARGET_BLOCKS)
         .clamp(1, 8);
     let y = out_features.div_ceil(ROWS_WARPS * cols_per_warp).max(1);
-    if experts > i32::MAX as usize || y > 65535 {
+    let z = rows.div_ceil(e).div_ceil(ROWS_PER_PASS).clamp(1, 65535);
+    if e > i32::MAX as usize || y > 65535 {
         return Err(MoeError::shape(
             "grouped_matmul grid",
-            experts.max(y),
+            e.max(y),
             "at most 2^31 - 1 experts and 65535 column blocks",
         ));
     }
-    Ok(((experts.max(1) as u32, y as u32), cols_per_warp as u32))
+    Ok(((e as u32, y as u32, z as u32), cols_per_warp as u32))
 }
 
 /// Tile height and width (in weight rows) of the tensor-core kernel (`TC_BM`, `TC_BW`).
 pub const TC_TILE: usize = 128;
+/// Dynamic shared memory of the tensor-core kernel with 4 and 2 stages: A and B tiles of 128 x 40 halves each.
+pub const TC_SMEM_4: u32 = 4 * 2 * 128 * 40 * 2;
+pub const TC_SMEM_2: u32 = 2 * 2 * 128 * 40 * 2;
 
 /// Grid of the tensor-core kernel: x = row tiles (an upper bound), y = column tiles. With SwiGLU a tile
 /// covers 64 output columns (their gate and up rows), without it 128.
@@ -240,18 +256,18 @@ mod tests {
     fn gemm_kernel_choice() {
         use GemmKernel::*;
         let auto = GemmPolicy::Auto;
-        // DeepSeek-V3: decode and up to 16 rows per expert stream weights; prefill uses tensor cores.
+        // DeepSeek-V3: decode and up to 4 rows per expert stream weights; more use tensor cores.
         assert_eq!(choose_gemm(auto, 8, 256, 7168, true), Rows);
-        assert_eq!(choose_gemm(auto, 4096, 256, 7168, true), Rows);
-        assert_eq!(choose_gemm(auto, 4097, 256, 7168, true), TensorCore);
+        assert_eq!(choose_gemm(auto, 1024, 256, 7168, true), Rows);
+        assert_eq!(choose_gemm(auto, 1025, 256, 7168, true), TensorCore);
         // No tensor cores for f32 or K % 8 != 0.
         assert_eq!(choose_gemm(auto, 32768, 256, 7168, false), Tiles);
         assert_eq!(choose_gemm(auto, 32768, 256, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(TensorCore), 1, 1, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(Rows), 1 << 20, 1, 64, true), Rows);
         // The router: one expert, T rows.
-        assert_eq!(choose_gemm(auto, 16, 1, 7168, false), Rows);
-        assert_eq!(choose_gemm(auto, 17, 1, 7168, false), Tiles);
+        assert_eq!(choose_gemm(auto, 64, 1, 7168, false), Rows);
+        assert_eq!(choose_gemm(auto, 65, 1, 7168, false), Tiles);
         assert_eq!(GemmPolicy::parse(None).unwrap(), auto);
         assert_eq!(GemmPolicy::parse(Some("tc")).unwrap(), GemmPolicy::Force(TensorCore));
         assert!(GemmPolicy::parse(Some("fast"))
@@ -261,13 +277,16 @@ mod tests {
 
     #[test]
     fn rows_and_tc_grids() {
-        // Router (E = 1, N = 256): a column per warp, 32 blocks.
-        assert_eq!(rows_grid(1, 256).unwrap(), ((1, 32), 1));
-        // DeepSeek gate/up (N = 2048) and down (N = 7168) over 256 experts: at most ~16K blocks.
-        assert_eq!(rows_grid(256, 2048).unwrap(), ((256, 64), 4));
-        assert_eq!(rows_grid(256, 7168).unwrap(), ((256, 112), 8));
-        assert_eq!(rows_grid(3, 1).unwrap(), ((3, 1), 1));
-        assert_eq!(rows_grid(0, 0).unwrap(), ((1, 1), 1));
+        // Router (E = 1, N = 256): a column per warp, 32 column blocks, the rows split 8 per block.
+        assert_eq!(rows_grid(1, 256, 1).unwrap(), ((1, 32, 1), 1));
+        assert_eq!(rows_grid(1, 256, 512).unwrap(), ((1, 32, 64), 1));
+        // DeepSeek gate/up (N = 2048) and down (N = 7168) over 256 experts: at most ~16K blocks per split.
+        assert_eq!(rows_grid(256, 2048, 8).unwrap(), ((256, 64, 1), 4));
+        assert_eq!(rows_grid(256, 7168, 1024).unwrap(), ((256, 112, 1), 8));
+        assert_eq!(rows_grid(256, 7168, 2049).unwrap(), ((256, 112, 2), 8));
+        assert_eq!(rows_grid(3, 1, 0).unwrap(), ((3, 1, 1), 1));
+        assert_eq!(rows_grid(0, 0, 0).unwrap(), ((1, 1, 1), 1));
+        assert_eq!(rows_grid(1, 8, usize::MAX / 2).unwrap().0 .2, 65535);
         assert_eq!(tc_grid(32768, 2048, 256, true).unwrap(), (256 + 256, 32));
         assert_eq!(tc_grid(32768, 7168, 256, false).unwrap(), (512, 56));
         assert_eq!(tc_grid(1, 70, 3, true).unwrap(), (4, 2));

@@ -102,8 +102,11 @@ struct Kernels {
     gmm_rows_f32: CudaFunction,
     gmm_rows_f16: CudaFunction,
     gmm_rows_bf16: CudaFunction,
+    /// The tensor-core kernels and the dynamic shared memory they take (4 stages where the device lets a
+    /// block opt in to 80 KiB, else 2 stages in 40 KiB).
     gmm_tc_f16: CudaFunction,
     gmm_tc_bf16: Option<CudaFunction>,
+    gmm_tc_smem: u32,
     cast_f16: CudaFunction,
     cast_bf16: CudaFunction,
     combine_f32: CudaFunction,
@@ -181,6 +184,29 @@ fn init_device(ordinal: usize) -> Result<Device> {
         modules.insert(name, ctx.load_module(Ptx::from_binary(cubin)).map_err(dev_err)?);
     }
     let f = |module: &str, func: &str| -> Result<CudaFunction> { modules[module].load_function(func).map_err(dev_err) };
+    // Four pipeline stages need an opt-in above 48 KiB of shared memory; where the device refuses, two.
+    let tc = {
+        use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
+        let four = |name: &str| -> Result<CudaFunction> {
+            let func = f("grouped_matmul.cu", name)?;
+            func.set_attribute(MAX_SMEM, launch::TC_SMEM_4 as i32)
+                .map_err(dev_err)?;
+            Ok(func)
+        };
+        match (four("grouped_matmul_tc_f16"), major >= 8) {
+            (Ok(f16), true) => (f16, Some(four("grouped_matmul_tc_bf16")?), launch::TC_SMEM_4),
+            (Ok(f16), false) => (f16, None, launch::TC_SMEM_4),
+            (Err(_), bf16) => (
+                f("grouped_matmul.cu", "grouped_matmul_tc2_f16")?,
+                if bf16 {
+                    Some(f("grouped_matmul.cu", "grouped_matmul_tc2_bf16")?)
+                } else {
+                    None
+                },
+                launch::TC_SMEM_2,
+            ),
+        }
+    };
     let kernels = Kernels {
         route: f("route.cu", "route")?,
         topk: f("topk.cu", "topk")?,
@@ -199,12 +225,9 @@ fn init_device(ordinal: usize) -> Result<Device> {
         gmm_rows_f32: f("grouped_matmul.cu", "grouped_matmul_rows_f32")?,
         gmm_rows_f16: f("grouped_matmul.cu", "grouped_matmul_rows_f16")?,
         gmm_rows_bf16: f("grouped_matmul.cu", "grouped_matmul_rows_bf16")?,
-        gmm_tc_f16: f("grouped_matmul.cu", "grouped_matmul_tc_f16")?,
-        gmm_tc_bf16: if major >= 8 {
-            Some(f("grouped_matmul.cu", "grouped_matmul_tc_bf16")?)
-        } else {
-            None
-        },
+        gmm_tc_f16: tc.0,
+        gmm_tc_bf16: tc.1,
+        gmm_tc_smem: tc.2,
         cast_f16: f("grouped_matmul.cu", "cast_f16_f32")?,
         cast_bf16: f("grouped_matmul.cu", "cast_bf16_f32")?,
         combine_f32: f("combine.cu", "combine_f32")?,
@@ -704,12 +727,17 @@ impl CudaBackend {
         let kernel = launch::choose_gemm(self.dev.gemm_policy, s.rows, s.experts, s.in_features, half);
         let (f, config, cols_per_warp) = match kernel {
             launch::GemmKernel::Rows => {
-                let (grid, cpw) = launch::rows_grid(s.experts, s.out_features)?;
-                (rows_k, cfg(grid, (launch::ROWS_WARPS * 32) as u32, 0), Some(cpw))
+                let (grid, cpw) = launch::rows_grid(s.experts, s.out_features, s.rows)?;
+                let config = LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: ((launch::ROWS_WARPS * 32) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (rows_k, config, Some(cpw))
             }
             launch::GemmKernel::TensorCore => {
                 let grid = launch::tc_grid(s.rows, s.out_features, s.experts, swiglu == 1)?;
-                (tc_k, cfg(grid, 256, 0), None)
+                (tc_k, cfg(grid, 256, self.dev.kernels.gmm_tc_smem), None)
             }
             launch::GemmKernel::Tiles => {
                 let grid = launch::gemm_grid(s.rows, s.out_features, s.experts)?;
