@@ -54,7 +54,7 @@ step info 60 "$bundle/moe-bench" info --backend cuda; tail -5 "$out/info.log"
 step conformance 120 "$bundle/conformance" --test-threads 1
 grep -E "^test |passed|SKIPPED|panicked|FAIL|error" "$out/conformance.log" | head -60
 # Every grouped_matmul kernel family, forced (auto picks by rows per expert; see crates/cuda/src/launch.rs).
-for g in rows tc tiles; do
+for g in rows tc128 tc32 tiles; do
   MOE_CUDA_GEMM=$g step "conformance-$g" 120 "$bundle/conformance" --test-threads 1 cuda::
   grep -E "test result|panicked|FAIL" "$out/conformance-$g.log" | head -10
 done
@@ -66,9 +66,10 @@ tokens=1,64,128,256,512,1024,4096
 step bench 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 --tokens $tokens \
   --json "$out/cuda-deepseek-bf16.json"
 tail -48 "$out/bench.log"
-# GPU_CHECK_SWEEP=1: the same sweep with each kernel family forced, to place the auto threshold.
-if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
-  for g in rows tc; do
+# GPU_CHECK_SWEEP="rows tc128 ...": the same sweep with each of these MOE_CUDA_GEMM values, to place the
+# auto thresholds.
+if [ -n "${GPU_CHECK_SWEEP:-}" ]; then
+  for g in $GPU_CHECK_SWEEP; do
     MOE_CUDA_GEMM=$g step "bench-$g" 180 "$bundle/moe-bench" bench --backend cuda --preset deepseek-v3 --dtype bf16 \
       --tokens 64,128,256,512,1024,4096 --repeat 5 --warmup 1 --json "$out/cuda-deepseek-bf16-$g.json"
     grep -E "route|gemm_(gate_up|down)" "$out/bench-$g.log"

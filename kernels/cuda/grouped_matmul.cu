@@ -322,15 +322,15 @@ extern "C" __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------
 // Many rows per expert, K % 8 == 0: grouped_matmul_tc_*.
 //
-// A block computes 128 rows against 128 weight rows: with SwiGLU the gate rows n0..n0+63 and the up rows
-// N+n0..N+n0+63 (64 output columns), without it the rows n0..n0+127 (128 output columns). Warps: 4 along M
-// (32 rows each) x 2 along the weight rows; each warp holds 2x4 accumulator fragments. Shared memory holds two
-// stages of A [128][TC_LD] and B [128][TC_LD] (TC_LD = 40: 32 k-values plus 8 of padding against bank
-// conflicts) in dynamic shared memory, S stages deep (S - 1 copies in flight while one stage is multiplied),
-// reused after the loop as per-warp 16x16 float scratch for the epilogue. S = 4 (80 KiB, opted in by the host)
-// where the device allows it, else S = 2 (40 KiB).
+// A block computes BM rows (128, or 32 when experts get few rows each) against 128 weight rows: with SwiGLU
+// the gate rows n0..n0+63 and the up rows N+n0..N+n0+63 (64 output columns), without it the rows n0..n0+127
+// (128 output columns). Warps: BM/32 along M (32 rows, 2 fragments each) x WN along the weight rows (128/WN
+// rows, FB = 8/WN fragments each; with SwiGLU half of them gate and half the matching up rows). BM 128: 8
+// warps, 4 x 2, FB 4; BM 32: 4 warps, 1 x 4, FB 2. Shared memory (dynamic) holds S stages of A [BM][TC_LD]
+// and B [128][TC_LD] (TC_LD = 40: 32 k-values plus 8 of padding against bank conflicts; S - 1 copies in
+// flight while one stage is multiplied), reused after the loop as per-warp 16x16 float scratch for the
+// epilogue. S = 4 where the device lets a block opt in to that much shared memory, else S = 2.
 
-#define TC_BM 128
 #define TC_BW 128
 #define TC_BK 32
 #define TC_LD 40
@@ -356,71 +356,60 @@ __device__ __forceinline__ void cp_wait() {
 #endif
 }
 
-template <typename T, int S>
+template <typename T, int S, int TBM>
 __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned int* __restrict__ offsets,
                                        const T* __restrict__ w, T* __restrict__ y, unsigned int rows,
                                        unsigned int K, unsigned int N, unsigned int experts, unsigned int swiglu,
                                        unsigned char* smem) {
     using namespace nvcuda;
+    constexpr int WM = TBM / 32, NT = TBM == 128 ? 256 : 128, WN = NT / 32 / WM, FB = 8 / WN;
     unsigned int e, r0, r1;
-    if (!find_tile(offsets, experts, rows, blockIdx.x, &e, &r0, &r1, TC_BM)) return;
+    if (!find_tile(offsets, experts, rows, blockIdx.x, &e, &r0, &r1, TBM)) return;
     const unsigned int out_cols = swiglu ? TC_BW / 2 : TC_BW;
     const unsigned int col0 = blockIdx.y * out_cols;
     const size_t wrows = swiglu ? 2 * (size_t)N : (size_t)N;
     const T* we = w + (size_t)e * wrows * K;
-    // S stages of A and B; after the loop, 8 warps x 256 floats of epilogue scratch.
-    T* As = reinterpret_cast<T*>(smem);  // [stage][TC_BM][TC_LD]
-    T* Bs = As + S * TC_BM * TC_LD;      // [stage][TC_BW][TC_LD]
+    T* As = reinterpret_cast<T*>(smem);  // [stage][TBM][TC_LD]
+    T* Bs = As + S * TBM * TC_LD;         // [stage][TC_BW][TC_LD]
     const unsigned int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const unsigned int wm = warp >> 1, wn = warp & 1;
+    const unsigned int wm = warp / WN, wn = warp % WN;
 
-    // This thread's two 16-byte copies per operand and stage: row tid/4 and tid/4 + 64, k-chunk tid%4.
-    const unsigned int crow = tid >> 2, cchunk = (tid & 3) * 8;
-    const T* a_src[2];
-    bool a_ok[2];
-    const T* b_src[2];
-    bool b_ok[2];
-    for (int i = 0; i < 2; ++i) {
-        const unsigned int r = crow + i * 64;
-        a_ok[i] = r0 + r < r1;
-        a_src[i] = x + (size_t)(a_ok[i] ? r0 + r : r0) * K;
-        // Weight row of B row r: gate/up halves with SwiGLU.
-        unsigned int wr, col;
-        if (swiglu) {
-            col = col0 + (r & 63);
-            wr = (r < 64 ? 0 : N) + col;
-        } else {
-            col = col0 + r;
-            wr = col;
-        }
-        b_ok[i] = col < N;
-        b_src[i] = we + (size_t)(b_ok[i] ? wr : 0) * K;
-    }
+    // Copies of one stage: TBM * 4 chunks of A and 128 * 4 of B, 16 bytes each; chunk i is row i / 4,
+    // k-offset (i % 4) * 8. Past the expert's rows, N or K: zeros (cp16 with pred false reads nothing).
     const unsigned int kt_count = (K + TC_BK - 1) / TC_BK;
     auto load_stage = [&](unsigned int stage, unsigned int k0) {
-        const unsigned int k = k0 + cchunk;
-        const bool kin = k < K;  // K % 8 == 0: a chunk is wholly in or out
-        for (int i = 0; i < 2; ++i) {
-            const unsigned int r = crow + i * 64;
-            cp16(As + (stage * TC_BM + r) * TC_LD + cchunk, a_src[i] + (kin ? k : 0), a_ok[i] && kin);
-            cp16(Bs + (stage * TC_BW + r) * TC_LD + cchunk, b_src[i] + (kin ? k : 0), b_ok[i] && kin);
+#pragma unroll
+        for (unsigned int i = tid; i < TBM * 4; i += NT) {
+            const unsigned int r = i >> 2, c = (i & 3) * 8, k = k0 + c;
+            const bool ok = r0 + r < r1 && k < K;
+            cp16(As + (stage * TBM + r) * TC_LD + c, x + (ok ? (size_t)(r0 + r) * K + k : 0), ok);
+        }
+#pragma unroll
+        for (unsigned int i = tid; i < TC_BW * 4; i += NT) {
+            const unsigned int r = i >> 2, c = (i & 3) * 8, k = k0 + c;
+            const unsigned int col = col0 + (swiglu ? (r & 63) : r);
+            const size_t wr = swiglu && r >= 64 ? (size_t)N + col : col;
+            const bool ok = col < N && k < K;
+            cp16(Bs + (stage * TC_BW + r) * TC_LD + c, we + (ok ? wr * K + k : 0), ok);
         }
     };
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][FB];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    // B rows of this warp's fragments j = 0..3: with SwiGLU gate wn*32 + {0, 16}, then up 64 + wn*32 + {0, 16};
-    // without, wn*64 + {0, 16, 32, 48}.
-    unsigned int brow[4];
-    for (int j = 0; j < 4; ++j) brow[j] = swiglu ? (j < 2 ? 0 : 64) + wn * 32 + (j & 1) * 16 : wn * 64 + j * 16;
+        for (int j = 0; j < FB; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    // B rows of this warp's fragments: with SwiGLU, gate rows wn * FB/2 * 16 + j * 16 for j < FB/2, then the
+    // up rows 64 rows further; without, wn * FB * 16 + j * 16.
+    unsigned int brow[FB];
+#pragma unroll
+    for (int j = 0; j < FB; ++j)
+        brow[j] = swiglu ? (j < FB / 2 ? 0 : 64) + wn * (FB / 2) * 16 + (j % (FB / 2)) * 16 : wn * FB * 16 + j * 16;
 
     // Prologue: stages 0 .. S-2 in flight (one commit group each, empty past K).
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) {
-        if (st < kt_count) load_stage(st, st * TC_BK);
+        if (st < (int)kt_count) load_stage(st, st * TC_BK);
         cp_commit();
     }
     for (unsigned int kt = 0; kt < kt_count; ++kt) {
@@ -430,20 +419,20 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
         // The slot refilled now was multiplied in iteration kt - 1, which every warp has finished (barrier above).
         if (kt + S - 1 < kt_count) load_stage((kt + S - 1) % S, (kt + S - 1) * TC_BK);
         cp_commit();
-        const T* as = As + (kt % S) * TC_BM * TC_LD;
+        const T* as = As + (kt % S) * TBM * TC_LD;
         const T* bs = Bs + (kt % S) * TC_BW * TC_LD;
 #pragma unroll
         for (int kk = 0; kk < TC_BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[4];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[FB];
 #pragma unroll
             for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], as + (wm * 32 + i * 16) * TC_LD + kk, TC_LD);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(fb[j], bs + brow[j] * TC_LD + kk, TC_LD);
+            for (int j = 0; j < FB; ++j) wmma::load_matrix_sync(fb[j], bs + brow[j] * TC_LD + kk, TC_LD);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+                for (int j = 0; j < FB; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
     }
     // No copy is left in flight (the last groups are empty), and every warp is done with the stages before
@@ -452,24 +441,24 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
     __syncthreads();
 
     // Epilogue: with SwiGLU, silu(gate) * up element by element (gate and up fragments of the same shape share
-    // their element layout); then each 16x16 result through this warp's scratch to global memory.
+    // their element layout); then each 16x16 result through this warp's scratch to global memory. Fully
+    // unrolled, so that every fragment index is a constant and the accumulators stay in registers.
     float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
-    // Fully unrolled, so that every fragment index is a constant and the accumulators stay in registers.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (swiglu && j >= 2) continue;
+        for (int j = 0; j < FB; ++j) {
+            if (swiglu && j >= FB / 2) continue;
             if (swiglu) {
 #pragma unroll
                 for (int t = 0; t < acc[i][j].num_elements; ++t)
-                    acc[i][j].x[t] = silu(acc[i][j].x[t]) * acc[i][(j + 2) & 3].x[t];
+                    acc[i][j].x[t] = silu(acc[i][j].x[t]) * acc[i][(j + FB / 2) % FB].x[t];
             }
             wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
             __syncwarp();
             const unsigned int rr = lane >> 1, cc = (lane & 1) * 8;
             const unsigned int row = r0 + wm * 32 + i * 16 + rr;
-            const unsigned int col = col0 + (swiglu ? wn * 32 + j * 16 : wn * 64 + j * 16) + cc;
+            const unsigned int col = col0 + (swiglu ? wn * (FB / 2) * 16 : wn * FB * 16) + j * 16 + cc;
             if (row < r1) {
                 T* dst = y + (size_t)row * N + col;
 #pragma unroll
@@ -481,19 +470,24 @@ __device__ void grouped_matmul_tc_impl(const T* __restrict__ x, const unsigned i
     }
 }
 
-#define TC_KERNEL(name, T, S)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256)                                                             \
+#define TC_KERNEL(name, T, S, TBM)                                                                                \
+    extern "C" __global__ void __launch_bounds__(TBM == 128 ? 256 : 128)                                           \
         name(const T* x, const unsigned int* offsets, const T* w, T* y, unsigned int rows, unsigned int K,        \
              unsigned int N, unsigned int experts, unsigned int swiglu) {                                         \
         extern __shared__ __align__(128) unsigned char tc_smem[];                                                 \
-        grouped_matmul_tc_impl<T, S>(x, offsets, w, y, rows, K, N, experts, swiglu, tc_smem);                     \
+        grouped_matmul_tc_impl<T, S, TBM>(x, offsets, w, y, rows, K, N, experts, swiglu, tc_smem);                 \
     }
 
-TC_KERNEL(grouped_matmul_tc_f16, __half, 4)
-TC_KERNEL(grouped_matmul_tc2_f16, __half, 2)
+// tc: 128-row tiles; tc32: 32-row tiles; "2": two stages where the device refuses the opt-in.
+TC_KERNEL(grouped_matmul_tc_f16, __half, 4, 128)
+TC_KERNEL(grouped_matmul_tc32_f16, __half, 4, 32)
+TC_KERNEL(grouped_matmul_tc2_f16, __half, 2, 128)
+TC_KERNEL(grouped_matmul_tc2_32_f16, __half, 2, 32)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-TC_KERNEL(grouped_matmul_tc_bf16, __nv_bfloat16, 4)
-TC_KERNEL(grouped_matmul_tc2_bf16, __nv_bfloat16, 2)
+TC_KERNEL(grouped_matmul_tc_bf16, __nv_bfloat16, 4, 128)
+TC_KERNEL(grouped_matmul_tc32_bf16, __nv_bfloat16, 4, 32)
+TC_KERNEL(grouped_matmul_tc2_bf16, __nv_bfloat16, 2, 128)
+TC_KERNEL(grouped_matmul_tc2_32_bf16, __nv_bfloat16, 2, 32)
 #endif
 
 // Widening for the f32 router GEMM when activations are stored in half precision.

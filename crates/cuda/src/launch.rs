@@ -100,17 +100,22 @@ pub fn gemm_grid(rows: usize, out_features: usize, experts: usize) -> Result<(u3
 pub enum GemmKernel {
     /// `grouped_matmul_rows_*`: a warp per output column, weights streamed once per 8 rows.
     Rows,
-    /// `grouped_matmul_tc_*`: pipelined tensor-core tiles (f16/bf16, K a multiple of 8).
+    /// `grouped_matmul_tc_*`: pipelined tensor-core tiles of 128 rows (f16/bf16, K a multiple of 8).
     TensorCore,
+    /// `grouped_matmul_tc32_*`: the same with 32-row tiles, for experts with few rows each.
+    TensorCore32,
     /// `grouped_matmul_{f32,f16,bf16}`: 64x64 tiles, any K.
     Tiles,
 }
 
-/// Which kernels the backend may pick from: `MOE_CUDA_GEMM` = `auto` (default), `rows`, `tc` or `tiles`
-/// forces one family where it applies (for benchmarks and for tests that cover every kernel).
+/// Which kernels the backend may pick from: `MOE_CUDA_GEMM` = `auto` (default); `rows`, `tc128`, `tc32` or
+/// `tiles` force one kernel where it applies, `tc` the tensor cores with the tile height chosen as in `auto`
+/// (for benchmarks and for tests that cover every kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmPolicy {
     Auto,
+    /// Tensor cores wherever they apply.
+    TensorCore,
     Force(GemmKernel),
 }
 
@@ -120,9 +125,13 @@ impl GemmPolicy {
         match v.map(str::trim) {
             None | Some("") | Some("auto") => Ok(GemmPolicy::Auto),
             Some("rows") => Ok(GemmPolicy::Force(GemmKernel::Rows)),
-            Some("tc") => Ok(GemmPolicy::Force(GemmKernel::TensorCore)),
+            Some("tc") => Ok(GemmPolicy::TensorCore),
+            Some("tc128") => Ok(GemmPolicy::Force(GemmKernel::TensorCore)),
+            Some("tc32") => Ok(GemmPolicy::Force(GemmKernel::TensorCore32)),
             Some("tiles") => Ok(GemmPolicy::Force(GemmKernel::Tiles)),
-            Some(o) => Err(format!("MOE_CUDA_GEMM={o:?}: expected auto, rows, tc or tiles")),
+            Some(o) => Err(format!(
+                "MOE_CUDA_GEMM={o:?}: expected auto, rows, tc, tc128, tc32 or tiles"
+            )),
         }
     }
 }
@@ -133,21 +142,29 @@ impl GemmPolicy {
 /// kernel's time at 2 rows per expert and 1.03x at 4. f32 (the router's GEMM, E = 1, and f32 layers): the
 /// SIMT tiles are slower still.
 pub const ROWS_MAX_AVG_HALF: usize = 4;
-pub const ROWS_MAX_AVG_F32: usize = 64;
+pub const ROWS_MAX_AVG_F32: usize = 512;
+/// Up to this many rows per expert on average, tensor-core tiles are 32 rows high (a 128-row tile of an
+/// expert with 16 rows multiplies 112 rows of zeros).
+pub const TC32_MAX_AVG: usize = 32;
 
 /// The kernel for `rows` rows over `experts` experts with `in_features` K, in half precision or f32.
 /// The tensor-core kernel needs K % 8 == 0 (16-byte row starts) and a half-precision dtype.
 pub fn choose_gemm(policy: GemmPolicy, rows: usize, experts: usize, in_features: usize, half: bool) -> GemmKernel {
     let tc_ok = half && in_features.is_multiple_of(8);
+    let e = experts.max(1);
+    let tc = if rows <= TC32_MAX_AVG * e {
+        GemmKernel::TensorCore32
+    } else {
+        GemmKernel::TensorCore
+    };
     let want = match policy {
         GemmPolicy::Force(k) => k,
-        GemmPolicy::Auto if rows <= if half { ROWS_MAX_AVG_HALF } else { ROWS_MAX_AVG_F32 } * experts.max(1) => {
-            GemmKernel::Rows
-        }
-        GemmPolicy::Auto => GemmKernel::TensorCore,
+        GemmPolicy::TensorCore => tc,
+        GemmPolicy::Auto if rows <= if half { ROWS_MAX_AVG_HALF } else { ROWS_MAX_AVG_F32 } * e => GemmKernel::Rows,
+        GemmPolicy::Auto => tc,
     };
     match want {
-        GemmKernel::TensorCore if !tc_ok => GemmKernel::Tiles,
+        GemmKernel::TensorCore | GemmKernel::TensorCore32 if !tc_ok => GemmKernel::Tiles,
         k => k,
     }
 }
@@ -181,16 +198,28 @@ pub fn rows_grid(experts: usize, out_features: usize, rows: usize) -> Result<((u
     Ok(((e as u32, y as u32, z as u32), cols_per_warp as u32))
 }
 
-/// Tile height and width (in weight rows) of the tensor-core kernel (`TC_BM`, `TC_BW`).
+/// Width (in weight rows) of the tensor-core kernels' tiles (`TC_BW`).
 pub const TC_TILE: usize = 128;
-/// Dynamic shared memory of the tensor-core kernel with 4 and 2 stages: A and B tiles of 128 x 40 halves each.
-pub const TC_SMEM_4: u32 = 4 * 2 * 128 * 40 * 2;
-pub const TC_SMEM_2: u32 = 2 * 2 * 128 * 40 * 2;
 
-/// Grid of the tensor-core kernel: x = row tiles (an upper bound), y = column tiles. With SwiGLU a tile
-/// covers 64 output columns (their gate and up rows), without it 128.
-pub fn tc_grid(rows: usize, out_features: usize, experts: usize, swiglu: bool) -> Result<(u32, u32)> {
-    let x = rows.div_ceil(TC_TILE) + experts;
+/// Dynamic shared memory of a tensor-core kernel with `stages` stages and `tile_rows`-row tiles: per stage
+/// an A tile of `tile_rows` x 40 halves and a B tile of 128 x 40.
+pub const fn tc_smem(stages: u32, tile_rows: u32) -> u32 {
+    stages * (tile_rows + TC_TILE as u32) * 40 * 2
+}
+
+/// Threads of the tensor-core kernel with `tile_rows`-row tiles.
+pub const fn tc_threads(tile_rows: usize) -> u32 {
+    if tile_rows == 128 {
+        256
+    } else {
+        128
+    }
+}
+
+/// Grid of the tensor-core kernel with `tile_rows`-row tiles: x = row tiles (an upper bound), y = column
+/// tiles. With SwiGLU a tile covers 64 output columns (their gate and up rows), without it 128.
+pub fn tc_grid(rows: usize, out_features: usize, experts: usize, swiglu: bool, tile_rows: usize) -> Result<(u32, u32)> {
+    let x = rows.div_ceil(tile_rows) + experts;
     let y = out_features.div_ceil(if swiglu { TC_TILE / 2 } else { TC_TILE });
     if x > i32::MAX as usize || y > 65535 {
         return Err(MoeError::shape(
@@ -256,23 +285,33 @@ mod tests {
     fn gemm_kernel_choice() {
         use GemmKernel::*;
         let auto = GemmPolicy::Auto;
-        // DeepSeek-V3: decode and up to 4 rows per expert stream weights; more use tensor cores.
+        // DeepSeek-V3: decode and up to 4 rows per expert stream weights; more use tensor cores, in 32-row
+        // tiles up to 32 rows per expert.
         assert_eq!(choose_gemm(auto, 8, 256, 7168, true), Rows);
         assert_eq!(choose_gemm(auto, 1024, 256, 7168, true), Rows);
-        assert_eq!(choose_gemm(auto, 1025, 256, 7168, true), TensorCore);
+        assert_eq!(choose_gemm(auto, 1025, 256, 7168, true), TensorCore32);
+        assert_eq!(choose_gemm(auto, 8192, 256, 7168, true), TensorCore32);
+        assert_eq!(choose_gemm(auto, 8193, 256, 7168, true), TensorCore);
+        assert_eq!(choose_gemm(GemmPolicy::TensorCore, 8, 256, 7168, true), TensorCore32);
+        assert_eq!(
+            choose_gemm(GemmPolicy::Force(TensorCore32), 1 << 20, 1, 64, true),
+            TensorCore32
+        );
         // No tensor cores for f32 or K % 8 != 0.
-        assert_eq!(choose_gemm(auto, 32768, 256, 7168, false), Tiles);
+        assert_eq!(choose_gemm(auto, 512 * 256 + 1, 256, 7168, false), Tiles);
         assert_eq!(choose_gemm(auto, 32768, 256, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(TensorCore), 1, 1, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(Rows), 1 << 20, 1, 64, true), Rows);
         // The router: one expert, T rows.
-        assert_eq!(choose_gemm(auto, 64, 1, 7168, false), Rows);
-        assert_eq!(choose_gemm(auto, 65, 1, 7168, false), Tiles);
+        assert_eq!(choose_gemm(auto, 512, 1, 7168, false), Rows);
+        assert_eq!(choose_gemm(auto, 513, 1, 7168, false), Tiles);
+        assert_eq!(choose_gemm(GemmPolicy::TensorCore, 513, 1, 7168, false), Tiles);
         assert_eq!(GemmPolicy::parse(None).unwrap(), auto);
-        assert_eq!(GemmPolicy::parse(Some("tc")).unwrap(), GemmPolicy::Force(TensorCore));
+        assert_eq!(GemmPolicy::parse(Some("tc")).unwrap(), GemmPolicy::TensorCore);
+        assert_eq!(GemmPolicy::parse(Some("tc128")).unwrap(), GemmPolicy::Force(TensorCore));
         assert!(GemmPolicy::parse(Some("fast"))
             .unwrap_err()
-            .contains("expected auto, rows, tc or tiles"));
+            .contains("expected auto, rows, tc, tc128, tc32 or tiles"));
     }
 
     #[test]
@@ -287,9 +326,14 @@ mod tests {
         assert_eq!(rows_grid(3, 1, 0).unwrap(), ((3, 1, 1), 1));
         assert_eq!(rows_grid(0, 0, 0).unwrap(), ((1, 1, 1), 1));
         assert_eq!(rows_grid(1, 8, usize::MAX / 2).unwrap().0 .2, 65535);
-        assert_eq!(tc_grid(32768, 2048, 256, true).unwrap(), (256 + 256, 32));
-        assert_eq!(tc_grid(32768, 7168, 256, false).unwrap(), (512, 56));
-        assert_eq!(tc_grid(1, 70, 3, true).unwrap(), (4, 2));
+        assert_eq!(tc_grid(32768, 2048, 256, true, 128).unwrap(), (256 + 256, 32));
+        assert_eq!(tc_grid(32768, 7168, 256, false, 128).unwrap(), (512, 56));
+        assert_eq!(tc_grid(4096, 7168, 256, false, 32).unwrap(), (128 + 256, 56));
+        assert_eq!(tc_grid(1, 70, 3, true, 32).unwrap(), (4, 2));
+        assert_eq!(
+            (tc_smem(4, 128), tc_smem(2, 128), tc_smem(4, 32)),
+            (81920, 40960, 51200)
+        );
     }
 
     #[test]

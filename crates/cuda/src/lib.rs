@@ -88,6 +88,23 @@ impl CudaBuffer {
     }
 }
 
+/// A tensor-core grouped_matmul kernel in f16 and bf16 (sm_80 and newer) and the dynamic shared memory it
+/// takes: 4 pipeline stages where the device lets a block opt in to that much, else 2 (under 48 KiB).
+struct TcKernels {
+    f16: CudaFunction,
+    bf16: Option<CudaFunction>,
+    smem: u32,
+}
+
+/// The grouped_matmul kernels of one dtype that [`launch::choose_gemm`] picks from; tensor-core entries are
+/// the kernel and its shared memory (`None` for f32, which choose_gemm never sends to them).
+struct GemmKernels<'a> {
+    rows: &'a CudaFunction,
+    tc: Option<(&'a CudaFunction, u32)>,
+    tc32: Option<(&'a CudaFunction, u32)>,
+    tiles: &'a CudaFunction,
+}
+
 struct Kernels {
     route: CudaFunction,
     topk: CudaFunction,
@@ -102,11 +119,9 @@ struct Kernels {
     gmm_rows_f32: CudaFunction,
     gmm_rows_f16: CudaFunction,
     gmm_rows_bf16: CudaFunction,
-    /// The tensor-core kernels and the dynamic shared memory they take (4 stages where the device lets a
-    /// block opt in to 80 KiB, else 2 stages in 40 KiB).
-    gmm_tc_f16: CudaFunction,
-    gmm_tc_bf16: Option<CudaFunction>,
-    gmm_tc_smem: u32,
+    /// Tensor-core kernels with 128- and 32-row tiles.
+    gmm_tc: TcKernels,
+    gmm_tc32: TcKernels,
     cast_f16: CudaFunction,
     cast_bf16: CudaFunction,
     combine_f32: CudaFunction,
@@ -185,28 +200,44 @@ fn init_device(ordinal: usize) -> Result<Device> {
     }
     let f = |module: &str, func: &str| -> Result<CudaFunction> { modules[module].load_function(func).map_err(dev_err) };
     // Four pipeline stages need an opt-in above 48 KiB of shared memory; where the device refuses, two.
-    let tc = {
+    let tc = |tile: u32, four: [&str; 2], two: [&str; 2]| -> Result<TcKernels> {
         use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
-        let four = |name: &str| -> Result<CudaFunction> {
+        let smem = launch::tc_smem(4, tile);
+        let opt_in = |name: &str| -> Result<CudaFunction> {
             let func = f("grouped_matmul.cu", name)?;
-            func.set_attribute(MAX_SMEM, launch::TC_SMEM_4 as i32)
-                .map_err(dev_err)?;
+            func.set_attribute(MAX_SMEM, smem as i32).map_err(dev_err)?;
             Ok(func)
         };
-        match (four("grouped_matmul_tc_f16"), major >= 8) {
-            (Ok(f16), true) => (f16, Some(four("grouped_matmul_tc_bf16")?), launch::TC_SMEM_4),
-            (Ok(f16), false) => (f16, None, launch::TC_SMEM_4),
-            (Err(_), bf16) => (
-                f("grouped_matmul.cu", "grouped_matmul_tc2_f16")?,
-                if bf16 {
-                    Some(f("grouped_matmul.cu", "grouped_matmul_tc2_bf16")?)
+        let bf16 = major >= 8;
+        let four_stages = || -> Result<TcKernels> {
+            Ok(TcKernels {
+                f16: opt_in(four[0])?,
+                bf16: if bf16 { Some(opt_in(four[1])?) } else { None },
+                smem,
+            })
+        };
+        four_stages().or_else(|_| {
+            Ok(TcKernels {
+                f16: f("grouped_matmul.cu", two[0])?,
+                bf16: if bf16 {
+                    Some(f("grouped_matmul.cu", two[1])?)
                 } else {
                     None
                 },
-                launch::TC_SMEM_2,
-            ),
-        }
+                smem: launch::tc_smem(2, tile),
+            })
+        })
     };
+    let gmm_tc = tc(
+        128,
+        ["grouped_matmul_tc_f16", "grouped_matmul_tc_bf16"],
+        ["grouped_matmul_tc2_f16", "grouped_matmul_tc2_bf16"],
+    )?;
+    let gmm_tc32 = tc(
+        32,
+        ["grouped_matmul_tc32_f16", "grouped_matmul_tc32_bf16"],
+        ["grouped_matmul_tc2_32_f16", "grouped_matmul_tc2_32_bf16"],
+    )?;
     let kernels = Kernels {
         route: f("route.cu", "route")?,
         topk: f("topk.cu", "topk")?,
@@ -225,9 +256,8 @@ fn init_device(ordinal: usize) -> Result<Device> {
         gmm_rows_f32: f("grouped_matmul.cu", "grouped_matmul_rows_f32")?,
         gmm_rows_f16: f("grouped_matmul.cu", "grouped_matmul_rows_f16")?,
         gmm_rows_bf16: f("grouped_matmul.cu", "grouped_matmul_rows_bf16")?,
-        gmm_tc_f16: tc.0,
-        gmm_tc_bf16: tc.1,
-        gmm_tc_smem: tc.2,
+        gmm_tc,
+        gmm_tc32,
         cast_f16: f("grouped_matmul.cu", "cast_f16_f32")?,
         cast_bf16: f("grouped_matmul.cu", "cast_bf16_f32")?,
         combine_f32: f("combine.cu", "combine_f32")?,
@@ -603,16 +633,22 @@ impl Backend for CudaBackend {
                 let bf16 = input.dtype == DType::BF16;
                 let no_bf16 =
                     || MoeError::unsupported(NAME, "bf16 grouped_matmul", "bf16 tensor cores need sm_80 or newer");
-                let (rows, tc, tiles) = if bf16 {
-                    (
-                        &k.gmm_rows_bf16,
-                        k.gmm_tc_bf16.as_ref().ok_or_else(no_bf16)?,
-                        k.gmm_bf16.as_ref().ok_or_else(no_bf16)?,
-                    )
+                let kernels = if bf16 {
+                    GemmKernels {
+                        rows: &k.gmm_rows_bf16,
+                        tc: Some((k.gmm_tc.bf16.as_ref().ok_or_else(no_bf16)?, k.gmm_tc.smem)),
+                        tc32: Some((k.gmm_tc32.bf16.as_ref().ok_or_else(no_bf16)?, k.gmm_tc32.smem)),
+                        tiles: k.gmm_bf16.as_ref().ok_or_else(no_bf16)?,
+                    }
                 } else {
-                    (&k.gmm_rows_f16, &k.gmm_tc_f16, &k.gmm_f16)
+                    GemmKernels {
+                        rows: &k.gmm_rows_f16,
+                        tc: Some((&k.gmm_tc.f16, k.gmm_tc.smem)),
+                        tc32: Some((&k.gmm_tc32.f16, k.gmm_tc32.smem)),
+                        tiles: &k.gmm_f16,
+                    }
                 };
-                self.gemm_launch([rows, tc, tiles], true, x, offsets.u32(), w, y, s)
+                self.gemm_launch(kernels, true, x, offsets.u32(), w, y, s)
             }
             _ => unreachable!("dtypes checked before"),
         }
@@ -698,15 +734,20 @@ impl CudaBackend {
         s: GemmShape,
     ) -> Result<()> {
         let k = &self.dev.kernels;
-        // f32 has no tensor-core kernel: choose_gemm never picks it for `half = false`.
-        self.gemm_launch([&k.gmm_rows_f32, &k.gmm_f32, &k.gmm_f32], false, x, offsets, w, y, s)
+        let kernels = GemmKernels {
+            rows: &k.gmm_rows_f32,
+            tc: None,
+            tc32: None,
+            tiles: &k.gmm_f32,
+        };
+        self.gemm_launch(kernels, false, x, offsets, w, y, s)
     }
 
-    /// Launches the grouped_matmul kernel [`launch::choose_gemm`] picks among `[rows, tensor core, tiles]`.
+    /// Launches the grouped_matmul kernel [`launch::choose_gemm`] picks among `kernels`.
     #[allow(clippy::too_many_arguments)]
     fn gemm_launch<T>(
         &self,
-        [rows_k, tc_k, tiles_k]: [&CudaFunction; 3],
+        kernels: GemmKernels<'_>,
         half: bool,
         x: &CudaSlice<T>,
         offsets: &CudaSlice<u32>,
@@ -733,15 +774,22 @@ impl CudaBackend {
                     block_dim: ((launch::ROWS_WARPS * 32) as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                (rows_k, config, Some(cpw))
+                (kernels.rows, config, Some(cpw))
             }
-            launch::GemmKernel::TensorCore => {
-                let grid = launch::tc_grid(s.rows, s.out_features, s.experts, swiglu == 1)?;
-                (tc_k, cfg(grid, 256, self.dev.kernels.gmm_tc_smem), None)
+            launch::GemmKernel::TensorCore | launch::GemmKernel::TensorCore32 => {
+                let (tile, tc) = if kernel == launch::GemmKernel::TensorCore {
+                    (128, kernels.tc)
+                } else {
+                    (32, kernels.tc32)
+                };
+                let (f, smem) =
+                    tc.ok_or_else(|| MoeError::unsupported(NAME, "f32 grouped_matmul on tensor cores", "f16 or bf16"))?;
+                let grid = launch::tc_grid(s.rows, s.out_features, s.experts, swiglu == 1, tile)?;
+                (f, cfg(grid, launch::tc_threads(tile), smem), None)
             }
             launch::GemmKernel::Tiles => {
                 let grid = launch::gemm_grid(s.rows, s.out_features, s.experts)?;
-                (tiles_k, cfg(grid, if half { 128 } else { 256 }, 0), None)
+                (kernels.tiles, cfg(grid, if half { 128 } else { 256 }, 0), None)
             }
         };
         let mut b = self.stream().launch_builder(f);
