@@ -137,14 +137,15 @@ impl GemmPolicy {
 }
 
 /// `Auto` streams weights with the rows kernel while the rows per expert (on average: known on the host)
-/// stay at or below these; above them tiles reuse each weight tile across more rows. Half precision: measured
-/// on an H200 at DeepSeek-V3's shapes (benches/RESULTS.md), the rows kernel took 0.64x the tensor-core
-/// kernel's time at 2 rows per expert and 1.03x at 4. f32 (the router's GEMM, E = 1, and f32 layers): the
-/// SIMT tiles are slower still.
-pub const ROWS_MAX_AVG_HALF: usize = 4;
+/// stay at or below these; above them tiles reuse each weight tile across more rows. Measured on an H200 at
+/// DeepSeek-V3's shapes (benches/RESULTS.md), gate/up + down, ms: at 2 rows per expert (T 64) rows 7.47,
+/// 32-row tensor-core tiles 7.47; at 4 (T 128) 13.14 against 8.79. f32 (the router's GEMM, E = 1, N 256,
+/// K 7168): the rows kernel took 0.45 ms against 0.92 for the SIMT tiles at T 512, 1.23 against 0.95 at 1024.
+pub const ROWS_MAX_AVG_HALF: usize = 2;
 pub const ROWS_MAX_AVG_F32: usize = 512;
 /// Up to this many rows per expert on average, tensor-core tiles are 32 rows high (a 128-row tile of an
-/// expert with 16 rows multiplies 112 rows of zeros).
+/// expert with 16 rows multiplies 112 rows of zeros). Measured as above: at 32 rows per expert (T 1024)
+/// 32-row tiles 13.4 ms against 15.6 for 128-row ones; at 128 (T 4096) 28.7 against 24.6.
 pub const TC32_MAX_AVG: usize = 32;
 
 /// The kernel for `rows` rows over `experts` experts with `in_features` K, in half precision or f32.
@@ -285,11 +286,11 @@ mod tests {
     fn gemm_kernel_choice() {
         use GemmKernel::*;
         let auto = GemmPolicy::Auto;
-        // DeepSeek-V3: decode and up to 4 rows per expert stream weights; more use tensor cores, in 32-row
+        // DeepSeek-V3: decode and up to 2 rows per expert stream weights; more use tensor cores, in 32-row
         // tiles up to 32 rows per expert.
         assert_eq!(choose_gemm(auto, 8, 256, 7168, true), Rows);
-        assert_eq!(choose_gemm(auto, 1024, 256, 7168, true), Rows);
-        assert_eq!(choose_gemm(auto, 1025, 256, 7168, true), TensorCore32);
+        assert_eq!(choose_gemm(auto, 512, 256, 7168, true), Rows);
+        assert_eq!(choose_gemm(auto, 513, 256, 7168, true), TensorCore32);
         assert_eq!(choose_gemm(auto, 8192, 256, 7168, true), TensorCore32);
         assert_eq!(choose_gemm(auto, 8193, 256, 7168, true), TensorCore);
         assert_eq!(choose_gemm(GemmPolicy::TensorCore, 8, 256, 7168, true), TensorCore32);

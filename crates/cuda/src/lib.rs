@@ -333,8 +333,13 @@ impl Backend for CudaBackend {
 
     fn device_name(&self) -> String {
         let (a, b) = self.dev.arch;
+        let stages = if self.dev.kernels.gmm_tc.smem == launch::tc_smem(4, 128) {
+            4
+        } else {
+            2
+        };
         format!(
-            "{} (sm_{a}{b}, {} MiB); device clock: CUDA events",
+            "{} (sm_{a}{b}, {} MiB); tensor-core tiles with a {stages}-stage pipeline; device clock: CUDA events",
             self.dev.name,
             self.dev.total_mem >> 20
         )
