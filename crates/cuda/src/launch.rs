@@ -138,8 +138,8 @@ impl GemmPolicy {
 
 /// `Auto` streams weights with the rows kernel while the rows per expert (on average: known on the host)
 /// stay at or below these; above them tiles reuse each weight tile across more rows. Measured on an H200 at
-/// DeepSeek-V3's shapes (benches/RESULTS.md), gate/up + down, ms: at 2 rows per expert (T 64) rows 7.47,
-/// 32-row tensor-core tiles 7.47; at 4 (T 128) 13.14 against 8.79. f32 (the router's GEMM, E = 1, N 256,
+/// DeepSeek-V3's shapes (benches/RESULTS.md), gate/up + down, ms: at 2 rows per expert (T 64) rows 7.43,
+/// 32-row tensor-core tiles 7.47; at 4 (T 128) 12.98 against 8.79. f32 (the router's GEMM, E = 1, N 256,
 /// K 7168): the rows kernel took 0.45 ms against 0.92 for the SIMT tiles at T 512, 1.23 against 0.95 at 1024.
 pub const ROWS_MAX_AVG_HALF: usize = 2;
 pub const ROWS_MAX_AVG_F32: usize = 512;

@@ -4,6 +4,10 @@
 //!
 //! - f32 everywhere; f16 and bf16 grouped matmuls on tensor cores (WMMA,
 //!   f32 accumulation; bf16 needs sm_80 or newer).
+//! - Grouped matmul picks its kernel from the rows per expert, known on the
+//!   host ([`launch::choose_gemm`]): up to 2 (f32: 512) a rows kernel that
+//!   streams each weight row once per 8 rows, then tensor-core tiles of 32
+//!   rows, above 32 rows per expert tiles of 128; `MOE_CUDA_GEMM` forces one.
 //! - Every kernel is launched on one stream with grid sizes from upper
 //!   bounds; expert counts and offsets stay on the device, so a layer
 //!   forward never synchronises with the host. Correction biases and the
