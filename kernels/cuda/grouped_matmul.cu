@@ -7,19 +7,23 @@
 // rounded once when stored. Rows outside offsets[0] .. offsets[E] are not
 // touched.
 //
-// Three kernel families, chosen on the host from upper bounds (no read-back):
+// Kernel families, chosen on the host from the rows per expert (crates/cuda/src/launch.rs, choose_gemm; no
+// read-back):
 // - grouped_matmul_rows_*: few rows per expert (decode, the router). One warp
-//   per output column, lanes across K with 16-byte loads; every weight row is
-//   streamed from memory once and applied to up to ROWS_PER_PASS rows of x at
-//   a time. Memory-bound by design. Each output: a per-lane f32 FMA chain in
-//   ascending k, then a fixed butterfly over the 32 lanes.
-// - grouped_matmul_tc_{f16,bf16}: many rows per expert, K a multiple of 8.
-//   Tensor cores (WMMA 16x16x16, f32 accumulators), 128-row x 128-weight-row
-//   tiles, 8 warps, 16-byte cp.async copies into a two-stage shared-memory
-//   pipeline. Grid x: ceil(rows / 128) + E row tiles (an upper bound: each
-//   block finds its expert by walking the device-side offsets).
+//   per output column, lanes across K (16-byte loads when K * sizeof(T) is a
+//   multiple of 16, else one element at a time); each weight row is streamed
+//   once per pass of up to ROWS_PER_PASS rows of x. Memory-bound by design.
+//   Each output: a per-lane f32 FMA chain in ascending k, then a fixed
+//   butterfly over the 32 lanes.
+// - grouped_matmul_tc*_{f16,bf16}: more rows per expert, K a multiple of 8.
+//   Tensor cores (WMMA 16x16x16, f32 accumulators), tiles of 128 or 32 rows
+//   by 128 weight rows, 16-byte cp.async copies into a 4-stage shared-memory
+//   pipeline (2 stages where the device refuses the opt-in). Grid x:
+//   ceil(rows / tile rows) + E row tiles (an upper bound: each block finds
+//   its expert by walking the device-side offsets).
 // - grouped_matmul_{f32,f16,bf16}: any K. 64x64 tiles, f32 on SIMT (256
 //   threads, 4x4 outputs per thread), f16/bf16 on WMMA (4 warps).
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>

@@ -215,7 +215,10 @@ pub enum Activation {
 ///
 /// `input` is `[rows, in_features]`; rows `offsets[e] .. offsets[e+1]` belong
 /// to expert `e`; `output` is `[rows, out_features]`. Rows beyond
-/// `offsets[experts]` are left untouched.
+/// `offsets[experts]` are left untouched. Offsets must be non-decreasing with
+/// `offsets[experts] <= rows` (as `permute` writes them); they live on the
+/// device and are not checked, so other offsets stay in bounds (each is
+/// clamped to `rows`) but give backend-dependent results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmShape {
     pub rows: usize,

@@ -139,14 +139,43 @@ impl GemmPolicy {
 /// `Auto` streams weights with the rows kernel while the rows per expert (on average: known on the host)
 /// stay at or below these; above them tiles reuse each weight tile across more rows. Measured on an H200 at
 /// DeepSeek-V3's shapes (benches/RESULTS.md), gate/up + down, ms: at 2 rows per expert (T 64) rows 7.43,
-/// 32-row tensor-core tiles 7.47; at 4 (T 128) 12.98 against 8.79. f32 (the router's GEMM, E = 1, N 256,
-/// K 7168): the rows kernel took 0.45 ms against 0.92 for the SIMT tiles at T 512, 1.23 against 0.95 at 1024.
+/// 32-row tensor-core tiles 7.47; at 4 (T 128) 12.98 against 8.79. A dense f32 GEMM (E = 1: the router's,
+/// N 256, K 7168): the rows kernel took 0.45 ms against 0.92 for the SIMT tiles at T 512, 1.23 against 0.95
+/// at 1024. Grouped f32 GEMMs (E > 1) were not measured: they take the half-precision bound (decode streams
+/// weights either way; above it the SIMT tiles re-read each weight row less often).
 pub const ROWS_MAX_AVG_HALF: usize = 2;
-pub const ROWS_MAX_AVG_F32: usize = 512;
+pub const ROWS_MAX_AVG_DENSE_F32: usize = 512;
 /// Up to this many rows per expert on average, tensor-core tiles are 32 rows high (a 128-row tile of an
 /// expert with 16 rows multiplies 112 rows of zeros). Measured as above: at 32 rows per expert (T 1024)
 /// 32-row tiles 13.4 ms against 15.6 for 128-row ones; at 128 (T 4096) 28.7 against 24.6.
 pub const TC32_MAX_AVG: usize = 32;
+
+/// Rows per expert up to which `Auto` picks the rows kernel.
+fn rows_kernel_bound(half: bool, experts: usize) -> usize {
+    if !half && experts == 1 {
+        ROWS_MAX_AVG_DENSE_F32
+    } else {
+        ROWS_MAX_AVG_HALF
+    }
+}
+
+/// Largest rows, K and N a grouped_matmul launch takes: the kernels count rows and k in 32-bit unsigned
+/// integers and step them by up to 2^16 (grid z times 8 rows), so values near 2^32 would wrap.
+pub const GEMM_MAX_EXTENT: usize = (1 << 31) - 1;
+
+/// Refuses extents the kernels' 32-bit loop counters cannot step through.
+pub fn check_gemm_extents(rows: usize, in_features: usize, out_features: usize) -> Result<()> {
+    for (what, v) in [
+        ("rows", rows),
+        ("in_features", in_features),
+        ("out_features", out_features),
+    ] {
+        if v > GEMM_MAX_EXTENT {
+            return Err(MoeError::shape(what, v, "at most 2^31 - 1 on CUDA"));
+        }
+    }
+    Ok(())
+}
 
 /// The kernel for `rows` rows over `experts` experts with `in_features` K, in half precision or f32.
 /// The tensor-core kernel needs K % 8 == 0 (16-byte row starts) and a half-precision dtype.
@@ -161,7 +190,7 @@ pub fn choose_gemm(policy: GemmPolicy, rows: usize, experts: usize, in_features:
     let want = match policy {
         GemmPolicy::Force(k) => k,
         GemmPolicy::TensorCore => tc,
-        GemmPolicy::Auto if rows <= if half { ROWS_MAX_AVG_HALF } else { ROWS_MAX_AVG_F32 } * e => GemmKernel::Rows,
+        GemmPolicy::Auto if rows <= rows_kernel_bound(half, e) * e => GemmKernel::Rows,
         GemmPolicy::Auto => tc,
     };
     match want {
@@ -299,7 +328,8 @@ mod tests {
             TensorCore32
         );
         // No tensor cores for f32 or K % 8 != 0.
-        assert_eq!(choose_gemm(auto, 512 * 256 + 1, 256, 7168, false), Tiles);
+        assert_eq!(choose_gemm(auto, 2 * 256, 256, 7168, false), Rows);
+        assert_eq!(choose_gemm(auto, 2 * 256 + 1, 256, 7168, false), Tiles);
         assert_eq!(choose_gemm(auto, 32768, 256, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(TensorCore), 1, 1, 37, true), Tiles);
         assert_eq!(choose_gemm(GemmPolicy::Force(Rows), 1 << 20, 1, 64, true), Rows);
@@ -313,6 +343,22 @@ mod tests {
         assert!(GemmPolicy::parse(Some("fast"))
             .unwrap_err()
             .contains("expected auto, rows, tc, tc128, tc32 or tiles"));
+    }
+
+    #[test]
+    fn extents_past_2_pow_31_are_refused() {
+        assert!(check_gemm_extents(1 << 20, 7168, 4096).is_ok());
+        assert!(check_gemm_extents(GEMM_MAX_EXTENT, GEMM_MAX_EXTENT, GEMM_MAX_EXTENT).is_ok());
+        let e = check_gemm_extents(1 << 31, 8, 8).unwrap_err().to_string();
+        assert!(e.contains("rows") && e.contains("2^31 - 1"), "{e}");
+        assert!(check_gemm_extents(8, 1 << 31, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("in_features"));
+        assert!(check_gemm_extents(8, 8, 1 << 31)
+            .unwrap_err()
+            .to_string()
+            .contains("out_features"));
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! toolkit), kernels from `kernels/cuda/*.cu` compiled at run time by NVRTC
 //! straight to a cubin for the device (`sm_XX`), cached per device.
 //!
-//! - f32 everywhere; f16 and bf16 grouped matmuls on tensor cores (WMMA,
-//!   f32 accumulation; bf16 needs sm_80 or newer).
+//! - f32, f16 and bf16 (bf16 needs sm_80 or newer); accumulation in f32.
 //! - Grouped matmul picks its kernel from the rows per expert, known on the
-//!   host ([`launch::choose_gemm`]): up to 2 (f32: 512) a rows kernel that
-//!   streams each weight row once per 8 rows, then tensor-core tiles of 32
-//!   rows, above 32 rows per expert tiles of 128; `MOE_CUDA_GEMM` forces one.
+//!   host ([`launch::choose_gemm`]): up to 2 (a dense f32 GEMM such as the
+//!   router's: 512) a rows kernel (CUDA cores) that streams each weight row
+//!   once per 8 rows; above that, f16/bf16 with K % 8 == 0 run WMMA
+//!   tensor-core tiles of 32 rows (up to 32 rows per expert) or 128 rows, and
+//!   f32 or other K run 64x64 tiles. `MOE_CUDA_GEMM` forces one.
 //! - Every kernel is launched on one stream with grid sizes from upper
 //!   bounds; expert counts and offsets stay on the device, so a layer
 //!   forward never synchronises with the host. Correction biases and the
@@ -207,29 +208,33 @@ fn init_device(ordinal: usize) -> Result<Device> {
     let tc = |tile: u32, four: [&str; 2], two: [&str; 2]| -> Result<TcKernels> {
         use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
         let smem = launch::tc_smem(4, tile);
-        let opt_in = |name: &str| -> Result<CudaFunction> {
-            let func = f("grouped_matmul.cu", name)?;
-            func.set_attribute(MAX_SMEM, smem as i32).map_err(dev_err)?;
-            Ok(func)
-        };
         let bf16 = major >= 8;
-        let four_stages = || -> Result<TcKernels> {
-            Ok(TcKernels {
-                f16: opt_in(four[0])?,
-                bf16: if bf16 { Some(opt_in(four[1])?) } else { None },
-                smem,
-            })
+        // Loading errors are errors; only a refused opt-in selects the 2-stage kernels.
+        let f16_4 = f("grouped_matmul.cu", four[0])?;
+        let bf16_4 = if bf16 {
+            Some(f("grouped_matmul.cu", four[1])?)
+        } else {
+            None
         };
-        four_stages().or_else(|_| {
-            Ok(TcKernels {
-                f16: f("grouped_matmul.cu", two[0])?,
-                bf16: if bf16 {
-                    Some(f("grouped_matmul.cu", two[1])?)
-                } else {
-                    None
-                },
-                smem: launch::tc_smem(2, tile),
-            })
+        let opted_in = f16_4.set_attribute(MAX_SMEM, smem as i32).is_ok()
+            && bf16_4
+                .as_ref()
+                .is_none_or(|b| b.set_attribute(MAX_SMEM, smem as i32).is_ok());
+        if opted_in {
+            return Ok(TcKernels {
+                f16: f16_4,
+                bf16: bf16_4,
+                smem,
+            });
+        }
+        Ok(TcKernels {
+            f16: f("grouped_matmul.cu", two[0])?,
+            bf16: if bf16 {
+                Some(f("grouped_matmul.cu", two[1])?)
+            } else {
+                None
+            },
+            smem: launch::tc_smem(2, tile),
         })
     };
     let gmm_tc = tc(
@@ -337,15 +342,15 @@ impl Backend for CudaBackend {
 
     fn device_name(&self) -> String {
         let (a, b) = self.dev.arch;
-        let stages = if self.dev.kernels.gmm_tc.smem == launch::tc_smem(4, 128) {
-            4
-        } else {
-            2
-        };
+        let k = &self.dev.kernels;
+        let stages = |smem: u32, rows: u32| if smem == launch::tc_smem(4, rows) { 4 } else { 2 };
         format!(
-            "{} (sm_{a}{b}, {} MiB); tensor-core tiles with a {stages}-stage pipeline; device clock: CUDA events",
+            "{} (sm_{a}{b}, {} MiB); tensor-core tiles with a {}-stage pipeline (128 rows) and {}-stage (32 rows); \
+             device clock: CUDA events",
             self.dev.name,
-            self.dev.total_mem >> 20
+            self.dev.total_mem >> 20,
+            stages(k.gmm_tc.smem, 128),
+            stages(k.gmm_tc32.smem, 32),
         )
     }
 
@@ -767,6 +772,7 @@ impl CudaBackend {
         if s.rows == 0 {
             return Ok(());
         }
+        launch::check_gemm_extents(s.rows, s.in_features, s.out_features)?;
         let (rows, kf, n, e) = (
             u32_of("rows", s.rows)?,
             u32_of("in_features", s.in_features)?,
@@ -815,8 +821,11 @@ impl CudaBackend {
             b.arg(cpw);
         }
         // SAFETY: input rows*K, weight E*(N or 2N)*K, output rows*N and offsets E+1 were checked; every kernel
-        // clamps offsets to rows and never touches rows outside offsets[0] .. offsets[E]. The tensor-core
-        // kernel's 16-byte copies need K % 8 == 0, which choose_gemm guarantees.
+        // clamps offsets to rows and never touches rows outside offsets[0] .. offsets[E]. 16-byte accesses:
+        // every buffer is a whole allocation (256-byte aligned), the tensor-core kernels run only with K % 8 == 0
+        // (choose_gemm) and the rows kernel checks K * size % 16 itself. The dynamic shared memory passed is the
+        // one the loaded variant's stage count needs (TcKernels). Extents below 2^31 keep the 32-bit loop
+        // counters from wrapping (check_gemm_extents).
         unsafe { b.launch(config) }.map_err(dev_err)?;
         Ok(())
     }
