@@ -13,7 +13,10 @@
 //!   bounds; expert counts and offsets stay on the device, so a layer
 //!   forward never synchronises with the host. Correction biases and the
 //!   router's offsets are uploaded once and kept on the device, so a warm
-//!   forward makes no host-to-device copy and can be captured in a CUDA graph.
+//!   forward makes no host-to-device copy. Capturing it in a CUDA graph needs
+//!   one more step, not taken yet: the stream is the context's default
+//!   (legacy) stream, which CUDA does not capture; an owned stream
+//!   (`CudaContext::new_stream`) would be, and needs a GPU to test.
 //! - Compute capability 7.5 or newer (NVRTC 13); bf16 needs 8.0.
 //! - Without a driver, NVRTC or the CUDA headers, [`CudaBackend::new`] returns
 //!   `BackendUnavailable` saying which is missing; nothing panics (the probe
