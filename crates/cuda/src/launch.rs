@@ -77,11 +77,23 @@ pub fn route_args(spec: &RouterSpec, tokens: usize) -> Result<RouteArgs> {
     })
 }
 
-/// Grid of grouped_matmul: x = row tiles (an upper bound: every expert may
+/// Grid of grouped_matmul's 64x64 tiles: x = row tiles (an upper bound: every expert may
 /// add one partial tile), y = column tiles.
 pub fn gemm_grid(rows: usize, out_features: usize, experts: usize) -> Result<(u32, u32)> {
-    let x = rows.div_ceil(GEMM_TILE) + experts;
-    let y = out_features.div_ceil(GEMM_TILE);
+    tile_grid(rows, GEMM_TILE, experts, out_features, GEMM_TILE)
+}
+
+/// A tiled grid: x = `rows` in `tile_rows`-row tiles plus one partial tile per expert (an upper bound),
+/// y = `out_features` in `tile_cols`-column tiles; refused past the launch limits.
+fn tile_grid(
+    rows: usize,
+    tile_rows: usize,
+    experts: usize,
+    out_features: usize,
+    tile_cols: usize,
+) -> Result<(u32, u32)> {
+    let x = rows.div_ceil(tile_rows) + experts;
+    let y = out_features.div_ceil(tile_cols);
     if x > i32::MAX as usize {
         return Err(MoeError::shape("grouped_matmul row tiles", x, "at most 2^31 - 1"));
     }
@@ -89,7 +101,7 @@ pub fn gemm_grid(rows: usize, out_features: usize, experts: usize) -> Result<(u3
         return Err(MoeError::shape(
             "grouped_matmul column tiles",
             y,
-            "at most 65535 (out_features <= 4194240)",
+            format!("at most 65535 (out_features <= {})", 65535 * tile_cols),
         ));
     }
     Ok((x as u32, y as u32))
@@ -249,16 +261,13 @@ pub const fn tc_threads(tile_rows: usize) -> u32 {
 /// Grid of the tensor-core kernel with `tile_rows`-row tiles: x = row tiles (an upper bound), y = column
 /// tiles. With SwiGLU a tile covers 64 output columns (their gate and up rows), without it 128.
 pub fn tc_grid(rows: usize, out_features: usize, experts: usize, swiglu: bool, tile_rows: usize) -> Result<(u32, u32)> {
-    let x = rows.div_ceil(tile_rows) + experts;
-    let y = out_features.div_ceil(if swiglu { TC_TILE / 2 } else { TC_TILE });
-    if x > i32::MAX as usize || y > 65535 {
-        return Err(MoeError::shape(
-            "grouped_matmul tiles",
-            x.max(y),
-            "at most 2^31 - 1 row tiles and 65535 column tiles",
-        ));
-    }
-    Ok((x as u32, y as u32))
+    tile_grid(
+        rows,
+        tile_rows,
+        experts,
+        out_features,
+        if swiglu { TC_TILE / 2 } else { TC_TILE },
+    )
 }
 
 /// Chunks of the permute counting sort.
