@@ -402,6 +402,7 @@ fn run_tiles(
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
             let head = match w.packed {
+                Some(p) if p.kpairs && !layout.bf16_pairs() => 0,
                 Some(_) if simd.avx512() => rows,
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
@@ -479,11 +480,19 @@ enum Layout {
     /// Blocks of eight rows of input pairs, for [`crate::avx512::bcast_pairs`].
     #[cfg(target_arch = "x86_64")]
     Pairs,
+    /// bf16 input pairs in lane blocks of [`PACKED_LANES`], for [`crate::avx512::packed_dp`].
+    #[cfg(target_arch = "x86_64")]
+    Bf16Pairs,
 }
 
 impl Layout {
     fn of(simd: Simd, input: Floats, w: Weights) -> Layout {
-        if w.packed.is_some() {
+        if let Some(p) = w.packed {
+            #[cfg(target_arch = "x86_64")]
+            if p.kpairs && simd.has_bf16() && matches!((input, w.floats), (Floats::BF16(_), Floats::BF16(_))) {
+                return Layout::Bf16Pairs;
+            }
+            let _ = p;
             return Layout::Lanes(PACKED_LANES);
         }
         #[cfg(target_arch = "x86_64")]
@@ -494,12 +503,23 @@ impl Layout {
         Layout::Lanes(LANE_ROWS)
     }
 
+    /// Whether packed tiles run [`crate::avx512::packed_dp`].
+    fn bf16_pairs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Layout::Bf16Pairs = self {
+            return true;
+        }
+        false
+    }
+
     /// f32 values of `rows` interleaved rows of `k` inputs.
     fn len(self, rows: usize, k: usize) -> usize {
         match self {
             Layout::Lanes(lanes) => interleaved_len(rows, k, lanes),
             #[cfg(target_arch = "x86_64")]
             Layout::Pairs => crate::avx512::pairs_len(rows, k),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Bf16Pairs => crate::avx512::bf16_pairs_len(rows, k),
         }
     }
 
@@ -510,6 +530,10 @@ impl Layout {
             (Layout::Pairs, Floats::F32(v)) => unsafe { crate::avx512::interleave_pairs(&v[row0 * k..], rows, k, dst) },
             #[cfg(target_arch = "x86_64")]
             (Layout::Pairs, _) => unreachable!("pairs are chosen for f32 inputs only"),
+            #[cfg(target_arch = "x86_64")]
+            (Layout::Bf16Pairs, Floats::BF16(v)) => crate::avx512::interleave_bf16_pairs(&v[row0 * k..], rows, k, dst),
+            #[cfg(target_arch = "x86_64")]
+            (Layout::Bf16Pairs, _) => unreachable!("bf16 pairs are chosen for bf16 inputs only"),
             (Layout::Lanes(lanes), _) => interleave(x, row0, rows, k, lanes, dst),
         }
     }
@@ -619,6 +643,14 @@ fn product(
         let (e, first) = (wrow / p.rows, wrow % p.rows);
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
         #[cfg(target_arch = "x86_64")]
+        if let (Some(from), true, Floats::BF16(v)) = (t.xt, p.kpairs, weight) {
+            let xt = &xt[from..from + crate::avx512::bf16_pairs_len(t.rows, k)];
+            // SAFETY: kpairs tiles get interleaved rows only with Layout::Bf16Pairs, chosen where
+            // the level has AVX512-BF16 (Layout::of); `packed_dp` checks the slices' lengths.
+            unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if let Some(from) = t.xt {
             let xt = &xt[from..from + interleaved_len(t.rows, k, PACKED_LANES)];
             // SAFETY: tiles get interleaved rows with packed weights only where the CPU has
@@ -639,7 +671,7 @@ fn product(
             Floats::BF16(v) => Floats::BF16(&v[span]),
             Floats::F16(v) => Floats::F16(&v[span]),
         };
-        simd.packed(x, t.rows, k, w, first, t.cols, wscratch, dst);
+        simd.packed(x, t.rows, &p, w, first, t.cols, wscratch, dst);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -872,6 +904,16 @@ impl Simd {
         false
     }
 
+    /// Whether this level has AVX512-BF16 (`vdpbf16ps`).
+    #[inline]
+    pub fn has_bf16(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Avx512Bf16 {
+            return true;
+        }
+        false
+    }
+
     /// The same level without `vdpbf16ps` dot products.
     #[inline]
     fn without_bf16(self) -> Simd {
@@ -890,14 +932,17 @@ impl Simd {
         self,
         x: &[f32],
         rows: usize,
-        k: usize,
+        p: &Packing,
         w: Floats,
         first: usize,
         cols: usize,
         io: &mut Vec<f32>,
         out: &mut [f32],
     ) {
+        let k = p.k;
         match (self, w) {
+            // Laid out for `vdpbf16ps`, which this level does not run.
+            (_, Floats::BF16(_)) if p.kpairs => crate::pack::product_portable(x, rows, p, w, first, cols, out),
             // SAFETY (all three): Avx2 is only chosen after detecting AVX2, FMA and F16C on this
             // CPU; `packed` checks the slices' lengths.
             #[cfg(target_arch = "x86_64")]
@@ -907,8 +952,8 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx2, Floats::F16(v)) => unsafe { crate::avx2::packed(x, rows, k, v, first, cols, io, out) },
             _ => {
-                let _ = io;
-                crate::pack::product_portable(x, rows, k, w, first, cols, out)
+                let _ = (io, k);
+                crate::pack::product_portable(x, rows, p, w, first, cols, out)
             }
         }
     }
@@ -1197,6 +1242,7 @@ mod tests {
                 experts: per.len(),
                 rows: wrows,
                 k,
+                kpairs: false,
             };
             for simd in Simd::supported() {
                 for data in [HostSlice::F32(&w), HostSlice::BF16(&wb), HostSlice::F16(&wh)] {
@@ -1242,6 +1288,88 @@ mod tests {
                                     data.dtype()
                                 );
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// bf16 inputs against [`Packing::kpairs`] weights: with AVX512-BF16 every output is
+    /// `vdpbf16ps`'s chain (per pair of inputs the odd product, then the even one, each added with
+    /// one rounding: bf16 products are exact in f32), at every height and blocking, with odd `k`,
+    /// partial blocks and several batches; at the other levels (weights packed by a backend that
+    /// runs `vdpbf16ps`, computed by one that does not) the portable chain in ascending `k`.
+    #[test]
+    fn kpairs_weights_are_the_vdpbf16ps_chain() {
+        let cases: [(usize, usize, Activation, &[usize]); 2] = [
+            (41, 70, Activation::None, &[40, 14, 33, 0, 20, 128, 17, 12, 1, 13, 5]),
+            (600, 170, Activation::SwiGlu, &[1, 2, 3, 5, 6, 0, 7, 14]),
+        ];
+        for (k, n, act, per) in cases {
+            let mut off = vec![0];
+            per.iter().for_each(|r| off.push(off.last().unwrap() + r));
+            let rows = *off.last().unwrap();
+            let s = GemmShape {
+                rows,
+                in_features: k,
+                out_features: n,
+                experts: per.len(),
+                activation: act,
+            };
+            let wrows = s.weight_rows();
+            let x: Vec<bf16> = (0..rows * k)
+                .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 170.0))
+                .collect();
+            let wb: Vec<bf16> = (0..per.len() * wrows * k)
+                .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 230.0))
+                .collect();
+            let p = Packing {
+                experts: per.len(),
+                rows: wrows,
+                k,
+                kpairs: true,
+            };
+            let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&wb)) else {
+                unreachable!()
+            };
+            for simd in Simd::supported() {
+                let mut y = vec![f32::NAN; rows * n];
+                let buf = Mutex::new(Vec::new());
+                grouped_matmul(
+                    simd,
+                    &buf,
+                    Floats::BF16(&x),
+                    &off,
+                    Floats::BF16(&packed),
+                    Some(p),
+                    OutPtr::new(&mut y),
+                    s,
+                );
+                let chain = |r: usize, wr: usize| {
+                    let prod = |i: usize| x[r * k + i].to_f32() * wb[wr * k + i].to_f32();
+                    if simd.has_bf16() {
+                        (0..k.div_ceil(2)).fold(0.0f32, |a, q| {
+                            let a = if 2 * q + 1 < k { a + prod(2 * q + 1) } else { a };
+                            a + prod(2 * q)
+                        })
+                    } else {
+                        (0..k).fold(0.0f32, |a, i| a + prod(i))
+                    }
+                };
+                for e in 0..per.len() {
+                    for r in off[e]..off[e + 1] {
+                        for c in 0..n {
+                            let want = match act {
+                                Activation::None => chain(r, e * wrows + c),
+                                Activation::SwiGlu => silu(chain(r, e * wrows + c)) * chain(r, e * wrows + n + c),
+                            };
+                            let got = y[r * n + c];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{simd:?} k {k} expert {e} row {r} col {c}"
+                            );
                         }
                     }
                 }

@@ -14,9 +14,16 @@
 //! and a mask widen both exactly; f32 and f16 keep the rows in order. The storage dtype does not
 //! change: packing costs the padding of the last block only.
 //!
+//! bf16 has a second layout, [`Packing::kpairs`], for `vdpbf16ps` ([`crate::avx512::packed_dp`]):
+//! each block is `[k / 2][32][2]`, a 32-bit lane holding inputs `2p` (low half) and `2p + 1` of
+//! one weight row, `k` padded to even with a zero. The backend picks it where `vdpbf16ps` issues
+//! as fast as an f32 FMA (`crate::avx512::dpbf16_fast`), so that each instruction does twice the
+//! products.
+//!
 //! Every packed output is one multiply-add chain over `k` in ascending order (fused with AVX-512
 //! and AVX2, a multiply then an add at the portable level), whatever the blocking; so results do
-//! not depend on the tile grid or the thread count.
+//! not depend on the tile grid or the thread count. With [`Packing::kpairs`] the chain takes each
+//! pair odd input first (`vdpbf16ps`'s order: `2p + 1`, then `2p`), with bf16 denormals as zero.
 
 use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
 use half::{bf16, f16};
@@ -38,6 +45,8 @@ pub struct Packing {
     pub experts: usize,
     pub rows: usize,
     pub k: usize,
+    /// bf16 blocks stored `[k / 2][32][2]` for [`crate::avx512::packed_dp`] instead of `[k][32]`.
+    pub kpairs: bool,
 }
 
 impl Packing {
@@ -46,9 +55,29 @@ impl Packing {
         self.rows.div_ceil(PACK_ROWS)
     }
 
+    /// Inputs per block row as stored: `k`, rounded up to even for [`Packing::kpairs`].
+    pub fn k_stored(&self) -> usize {
+        if self.kpairs {
+            self.k.next_multiple_of(2)
+        } else {
+            self.k
+        }
+    }
+
     /// Elements of one expert, packed.
     pub fn expert_len(&self) -> usize {
-        self.blocks() * PACK_ROWS * self.k
+        self.blocks() * PACK_ROWS * self.k_stored()
+    }
+
+    /// Where weight row `j` of a block (0 to 31), input `i`, lies in the block; `pairs` is the
+    /// bf16 row pairing of [`Packing::lane`].
+    #[inline(always)]
+    fn at(&self, pairs: bool, j: usize, i: usize) -> usize {
+        if self.kpairs {
+            (i / 2) * 2 * PACK_ROWS + j * 2 + i % 2
+        } else {
+            i * PACK_ROWS + Self::lane(pairs, j)
+        }
     }
 
     /// Elements of the weights in the checkpoint layout.
@@ -92,16 +121,17 @@ impl Packing {
         if k == 0 {
             return dst;
         }
-        dst.par_chunks_mut(PACK_ROWS * k).enumerate().for_each(|(eb, blk)| {
-            let (e, b) = (eb / blocks, eb % blocks);
-            for j in 0..PACK_ROWS.min(self.rows - b * PACK_ROWS) {
-                let row = &src[(e * self.rows + b * PACK_ROWS + j) * k..][..k];
-                let l = Self::lane(pairs, j);
-                for (d, &v) in blk[l..].iter_mut().step_by(PACK_ROWS).zip(row) {
-                    *d = v;
+        dst.par_chunks_mut(PACK_ROWS * self.k_stored())
+            .enumerate()
+            .for_each(|(eb, blk)| {
+                let (e, b) = (eb / blocks, eb % blocks);
+                for j in 0..PACK_ROWS.min(self.rows - b * PACK_ROWS) {
+                    let row = &src[(e * self.rows + b * PACK_ROWS + j) * k..][..k];
+                    for (i, &v) in row.iter().enumerate() {
+                        blk[self.at(pairs, j, i)] = v;
+                    }
                 }
-            }
-        });
+            });
         dst
     }
 
@@ -113,10 +143,9 @@ impl Packing {
         }
         dst.par_chunks_mut(k).enumerate().for_each(|(er, row)| {
             let (e, r) = (er / self.rows, er % self.rows);
-            let blk = &src[(e * blocks + r / PACK_ROWS) * PACK_ROWS * k..];
-            let l = Self::lane(pairs, r % PACK_ROWS);
-            for (d, &v) in row.iter_mut().zip(blk[l..].iter().step_by(PACK_ROWS)) {
-                *d = v;
+            let blk = &src[(e * blocks + r / PACK_ROWS) * PACK_ROWS * self.k_stored()..];
+            for (i, d) in row.iter_mut().enumerate() {
+                *d = blk[self.at(pairs, r % PACK_ROWS, i)];
             }
         });
         dst
@@ -147,22 +176,41 @@ pub(crate) fn copy_block_cols(
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32, `[rows][k]`)
 /// against one expert's packed weights `w` ([`Packing::expert_len`] elements): the portable
 /// level's kernel, one multiply then one add per step, each output summed over `k` in ascending
-/// order.
+/// order. It also runs [`Packing::kpairs`] weights where `vdpbf16ps` is not used (a backend
+/// without AVX512-BF16 given weights packed by one with it), in the same order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product_portable(
     x: &[f32],
     rows: usize,
-    k: usize,
+    p: &Packing,
     w: Floats,
     first: usize,
     cols: usize,
     out: &mut [f32],
 ) {
+    let k = p.k;
     match w {
+        Floats::BF16(v) if p.kpairs => product_kpairs(x, rows, p, v, first, cols, out),
         Floats::F32(v) => product_with(x, rows, k, v, false, first, cols, out, |v| v),
         Floats::BF16(v) => product_with(x, rows, k, v, true, first, cols, out, |v: bf16| bf16_to_f32(v)),
         Floats::F16(v) => product_with(x, rows, k, v, false, first, cols, out, |v: f16| f16_to_f32(v)),
+    }
+}
+
+/// [`product_portable`] for [`Packing::kpairs`] weights.
+#[allow(clippy::too_many_arguments)]
+fn product_kpairs(x: &[f32], rows: usize, p: &Packing, w: &[bf16], first: usize, cols: usize, out: &mut [f32]) {
+    let (k, ks) = (p.k, p.k_stored());
+    for c in first..first + cols {
+        let blk = &w[c / PACK_ROWS * PACK_ROWS * ks..][..PACK_ROWS * ks];
+        for r in 0..rows {
+            let mut acc = 0.0f32;
+            for (i, &xv) in x[r * k..(r + 1) * k].iter().enumerate() {
+                acc += xv * bf16_to_f32(blk[p.at(true, c % PACK_ROWS, i)]);
+            }
+            out[r * cols + c - first] = acc;
+        }
     }
 }
 
@@ -205,19 +253,26 @@ mod tests {
     #[test]
     fn unpack_inverts_pack() {
         for (experts, rows, k) in [(1, 1, 1), (2, 33, 5), (3, 64, 7), (1, 70, 16)] {
-            let p = Packing { experts, rows, k };
-            let f: Vec<f32> = (0..p.logical_len()).map(|i| i as f32 * 0.5 - 3.0).collect();
-            let b: Vec<bf16> = f.iter().map(|&v| bf16::from_f32(v)).collect();
-            let h: Vec<f16> = f.iter().map(|&v| f16::from_f32(v)).collect();
-            for data in [HostSlice::F32(&f), HostSlice::BF16(&b), HostSlice::F16(&h)] {
-                let packed = p.pack(data);
-                assert_eq!(packed.len(), experts * p.expert_len());
-                assert_eq!(
-                    p.unpack(&packed),
-                    data.to_vec(),
-                    "{experts} x {rows} x {k} {:?}",
-                    data.dtype()
-                );
+            for kpairs in [false, true] {
+                let p = Packing {
+                    experts,
+                    rows,
+                    k,
+                    kpairs,
+                };
+                let f: Vec<f32> = (0..p.logical_len()).map(|i| i as f32 * 0.5 - 3.0).collect();
+                let b: Vec<bf16> = f.iter().map(|&v| bf16::from_f32(v)).collect();
+                let h: Vec<f16> = f.iter().map(|&v| f16::from_f32(v)).collect();
+                for data in [HostSlice::F32(&f), HostSlice::BF16(&b), HostSlice::F16(&h)] {
+                    let packed = p.pack(data);
+                    assert_eq!(packed.len(), experts * p.expert_len());
+                    assert_eq!(
+                        p.unpack(&packed),
+                        data.to_vec(),
+                        "{experts} x {rows} x {k} {:?} kpairs {kpairs}",
+                        data.dtype()
+                    );
+                }
             }
         }
     }
@@ -229,6 +284,7 @@ mod tests {
             experts: 1,
             rows: 32,
             k: 1,
+            kpairs: false,
         };
         let v: Vec<bf16> = (0..32).map(|i| bf16::from_f32(i as f32)).collect();
         let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)) else {
@@ -238,5 +294,27 @@ mod tests {
         assert_eq!(packed[1].to_f32(), 16.0);
         assert_eq!(packed[2].to_f32(), 1.0);
         assert_eq!(packed[31].to_f32(), 31.0);
+    }
+
+    /// kpairs holds inputs 2p and 2p + 1 of one row in one 32-bit lane, `k` padded to even.
+    #[test]
+    fn kpairs_pairs_consecutive_inputs() {
+        let p = Packing {
+            experts: 1,
+            rows: 33,
+            k: 3,
+            kpairs: true,
+        };
+        let v: Vec<bf16> = (0..33 * 3).map(|i| bf16::from_f32(i as f32)).collect();
+        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)) else {
+            unreachable!()
+        };
+        assert_eq!(packed.len(), 2 * 32 * 4);
+        // Row 0: inputs 0, 1, then row 1: inputs 0, 1 (value 3, 4).
+        assert_eq!([0, 1, 2, 3].map(|i| packed[i].to_f32()), [0.0, 1.0, 3.0, 4.0]);
+        // Second pair of row 0: input 2, then the zero padding.
+        assert_eq!([64, 65].map(|i| packed[i].to_f32()), [2.0, 0.0]);
+        // Row 32 starts the second block.
+        assert_eq!(packed[128].to_f32(), 96.0);
     }
 }
