@@ -30,7 +30,9 @@
 //! `[k][32]`. Their tiles run the packed kernel at every height: input rows interleaved in lane
 //! blocks of 12, each input broadcast against 32 output columns held in two registers (2 blocks
 //! at once for tiles of 4-6 rows, 4 for up to 3), the weights prefetched ahead in one stream per
-//! block and widened with a shift and a mask.
+//! block and widened with a shift and a mask. Where `vdpbf16ps` issues as fast as an f32 FMA (AMD
+//! Zen 4/5; timed once per process), bf16 blocks are stored `[k / 2][32][2]` instead and each
+//! instruction adds two products per output (`CpuBackend::with_packed_dpbf16`).
 //!
 //! Buffers of 4 MiB or more are advised onto transparent huge pages on Linux (`mem`): the
 //! weights stream with fewer TLB misses.
@@ -67,7 +69,8 @@ fn dpbf16_fast() -> bool {
 
 /// A host-memory buffer: as uploaded, or expert weights packed by `upload_weights` (bf16 and f16
 /// with AVX-512; f32, bf16 and f16 with AVX2): each expert's rows in blocks of 32, the last
-/// zero-padded, each block `[k][32]` (bf16 with rows `j` and `16 + j` side by side).
+/// zero-padded, each block `[k][32]` (bf16 with rows `j` and `16 + j` side by side, or `[k / 2][32][2]`
+/// for `vdpbf16ps`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuBuffer(HostVec, Option<Packing>);
 
@@ -166,7 +169,7 @@ impl CpuBackend {
     /// `vdpbf16ps` ([`pack`]'s `kpairs` layout, two products per lane and instruction; other dtypes
     /// are unchanged). By default it is on where the CPU has AVX512-BF16 and `vdpbf16ps` issues
     /// about as fast as an f32 FMA (timed once per process, a few tens of microseconds; AMD Zen 5:
-    /// 1.86 times the FMAs' products per second, the Intel Xeon of the earlier sessions about 1.0);
+    /// 1.86 times the FMAs' products per second, the Intel Xeon of the earlier sessions 0.46);
     /// `MOE_CPU_PACKED_DPBF16=0` or `1` sets the default. Weights keep the layout they were uploaded
     /// in: a backend that does not run `vdpbf16ps` computes them on a slow portable path.
     pub fn with_packed_dpbf16(mut self, on: bool) -> Result<Self> {
