@@ -112,15 +112,41 @@ fn plain(what: &str, b: &CpuBuffer) -> Result<()> {
     Ok(())
 }
 
-/// Weight dtypes that `upload_weights` packs ([`pack`]; its doc says why these), as reported in
-/// [`Capabilities::packed_weights`].
-fn packed_dtypes(simd: Simd) -> &'static [DType] {
+/// Weight dtypes that `upload_weights` packs at `simd` ([`pack`]; its doc says why these), as
+/// reported in [`Capabilities::packed_weights`]: f32 too where `f32` says so
+/// ([`CpuBackend::with_packed_f32`]).
+fn packed_dtypes(simd: Simd, f32: bool) -> &'static [DType] {
     match simd {
-        _ if simd.avx512() => &[DType::BF16, DType::F16],
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => &[DType::F32, DType::BF16, DType::F16],
-        _ => &[],
+        Simd::Portable => &[],
+        _ if f32 => &[DType::F32, DType::BF16, DType::F16],
+        _ => &[DType::BF16, DType::F16],
     }
+}
+
+/// Whether `upload_weights` packs f32 weights at `simd` by default: with AVX2 (no AVX-512) always,
+/// with AVX-512 on AMD CPUs, where the packed kernel beat `avx512::bcast_pairs` at every token
+/// count measured (Zen 5), but not on Intel ones, where it lost from 12 rows per expert (see
+/// `upload_weights`). `MOE_CPU_PACKED_F32=0` or `1` sets the default.
+fn packs_f32(simd: Simd) -> bool {
+    match std::env::var("MOE_CPU_PACKED_F32").as_deref() {
+        Ok("0") => return false,
+        Ok("1") => return simd != Simd::Portable,
+        _ => {}
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd == Simd::Avx2 {
+            return true;
+        }
+        // SAFETY: CPUID leaf 0 (the vendor string) exists on every x86-64 CPU. (`__cpuid` is a safe
+        // function from some Rust version on; the block keeps older compilers within rust-version.)
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let amd = (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163); // "AuthenticAMD"
+        simd.avx512() && amd
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
@@ -130,6 +156,8 @@ pub struct CpuBackend {
     simd: Simd,
     /// bf16 weights are packed for `vdpbf16ps` ([`CpuBackend::with_packed_dpbf16`]).
     dp_packed: bool,
+    /// f32 weights are packed ([`CpuBackend::with_packed_f32`]).
+    pack_f32: bool,
     /// The broadcast and packed kernels' interleaved input rows, kept between calls (one buffer per backend
     /// and its clones, not one per thread: up to 64 MiB each).
     interleaved: Arc<Mutex<Vec<f32>>>,
@@ -161,6 +189,7 @@ impl CpuBackend {
             pool: Arc::new(pool),
             simd,
             dp_packed,
+            pack_f32: packs_f32(simd),
             interleaved: Arc::default(),
         })
     }
@@ -184,6 +213,22 @@ impl CpuBackend {
         Ok(self)
     }
 
+    /// The same backend with f32 expert weights from `upload_weights` packed or kept as stored
+    /// (the default depends on the CPU: `packs_f32`). Packed f32 runs the packed kernel at every
+    /// tile height; as stored, AVX-512 runs `bcast_pairs` and dot products. The portable level
+    /// packs nothing.
+    pub fn with_packed_f32(mut self, on: bool) -> Result<Self> {
+        if on && self.simd == Simd::Portable {
+            return Err(MoeError::unsupported(
+                NAME,
+                "packed f32 weights at the Portable level",
+                "it needs the Avx2 level or better",
+            ));
+        }
+        self.pack_f32 = on;
+        Ok(self)
+    }
+
     /// Whether bf16 weights from `upload_weights` are packed for `vdpbf16ps`
     /// ([`CpuBackend::with_packed_dpbf16`]).
     pub fn packed_dpbf16(&self) -> bool {
@@ -202,6 +247,7 @@ impl CpuBackend {
         }
         self.simd = simd;
         self.dp_packed &= simd.has_bf16();
+        self.pack_f32 = packs_f32(simd);
         Ok(self)
     }
 
@@ -264,7 +310,8 @@ impl Backend for CpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20).packing(packed_dtypes(self.simd))
+        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
+            .packing(packed_dtypes(self.simd, self.pack_f32))
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -325,7 +372,7 @@ impl Backend for CpuBackend {
     /// 16-row lane blocks before it: 16 rows 65 against 92-145 GFLOP/s, 128 rows 119 against 130).
     fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
         check::weights(&data, s)?;
-        if !packed_dtypes(self.simd).contains(&data.dtype()) {
+        if !packed_dtypes(self.simd, self.pack_f32).contains(&data.dtype()) {
             return self.upload(data);
         }
         let p = Packing {
@@ -559,9 +606,18 @@ mod tests {
             activation: Activation::None,
         };
         let f = [0.25f32; 8];
-        for simd in Simd::supported() {
+        for (simd, f32) in Simd::supported().into_iter().flat_map(|s| [(s, false), (s, true)]) {
             let b = CpuBackend::with_threads(1).unwrap().with_simd(simd).unwrap();
+            let b = match b.with_packed_f32(f32) {
+                Ok(b) => b,
+                Err(e) => {
+                    assert!(simd == Simd::Portable && f32, "{simd:?}: {e}");
+                    assert!(e.to_string().contains("Avx2 level or better"), "{e}");
+                    continue;
+                }
+            };
             let caps = b.capabilities();
+            assert_eq!(caps.packed_weights.contains(&DType::F32), f32, "{simd:?}");
             for data in [
                 HostVec::from_f32(&f, DType::F32),
                 HostVec::from_f32(&f, DType::BF16),
@@ -585,10 +641,7 @@ mod tests {
     /// the packed product matches the plain one within f32 rounding.
     #[test]
     fn packed_weights_round_trip_and_refuse_other_uses() {
-        let levels: Vec<Simd> = Simd::supported()
-            .into_iter()
-            .filter(|&s| !packed_dtypes(s).is_empty())
-            .collect();
+        let levels: Vec<Simd> = Simd::supported().into_iter().filter(|&s| s != Simd::Portable).collect();
         if levels.is_empty() {
             eprintln!("SKIPPED: no AVX2 or AVX-512 on this CPU, so weights are not packed");
             return;
