@@ -984,11 +984,17 @@ impl Wide32 for f16 {
 const PACKED_R: usize = crate::pack::PACKED_LANES;
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
-/// Input indices ahead that [`packed_rows`] prefetches its weights: one stream per block is too
-/// few for the hardware prefetchers to keep up (one thread, 8 experts of qwen3-30b-a3b gate/up
-/// in DRAM, bf16, GFLOP/s at 8 / 16 rows: none 41-70 / 71-74, 32 ahead 134-139 / 97-107, 64 ahead
-/// 141-145 / 121-141, 128 ahead 128-144 / 110-141; standalone copy of the kernel).
-const PACKED_AHEAD: usize = 64;
+/// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights:
+/// one stream per block is too few for the hardware prefetchers to keep up. On the Intel Xeon of
+/// the earlier sessions (one thread, 8 experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8
+/// / 16 rows; standalone copy of the kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB
+/// 141-145 / 121-141, 8 KiB 128-144 / 110-141. On an AMD EPYC (Zen 5; two threads, 8 experts of
+/// gate/up from DRAM, three runs alternated, ms): bf16 (`vdpbf16ps`) at 16 rows each 2.12-2.15
+/// with 4 KiB, 2.01-2.04 with 8 KiB, 2.02-2.03 with 16 KiB; 24 rows 2.23-2.50, 2.13-2.20,
+/// 2.14-2.23; f32 (8 KiB was 64 inputs ahead before this counted bytes) at 16
+/// and 24 rows 3.51-3.73 with 8 KiB against 3.49-3.80 with 16 KiB, at one row 2.10-2.22 against
+/// 2.23-2.37.
+const PACKED_AHEAD_BYTES: usize = 8 << 10;
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
 
@@ -1026,7 +1032,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
             // Past the block's end this reaches the next block, which follows it.
-            let ahead = w.wrapping_add(j * stride + (i + PACKED_AHEAD) * 32);
+            let ahead = w.wrapping_add(j * stride + (i + PACKED_AHEAD_BYTES / (32 * std::mem::size_of::<W>())) * 32);
             for l in 0..W::LINES {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
             }
@@ -1209,8 +1215,8 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     for p in p0..p1 {
         let mut wv = [[bh(_mm512_setzero_si512()); 2]; NB];
         for (j, v) in wv.iter_mut().enumerate() {
-            // The same bytes ahead as packed_rows: 64 bytes per pair and row block of 32.
-            let ahead = w.wrapping_add(j * stride + (p + PACKED_AHEAD / 2) * 64) as *const i8;
+            // 128 bytes per pair of inputs and block of 32 rows.
+            let ahead = w.wrapping_add(j * stride + (p + PACKED_AHEAD_BYTES / 128) * 64) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let at = w.add(j * stride + p * 64);
