@@ -113,18 +113,29 @@ fn out_of_range_ids_and_offsets_are_errors() {
     assert!(e.contains("at most rows = 2"), "{e}");
 }
 
-/// The shared conformance suites on every instruction-set level this CPU has (the default run
-/// covers only the best one).
+/// The shared conformance suites on every instruction-set level this CPU has, each with f32
+/// weights packed and as stored, and bf16 ones packed for `vdpbf16ps` and not where the level has
+/// it (the default run covers only the best level with this CPU's default choices).
 #[test]
 fn conformance_on_every_simd_level() {
     use moe_hal_core::conformance;
     use moe_hal_cpu::Simd;
     for simd in Simd::supported() {
-        let b = CpuBackend::new().unwrap().with_simd(simd).unwrap();
-        for report in [conformance::gemm_suite(&b, false), conformance::layer_suite(&b, true)] {
-            assert!(report.passed(), "{simd:?}:\n{report}");
+        for (f32, dp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let b = CpuBackend::new().unwrap().with_simd(simd).unwrap();
+            let b = match b.with_packed_f32(f32).and_then(|b| b.with_packed_dpbf16(dp)) {
+                Ok(b) => b,
+                Err(e) => {
+                    // The only refusals: packed f32 at the portable level, vdpbf16ps without AVX512-BF16.
+                    assert!((f32 && simd == Simd::Portable) || (dp && !simd.has_bf16()), "{simd:?}: {e}");
+                    continue;
+                }
+            };
+            for report in [conformance::gemm_suite(&b, false), conformance::layer_suite(&b, true)] {
+                assert!(report.passed(), "{simd:?}, packed f32 {f32}, vdpbf16ps {dp}:\n{report}");
+            }
+            eprintln!("{simd:?}, packed f32 {f32}, vdpbf16ps {dp}: grouped_matmul and layer suites pass");
         }
-        eprintln!("{simd:?}: grouped_matmul and layer suites pass");
     }
 }
 
