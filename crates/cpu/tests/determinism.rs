@@ -127,7 +127,10 @@ fn conformance_on_every_simd_level() {
                 Ok(b) => b,
                 Err(e) => {
                     // The only refusals: packed f32 at the portable level, vdpbf16ps without AVX512-BF16.
-                    assert!((f32 && simd == Simd::Portable) || (dp && !simd.has_bf16()), "{simd:?}: {e}");
+                    assert!(
+                        (f32 && simd == Simd::Portable) || (dp && !simd.has_bf16()),
+                        "{simd:?}: {e}"
+                    );
                     continue;
                 }
             };
