@@ -236,7 +236,9 @@ impl CpuBackend {
     }
 
     /// The same backend with the dot-product kernels of `simd` (one of [`Simd::supported`]); the
-    /// conformance tests run every level the CPU has.
+    /// conformance tests run every level the CPU has. f32 packing goes back to that level's default
+    /// (call [`CpuBackend::with_packed_f32`] after this to choose), and `vdpbf16ps` packing stays
+    /// on only where the level has AVX512-BF16.
     pub fn with_simd(mut self, simd: Simd) -> Result<Self> {
         if !Simd::supported().contains(&simd) {
             return Err(MoeError::unsupported(
