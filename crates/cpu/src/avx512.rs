@@ -1060,45 +1060,100 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     }
 }
 
-/// [`packed_rows`] for `r` rows (1 to [`PACKED_R`]) and `nb` blocks (4 for up to 3 rows, 2 for up
-/// to 6, else 1).
+/// A packed register-block kernel, by its rows `R` and weight blocks `NB`: [`packed_rows`] on
+/// weights widened to f32 ([`Widen`]) or [`packed_dp_rows`] on `vdpbf16ps` ([`DpPairs`]), so
+/// that [`packed_rows_n`] dispatches both.
+trait PackedBlock {
+    /// An interleaved input value and a weight.
+    type X;
+    type W;
+    /// # Safety
+    /// As the kernel it runs.
+    unsafe fn run<const R: usize, const NB: usize>(
+        x: *const Self::X,
+        range: (usize, usize),
+        w: *const Self::W,
+        stride: usize,
+        io: *mut f32,
+    );
+}
+
+/// [`packed_rows`] on weights `W`.
+struct Widen<W>(std::marker::PhantomData<W>);
+
+impl<W: Wide32> PackedBlock for Widen<W> {
+    type X = f32;
+    type W = W;
+    #[inline(always)]
+    unsafe fn run<const R: usize, const NB: usize>(
+        x: *const f32,
+        k: (usize, usize),
+        w: *const W,
+        stride: usize,
+        io: *mut f32,
+    ) {
+        packed_rows::<W, R, NB>(x, k, w, stride, io)
+    }
+}
+
+/// [`packed_dp_rows`].
+struct DpPairs;
+
+impl PackedBlock for DpPairs {
+    type X = u32;
+    type W = bf16;
+    #[inline(always)]
+    unsafe fn run<const R: usize, const NB: usize>(
+        x: *const u32,
+        p: (usize, usize),
+        w: *const bf16,
+        stride: usize,
+        io: *mut f32,
+    ) {
+        packed_dp_rows::<R, NB>(x, p, w, stride, io)
+    }
+}
+
+/// `K`'s kernel for `r` rows (1 to [`PACKED_R`]) and `nb` blocks (4 for up to 3 rows, 2 for up to
+/// 6, else 1).
 ///
 /// # Safety
-/// As [`packed_rows`], whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
+/// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
 #[inline(always)]
-unsafe fn packed_rows_n<W: Wide32>(
+unsafe fn packed_rows_n<K: PackedBlock>(
     r: usize,
     nb: usize,
-    x: *const f32,
-    k: (usize, usize),
-    w: *const W,
+    x: *const K::X,
+    range: (usize, usize),
+    w: *const K::W,
     stride: usize,
     out: *mut f32,
 ) {
     match (nb, r) {
-        (4, 1) => packed_rows::<W, 1, 4>(x, k, w, stride, out),
-        (4, 2) => packed_rows::<W, 2, 4>(x, k, w, stride, out),
-        (4, 3) => packed_rows::<W, 3, 4>(x, k, w, stride, out),
-        (2, 1) => packed_rows::<W, 1, 2>(x, k, w, stride, out),
-        (2, 2) => packed_rows::<W, 2, 2>(x, k, w, stride, out),
-        (2, 3) => packed_rows::<W, 3, 2>(x, k, w, stride, out),
-        (2, 4) => packed_rows::<W, 4, 2>(x, k, w, stride, out),
-        (2, 5) => packed_rows::<W, 5, 2>(x, k, w, stride, out),
-        (2, 6) => packed_rows::<W, 6, 2>(x, k, w, stride, out),
-        (1, 1) => packed_rows::<W, 1, 1>(x, k, w, stride, out),
-        (1, 2) => packed_rows::<W, 2, 1>(x, k, w, stride, out),
-        (1, 3) => packed_rows::<W, 3, 1>(x, k, w, stride, out),
-        (1, 4) => packed_rows::<W, 4, 1>(x, k, w, stride, out),
-        (1, 5) => packed_rows::<W, 5, 1>(x, k, w, stride, out),
-        (1, 6) => packed_rows::<W, 6, 1>(x, k, w, stride, out),
-        (1, 7) => packed_rows::<W, 7, 1>(x, k, w, stride, out),
-        (1, 8) => packed_rows::<W, 8, 1>(x, k, w, stride, out),
-        (1, 9) => packed_rows::<W, 9, 1>(x, k, w, stride, out),
-        (1, 10) => packed_rows::<W, 10, 1>(x, k, w, stride, out),
-        (1, 11) => packed_rows::<W, 11, 1>(x, k, w, stride, out),
-        (1, 12) => packed_rows::<W, 12, 1>(x, k, w, stride, out),
-        // `packed` picks nb from the tile's rows (packed_nb), so the rows of a register block are
-        // at most 12 / nb: anything else would read and write past the buffers sized for them.
+        (4, 1) => K::run::<1, 4>(x, range, w, stride, out),
+        (4, 2) => K::run::<2, 4>(x, range, w, stride, out),
+        (4, 3) => K::run::<3, 4>(x, range, w, stride, out),
+        (2, 1) => K::run::<1, 2>(x, range, w, stride, out),
+        (2, 2) => K::run::<2, 2>(x, range, w, stride, out),
+        (2, 3) => K::run::<3, 2>(x, range, w, stride, out),
+        (2, 4) => K::run::<4, 2>(x, range, w, stride, out),
+        (2, 5) => K::run::<5, 2>(x, range, w, stride, out),
+        (2, 6) => K::run::<6, 2>(x, range, w, stride, out),
+        (1, 1) => K::run::<1, 1>(x, range, w, stride, out),
+        (1, 2) => K::run::<2, 1>(x, range, w, stride, out),
+        (1, 3) => K::run::<3, 1>(x, range, w, stride, out),
+        (1, 4) => K::run::<4, 1>(x, range, w, stride, out),
+        (1, 5) => K::run::<5, 1>(x, range, w, stride, out),
+        (1, 6) => K::run::<6, 1>(x, range, w, stride, out),
+        (1, 7) => K::run::<7, 1>(x, range, w, stride, out),
+        (1, 8) => K::run::<8, 1>(x, range, w, stride, out),
+        (1, 9) => K::run::<9, 1>(x, range, w, stride, out),
+        (1, 10) => K::run::<10, 1>(x, range, w, stride, out),
+        (1, 11) => K::run::<11, 1>(x, range, w, stride, out),
+        (1, 12) => K::run::<12, 1>(x, range, w, stride, out),
+        // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
+        // register block are at most 12 / nb: anything else would read and write past the buffers
+        // sized for them.
         _ => unreachable!("packed register block of {r} rows by {nb} blocks"),
     }
 }
@@ -1167,7 +1222,7 @@ pub unsafe fn packed<W: Wide32>(
             for lb in 0..rows.div_ceil(PACKED_R) {
                 let r = (rows - lb * PACKED_R).min(PACKED_R);
                 let x = xt.as_ptr().add(lb * PACKED_R * k);
-                packed_rows_n(
+                packed_rows_n::<Widen<W>>(
                     r,
                     nb,
                     x,
@@ -1244,47 +1299,6 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     }
 }
 
-/// [`packed_dp_rows`] for `r` rows and `nb` blocks, as [`packed_rows_n`].
-///
-/// # Safety
-/// As [`packed_dp_rows`], whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
-#[inline(always)]
-unsafe fn packed_dp_rows_n(
-    r: usize,
-    nb: usize,
-    x: *const u32,
-    p: (usize, usize),
-    w: *const bf16,
-    stride: usize,
-    out: *mut f32,
-) {
-    match (nb, r) {
-        (4, 1) => packed_dp_rows::<1, 4>(x, p, w, stride, out),
-        (4, 2) => packed_dp_rows::<2, 4>(x, p, w, stride, out),
-        (4, 3) => packed_dp_rows::<3, 4>(x, p, w, stride, out),
-        (2, 1) => packed_dp_rows::<1, 2>(x, p, w, stride, out),
-        (2, 2) => packed_dp_rows::<2, 2>(x, p, w, stride, out),
-        (2, 3) => packed_dp_rows::<3, 2>(x, p, w, stride, out),
-        (2, 4) => packed_dp_rows::<4, 2>(x, p, w, stride, out),
-        (2, 5) => packed_dp_rows::<5, 2>(x, p, w, stride, out),
-        (2, 6) => packed_dp_rows::<6, 2>(x, p, w, stride, out),
-        (1, 1) => packed_dp_rows::<1, 1>(x, p, w, stride, out),
-        (1, 2) => packed_dp_rows::<2, 1>(x, p, w, stride, out),
-        (1, 3) => packed_dp_rows::<3, 1>(x, p, w, stride, out),
-        (1, 4) => packed_dp_rows::<4, 1>(x, p, w, stride, out),
-        (1, 5) => packed_dp_rows::<5, 1>(x, p, w, stride, out),
-        (1, 6) => packed_dp_rows::<6, 1>(x, p, w, stride, out),
-        (1, 7) => packed_dp_rows::<7, 1>(x, p, w, stride, out),
-        (1, 8) => packed_dp_rows::<8, 1>(x, p, w, stride, out),
-        (1, 9) => packed_dp_rows::<9, 1>(x, p, w, stride, out),
-        (1, 10) => packed_dp_rows::<10, 1>(x, p, w, stride, out),
-        (1, 11) => packed_dp_rows::<11, 1>(x, p, w, stride, out),
-        (1, 12) => packed_dp_rows::<12, 1>(x, p, w, stride, out),
-        // As in packed_rows_n: packed_nb bounds the rows of a register block.
-        _ => unreachable!("packed register block of {r} rows by {nb} blocks"),
-    }
-}
-
 /// f32 values (each holding the bits of one bf16 pair) of `rows` rows of `k` inputs interleaved
 /// by [`interleave_bf16_pairs`].
 pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
@@ -1349,7 +1363,7 @@ pub unsafe fn packed_dp(
             let ps = (p0, (p0 + chunk).min(kp));
             for lb in 0..rows.div_ceil(PACKED_R) {
                 let r = (rows - lb * PACKED_R).min(PACKED_R);
-                packed_dp_rows_n(
+                packed_rows_n::<DpPairs>(
                     r,
                     nb,
                     x0.add(lb * PACKED_R * kp),
