@@ -1208,6 +1208,35 @@ mod tests {
         }
     }
 
+    /// Asserts that every output of a grouped matmul `y` (`off` the experts' rows, `n` outputs of
+    /// `wrows` weight rows each) has the bits of `chain(row, weight row)`, SwiGLU applied as the
+    /// kernels apply it.
+    fn assert_chains(
+        y: &[f32],
+        off: &[usize],
+        n: usize,
+        act: Activation,
+        chain: impl Fn(usize, usize) -> f32,
+        what: &str,
+    ) {
+        let wrows = match act {
+            Activation::None => n,
+            Activation::SwiGlu => 2 * n,
+        };
+        for e in 0..off.len() - 1 {
+            for r in off[e]..off[e + 1] {
+                for c in 0..n {
+                    let want = match act {
+                        Activation::None => chain(r, e * wrows + c),
+                        Activation::SwiGlu => silu(chain(r, e * wrows + c)) * chain(r, e * wrows + n + c),
+                    };
+                    let got = y[r * n + c];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{what} expert {e} row {r} col {c}");
+                }
+            }
+        }
+    }
+
     /// Packed weights ([`crate::pack`]): at every SIMD level, for f32, bf16 and f16 weights, every
     /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512 and
     /// AVX2, a multiply then an add in the portable code), bit for bit, then SwiGLU as the kernel applies it, whatever
@@ -1273,23 +1302,7 @@ mod tests {
                             (0..k).fold(0.0f32, |a, i| a + xr[i] * wr[i])
                         }
                     };
-                    for e in 0..per.len() {
-                        for r in off[e]..off[e + 1] {
-                            for c in 0..n {
-                                let want = match act {
-                                    Activation::None => chain(r, e * wrows + c),
-                                    Activation::SwiGlu => silu(chain(r, e * wrows + c)) * chain(r, e * wrows + n + c),
-                                };
-                                let got = y[r * n + c];
-                                assert_eq!(
-                                    got.to_bits(),
-                                    want.to_bits(),
-                                    "{simd:?} {:?} k {k} expert {e} row {r} col {c}",
-                                    data.dtype()
-                                );
-                            }
-                        }
-                    }
+                    assert_chains(&y, &off, n, act, chain, &format!("{simd:?} {:?} k {k}", data.dtype()));
                 }
             }
         }
@@ -1357,22 +1370,7 @@ mod tests {
                         (0..k).fold(0.0f32, |a, i| a + prod(i))
                     }
                 };
-                for e in 0..per.len() {
-                    for r in off[e]..off[e + 1] {
-                        for c in 0..n {
-                            let want = match act {
-                                Activation::None => chain(r, e * wrows + c),
-                                Activation::SwiGlu => silu(chain(r, e * wrows + c)) * chain(r, e * wrows + n + c),
-                            };
-                            let got = y[r * n + c];
-                            assert_eq!(
-                                got.to_bits(),
-                                want.to_bits(),
-                                "{simd:?} k {k} expert {e} row {r} col {c}"
-                            );
-                        }
-                    }
-                }
+                assert_chains(&y, &off, n, act, chain, &format!("{simd:?} k {k}"));
             }
         }
     }
