@@ -1381,8 +1381,9 @@ pub unsafe fn packed_dp(
 
 /// Whether `vdpbf16ps` issues about as fast as an f32 FMA on this CPU, so that [`packed_dp`] (two
 /// products per lane and instruction) beats [`packed`]: timed once per process on register-only
-/// loops, 12 chains each, best of 5, and true when it does at least 1.4 times the FMAs' products
-/// per second. AMD Zen 5, 2 cores: 494 against 266 GFLOP/s on one core (1.86); the Intel Xeon
+/// loops, 12 chains each, alternated, best of 5, and true when it does at least 1.4 times the
+/// FMAs' products per second (the threshold sits far from both CPUs measured, so that a disturbed
+/// timing does not flip the choice; `MOE_CPU_PACKED_DPBF16` pins it). AMD Zen 5, 2 cores: 494 against 266 GFLOP/s on one core (1.86); the Intel Xeon
 /// (family 6, model 207) of the earlier sessions issues one every other cycle (0.46: 86 against 188 GFLOP/s), where
 /// [`packed`] stays faster.
 pub fn dpbf16_fast() -> bool {
@@ -1391,17 +1392,19 @@ pub fn dpbf16_fast() -> bool {
         if !has_avx512_bf16() {
             return false;
         }
-        let best = |f: &dyn Fn() -> f32| {
-            (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    std::hint::black_box(f());
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
+        let time = |f: &dyn Fn() -> f32| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(f());
+            t.elapsed().as_secs_f64()
         };
-        // SAFETY: has_avx512_bf16() was checked above.
-        let (fma, dp) = (best(&|| unsafe { chains_fma() }), best(&|| unsafe { chains_dp() }));
+        // Alternated, so that a disturbance reaches both; the best of each.
+        let (mut fma, mut dp) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..5 {
+            // SAFETY: has_avx512_bf16() was checked above.
+            fma = fma.min(time(&|| unsafe { chains_fma() }));
+            // SAFETY: as above.
+            dp = dp.min(time(&|| unsafe { chains_dp() }));
+        }
         // Equal instruction counts: dp does twice the products per instruction.
         2.0 * fma / dp >= 1.4
     })
