@@ -998,6 +998,40 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
 
+/// A packed register block's accumulators: zero, or (`carry`, a later range of `k`) the partial
+/// sums [`packed_store`] left in `io`, `r * PACKED_OUT + j * 32` for row `r` and block `j`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; with `carry`, `io` must hold `R * PACKED_OUT` f32.
+#[inline(always)]
+unsafe fn packed_acc<const R: usize, const NB: usize>(carry: bool, io: *const f32) -> [[[__m512; 2]; NB]; R] {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; R];
+    if carry {
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (j, a) in a.iter_mut().enumerate() {
+                let o = io.add(r * PACKED_OUT + j * 32);
+                *a = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
+            }
+        }
+    }
+    acc
+}
+
+/// Stores a register block's accumulators where [`packed_acc`] reads them.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `io` must hold `R * PACKED_OUT` f32.
+#[inline(always)]
+unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]; R], io: *mut f32) {
+    for (r, a) in acc.iter().enumerate() {
+        for (j, a) in a.iter().enumerate() {
+            let o = io.add(r * PACKED_OUT + j * 32);
+            _mm512_storeu_ps(o, a[0]);
+            _mm512_storeu_ps(o.add(16), a[1]);
+        }
+    }
+}
+
 /// Accumulates `R` interleaved input rows from `x` (lane stride [`PACKED_R`]) against `NB` packed
 /// blocks from `w` (`stride` elements apart) over the input indices `k0 .. k1`, into
 /// `io[r * PACKED_OUT + c]` (zero first when `k0` is 0): per input index, one 32-weight load per
@@ -1019,15 +1053,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     stride: usize,
     io: *mut f32,
 ) {
-    let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; R];
-    if k0 > 0 {
-        for (r, a) in acc.iter_mut().enumerate() {
-            for (j, a) in a.iter_mut().enumerate() {
-                let o = io.add(r * PACKED_OUT + j * 32);
-                *a = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
-            }
-        }
-    }
+    let mut acc = packed_acc::<R, NB>(k0 > 0, io);
     for i in k0..k1 {
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
@@ -1051,13 +1077,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
             xp = xp.add(1);
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        for (j, a) in a.iter().enumerate() {
-            let o = io.add(r * PACKED_OUT + j * 32);
-            _mm512_storeu_ps(o, a[0]);
-            _mm512_storeu_ps(o.add(16), a[1]);
-        }
-    }
+    packed_store(&acc, io);
 }
 
 /// A packed register-block kernel, by its rows `R` and weight blocks `NB`: [`packed_rows`] on
@@ -1262,15 +1282,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     stride: usize,
     io: *mut f32,
 ) {
-    let mut acc = [[[_mm512_setzero_ps(); 2]; NB]; R];
-    if p0 > 0 {
-        for (r, a) in acc.iter_mut().enumerate() {
-            for (j, a) in a.iter_mut().enumerate() {
-                let o = io.add(r * PACKED_OUT + j * 32);
-                *a = [_mm512_loadu_ps(o), _mm512_loadu_ps(o.add(16))];
-            }
-        }
-    }
+    let mut acc = packed_acc::<R, NB>(p0 > 0, io);
     // SAFETY (transmutes below): __m512i and __m512bh are both 64-byte vectors of plain bits.
     let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
     for p in p0..p1 {
@@ -1296,13 +1308,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
             xp = xp.add(1);
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        for (j, a) in a.iter().enumerate() {
-            let o = io.add(r * PACKED_OUT + j * 32);
-            _mm512_storeu_ps(o, a[0]);
-            _mm512_storeu_ps(o.add(16), a[1]);
-        }
-    }
+    packed_store(&acc, io);
 }
 
 /// f32 values (each holding the bits of one bf16 pair) of `rows` rows of `k` inputs interleaved
