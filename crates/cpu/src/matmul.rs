@@ -1208,6 +1208,20 @@ mod tests {
         }
     }
 
+    /// The expert offsets and the shape of a grouped matmul whose experts get `per` rows each.
+    fn grouped_case(k: usize, n: usize, act: Activation, per: &[usize]) -> (Vec<usize>, GemmShape) {
+        let mut off = vec![0];
+        per.iter().for_each(|r| off.push(off.last().unwrap() + r));
+        let s = GemmShape {
+            rows: *off.last().unwrap(),
+            in_features: k,
+            out_features: n,
+            experts: per.len(),
+            activation: act,
+        };
+        (off, s)
+    }
+
     /// Asserts that every output of a grouped matmul `y` (`off` the experts' rows, `n` outputs of
     /// `wrows` weight rows each) has the bits of `chain(row, weight row)`, SwiGLU applied as the
     /// kernels apply it.
@@ -1250,17 +1264,8 @@ mod tests {
             (600, 170, Activation::SwiGlu, &[1, 2, 3, 5, 6, 0, 7, 14]),
         ];
         for (k, n, act, per) in cases {
-            let mut off = vec![0];
-            per.iter().for_each(|r| off.push(off.last().unwrap() + r));
-            let rows = *off.last().unwrap();
-            let s = GemmShape {
-                rows,
-                in_features: k,
-                out_features: n,
-                experts: per.len(),
-                activation: act,
-            };
-            let wrows = s.weight_rows();
+            let (off, s) = grouped_case(k, n, act, per);
+            let (rows, wrows) = (s.rows, s.weight_rows());
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 170.0).collect();
             let w: Vec<f32> = (0..per.len() * wrows * k)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 230.0)
@@ -1320,17 +1325,8 @@ mod tests {
             (600, 170, Activation::SwiGlu, &[1, 2, 3, 5, 6, 0, 7, 14]),
         ];
         for (k, n, act, per) in cases {
-            let mut off = vec![0];
-            per.iter().for_each(|r| off.push(off.last().unwrap() + r));
-            let rows = *off.last().unwrap();
-            let s = GemmShape {
-                rows,
-                in_features: k,
-                out_features: n,
-                experts: per.len(),
-                activation: act,
-            };
-            let wrows = s.weight_rows();
+            let (off, s) = grouped_case(k, n, act, per);
+            let (rows, wrows) = (s.rows, s.weight_rows());
             let x: Vec<bf16> = (0..rows * k)
                 .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 170.0))
                 .collect();
