@@ -1087,6 +1087,8 @@ trait PackedBlock {
     /// An interleaved input value and a weight.
     type X;
     type W;
+    /// Weights of one block per step of the kernel (one input, or one pair of inputs).
+    const STEP: usize;
     /// # Safety
     /// As the kernel it runs.
     unsafe fn run<const R: usize, const NB: usize>(
@@ -1104,6 +1106,7 @@ struct Widen<W>(std::marker::PhantomData<W>);
 impl<W: Wide32> PackedBlock for Widen<W> {
     type X = f32;
     type W = W;
+    const STEP: usize = 32;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize>(
         x: *const f32,
@@ -1122,6 +1125,7 @@ struct DpPairs;
 impl PackedBlock for DpPairs {
     type X = u32;
     type W = bf16;
+    const STEP: usize = 64;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize>(
         x: *const u32,
@@ -1226,37 +1230,53 @@ pub unsafe fn packed<W: Wide32>(
     io: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    use crate::pack::PACK_ROWS;
-    let end = first + cols;
-    let (b0, b1) = (first / PACK_ROWS, end.div_ceil(PACK_ROWS));
+    let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
     assert!(
         xt.len() >= crate::matmul::interleaved_len(rows, k, PACKED_R)
-            && w.len() >= b1 * PACK_ROWS * k
+            && w.len() >= b1 * crate::pack::PACK_ROWS * k
             && out.len() >= rows * cols
     );
+    packed_blocks::<Widen<W>>(xt.as_ptr(), rows, k, w.as_ptr(), (first, cols), io, out)
+}
+
+/// The loop of [`packed`] and [`packed_dp`]: `K`'s register blocks over `steps` steps (inputs or
+/// pairs of inputs) of the blocks that hold the weight rows `first .. first + cols`, every register
+/// block of a range of steps before the next range, then the wanted columns into `out`. `x` is
+/// the interleaved input (lane blocks of [`PACKED_R`], `steps` values per lane), `w` one expert's
+/// packed weights (`steps * K::STEP` per block).
+///
+/// # Safety
+/// The CPU must have `K`'s features; `x`, `w` and `out` must hold what the callers check.
+#[inline(always)]
+unsafe fn packed_blocks<K: PackedBlock>(
+    x: *const K::X,
+    rows: usize,
+    steps: usize,
+    w: *const K::W,
+    (first, cols): (usize, usize),
+    io: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use crate::pack::PACK_ROWS;
+    let (b0, b1) = (first / PACK_ROWS, (first + cols).div_ceil(PACK_ROWS));
     io.resize(rows * PACKED_OUT, 0.0);
     let (stride, chunk) = (
-        PACK_ROWS * k,
-        (PACKED_CHUNK_BYTES / (32 * std::mem::size_of::<W>())).max(1),
+        steps * K::STEP,
+        (PACKED_CHUNK_BYTES / (K::STEP * std::mem::size_of::<K::W>())).max(1),
     );
     let mut b = b0;
     while b < b1 {
         let nb = packed_nb(rows, b1 - b);
-        let wp = w.as_ptr().add(b * stride);
-        for k0 in (0..k).step_by(chunk) {
-            let ks = (k0, (k0 + chunk).min(k));
+        let wp = w.add(b * stride);
+        for s0 in (0..steps).step_by(chunk) {
+            let range = (s0, (s0 + chunk).min(steps));
             for lb in 0..rows.div_ceil(PACKED_R) {
                 let r = (rows - lb * PACKED_R).min(PACKED_R);
-                let x = xt.as_ptr().add(lb * PACKED_R * k);
-                packed_rows_n::<Widen<W>>(
-                    r,
-                    nb,
-                    x,
-                    ks,
-                    wp,
-                    stride,
+                let (xl, o) = (
+                    x.add(lb * PACKED_R * steps),
                     io.as_mut_ptr().add(lb * PACKED_R * PACKED_OUT),
                 );
+                packed_rows_n::<K>(r, nb, xl, range, wp, stride, o);
             }
         }
         // The wanted columns of the nb blocks.
@@ -1356,39 +1376,14 @@ pub unsafe fn packed_dp(
     io: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    use crate::pack::PACK_ROWS;
     let kp = k.div_ceil(2);
-    let end = first + cols;
-    let (b0, b1) = (first / PACK_ROWS, end.div_ceil(PACK_ROWS));
-    assert!(xt.len() >= bf16_pairs_len(rows, k) && w.len() >= b1 * PACK_ROWS * 2 * kp && out.len() >= rows * cols);
-    io.resize(rows * PACKED_OUT, 0.0);
-    let (stride, chunk) = (
-        PACK_ROWS * 2 * kp,
-        (PACKED_CHUNK_BYTES / (64 * std::mem::size_of::<bf16>())).max(1),
+    let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
+    assert!(
+        xt.len() >= bf16_pairs_len(rows, k)
+            && w.len() >= b1 * crate::pack::PACK_ROWS * 2 * kp
+            && out.len() >= rows * cols
     );
-    let x0 = xt.as_ptr() as *const u32;
-    let mut b = b0;
-    while b < b1 {
-        let nb = packed_nb(rows, b1 - b);
-        let wp = w.as_ptr().add(b * stride);
-        for p0 in (0..kp).step_by(chunk) {
-            let ps = (p0, (p0 + chunk).min(kp));
-            for lb in 0..rows.div_ceil(PACKED_R) {
-                let r = (rows - lb * PACKED_R).min(PACKED_R);
-                packed_rows_n::<DpPairs>(
-                    r,
-                    nb,
-                    x0.add(lb * PACKED_R * kp),
-                    ps,
-                    wp,
-                    stride,
-                    io.as_mut_ptr().add(lb * PACKED_R * PACKED_OUT),
-                );
-            }
-        }
-        crate::pack::copy_block_cols(io, PACKED_OUT, b, (b + nb) * PACK_ROWS, rows, first, cols, out);
-        b += nb;
-    }
+    packed_blocks::<DpPairs>(xt.as_ptr() as *const u32, rows, kp, w.as_ptr(), (first, cols), io, out)
 }
 
 /// Whether `vdpbf16ps` issues about as fast as an f32 FMA on this CPU, so that [`packed_dp`] (two
