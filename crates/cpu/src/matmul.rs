@@ -847,12 +847,7 @@ impl Simd {
     /// under [`DP_BF16_ROWS`] rows.
     #[inline]
     fn bf16_direct(self, input: Floats, weight: Floats, rows: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512Bf16 && rows < DP_BF16_ROWS {
-            return matches!((input, weight), (Floats::BF16(_), Floats::BF16(_)));
-        }
-        let _ = (input, weight, rows);
-        false
+        self.has_bf16() && rows < DP_BF16_ROWS && matches!((input, weight), (Floats::BF16(_), Floats::BF16(_)))
     }
 
     /// How many of a tile's `rows` rows (of `k` inputs) run the broadcast kernel (the first ones;
