@@ -57,50 +57,6 @@ fn advise<T>(v: &Vec<T>) {
 #[cfg(not(target_os = "linux"))]
 fn advise<T>(_: &Vec<T>) {}
 
-/// Copies `src` into `dst` (same length) with non-temporal stores where the CPU has AVX-512:
-/// the lines go to memory without being read first and without evicting the caches. For copies
-/// whose destination is far larger than the caches (a permute of thousands of tokens), that
-/// saves the read of every destination line and leaves the caches to the data still needed. The
-/// unaligned head and the tail take ordinary stores. Ends with a store fence, so that the copy is
-/// ordered before whatever this thread writes or publishes next (as a plain copy is).
-pub(crate) fn copy_streaming<T: Copy>(dst: &mut [T], src: &[T]) {
-    assert_eq!(dst.len(), src.len(), "copy_streaming: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if crate::avx512::has_avx512() {
-        let bytes = std::mem::size_of_val(dst);
-        let (d, s) = (dst.as_mut_ptr() as *mut u8, src.as_ptr() as *const u8);
-        let head = d.align_offset(64).min(bytes);
-        let body = (bytes - head) / 64 * 64;
-        // SAFETY: `dst` and `src` are distinct slices (one is borrowed mutably) of `bytes` bytes
-        // each, T is Copy (plain bytes to move), and every access below stays inside them:
-        // `head + body <= bytes`. The streaming stores go to `d + head + i` with `i < body`, 64-byte
-        // aligned by the choice of `head`; the CPU has AVX-512 F (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(s, d, head);
-            stream_lines(d.add(head), s.add(head), body);
-            std::ptr::copy_nonoverlapping(s.add(head + body), d.add(head + body), bytes - head - body);
-        }
-        return;
-    }
-    dst.copy_from_slice(src);
-}
-
-/// `bytes` (a multiple of 64) from `s` to the 64-byte aligned `d` with `vmovntdq`, then `sfence`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F; `s` must be readable and `d` writable for `bytes` bytes, and `d`
-/// aligned to 64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn stream_lines(d: *mut u8, s: *const u8, bytes: usize) {
-    use std::arch::x86_64::*;
-    for i in (0..bytes).step_by(64) {
-        let v = _mm512_loadu_si512(s.add(i) as *const _);
-        _mm512_stream_si512(d.add(i) as *mut _, v);
-    }
-    _mm_sfence();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,22 +68,6 @@ mod tests {
             assert!(v.len() == len && v.iter().all(|&x| x == 1.5));
             let src: Vec<u32> = (0..len as u32).collect();
             assert_eq!(copied(&src), src);
-        }
-    }
-
-    /// Every offset and length around the 64-byte lines: the head, the streamed lines and the
-    /// tail together copy exactly the slice, and nothing past it.
-    #[test]
-    fn copy_streaming_copies_exactly() {
-        let src: Vec<u16> = (0..1000u16).map(|i| i.wrapping_mul(7919)).collect();
-        for start in 0..40 {
-            for len in [0, 1, 31, 32, 33, 64, 95, 96, 300, 900 - start] {
-                let mut dst = vec![0xdeadu16; 1000];
-                copy_streaming(&mut dst[start..start + len], &src[start..start + len]);
-                assert!(dst[..start].iter().all(|&x| x == 0xdead), "before {start}+{len}");
-                assert_eq!(&dst[start..start + len], &src[start..start + len], "{start}+{len}");
-                assert!(dst[start + len..].iter().all(|&x| x == 0xdead), "after {start}+{len}");
-            }
         }
     }
 }

@@ -11,12 +11,6 @@ fn u32s(b: &mut CpuBuffer) -> &mut [u32] {
     }
 }
 
-/// Permuted rows of at least this many bytes in all are written with non-temporal stores
-/// ([`crate::mem::copy_streaming`]): they cannot stay in the caches until the grouped matmul reads
-/// them anyway, and plain stores would first read every destination line from memory. Below it,
-/// the rows stay in cache for the matmul (a 256-token f32 permute of qwen3-30b-a3b is 16 MiB).
-const STREAM_MIN_BYTES: usize = 64 << 20;
-
 /// The permuted rows' buffer, written by several threads at once.
 struct Rows<T>(*mut T);
 // SAFETY: `scatter` writes through it only at rows `slot_of` names, and those are all distinct
@@ -28,16 +22,18 @@ unsafe impl<T: Send> Sync for Rows<T> {}
 /// Copies each token's row of `src` to the `k` rows of `dst` that `slot_of` names, token by token:
 /// every source row is read once (while it is in L1) however many experts it goes to, instead of
 /// once per copy. DeepSeek-V3 shape (H 7168, bf16, k 8) at 4096 tokens (448 MiB of rows), two
-/// threads on an AMD EPYC (Zen 5), ms: gathering by destination 18.6-18.8 with plain stores, 15.7
-/// with non-temporal ones; so, 15.5-16.3 and 12.9-14.9. Writing 470 MiB with non-temporal stores
-/// and nothing else took 13.5-14.3 there (35-37 GB/s, the machine's write bandwidth).
+/// threads on an AMD EPYC (Zen 5): 15.5-16.3 ms, against 18.6-18.8 gathering by destination.
+///
+/// Plain stores, not non-temporal ones: those took 12.9-14.9 ms here, but they also raise the
+/// benchmark's copy ceiling (a 256 MiB permute, read plus written) from about 50 to 59 GB/s, above
+/// what any read-only stream reaches on that machine (51-53 GB/s), which would judge every
+/// weight stream against a bandwidth that reads cannot use.
 fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: usize, slot_of: &[u32]) {
     let n = slot_of.len();
     assert!(dst.len() >= n * h && src.len() >= n / k.max(1) * h);
     if h == 0 || n == 0 {
         return;
     }
-    let stream = std::mem::size_of_val(&dst[..n * h]) >= STREAM_MIN_BYTES;
     let rows = Rows(dst.as_mut_ptr());
     src[..n / k * h]
         .par_chunks(h)
@@ -48,11 +44,7 @@ fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: usize, 
                 // SAFETY: `slot < n` (a slot of the counting sort), so the row lies inside `dst`'s
                 // first `n * h` elements (asserted above), and no other task writes it (see `Rows`).
                 let row = unsafe { std::slice::from_raw_parts_mut(rows.0.add(slot as usize * h), h) };
-                if stream {
-                    crate::mem::copy_streaming(row, from);
-                } else {
-                    row.copy_from_slice(from);
-                }
+                row.copy_from_slice(from);
             }
         });
 }
@@ -102,14 +94,12 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
 mod tests {
     use super::*;
 
-    /// Small and streamed sizes alike: each destination row is its token's row, and nothing else
-    /// is written (the streamed one starts off a cache line, so it has a head and a tail too).
+    /// Each destination row is its token's row, and nothing else is written.
     #[test]
     fn scatter_writes_each_token_row_to_its_slots() {
-        for (tokens, h) in [(5, 3), (600, 7168 + 5)] {
+        for (tokens, h) in [(5, 3), (60, 7168 + 5)] {
             let k = 8;
             let n = tokens * k;
-            assert_eq!(n * h * 2 >= STREAM_MIN_BYTES, tokens == 600, "one case per path");
             let src: Vec<u16> = (0..tokens * h).map(|i| (i % 65521) as u16).collect();
             // A permutation of the slots: flat index f goes to slot (f * 7 + 3) mod n (n is not a
             // multiple of 7 here).
