@@ -1445,6 +1445,64 @@ unsafe fn chains_dp() -> f32 {
     a.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
 }
 
+/// `out[i] = 1 / (1 + exp(-x[i]))`, NaN counted as minus infinity (the routing contract's rule), 16
+/// at a time. exp is Cephes' `expf` (Cody-Waite reduction by ln 2, a degree-6 polynomial,
+/// `vscalefps` for the power of two, which also gives 0 and infinity past the range); each result
+/// is within 3 f32 epsilons (relative) of the exact sigmoid (tested). The scalar path calls the C library's
+/// `expf`. At 4096 tokens of
+/// DeepSeek-V3 (256 experts) the scalar loop took about a fifth of the routing time.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
+    assert!(out.len() >= x.len());
+    for i in (0..x.len()).step_by(16) {
+        let m: __mmask16 = if x.len() - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (x.len() - i)) - 1
+        };
+        let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+        // NaN -> -inf, then exp(-v): -inf gives exp(104)... clamped below, +inf gives 0.
+        let v = _mm512_mask_mov_ps(
+            v,
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v),
+            _mm512_set1_ps(f32::NEG_INFINITY),
+        );
+        let e = exp_cephes(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        let one = _mm512_set1_ps(1.0);
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+    }
+}
+
+/// Cephes `expf` on 16 lanes (see [`sigmoid`]): `y` is clamped to [-104, 89], whose ends give 0
+/// and infinity after the scaling, as exp does.
+#[inline(always)]
+unsafe fn exp_cephes(y: __m512) -> __m512 {
+    let y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-104.0)), _mm512_set1_ps(89.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        y,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // ln 2 in two parts, so that n * ln2_hi is exact.
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), y);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(e, n)
+}
+
 /// Whether this CPU runs [`dots`].
 pub fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
@@ -1458,6 +1516,59 @@ pub fn has_avx512_bf16() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Within 3 f32 epsilons (relative) of the exact sigmoid from -87 to 87, the scalar formula's
+    /// value (1, or subnormal to 0) past that, and the
+    /// contract's values at the edges: NaN and -inf give 0, +inf 1, 0 one half.
+    #[test]
+    fn sigmoid_matches_the_scalar_formula() {
+        if !has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+            return;
+        }
+        let mut x: Vec<f32> = (-208_000..=208_000).map(|i| i as f32 * 5e-4).collect();
+        x.extend([
+            f32::NAN,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            88.7,
+            -88.7,
+            200.0,
+            -200.0,
+        ]);
+        // A tail of 5 past the last whole vector.
+        x.truncate(x.len() / 16 * 16 + 5);
+        x.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -200.0]);
+        let mut got = vec![f32::NAN; x.len() + 3];
+        // SAFETY: the CPU has AVX-512 F (checked above).
+        unsafe { sigmoid(&x, &mut got) };
+        assert!(got[x.len()..].iter().all(|v| v.is_nan()), "wrote past the inputs");
+        let mut worst = 0.0f64;
+        for (&v, &g) in x.iter().zip(&got) {
+            let clean = if v.is_nan() { f32::NEG_INFINITY } else { v };
+            if clean.abs() > 87.0 {
+                // 1 + exp(-x) rounds to 1, or the result is subnormal or 0 (exp(-x) overflows f32
+                // from 88.7): the scalar formula's value, to a few subnormals (1.4e-45 each).
+                let want = 1.0 / (1.0 + (-clean).exp());
+                assert!((g - want).abs() <= 1e-44, "sigmoid({v}) = {g}, want {want}");
+                continue;
+            }
+            let want = 1.0 / (1.0 + (-clean as f64).exp());
+            let err = (g as f64 - want).abs() / want;
+            assert!(err <= 3.0 * f32::EPSILON as f64, "sigmoid({v}) = {g}, want {want}");
+            worst = worst.max(err);
+        }
+        let at = |v: f32| got[x.iter().rposition(|&y| y.to_bits() == v.to_bits()).unwrap()];
+        assert_eq!(
+            (at(f32::NAN), at(f32::NEG_INFINITY), at(f32::INFINITY), at(0.0)),
+            (0.0, 0.0, 1.0, 0.5)
+        );
+        eprintln!("worst relative error: {worst:.2e}");
+    }
 
     /// Blocks and edges give the same bits as one output at a time, and match f64 closely.
     #[test]

@@ -460,7 +460,7 @@ impl Backend for CpuBackend {
         plain("logits", logits)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
         self.pool
-            .install(|| route::route(f32_slice(logits), spec, tokens, ids, weights));
+            .install(|| route::route(f32_slice(logits), spec, tokens, self.simd.avx512(), ids, weights));
         Ok(())
     }
 

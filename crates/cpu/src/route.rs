@@ -3,10 +3,16 @@
 use moe_hal_core::{GroupScore, Renorm, RouterSpec, Scoring};
 use rayon::prelude::*;
 
-/// Scores of one token into `s`, with the contract's non-finite rules.
-fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32]) {
+/// Scores of one token into `s`, with the contract's non-finite rules; sigmoid on 16 lanes with
+/// `avx512` ([`crate::avx512::sigmoid`]).
+fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
     match scoring {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `avx512` says the CPU has AVX-512 F (the backend's SIMD level).
+        Scoring::Sigmoid if avx512 => unsafe { crate::avx512::sigmoid(logits, s) },
         Scoring::Sigmoid => s
             .iter_mut()
             .zip(logits)
@@ -47,6 +53,31 @@ fn select(cand: impl Iterator<Item = usize>, k: usize, better: impl Fn(usize, us
     }
 }
 
+/// Ids of the `k` largest of `c` among `cand`, best first, where `cand` visits ids in ascending
+/// order and `c` is finite: a later id never beats an equal value already kept (the lower id wins
+/// ties), so a candidate enters only when strictly larger. Values are compared straight from a
+/// kept copy, without the id tie-break of [`select`]; the same result.
+fn select_ascending(c: &[f32], cand: impl Iterator<Item = usize>, k: usize, vals: &mut Vec<f32>, out: &mut Vec<usize>) {
+    out.clear();
+    vals.clear();
+    if k == 0 {
+        return;
+    }
+    for i in cand {
+        let v = c[i];
+        if out.len() == k {
+            if v <= vals[k - 1] {
+                continue;
+            }
+            out.pop();
+            vals.pop();
+        }
+        let pos = vals.iter().position(|&u| v > u).unwrap_or(vals.len());
+        vals.insert(pos, v);
+        out.insert(pos, i);
+    }
+}
+
 /// Top-k by sorting when k is large (insertion is O(E * k)).
 fn select_any(
     n: usize,
@@ -80,12 +111,42 @@ struct Scratch {
     gscore: Vec<f32>,
     kept: Vec<usize>,
     chosen: Vec<usize>,
+    chosen_vals: Vec<f32>,
 }
 
-fn route_token(logits: &[f32], spec: &RouterSpec, ids: &mut [u32], weights: &mut [f32], m: &mut Scratch) {
+/// The largest and second largest of `v` (both the same where the largest is there twice; minus
+/// infinity for missing ones), for finite `v`. Eight independent chains without branches, then
+/// their merge: the branchy loop over DeepSeek's groups of 32 random scores mispredicted often,
+/// and a single branch-free chain waits on its own latency.
+fn top2(v: &[f32]) -> (f32, f32) {
+    const L: usize = 8;
+    let (mut m1, mut m2) = ([f32::NEG_INFINITY; L], [f32::NEG_INFINITY; L]);
+    let chunks = v.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..L {
+            let lo = if c[j] < m1[j] { c[j] } else { m1[j] };
+            m2[j] = if m2[j] > lo { m2[j] } else { lo };
+            m1[j] = if m1[j] > c[j] { m1[j] } else { c[j] };
+        }
+    }
+    // The two largest of the lanes' largest and the rest, then any lane's second.
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in m1.iter().chain(rest) {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    (a, m2.iter().fold(b, |b, &x| if x > b { x } else { b }))
+}
+
+fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32], weights: &mut [f32], m: &mut Scratch) {
     let e = spec.num_experts;
     m.scores.resize(e, 0.0);
-    scores(logits, spec.scoring, &mut m.scores);
+    scores(logits, spec.scoring, &mut m.scores, avx512);
     let s = &m.scores;
     m.chosen_by.clear();
     match &spec.correction_bias {
@@ -96,20 +157,13 @@ fn route_token(logits: &[f32], spec: &RouterSpec, ids: &mut [u32], weights: &mut
     // c is finite (scores in [0, 1], bias finite), so `>` is a total order with the id tie-break.
     let better = |a: usize, b: usize| c[a] > c[b] || (c[a] == c[b] && a < b);
     match spec.grouping {
+        None if spec.top_k <= 32 => select_ascending(c, 0..e, spec.top_k, &mut m.chosen_vals, &mut m.chosen),
         None => select_any(e, |_| true, spec.top_k, better, &mut m.chosen),
         Some(g) => {
             let size = e / g.n_group;
             m.gscore.clear();
             m.gscore.extend(c.chunks(size).map(|grp| {
-                let (mut m1, mut m2) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                for &v in grp {
-                    if v > m1 {
-                        m2 = m1;
-                        m1 = v;
-                    } else if v > m2 {
-                        m2 = v;
-                    }
-                }
+                let (m1, m2) = top2(grp);
                 match g.score {
                     GroupScore::Max => m1,
                     GroupScore::Top2Sum => m1 + m2,
@@ -124,7 +178,7 @@ fn route_token(logits: &[f32], spec: &RouterSpec, ids: &mut [u32], weights: &mut
             let kept = &m.kept;
             let cand = kept.iter().flat_map(|&grp| grp * size..(grp + 1) * size);
             if spec.top_k <= 32 {
-                select(cand, spec.top_k, better, &mut m.chosen);
+                select_ascending(c, cand, spec.top_k, &mut m.chosen_vals, &mut m.chosen);
             } else {
                 m.chosen.clear();
                 m.chosen.extend(cand);
@@ -160,13 +214,14 @@ fn route_token(logits: &[f32], spec: &RouterSpec, ids: &mut [u32], weights: &mut
     weights.iter_mut().for_each(|w| *w = *w / div * scale);
 }
 
-pub fn route(logits: &[f32], spec: &RouterSpec, tokens: usize, ids: &mut [u32], weights: &mut [f32]) {
+/// Routes `tokens` rows of `logits`; `avx512` where the backend runs AVX-512 (sigmoid on 16 lanes).
+pub fn route(logits: &[f32], spec: &RouterSpec, tokens: usize, avx512: bool, ids: &mut [u32], weights: &mut [f32]) {
     let (e, k) = (spec.num_experts, spec.top_k);
     logits[..tokens * e]
         .par_chunks(e)
         .zip(ids[..tokens * k].par_chunks_mut(k))
         .zip(weights[..tokens * k].par_chunks_mut(k))
-        .for_each_init(Scratch::default, |m, ((l, i), w)| route_token(l, spec, i, w, m));
+        .for_each_init(Scratch::default, |m, ((l, i), w)| route_token(l, spec, avx512, i, w, m));
 }
 
 pub fn topk(values: &[f32], rows: usize, cols: usize, k: usize, ids: &mut [u32], out: &mut [f32]) {
@@ -192,4 +247,40 @@ pub fn topk(values: &[f32], rows: usize, cols: usize, k: usize, ids: &mut [u32],
                 out[j] = v[i];
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same two values as the branchy loop over every element, for lengths around the lanes,
+    /// with repeated maxima and ties.
+    #[test]
+    fn top2_is_the_two_largest() {
+        let mut seed = 9u64;
+        for len in [0, 1, 2, 7, 8, 9, 15, 16, 17, 32, 33, 64, 100] {
+            for round in 0..200 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        // Few distinct values in odd rounds, so that the largest repeats.
+                        let m = if round % 2 == 1 { 4 } else { 1000 };
+                        (seed % m) as f32 - 2.0
+                    })
+                    .collect();
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &x in &v {
+                    if x > a {
+                        b = a;
+                        a = x;
+                    } else if x > b {
+                        b = x;
+                    }
+                }
+                assert_eq!(top2(&v), (a, b), "{v:?}");
+            }
+        }
+    }
 }
