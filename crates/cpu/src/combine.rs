@@ -5,22 +5,79 @@ use half::{bf16, f16};
 use moe_hal_core::{CombineShape, HostVec};
 use rayon::prelude::*;
 
-/// `acc += w * src[start..]` element by element (a multiply, then an add), widening 16-bit
-/// values exactly as they are read. Reading the expert rows in place instead of copying (widening)
-/// each into a work row first took 0.59-0.66 of the time with the same bits (qwen3-30b-a3b at 256
-/// tokens, one and two threads, 30 alternations: f32 1.00 -> 0.66 ms, bf16 1.62 -> 0.93 ms on two).
-fn add_scaled(acc: &mut [f32], src: Floats, start: usize, w: f32) {
-    let n = acc.len();
-    match src {
-        Floats::F32(v) => acc.iter_mut().zip(&v[start..start + n]).for_each(|(a, &x)| *a += w * x),
-        Floats::BF16(v) => acc
-            .iter_mut()
-            .zip(&v[start..start + n])
-            .for_each(|(a, &x)| *a += w * bf16_to_f32(x)),
-        Floats::F16(v) => acc
-            .iter_mut()
-            .zip(&v[start..start + n])
-            .for_each(|(a, &x)| *a += w * f16_to_f32(x)),
+/// Outputs per step of a token's row: the step's accumulators stay in registers while all `k`
+/// expert rows are added, instead of one pass over a work row per expert. DeepSeek-V3 shape (H
+/// 7168, k 8, bf16, slots in random order) at 4096 tokens, two threads on an AMD EPYC (Zen 5):
+/// 37.8-39.6 ms with a pass per expert, 21.5-26.4 in steps, 13.8-15.5 in steps with the prefetch
+/// ([`AHEAD_BYTES`]; 1 and 4 KiB ahead the same), against 11 ms for its 528 MB at 48 GB/s.
+const STEP: usize = 64;
+
+/// How far ahead [`token_row`] prefetches each expert row it reads (and, near a row's end, the
+/// next token's rows): `k` scattered rows at a time are too many streams for the hardware
+/// prefetchers to start on their own.
+const AHEAD_BYTES: usize = 2 << 10;
+
+/// Pulls the lines at element `at` of every row of `terms` into L1, or where `at` is past the row
+/// (`h`), those at `at - h` of `next`'s rows. One line per 64 bytes of a step.
+#[inline(always)]
+fn prefetch<T>(y: &[T], terms: &[(usize, f32)], next: &[(usize, f32)], h: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (rows, at) = if at < h { (terms, at) } else { (next, at - h) };
+        if at >= h {
+            return;
+        }
+        for &(start, _) in rows {
+            for line in (0..STEP * std::mem::size_of::<T>()).step_by(64) {
+                // Only a hint: an address past the row's end names memory never read, which a
+                // prefetch may name without faulting; `wrapping_add` computes it without UB.
+                let p = (y.as_ptr().wrapping_add(start + at) as *const i8).wrapping_add(line);
+                // SAFETY: prefetching has no effect the program can observe (SSE is baseline on
+                // x86-64).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (y, terms, next, h, at);
+}
+
+/// One token: `out[c] = store(sum over terms of w * widen(y[start + c]))`, the terms in the order
+/// given, a multiply then an add each (no fused multiply-add), from 0.
+fn token_row<T: Copy, O>(
+    y: &[T],
+    terms: &[(usize, f32)],
+    next: &[(usize, f32)],
+    widen: impl Fn(T) -> f32 + Copy,
+    out: &mut [O],
+    store: impl Fn(&mut [O], &[f32]),
+) {
+    let h = out.len();
+    let ahead = (AHEAD_BYTES / std::mem::size_of::<T>()).max(1);
+    let mut acc = [0.0f32; STEP];
+    let mut c0 = 0;
+    while c0 + STEP <= h {
+        prefetch(y, terms, next, h, c0 + ahead);
+        acc.fill(0.0);
+        for &(start, w) in terms {
+            let src: &[T; STEP] = y[start + c0..start + c0 + STEP].try_into().expect("STEP elements");
+            for (a, &x) in acc.iter_mut().zip(src) {
+                *a += w * widen(x);
+            }
+        }
+        store(&mut out[c0..c0 + STEP], &acc);
+        c0 += STEP;
+    }
+    if c0 < h {
+        let n = h - c0;
+        acc[..n].fill(0.0);
+        for &(start, w) in terms {
+            for (a, &x) in acc[..n].iter_mut().zip(&y[start + c0..start + h]) {
+                *a += w * widen(x);
+            }
+        }
+        store(&mut out[c0..], &acc[..n]);
     }
 }
 
@@ -31,45 +88,60 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
     if h == 0 || s.tokens == 0 {
         return;
     }
-    // Per-task work (order, accumulator), reused across the task's tokens.
-    let scratch = || (Vec::<usize>::with_capacity(k), vec![0.0f32; h]);
-    let token = |(order, acc): &mut (Vec<usize>, Vec<f32>), t: usize, prev: &mut [f32]| {
-        order.clear();
-        order.extend(0..k);
-        order.sort_by_key(|&j| (ids[t * k + j], j));
-        acc.fill(0.0);
-        for &j in order.iter() {
-            let f = t * k + j;
-            add_scaled(acc, y, slots[f] as usize * h, weights[f]);
-        }
-        if s.accumulate {
-            prev.iter_mut().zip(acc.iter()).for_each(|(p, &a)| *p += a);
-        } else {
-            prev.copy_from_slice(acc);
-        }
-    };
+    let acc = s.accumulate;
     let rows = s.tokens * h;
+    // Per task: token t's terms (row start, weight), in the summation order.
+    let terms = |order: &mut Vec<(u32, usize)>, terms: &mut Vec<(usize, f32)>, t: usize| {
+        terms.clear();
+        if t >= s.tokens {
+            return;
+        }
+        order.clear();
+        order.extend((0..k).map(|j| (ids[t * k + j], j)));
+        order.sort_unstable();
+        terms.extend(
+            order
+                .iter()
+                .map(|&(_, j)| (slots[t * k + j] as usize * h, weights[t * k + j])),
+        );
+    };
+    macro_rules! run {
+        ($o:expr, $store:expr) => {
+            $o[..rows].par_chunks_mut(h).enumerate().for_each_init(
+                || {
+                    (
+                        Vec::with_capacity(k),
+                        Vec::with_capacity(k),
+                        Vec::with_capacity(k),
+                    )
+                },
+                |(order, tv, nv), (t, r)| {
+                    terms(order, tv, t);
+                    // The next token's rows, to prefetch (usually this task's next token).
+                    terms(order, nv, t + 1);
+                    match y {
+                        Floats::F32(v) => token_row(v, tv, nv, |x| x, r, $store),
+                        Floats::BF16(v) => token_row(v, tv, nv, bf16_to_f32, r, $store),
+                        Floats::F16(v) => token_row(v, tv, nv, f16_to_f32, r, $store),
+                    }
+                },
+            )
+        };
+    }
     match out {
-        HostVec::F32(o) => o[..rows]
-            .par_chunks_mut(h)
-            .enumerate()
-            .for_each_init(scratch, |sc, (t, r)| token(sc, t, r)),
-        HostVec::BF16(o) => o[..rows].par_chunks_mut(h).enumerate().for_each_init(
-            || (scratch(), vec![0.0f32; h]),
-            |(sc, p), (t, r)| {
-                p.iter_mut().zip(r.iter()).for_each(|(p, x)| *p = x.to_f32());
-                token(sc, t, p);
-                r.iter_mut().zip(p.iter()).for_each(|(d, &v)| *d = bf16::from_f32(v));
-            },
-        ),
-        HostVec::F16(o) => o[..rows].par_chunks_mut(h).enumerate().for_each_init(
-            || (scratch(), vec![0.0f32; h]),
-            |(sc, p), (t, r)| {
-                p.iter_mut().zip(r.iter()).for_each(|(p, x)| *p = x.to_f32());
-                token(sc, t, p);
-                r.iter_mut().zip(p.iter()).for_each(|(d, &v)| *d = f16::from_f32(v));
-            },
-        ),
+        HostVec::F32(o) => run!(o, |d: &mut [f32], a: &[f32]| if acc {
+            d.iter_mut().zip(a).for_each(|(d, &a)| *d += a)
+        } else {
+            d.copy_from_slice(a)
+        }),
+        HostVec::BF16(o) => run!(o, |d: &mut [bf16], a: &[f32]| d
+            .iter_mut()
+            .zip(a)
+            .for_each(|(d, &a)| { *d = bf16::from_f32(if acc { d.to_f32() + a } else { a }) })),
+        HostVec::F16(o) => run!(o, |d: &mut [f16], a: &[f32]| d
+            .iter_mut()
+            .zip(a)
+            .for_each(|(d, &a)| { *d = f16::from_f32(if acc { d.to_f32() + a } else { a }) })),
         HostVec::U32(_) => unreachable!("dtype checked before"),
     }
 }

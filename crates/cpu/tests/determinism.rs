@@ -37,46 +37,66 @@ fn layer_is_bit_identical_for_1_and_2_threads() {
     }
 }
 
+/// Bit for bit the contract's order: per token and column, from 0, `w * y` added term by term in
+/// ascending expert id, then added to the previous output when accumulating, rounded once. Rows
+/// shorter and longer than the kernel's steps of 64 columns (with a tail), f32 and bf16, expert
+/// rows in a shuffled order.
 #[test]
 fn combine_sums_in_ascending_expert_id() {
-    let (t, k, h) = (33, 4, 24);
-    let mut rng = Rng::new(5);
-    let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(16, k)).collect();
-    let slot_of: Vec<u32> = (0..(t * k) as u32).collect();
-    let y = rng.vec(t * k * h, -3.0, 3.0);
-    let w = rng.vec(t * k, 0.0, 2.0);
-    let b = CpuBackend::new().unwrap();
-    let (yb, ib, wb, sb) = (
-        b.upload(HostSlice::F32(&y)).unwrap(),
-        b.upload(HostSlice::U32(&ids)).unwrap(),
-        b.upload(HostSlice::F32(&w)).unwrap(),
-        b.upload(HostSlice::U32(&slot_of)).unwrap(),
-    );
-    let mut out = b.alloc(DType::F32, t * h).unwrap();
-    b.combine(
-        &yb,
-        &ib,
-        &wb,
-        &sb,
-        &mut out,
-        CombineShape {
-            tokens: t,
-            hidden: h,
-            top_k: k,
-            accumulate: false,
-        },
-    )
-    .unwrap();
-    let got = b.download(&out).unwrap().to_f32().unwrap();
-    for tok in 0..t {
-        let mut js: Vec<usize> = (0..k).collect();
-        js.sort_by_key(|&j| ids[tok * k + j]);
-        for c in 0..h {
-            let mut acc = 0.0f32;
-            for &j in &js {
-                acc += w[tok * k + j] * y[(tok * k + j) * h + c];
+    use half::bf16;
+    let (t, k) = (33, 4);
+    for h in [24, 2 * 64 + 5] {
+        for dtype in [DType::F32, DType::BF16] {
+            for accumulate in [false, true] {
+                let mut rng = Rng::new(5 + h as u64);
+                let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(16, k)).collect();
+                let n = (t * k) as u32;
+                let slot_of: Vec<u32> = (0..n).map(|f| (f * 7 + 3) % n).collect();
+                let round = |v: Vec<f32>| match dtype {
+                    DType::BF16 => v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect(),
+                    _ => v,
+                };
+                let (y, w, prev) = (
+                    round(rng.vec(t * k * h, -3.0, 3.0)),
+                    rng.vec(t * k, 0.0, 2.0),
+                    round(rng.vec(t * h, -1.0, 1.0)),
+                );
+                let host = |v: &[f32]| moe_hal_core::HostVec::from_f32(v, dtype).unwrap();
+                let b = CpuBackend::new().unwrap();
+                let (yb, ib, wb, sb) = (
+                    b.upload(host(&y).as_slice()).unwrap(),
+                    b.upload(HostSlice::U32(&ids)).unwrap(),
+                    b.upload(HostSlice::F32(&w)).unwrap(),
+                    b.upload(HostSlice::U32(&slot_of)).unwrap(),
+                );
+                let mut out = b.upload(host(&prev).as_slice()).unwrap();
+                let s = CombineShape {
+                    tokens: t,
+                    hidden: h,
+                    top_k: k,
+                    accumulate,
+                };
+                b.combine(&yb, &ib, &wb, &sb, &mut out, s).unwrap();
+                let got = b.download(&out).unwrap().to_f32().unwrap();
+                for tok in 0..t {
+                    let mut js: Vec<usize> = (0..k).collect();
+                    js.sort_by_key(|&j| ids[tok * k + j]);
+                    for c in 0..h {
+                        let mut acc = 0.0f32;
+                        for &j in &js {
+                            let f = tok * k + j;
+                            acc += w[f] * y[slot_of[f] as usize * h + c];
+                        }
+                        let v = if accumulate { prev[tok * h + c] + acc } else { acc };
+                        let want = round(vec![v])[0];
+                        assert_eq!(
+                            want.to_bits(),
+                            got[tok * h + c].to_bits(),
+                            "{dtype:?} h {h} accumulate {accumulate}: token {tok} column {c}"
+                        );
+                    }
+                }
             }
-            assert_eq!(acc.to_bits(), got[tok * h + c].to_bits(), "token {tok} column {c}");
         }
     }
 }
