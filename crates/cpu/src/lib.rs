@@ -159,7 +159,7 @@ pub struct CpuBackend {
     /// f32 weights are packed ([`CpuBackend::with_packed_f32`]).
     pack_f32: bool,
     /// The broadcast and packed kernels' interleaved input rows, kept between calls (one buffer per backend
-    /// and its clones, not one per thread: 8 MiB each, unless one tile needs more).
+    /// and its clones, not one per thread: up to 64 MiB each).
     interleaved: Arc<Mutex<Vec<f32>>>,
 }
 

@@ -384,7 +384,8 @@ fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout
     }
 }
 
-/// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range.
+/// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range; the interleaved rows go in
+/// batches of at most `batch_max` f32 (unless one tile needs more).
 #[allow(clippy::too_many_arguments)]
 fn run_tiles(
     simd: Simd,
@@ -394,6 +395,7 @@ fn run_tiles(
     w: Weights,
     out: OutPtr,
     s: GemmShape,
+    batch_max: usize,
 ) {
     let (k, n, weight) = (s.in_features, s.out_features, w.floats);
     let layout = Layout::of(simd, input, w);
@@ -409,7 +411,7 @@ fn run_tiles(
             };
             let need = layout.len(head, k);
             let last = batches.last().expect("one batch at least");
-            if need > 0 && last.xt_len > 0 && last.xt_len + need > INTERLEAVED_MAX {
+            if need > 0 && last.xt_len > 0 && last.xt_len + need > batch_max {
                 batches.push(Batch::default());
             }
             let batch = batches.last_mut().expect("one batch at least");
@@ -450,7 +452,7 @@ fn run_tiles(
         // The lane blocks start on a cache line: each of their vector loads then reads one line
         // instead of two (the allocator aligns large buffers to 16 bytes only). The buffer only
         // grows: `interleave` rewrites every value read, and shrinking it for a call without
-        // broadcast tiles (decode) made the next large call zero the whole batch again.
+        // broadcast tiles (decode) made the next large call zero up to 64 MiB again.
         if buf.len() < batch.xt_len + LINE_F32 {
             buf.resize(batch.xt_len + LINE_F32, 0.0);
         }
@@ -551,16 +553,21 @@ struct Batch {
     xt_len: usize,
 }
 
-/// At most this many interleaved f32 per batch of tiles (8 MiB; 16 KiB in unit tests, so that they
-/// cover several batches), unless one tile's rows need more:
+/// At most this many interleaved f32 per batch of tiles of a grouped matmul (64 MiB; 16 KiB in unit
+/// tests, so that they cover several batches), unless one tile's rows need more:
 /// a large call runs its tiles in batches so that the buffer stays bounded (DeepSeek-V3's gate/up at
-/// 4096 tokens would otherwise interleave 32768 rows of 7168, 940 MB), and so that a batch's rows
-/// stay in the last-level cache between being interleaved and being read by its tiles. DeepSeek-V3
-/// at 4096 tokens (bf16, I 64), AMD EPYC (Zen 5, 32 MiB L3), two threads, two alternations, ms:
-/// route (router GEMM 4096 x 7168 x 256) 45.3-46.0 with 64 MiB, 42.2-42.5 with 6 MiB, 38.6-39.7
-/// with 8, 38.4-38.9 with 10, 42.4-43.3 with 12; gate/up 175-181, 158-159, 147-152, 150-156,
-/// 156-157. qwen3-30b-a3b at 256 tokens (f32 and bf16) was the same with 8 and 64 MiB.
-const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 2 << 20 };
+/// 4096 tokens would otherwise interleave 32768 rows of 7168, 940 MB).
+const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
+
+/// [`INTERLEAVED_MAX`] for the router GEMM (8 MiB): its weight stays in cache and its input rows are
+/// its traffic, so that a batch small enough to stay in the last-level cache from being interleaved
+/// to being read by its tiles (and to be overwritten there by the next batch) saves the trip
+/// through memory. Expert GEMMs stream their weights instead, and lose to the extra batches'
+/// synchronisation. DeepSeek-V3 at 4096 tokens (bf16), AMD EPYC (Zen 5, 32 MiB L3), two threads,
+/// ms, 64 MiB against 8: route 42.6-46.0 against 37.5-40.1 (6 MiB: 42.2-42.5, 10: 38.4-38.9, 12:
+/// 42.4-43.3); gate/up at I 512 650-660 against 664-686, at I 256 371-377 against 378-382, but at I
+/// 64 175-181 against 147-152.
+const ROUTER_INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 2 << 20 };
 
 /// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast and packed
 /// tiles.
@@ -1007,7 +1014,16 @@ pub fn grouped_matmul(
     s: GemmShape,
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(simd, buf, input, &groups, Weights { floats: weight, packed }, out, s);
+    run_tiles(
+        simd,
+        buf,
+        input,
+        &groups,
+        Weights { floats: weight, packed },
+        out,
+        s,
+        INTERLEAVED_MAX,
+    );
 }
 
 /// See [`grouped_matmul`] for `buf`.
@@ -1030,6 +1046,7 @@ pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: 
         },
         out,
         shape,
+        ROUTER_INTERLEAVED_MAX,
     );
 }
 
