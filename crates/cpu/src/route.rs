@@ -78,6 +78,31 @@ fn select_ascending(c: &[f32], cand: impl Iterator<Item = usize>, k: usize, vals
     }
 }
 
+/// The `k`-th largest of `known`, values of distinct candidates (minus infinity when there are
+/// fewer than `k`): no candidate below it can be among the `k` largest.
+fn floor_of(known: &mut [f32], k: usize) -> f32 {
+    if k == 0 || known.len() < k {
+        return f32::NEG_INFINITY;
+    }
+    known.sort_unstable_by(|a, b| b.total_cmp(a));
+    known[k - 1]
+}
+
+/// The ids of `cand` (at most `len` of them) whose value is at least `floor`, in order, into
+/// `out`, without a branch per candidate: each id is written, and kept by advancing past it. Few
+/// remain, so that [`select_ascending`]'s branches (one misprediction per candidate that enters
+/// the top k, about k ln(E / k) of them on random scores) run over a handful instead of all.
+fn survivors(c: &[f32], cand: impl Iterator<Item = usize>, len: usize, floor: f32, out: &mut Vec<usize>) {
+    out.clear();
+    out.resize(len, 0);
+    let mut n = 0;
+    for i in cand {
+        out[n] = i;
+        n += (c[i] >= floor) as usize;
+    }
+    out.truncate(n);
+}
+
 /// Top-k by sorting when k is large (insertion is O(E * k)).
 fn select_any(
     n: usize,
@@ -112,6 +137,12 @@ struct Scratch {
     kept: Vec<usize>,
     chosen: Vec<usize>,
     chosen_vals: Vec<f32>,
+    /// Each group's two largest values.
+    top2: Vec<(f32, f32)>,
+    /// Values of distinct candidates, for [`floor_of`].
+    known: Vec<f32>,
+    /// Candidates at or above the floor.
+    surv: Vec<usize>,
 }
 
 /// The largest and second largest of `v` (both the same where the largest is there twice; minus
@@ -156,18 +187,30 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
     let c = &m.chosen_by;
     // c is finite (scores in [0, 1], bias finite), so `>` is a total order with the id tie-break.
     let better = |a: usize, b: usize| c[a] > c[b] || (c[a] == c[b] && a < b);
+    let k = spec.top_k;
     match spec.grouping {
-        None if spec.top_k <= 32 => select_ascending(c, 0..e, spec.top_k, &mut m.chosen_vals, &mut m.chosen),
-        None => select_any(e, |_| true, spec.top_k, better, &mut m.chosen),
+        None if k <= 32 => {
+            // Eight lanes' largest values: eight distinct candidates.
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            for (i, &v) in c.iter().enumerate() {
+                let l = &mut lanes[i % 8];
+                *l = if *l > v { *l } else { v };
+            }
+            m.known.clear();
+            m.known.extend_from_slice(&lanes[..e.min(8)]);
+            let floor = floor_of(&mut m.known, k);
+            survivors(c, 0..e, e, floor, &mut m.surv);
+            select_ascending(c, m.surv.iter().copied(), k, &mut m.chosen_vals, &mut m.chosen)
+        }
+        None => select_any(e, |_| true, k, better, &mut m.chosen),
         Some(g) => {
             let size = e / g.n_group;
+            m.top2.clear();
+            m.top2.extend(c.chunks(size).map(top2));
             m.gscore.clear();
-            m.gscore.extend(c.chunks(size).map(|grp| {
-                let (m1, m2) = top2(grp);
-                match g.score {
-                    GroupScore::Max => m1,
-                    GroupScore::Top2Sum => m1 + m2,
-                }
+            m.gscore.extend(m.top2.iter().map(|&(m1, m2)| match g.score {
+                GroupScore::Max => m1,
+                GroupScore::Top2Sum => m1 + m2,
             }));
             let gs = &m.gscore;
             let gbetter = |a: usize, b: usize| gs[a] > gs[b] || (gs[a] == gs[b] && a < b);
@@ -177,8 +220,14 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
             m.kept.sort_unstable();
             let kept = &m.kept;
             let cand = kept.iter().flat_map(|&grp| grp * size..(grp + 1) * size);
-            if spec.top_k <= 32 {
-                select_ascending(c, cand, spec.top_k, &mut m.chosen_vals, &mut m.chosen);
+            if k <= 32 {
+                // The kept groups' two largest: distinct candidates (a missing second is -inf).
+                m.known.clear();
+                m.known
+                    .extend(kept.iter().flat_map(|&grp| [m.top2[grp].0, m.top2[grp].1]));
+                let floor = floor_of(&mut m.known, k);
+                survivors(c, cand, kept.len() * size, floor, &mut m.surv);
+                select_ascending(c, m.surv.iter().copied(), k, &mut m.chosen_vals, &mut m.chosen);
             } else {
                 m.chosen.clear();
                 m.chosen.extend(cand);
@@ -189,7 +238,7 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
                         std::cmp::Ordering::Greater
                     }
                 });
-                m.chosen.truncate(spec.top_k);
+                m.chosen.truncate(k);
             }
         }
     }
@@ -252,6 +301,82 @@ pub fn topk(values: &[f32], rows: usize, cols: usize, k: usize, ids: &mut [u32],
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The experts `route` picks are those of sorting every allowed expert by score plus bias
+    /// (ties to the lower id), kept groups first chosen the same way, with scores drawn from a few
+    /// values so that ties are everywhere: the floor and the survivors drop no winner.
+    #[test]
+    fn selection_matches_a_full_sort() {
+        let mut seed = 17u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (e, k, groups) in [
+            (128, 8, None),
+            (384, 8, None),
+            (5, 3, None),
+            (256, 8, Some((8, 4))),
+            (32, 4, Some((4, 2))),
+            (16, 6, Some((8, 3))),
+        ] {
+            for distinct in [3u64, 40, 1 << 20] {
+                let spec = match groups {
+                    None => RouterSpec::softmax_topk(e, k, true),
+                    Some((n, kg)) => {
+                        let bias = (0..e).map(|i| (i % 3) as f32 * 0.25).collect();
+                        RouterSpec::deepseek_v3(e, k, n, kg, Some(bias), true, 2.5)
+                    }
+                };
+                let tokens = 50;
+                let logits: Vec<f32> = (0..tokens * e)
+                    .map(|_| (next() % distinct) as f32 * 0.125 - 2.0)
+                    .collect();
+                for avx512 in [false, true] {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 && !crate::avx512::has_avx512() {
+                        continue;
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    if avx512 {
+                        continue;
+                    }
+                    let (mut ids, mut w) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
+                    route(&logits, &spec, tokens, avx512, &mut ids, &mut w);
+                    for t in 0..tokens {
+                        let mut sc = vec![0f32; e];
+                        scores(&logits[t * e..(t + 1) * e], spec.scoring, &mut sc, avx512);
+                        let c: Vec<f32> = match &spec.correction_bias {
+                            Some(b) => sc.iter().zip(b).map(|(s, b)| s + b).collect(),
+                            None => sc,
+                        };
+                        let order = |mut v: Vec<usize>, key: &dyn Fn(usize) -> f32| {
+                            v.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+                            v
+                        };
+                        let allowed: Vec<usize> = match groups {
+                            None => (0..e).collect(),
+                            Some((n, kg)) => {
+                                let size = e / n;
+                                let gs = |g: usize| {
+                                    let mut v: Vec<f32> = c[g * size..(g + 1) * size].to_vec();
+                                    v.sort_by(|a, b| b.total_cmp(a));
+                                    v[0] + v.get(1).copied().unwrap_or(f32::NEG_INFINITY)
+                                };
+                                let kept = order((0..n).collect(), &gs);
+                                (0..e).filter(|&i| kept[..kg].contains(&(i / size))).collect()
+                            }
+                        };
+                        let want = order(allowed, &|i| c[i]);
+                        let got: Vec<usize> = ids[t * k..(t + 1) * k].iter().map(|&i| i as usize).collect();
+                        assert_eq!(got, want[..k], "E {e} k {k} {groups:?}, {distinct} values, token {t}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The same two values as the branchy loop over every element, for lengths around the lanes,
     /// with repeated maxima and ties.
