@@ -136,13 +136,30 @@ struct Scratch {
     gscore: Vec<f32>,
     kept: Vec<usize>,
     chosen: Vec<usize>,
-    chosen_vals: Vec<f32>,
     /// Each group's two largest values.
     top2: Vec<(f32, f32)>,
-    /// Values of distinct candidates, for [`floor_of`].
+    pick: Pick,
+}
+
+/// The top-k selection of up to 32 experts, with its buffers.
+#[derive(Default)]
+struct Pick {
+    /// Values of distinct candidates, for [`floor_of`]; the caller fills it.
     known: Vec<f32>,
     /// Candidates at or above the floor.
     surv: Vec<usize>,
+    /// The values of the kept ids, for [`select_ascending`].
+    vals: Vec<f32>,
+}
+
+impl Pick {
+    /// The `k` largest of `c` among `cand` (ascending ids, at most `len` of them) into `out`, best
+    /// first: those below the floor that `known` gives are dropped first.
+    fn run(&mut self, c: &[f32], cand: impl Iterator<Item = usize>, len: usize, k: usize, out: &mut Vec<usize>) {
+        let floor = floor_of(&mut self.known, k);
+        survivors(c, cand, len, floor, &mut self.surv);
+        select_ascending(c, self.surv.iter().copied(), k, &mut self.vals, out);
+    }
 }
 
 /// The largest and second largest of `v` (both the same where the largest is there twice; minus
@@ -196,11 +213,9 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
                 let l = &mut lanes[i % 8];
                 *l = if *l > v { *l } else { v };
             }
-            m.known.clear();
-            m.known.extend_from_slice(&lanes[..e.min(8)]);
-            let floor = floor_of(&mut m.known, k);
-            survivors(c, 0..e, e, floor, &mut m.surv);
-            select_ascending(c, m.surv.iter().copied(), k, &mut m.chosen_vals, &mut m.chosen)
+            m.pick.known.clear();
+            m.pick.known.extend_from_slice(&lanes[..e.min(8)]);
+            m.pick.run(c, 0..e, e, k, &mut m.chosen);
         }
         None => select_any(e, |_| true, k, better, &mut m.chosen),
         Some(g) => {
@@ -219,26 +234,16 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
             // visiting order does not change the choice).
             m.kept.sort_unstable();
             let kept = &m.kept;
-            let cand = kept.iter().flat_map(|&grp| grp * size..(grp + 1) * size);
             if k <= 32 {
                 // The kept groups' two largest: distinct candidates (a missing second is -inf).
-                m.known.clear();
-                m.known
+                m.pick.known.clear();
+                m.pick
+                    .known
                     .extend(kept.iter().flat_map(|&grp| [m.top2[grp].0, m.top2[grp].1]));
-                let floor = floor_of(&mut m.known, k);
-                survivors(c, cand, kept.len() * size, floor, &mut m.surv);
-                select_ascending(c, m.surv.iter().copied(), k, &mut m.chosen_vals, &mut m.chosen);
+                let cand = kept.iter().flat_map(|&grp| grp * size..(grp + 1) * size);
+                m.pick.run(c, cand, kept.len() * size, k, &mut m.chosen);
             } else {
-                m.chosen.clear();
-                m.chosen.extend(cand);
-                m.chosen.sort_by(|&a, &b| {
-                    if better(a, b) {
-                        std::cmp::Ordering::Less
-                    } else {
-                        std::cmp::Ordering::Greater
-                    }
-                });
-                m.chosen.truncate(k);
+                select_any(e, |i| kept.binary_search(&(i / size)).is_ok(), k, better, &mut m.chosen);
             }
         }
     }
@@ -304,7 +309,8 @@ mod tests {
 
     /// The experts `route` picks are those of sorting every allowed expert by score plus bias
     /// (ties to the lower id), kept groups first chosen the same way, with scores drawn from a few
-    /// values so that ties are everywhere: the floor and the survivors drop no winner.
+    /// values so that ties are everywhere: the floor and the survivors drop no winner (and k above
+    /// 32, where the kept experts are sorted instead).
     #[test]
     fn selection_matches_a_full_sort() {
         let mut seed = 17u64;
@@ -321,6 +327,8 @@ mod tests {
             (256, 8, Some((8, 4))),
             (32, 4, Some((4, 2))),
             (16, 6, Some((8, 3))),
+            (100, 40, None),
+            (256, 40, Some((8, 4))),
         ] {
             for distinct in [3u64, 40, 1 << 20] {
                 let spec = match groups {
