@@ -113,12 +113,20 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
                         Vec::with_capacity(k),
                         Vec::with_capacity(k),
                         Vec::with_capacity(k),
+                        usize::MAX,
                     )
                 },
-                |(order, tv, nv), (t, r)| {
-                    terms(order, tv, t);
-                    // The next token's rows, to prefetch (usually this task's next token).
+                |(order, tv, nv, next_t), (t, r)| {
+                    // This token's terms are the previous token's `next` when the task goes on
+                    // to the following token, as it usually does.
+                    if *next_t == t {
+                        std::mem::swap(tv, nv);
+                    } else {
+                        terms(order, tv, t);
+                    }
+                    // The next token's rows, to prefetch.
                     terms(order, nv, t + 1);
+                    *next_t = t + 1;
                     match y {
                         Floats::F32(v) => token_row(v, tv, nv, |x| x, r, $store),
                         Floats::BF16(v) => token_row(v, tv, nv, bf16_to_f32, r, $store),
