@@ -13,9 +13,9 @@ fn u32s(b: &mut CpuBuffer) -> &mut [u32] {
 
 /// The permuted rows' buffer, written by several threads at once.
 struct Rows<T>(*mut T);
-// SAFETY: `scatter` writes through it only at rows `slot_of` names, and those are all distinct
-// (`slot_of` is a permutation), so no two threads write the same element, and the buffer it
-// points into is borrowed mutably for the whole parallel section.
+// SAFETY: `scatter` writes through it only at rows `slot_of` names, which its caller guarantees
+// distinct (a permutation), so no two threads write the same element, and the buffer it points
+// into is borrowed mutably for the whole parallel section.
 unsafe impl<T: Send> Send for Rows<T> {}
 unsafe impl<T: Send> Sync for Rows<T> {}
 
@@ -28,7 +28,11 @@ unsafe impl<T: Send> Sync for Rows<T> {}
 /// benchmark's copy ceiling (a 256 MiB permute, read plus written) from about 50 to 59 GB/s, above
 /// what any read-only stream reaches on that machine (51-53 GB/s), which would judge every
 /// weight stream against a bandwidth that reads cannot use.
-fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: usize, slot_of: &[u32]) {
+///
+/// # Safety
+/// `slot_of` must hold distinct slots below its length (a permutation), as the counting sort
+/// makes them: each task writes its tokens' rows through one shared pointer.
+unsafe fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: usize, slot_of: &[u32]) {
     let n = slot_of.len();
     assert!(dst.len() >= n * h && src.len() >= n / k.max(1) * h);
     if h == 0 || n == 0 {
@@ -41,7 +45,7 @@ fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: usize, 
         .for_each(|(from, slots)| {
             let rows = &rows;
             for &slot in slots {
-                // SAFETY: `slot < n` (a slot of the counting sort), so the row lies inside `dst`'s
+                // SAFETY: `slot < n` (the caller's permutation), so the row lies inside `dst`'s
                 // first `n * h` elements (asserted above), and no other task writes it (see `Rows`).
                 let row = unsafe { std::slice::from_raw_parts_mut(rows.0.add(slot as usize * h), h) };
                 row.copy_from_slice(from);
@@ -81,10 +85,12 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
     }
     let slot_of = &*slot_of;
     let h = s.hidden;
+    // SAFETY (each `scatter` below): the counting sort above gave each flat index its own slot
+    // below n.
     match (&hidden.0, &mut out.rows.0) {
-        (HostVec::F32(a), HostVec::F32(b)) => scatter(a, &mut b[..n * h], h, s.top_k, slot_of),
-        (HostVec::BF16(a), HostVec::BF16(b)) => scatter(a, &mut b[..n * h], h, s.top_k, slot_of),
-        (HostVec::F16(a), HostVec::F16(b)) => scatter(a, &mut b[..n * h], h, s.top_k, slot_of),
+        (HostVec::F32(a), HostVec::F32(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
+        (HostVec::BF16(a), HostVec::BF16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
+        (HostVec::F16(a), HostVec::F16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
         _ => unreachable!("dtypes checked before"),
     }
     Ok(())
@@ -105,7 +111,8 @@ mod tests {
             // multiple of 7 here).
             let slot_of: Vec<u32> = (0..n).map(|f| ((f * 7 + 3) % n) as u32).collect();
             let mut dst = vec![0xffffu16; n * h + 1];
-            scatter(&src, &mut dst[1..], h, k, &slot_of);
+            // SAFETY: f -> (7f + 3) mod n is a permutation of 0..n.
+            unsafe { scatter(&src, &mut dst[1..], h, k, &slot_of) };
             assert_eq!(dst[0], 0xffff);
             for (f, &slot) in slot_of.iter().enumerate() {
                 let (t, at) = (f / k, 1 + slot as usize * h);
