@@ -1448,9 +1448,9 @@ unsafe fn chains_dp() -> f32 {
 /// `out[i] = 1 / (1 + exp(-x[i]))`, NaN counted as minus infinity (the routing contract's rule), 16
 /// at a time. exp is Cephes' `expf` (Cody-Waite reduction by ln 2, a degree-6 polynomial,
 /// `vscalefps` for the power of two, which also gives 0 and infinity past the range); each result
-/// is within 3 f32 epsilons (relative) of the exact sigmoid (tested). The scalar path calls the C library's
-/// `expf`. At 4096 tokens of
-/// DeepSeek-V3 (256 experts) the scalar loop took about a fifth of the routing time.
+/// is within 3 f32 epsilons (relative) of the exact sigmoid (tested). The scalar path calls the C
+/// library's `expf`. At 4096 tokens of DeepSeek-V3 (256 experts) the scalar loop took about a
+/// fifth of the routing time.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
@@ -1464,7 +1464,8 @@ pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
             (1u16 << (x.len() - i)) - 1
         };
         let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
-        // NaN -> -inf, then exp(-v): -inf gives exp(104)... clamped below, +inf gives 0.
+        // NaN -> -inf. Then exp(-v): v = -inf clamps to exp(89) = inf (sigmoid 0), v = +inf to
+        // exp(-104), about 0 (sigmoid 1).
         let v = _mm512_mask_mov_ps(
             v,
             _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v),
