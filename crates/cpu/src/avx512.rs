@@ -980,8 +980,6 @@ impl Wide32 for f16 {
     }
 }
 
-/// Most input rows of one packed register block: one lane block.
-const PACKED_R: usize = crate::pack::PACKED_LANES;
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
 /// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights:
@@ -1032,7 +1030,7 @@ unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]
     }
 }
 
-/// Accumulates `R` interleaved input rows from `x` (lane stride [`PACKED_R`]) against `NB` packed
+/// Accumulates `R` interleaved input rows from `x` (lane stride `lanes`) against `NB` packed
 /// blocks from `w` (`stride` elements apart) over the input indices `k0 .. k1`, into
 /// `io[r * PACKED_OUT + c]` (zero first when `k0` is 0): per input index, one 32-weight load per
 /// block widened once, then `R` broadcasts of an input each feeding `2 * NB` FMAs. Each output is
@@ -1043,11 +1041,12 @@ unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]
 /// two dependent FMA chains and one memory stream.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW; `x` must be readable up to `x[(k1 - 1) * PACKED_R + R - 1]`,
+/// The CPU must have AVX-512 F and BW; `x` must be readable up to `x[(k1 - 1) * lanes + R - 1]`,
 /// `w` up to `w[(NB - 1) * stride + 32 * k1 - 1]`, and `io` must hold `R * PACKED_OUT` f32.
 #[inline(always)]
 unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     x: *const f32,
+    lanes: usize,
     (k0, k1): (usize, usize),
     w: *const W,
     stride: usize,
@@ -1067,7 +1066,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
             let (a, b) = W::load32(w.add(j * stride + i * 32));
             *v = [a, b];
         }
-        let mut xp = x.add(i * PACKED_R);
+        let mut xp = x.add(i * lanes);
         for a in acc.iter_mut() {
             let b = _mm512_set1_ps(*xp);
             for (a, v) in a.iter_mut().zip(&wv) {
@@ -1093,6 +1092,7 @@ trait PackedBlock {
     /// As the kernel it runs.
     unsafe fn run<const R: usize, const NB: usize>(
         x: *const Self::X,
+        lanes: usize,
         range: (usize, usize),
         w: *const Self::W,
         stride: usize,
@@ -1110,12 +1110,13 @@ impl<W: Wide32> PackedBlock for Widen<W> {
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize>(
         x: *const f32,
+        lanes: usize,
         k: (usize, usize),
         w: *const W,
         stride: usize,
         io: *mut f32,
     ) {
-        packed_rows::<W, R, NB>(x, k, w, stride, io)
+        packed_rows::<W, R, NB>(x, lanes, k, w, stride, io)
     }
 }
 
@@ -1129,52 +1130,53 @@ impl PackedBlock for DpPairs {
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize>(
         x: *const u32,
+        lanes: usize,
         p: (usize, usize),
         w: *const bf16,
         stride: usize,
         io: *mut f32,
     ) {
-        packed_dp_rows::<R, NB>(x, p, w, stride, io)
+        packed_dp_rows::<R, NB>(x, lanes, p, w, stride, io)
     }
 }
 
-/// `K`'s kernel for `r` rows (1 to [`PACKED_R`]) and `nb` blocks (4 for up to 3 rows, 2 for up to
+/// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks (4 for up to 3 rows, 2 for up to
 /// 6, else 1).
 ///
 /// # Safety
 /// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
 #[inline(always)]
 unsafe fn packed_rows_n<K: PackedBlock>(
-    r: usize,
-    nb: usize,
+    (r, nb): (usize, usize),
     x: *const K::X,
+    lanes: usize,
     range: (usize, usize),
     w: *const K::W,
     stride: usize,
     out: *mut f32,
 ) {
     match (nb, r) {
-        (4, 1) => K::run::<1, 4>(x, range, w, stride, out),
-        (4, 2) => K::run::<2, 4>(x, range, w, stride, out),
-        (4, 3) => K::run::<3, 4>(x, range, w, stride, out),
-        (2, 1) => K::run::<1, 2>(x, range, w, stride, out),
-        (2, 2) => K::run::<2, 2>(x, range, w, stride, out),
-        (2, 3) => K::run::<3, 2>(x, range, w, stride, out),
-        (2, 4) => K::run::<4, 2>(x, range, w, stride, out),
-        (2, 5) => K::run::<5, 2>(x, range, w, stride, out),
-        (2, 6) => K::run::<6, 2>(x, range, w, stride, out),
-        (1, 1) => K::run::<1, 1>(x, range, w, stride, out),
-        (1, 2) => K::run::<2, 1>(x, range, w, stride, out),
-        (1, 3) => K::run::<3, 1>(x, range, w, stride, out),
-        (1, 4) => K::run::<4, 1>(x, range, w, stride, out),
-        (1, 5) => K::run::<5, 1>(x, range, w, stride, out),
-        (1, 6) => K::run::<6, 1>(x, range, w, stride, out),
-        (1, 7) => K::run::<7, 1>(x, range, w, stride, out),
-        (1, 8) => K::run::<8, 1>(x, range, w, stride, out),
-        (1, 9) => K::run::<9, 1>(x, range, w, stride, out),
-        (1, 10) => K::run::<10, 1>(x, range, w, stride, out),
-        (1, 11) => K::run::<11, 1>(x, range, w, stride, out),
-        (1, 12) => K::run::<12, 1>(x, range, w, stride, out),
+        (4, 1) => K::run::<1, 4>(x, lanes, range, w, stride, out),
+        (4, 2) => K::run::<2, 4>(x, lanes, range, w, stride, out),
+        (4, 3) => K::run::<3, 4>(x, lanes, range, w, stride, out),
+        (2, 1) => K::run::<1, 2>(x, lanes, range, w, stride, out),
+        (2, 2) => K::run::<2, 2>(x, lanes, range, w, stride, out),
+        (2, 3) => K::run::<3, 2>(x, lanes, range, w, stride, out),
+        (2, 4) => K::run::<4, 2>(x, lanes, range, w, stride, out),
+        (2, 5) => K::run::<5, 2>(x, lanes, range, w, stride, out),
+        (2, 6) => K::run::<6, 2>(x, lanes, range, w, stride, out),
+        (1, 1) => K::run::<1, 1>(x, lanes, range, w, stride, out),
+        (1, 2) => K::run::<2, 1>(x, lanes, range, w, stride, out),
+        (1, 3) => K::run::<3, 1>(x, lanes, range, w, stride, out),
+        (1, 4) => K::run::<4, 1>(x, lanes, range, w, stride, out),
+        (1, 5) => K::run::<5, 1>(x, lanes, range, w, stride, out),
+        (1, 6) => K::run::<6, 1>(x, lanes, range, w, stride, out),
+        (1, 7) => K::run::<7, 1>(x, lanes, range, w, stride, out),
+        (1, 8) => K::run::<8, 1>(x, lanes, range, w, stride, out),
+        (1, 9) => K::run::<9, 1>(x, lanes, range, w, stride, out),
+        (1, 10) => K::run::<10, 1>(x, lanes, range, w, stride, out),
+        (1, 11) => K::run::<11, 1>(x, lanes, range, w, stride, out),
+        (1, 12) => K::run::<12, 1>(x, lanes, range, w, stride, out),
         // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
         // register block are at most 12 / nb: anything else would read and write past the buffers
         // sized for them.
@@ -1209,8 +1211,9 @@ fn packed_nb(rows: usize, left: usize) -> usize {
 const PACKED_CHUNK_BYTES: usize = 8 << 10;
 
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows given interleaved
-/// ([`crate::matmul::interleave`]) in lane blocks of [`PACKED_R`] as `xt`, against one expert's
-/// packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12 input rows)
+/// ([`crate::matmul::interleave`]) in lane blocks of [`crate::pack::packed_lanes`] as `xt`, against
+/// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12
+/// input rows)
 /// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer;
 /// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
@@ -1232,7 +1235,7 @@ pub unsafe fn packed<W: Wide32>(
 ) {
     let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
     assert!(
-        xt.len() >= crate::matmul::interleaved_len(rows, k, PACKED_R)
+        xt.len() >= crate::matmul::interleaved_len(rows, k, crate::pack::packed_lanes(rows))
             && w.len() >= b1 * crate::pack::PACK_ROWS * k
             && out.len() >= rows * cols
     );
@@ -1242,7 +1245,7 @@ pub unsafe fn packed<W: Wide32>(
 /// The loop of [`packed`] and [`packed_dp`]: `K`'s register blocks over `steps` steps (inputs or
 /// pairs of inputs) of the blocks that hold the weight rows `first .. first + cols`, every register
 /// block of a range of steps before the next range, then the wanted columns into `out`. `x` is
-/// the interleaved input (lane blocks of [`PACKED_R`], `steps` values per lane), `w` one expert's
+/// the interleaved input (lane blocks of `lanes`, `steps` values per lane), `w` one expert's
 /// packed weights (`steps * K::STEP` per block).
 ///
 /// # Safety
@@ -1260,6 +1263,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     use crate::pack::PACK_ROWS;
     let (b0, b1) = (first / PACK_ROWS, (first + cols).div_ceil(PACK_ROWS));
     io.resize(rows * PACKED_OUT, 0.0);
+    let lanes = crate::pack::packed_lanes(rows);
     let (stride, chunk) = (
         steps * K::STEP,
         (PACKED_CHUNK_BYTES / (K::STEP * std::mem::size_of::<K::W>())).max(1),
@@ -1270,13 +1274,10 @@ unsafe fn packed_blocks<K: PackedBlock>(
         let wp = w.add(b * stride);
         for s0 in (0..steps).step_by(chunk) {
             let range = (s0, (s0 + chunk).min(steps));
-            for lb in 0..rows.div_ceil(PACKED_R) {
-                let r = (rows - lb * PACKED_R).min(PACKED_R);
-                let (xl, o) = (
-                    x.add(lb * PACKED_R * steps),
-                    io.as_mut_ptr().add(lb * PACKED_R * PACKED_OUT),
-                );
-                packed_rows_n::<K>(r, nb, xl, range, wp, stride, o);
+            for lb in 0..rows.div_ceil(lanes) {
+                let r = (rows - lb * lanes).min(lanes);
+                let (xl, o) = (x.add(lb * lanes * steps), io.as_mut_ptr().add(lb * lanes * PACKED_OUT));
+                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o);
             }
         }
         // The wanted columns of the nb blocks.
@@ -1286,17 +1287,18 @@ unsafe fn packed_blocks<K: PackedBlock>(
 }
 
 /// [`packed_rows`] for bf16 inputs against [`crate::pack::Packing::kpairs`] weights: `x` holds
-/// each input row as 32-bit pairs `(x[2p], x[2p + 1])` in lane blocks of [`PACKED_R`]
+/// each input row as 32-bit pairs `(x[2p], x[2p + 1])` in lane blocks of `lanes` rows
 /// ([`interleave_bf16_pairs`]), `(p0, p1)` is a range of pairs, and each step is one `vdpbf16ps`
 /// per 16 outputs: two products exact in f32, added to the chain odd input first.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and BF16; `x` must be readable up to
-/// `x[(p1 - 1) * PACKED_R + R - 1]`, `w` up to `w[(NB - 1) * stride + 64 * p1 - 1]`, and `io` must
+/// `x[(p1 - 1) * lanes + R - 1]`, `w` up to `w[(NB - 1) * stride + 64 * p1 - 1]`, and `io` must
 /// hold `R * PACKED_OUT` f32.
 #[inline(always)]
 unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     x: *const u32,
+    lanes: usize,
     (p0, p1): (usize, usize),
     w: *const bf16,
     stride: usize,
@@ -1318,7 +1320,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
                 bh(_mm512_loadu_si512(at.add(32) as *const _)),
             ];
         }
-        let mut xp = x.add(p * PACKED_R);
+        let mut xp = x.add(p * lanes);
         for a in acc.iter_mut() {
             let b = bh(_mm512_set1_epi32(*xp as i32));
             for (a, v) in a.iter_mut().zip(&wv) {
@@ -1334,25 +1336,25 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
 /// f32 values (each holding the bits of one bf16 pair) of `rows` rows of `k` inputs interleaved
 /// by [`interleave_bf16_pairs`].
 pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
-    rows.div_ceil(PACKED_R) * PACKED_R * k.div_ceil(2)
+    let lanes = crate::pack::packed_lanes(rows);
+    rows.div_ceil(lanes) * lanes * k.div_ceil(2)
 }
 
-/// `x` (`[rows][k]` bf16) in lane blocks of [`PACKED_R`] rows for [`packed_dp`]: per block and pair
+/// `x` (`[rows][k]` bf16) in lane blocks of [`crate::pack::packed_lanes`] rows for [`packed_dp`]:
+/// per block and pair
 /// `p`, each row's inputs `2p` (low half) and `2p + 1` as one 32-bit value, stored in an f32's
 /// bits; missing rows and the input past an odd `k` are zero.
 pub fn interleave_bf16_pairs(x: &[bf16], rows: usize, k: usize, dst: &mut [f32]) {
     let kp = k.div_ceil(2);
     assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
-    for (lb, blk) in dst[..bf16_pairs_len(rows, k)]
-        .chunks_exact_mut(PACKED_R * kp)
-        .enumerate()
-    {
+    let lanes = crate::pack::packed_lanes(rows);
+    for (lb, blk) in dst[..bf16_pairs_len(rows, k)].chunks_exact_mut(lanes * kp).enumerate() {
         blk.fill(0.0);
-        for r in 0..(rows - lb * PACKED_R).min(PACKED_R) {
-            let row = &x[(lb * PACKED_R + r) * k..][..k];
+        for r in 0..(rows - lb * lanes).min(lanes) {
+            let row = &x[(lb * lanes + r) * k..][..k];
             for (p, pair) in row.chunks(2).enumerate() {
                 let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
-                blk[p * PACKED_R + r] = f32::from_bits(pair[0].to_bits() as u32 | hi << 16);
+                blk[p * lanes + r] = f32::from_bits(pair[0].to_bits() as u32 | hi << 16);
             }
         }
     }

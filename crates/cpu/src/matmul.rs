@@ -25,12 +25,12 @@
 //! - the rest: `gemm`'s cache-blocked kernels.
 //!
 //! Weights packed at upload ([`crate::pack`]) take none of these: with AVX-512 every tile runs
-//! [`crate::avx512::packed`] on input rows interleaved in lane blocks of
-//! [`crate::pack::PACKED_LANES`], with AVX2 [`crate::avx2::packed`] on the input rows as they are,
+//! [`crate::avx512::packed`] on input rows interleaved in lane blocks of up to
+//! [`crate::pack::PACKED_LANES`] rows ([`crate::pack::packed_lanes`]), with AVX2 [`crate::avx2::packed`] on the input rows as they are,
 //! otherwise [`crate::pack::product_portable`]. Each output is one multiply-add chain over `k`
 //! every way.
 
-use crate::pack::{Packing, PACKED_LANES};
+use crate::pack::{packed_lanes, Packing};
 use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
 use rayon::prelude::*;
@@ -147,7 +147,7 @@ pub fn interleaved_len(rows: usize, k: usize, lanes: usize) -> usize {
 
 /// Interleaves the input rows `row0 .. row0 + rows` (of `[_, k]`), widened to f32, into the lane
 /// blocks the broadcast kernel ([`LANE_ROWS`] lanes) and the packed kernel
-/// ([`crate::pack::PACKED_LANES`]) read: block `b` is `[k][lanes]` with row `row0 + b * lanes + l`
+/// ([`crate::pack::packed_lanes`]) read: block `b` is `[k][lanes]` with row `row0 + b * lanes + l`
 /// in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k, lanes)`
 /// values; `lanes` is at most 16.
 pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
@@ -482,7 +482,10 @@ enum Layout {
     /// Blocks of eight rows of input pairs, for [`crate::avx512::bcast_pairs`].
     #[cfg(target_arch = "x86_64")]
     Pairs,
-    /// bf16 input pairs in lane blocks of [`PACKED_LANES`], for [`crate::avx512::packed_dp`].
+    /// Lane blocks of [`crate::pack::packed_lanes`] rows, for [`crate::avx512::packed`].
+    Packed,
+    /// bf16 input pairs in lane blocks of [`crate::pack::packed_lanes`] rows, for
+    /// [`crate::avx512::packed_dp`].
     #[cfg(target_arch = "x86_64")]
     Bf16Pairs,
 }
@@ -495,7 +498,7 @@ impl Layout {
                 return Layout::Bf16Pairs;
             }
             let _ = p;
-            return Layout::Lanes(PACKED_LANES);
+            return Layout::Packed;
         }
         #[cfg(target_arch = "x86_64")]
         if simd.pairs(input, w.floats) {
@@ -518,6 +521,7 @@ impl Layout {
     fn len(self, rows: usize, k: usize) -> usize {
         match self {
             Layout::Lanes(lanes) => interleaved_len(rows, k, lanes),
+            Layout::Packed => interleaved_len(rows, k, packed_lanes(rows)),
             #[cfg(target_arch = "x86_64")]
             Layout::Pairs => crate::avx512::pairs_len(rows, k),
             #[cfg(target_arch = "x86_64")]
@@ -537,6 +541,7 @@ impl Layout {
             #[cfg(target_arch = "x86_64")]
             (Layout::Bf16Pairs, _) => unreachable!("bf16 pairs are chosen for bf16 inputs only"),
             (Layout::Lanes(lanes), _) => interleave(x, row0, rows, k, lanes, dst),
+            (Layout::Packed, _) => interleave(x, row0, rows, k, packed_lanes(rows), dst),
         }
     }
 }
@@ -664,7 +669,7 @@ fn product(
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(from) = t.xt {
-            let xt = &xt[from..from + interleaved_len(t.rows, k, PACKED_LANES)];
+            let xt = &xt[from..from + interleaved_len(t.rows, k, packed_lanes(t.rows))];
             // SAFETY: tiles get interleaved rows with packed weights only where the CPU has
             // AVX-512 (Simd::avx512 in run_tiles); `packed` checks the slices' lengths.
             unsafe {
@@ -1123,7 +1128,7 @@ mod tests {
             let vb: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
             let vh: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
             for x in [Floats::F32(&v), Floats::BF16(&vb), Floats::F16(&vh)] {
-                for lanes in [LANE_ROWS, PACKED_LANES] {
+                for lanes in [LANE_ROWS, crate::pack::PACKED_LANES, 7] {
                     let mut want = vec![f32::NAN; interleaved_len(rows, k, lanes)];
                     interleave_portable(x, row0, rows, k, lanes, &mut want);
                     let mut got = vec![f32::NAN; interleaved_len(rows, k, lanes)];

@@ -39,6 +39,20 @@ pub const PACK_ROWS: usize = 32;
 /// bf16, GFLOP/s at 12 rows 131-134, at 16 rows 91-128, at 128 rows 118-122).
 pub const PACKED_LANES: usize = 12;
 
+/// Rows per lane block of a packed tile of `rows` rows: as few lane blocks of at most
+/// [`PACKED_LANES`] as hold them, filled evenly (16 rows as 8 + 8, not 12 + 4). A register block of
+/// `r` rows by one weight block has `2r` accumulator chains, and on AMD Zen 5 `vdpbf16ps` needs
+/// about 12 in flight to issue every cycle: 4 rows left most of a pass waiting on latency. Two
+/// threads, 2 experts of qwen3-30b-a3b gate/up in L3, GFLOP/s best of 400 calls, 12 + rest
+/// against even, two runs: bf16 at 13 rows 641-643 against 757-765, 16 rows 721-748 against
+/// 787-841, 20 rows 780-806 against 810-824; f32 at 13 rows 393-410 against 438-440, 16 and 20
+/// the same within noise. From DRAM (128 experts, 16 rows) bf16 gained 4-5% and f32 none (it
+/// waits on memory there). On the Intel Xeon of the earlier sessions, whose bf16 kernel widened
+/// to FMAs, even blocks were slower or equal from DRAM (RESULTS.md).
+pub fn packed_lanes(rows: usize) -> usize {
+    rows.div_ceil(rows.div_ceil(PACKED_LANES).max(1)).max(1)
+}
+
 /// The packed layout of `experts` experts of `rows` weight rows of `k` inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packing {
