@@ -1341,10 +1341,31 @@ pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
 }
 
 /// `x` (`[rows][k]` bf16) in lane blocks of [`crate::pack::packed_lanes`] rows for [`packed_dp`]:
-/// per block and pair
-/// `p`, each row's inputs `2p` (low half) and `2p + 1` as one 32-bit value, stored in an f32's
-/// bits; missing rows and the input past an odd `k` are zero.
+/// per block and pair `p`, each row's inputs `2p` (low half) and `2p + 1` as one 32-bit value,
+/// stored in an f32's bits; missing rows and the input past an odd `k` are zero. For even `k` a
+/// row's pairs are its bf16 values read 32 bits at a time, so [`interleave`] moves them as f32 bits
+/// (16 x 16 transposes). One thread, in cache, best of 200: 16 rows of 2048 in 1.7 us against 12.9
+/// element by element (this function's odd-`k` path), 128 rows of 7168 in 50 us against 361. On
+/// two threads, qwen3-30b-a3b gate/up at 16 rows for each of 128 experts from DRAM took 19.8-20.5
+/// ms against 20.1-21.5 (four alternations), `down` 10.1-10.4 against 10.2-10.6.
 pub fn interleave_bf16_pairs(x: &[bf16], rows: usize, k: usize, dst: &mut [f32]) {
+    let kp = k.div_ceil(2);
+    assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
+    let lanes = crate::pack::packed_lanes(rows);
+    if k % 2 == 0 && has_avx512() {
+        // SAFETY: Bf16Pair is two bf16 (size 4, alignment 2), so the first rows * k bf16 of x are
+        // rows * kp pairs; the CPU has AVX-512 F, BW and VL (has_avx512).
+        unsafe {
+            let pairs = std::slice::from_raw_parts(x.as_ptr() as *const Bf16Pair, rows * kp);
+            interleave(pairs, rows, kp, lanes, dst);
+        }
+        return;
+    }
+    interleave_bf16_pairs_portable(x, rows, k, dst)
+}
+
+/// [`interleave_bf16_pairs`] element by element (odd `k`, and the reference of its test).
+pub fn interleave_bf16_pairs_portable(x: &[bf16], rows: usize, k: usize, dst: &mut [f32]) {
     let kp = k.div_ceil(2);
     assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
     let lanes = crate::pack::packed_lanes(rows);
@@ -1357,6 +1378,20 @@ pub fn interleave_bf16_pairs(x: &[bf16], rows: usize, k: usize, dst: &mut [f32])
                 blk[p * lanes + r] = f32::from_bits(pair[0].to_bits() as u32 | hi << 16);
             }
         }
+    }
+}
+
+/// Two consecutive bf16 inputs, moved as one 32-bit lane by [`interleave`] (never computed on).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Bf16Pair([bf16; 2]);
+
+impl Load16 for Bf16Pair {
+    #[inline(always)]
+    unsafe fn load(p: *const Bf16Pair, mask: __mmask16) -> __m512 {
+        // Unaligned 32-bit lanes; the bits go through unchanged (no arithmetic, so no NaN is
+        // quieted).
+        <f32 as Load16>::load(p as *const f32, mask)
     }
 }
 
@@ -1598,6 +1633,42 @@ mod tests {
             check(&x, &w32, rows, cols, k, |v| v as f64);
             check(&x, &wb, rows, cols, k, |v| v.to_f64());
             check(&x, &wh, rows, cols, k, |v| v.to_f64());
+        }
+    }
+
+    /// bf16 pairs interleaved with transposes (even `k`) are bit for bit the element-by-element
+    /// layout, NaN payloads and negative zeros included, with partial lane blocks and `k` not a
+    /// multiple of 32; odd `k` takes the element path.
+    #[test]
+    fn bf16_pairs_interleave_equals_the_portable_layout() {
+        if !has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        for (rows, k) in [
+            (1, 2),
+            (3, 34),
+            (12, 64),
+            (13, 2048),
+            (16, 40),
+            (17, 98),
+            (29, 6),
+            (128, 66),
+            (5, 7),
+        ] {
+            let x: Vec<bf16> = (0..rows * k)
+                .map(|i| match i % 11 {
+                    3 => bf16::from_bits(0x7fc1 + (i % 5) as u16), // NaN payloads
+                    7 => bf16::from_bits(0x8000),                  // -0.0
+                    _ => bf16::from_f32((i as f32 * 0.37).sin() * 3.0),
+                })
+                .collect();
+            let len = bf16_pairs_len(rows, k);
+            let (mut want, mut got) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            interleave_bf16_pairs_portable(&x, rows, k, &mut want);
+            interleave_bf16_pairs(&x, rows, k, &mut got);
+            let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{rows} rows, k {k}");
         }
     }
 
