@@ -1352,7 +1352,7 @@ pub fn interleave_bf16_pairs(x: &[bf16], rows: usize, k: usize, dst: &mut [f32])
     let kp = k.div_ceil(2);
     assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
     let lanes = crate::pack::packed_lanes(rows);
-    if k % 2 == 0 && has_avx512() {
+    if k.is_multiple_of(2) && has_avx512() {
         // SAFETY: Bf16Pair is two bf16 (size 4, alignment 2), so the first rows * k bf16 of x are
         // rows * kp pairs; the CPU has AVX-512 F, BW and VL (has_avx512).
         unsafe {
