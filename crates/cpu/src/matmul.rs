@@ -521,9 +521,13 @@ impl<'a> Parts<'a> {
         input: Floats<'a>,
         k: usize,
     ) -> Self {
-        assert!(ranges
-            .iter()
-            .all(|&(_, rows, at)| at + layout.len(rows, k) <= buf.len()));
+        // In the buffer, in order and disjoint (what the Sync impl relies on).
+        let mut end = 0;
+        for &(_, rows, at) in ranges {
+            assert!(at >= end, "interleaved ranges overlap");
+            end = at + layout.len(rows, k);
+        }
+        assert!(end <= buf.len(), "interleaved ranges past the buffer");
         Parts {
             base: buf.as_mut_ptr(),
             ranges,
