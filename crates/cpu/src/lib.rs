@@ -2,7 +2,8 @@
 //!
 //! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
-//! output columns, or more for decode and for the k-pair kernel's short weight rows) spread over
+//! output columns, 256 for packed weights, more for decode and for the k-pair kernel's short
+//! weight rows) spread over
 //! the pool. With AVX-512, f32 tiles of 10 rows or
 //! more (5 when K > 1024) run the k-pair broadcast kernel: the input rows are
 //! interleaved once per call into blocks of 8 rows of two consecutive inputs, and

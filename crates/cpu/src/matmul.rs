@@ -1,7 +1,7 @@
 //! Grouped matmul and the router GEMM.
 //!
 //! The output is cut into a fixed grid of tiles (one expert, up to
-//! `TILE_ROWS` rows, up to `TILE_COLS` output columns, more for the short
+//! `TILE_ROWS` rows, up to `TILE_COLS` output columns, more for packed weights, for the short
 //! tiles of decode and for the k-pair kernel's short weight rows: [`tile_cols`]); rayon spreads tiles
 //! over threads, so work is balanced by rows times columns rather than by
 //! expert, and the grid (hence every result bit) does not depend on the
@@ -9,7 +9,8 @@
 //! only on the dtypes, the instruction set, `k` and the tile's height:
 //! - with AVX-512, f32 input against f32 weights, tiles of [`BCAST_ROWS_F32`] rows or more
 //!   ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs): the k-pair broadcast kernel
-//!   ([`crate::avx512::bcast_pairs`]) on input rows interleaved once per call in blocks of 8 rows
+//!   ([`crate::avx512::bcast_pairs`]) on input rows interleaved once per call (each tile's rows
+//!   by the first tile that reads them) in blocks of 8 rows
 //!   of input pairs, against the weight rows as stored; each output is the FMA chain over its
 //!   even inputs plus the one over its odd inputs;
 //! - with AVX-512, other dtypes, tiles of [`BCAST_ROWS`] rows or more: the broadcast kernel
