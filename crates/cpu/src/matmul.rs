@@ -316,7 +316,6 @@ pub fn checked_offsets(offsets: &[u32], rows: usize) -> Result<Vec<usize>> {
     Ok(off)
 }
 
-#[derive(Clone, Copy)]
 struct Tile {
     expert: usize,
     row0: usize,
@@ -664,16 +663,13 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], parts: &Parts, w: We
     let simd = if w.packed.is_some() { simd.without_bf16() } else { simd };
     let weight = w.floats;
     tiles.par_iter().for_each(|t| {
-        // The tile's interleaved rows, at offset 0 of `xt`.
-        let (xt, t) = match t.xt {
-            Some(p) => (parts.get(p), &Tile { xt: Some(0), ..*t }),
-            None => (&[][..], t),
-        };
+        // The tile's interleaved rows, for the broadcast and packed kernels.
+        let xt = t.xt.map(|p| parts.get(p));
         SCRATCH.with(|sc| {
             let sc = &mut *sc.borrow_mut();
             let wbase = t.expert * wrows;
             // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
-            let lhs = if simd.bf16_direct(input, weight, t.rows) || t.xt.is_some() {
+            let lhs = if simd.bf16_direct(input, weight, t.rows) || xt.is_some() {
                 std::ptr::null()
             } else {
                 input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
@@ -724,14 +720,15 @@ struct Weights<'a> {
 
 /// `dst[r, c] = input[t.row0 + r] · weight row (wrow + c)` over the tile's rows and columns, where
 /// `wrow` counts the rows of every expert. `lhs` is the tile's input rows as f32 (null when
-/// [`Simd::bf16_direct`] holds or the tile has interleaved rows in `xt`); `wscratch` receives
+/// [`Simd::bf16_direct`] holds or the tile has interleaved rows), `xt` the tile's interleaved rows
+/// for the broadcast and packed kernels (its [`Parts`] range); `wscratch` receives
 /// widened weights for `gemm`, or the packed kernel's accumulators.
 #[allow(clippy::too_many_arguments)]
 fn product(
     simd: Simd,
     input: Floats,
     lhs: *const f32,
-    xt: &[f32],
+    xt: Option<&[f32]>,
     w: Weights,
     wrow: usize,
     t: &Tile,
@@ -746,16 +743,14 @@ fn product(
         let (e, first) = (wrow / p.rows, wrow % p.rows);
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(from), true, Floats::BF16(v)) = (t.xt, p.kpairs, weight) {
-            let xt = &xt[from..from + crate::avx512::bf16_pairs_len(t.rows, k)];
+        if let (Some(xt), true, Floats::BF16(v)) = (xt, p.kpairs, weight) {
             // SAFETY: kpairs tiles get interleaved rows only with Layout::Bf16Pairs, chosen where
             // the level has AVX512-BF16 (Layout::of); `packed_dp` checks the slices' lengths.
             unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(from) = t.xt {
-            let xt = &xt[from..from + interleaved_len(t.rows, k, packed_lanes(t.rows))];
+        if let Some(xt) = xt {
             // SAFETY: tiles get interleaved rows with packed weights only where the CPU has
             // AVX-512 (Simd::avx512 in run_tiles); `packed` checks the slices' lengths.
             unsafe {
@@ -778,16 +773,15 @@ fn product(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Some(from), true, Floats::F32(w)) = (t.xt, simd.pairs(input, weight), weight) {
-        let xt = &xt[from..from + crate::avx512::pairs_len(t.rows, k)];
+    if let (Some(xt), true, Floats::F32(w)) = (xt, simd.pairs(input, weight), weight) {
         // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows), in
         // pairs for f32 input and weights (Layout::of); the slices are sized for the tile.
         unsafe { crate::avx512::bcast_pairs(xt, t.rows, k, &w[at..at + t.cols * k], t.cols, dst) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(from) = t.xt {
-        let (xt, n) = (&xt[from..from + interleaved_len(t.rows, k, LANE_ROWS)], t.cols * k);
+    if let Some(xt) = xt {
+        let n = t.cols * k;
         // SAFETY: tiles get interleaved rows only where the CPU has AVX-512 (Simd::bcast_rows); the
         // slices are sized for the tile.
         unsafe {
