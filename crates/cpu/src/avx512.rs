@@ -720,7 +720,7 @@ pub unsafe fn interleave_pairs(x: &[f32], rows: usize, k: usize, dst: &mut [f32]
         let (src, out) = (xp.add(b * PAIR_ROWS * k), dp.add(b * steps * 16));
         for k0 in (0..k).step_by(16) {
             let kc = (k - k0).min(16);
-            let m = if kc == 16 { u16::MAX } else { (1u16 << kc) - 1 };
+            let m = first_lanes(kc);
             let mut r = [_mm512_setzero_pd(); 8];
             for (l, v) in r.iter_mut().enumerate().take(live) {
                 *v = _mm512_castps_pd(_mm512_maskz_loadu_ps(m, src.add(l * k + k0)));
@@ -919,7 +919,7 @@ pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, lanes: usize
         let (src, out) = (xp.add(b * lanes * k), dp.add(b * lanes * k));
         for k0 in (0..k).step_by(16) {
             let kc = (k - k0).min(16);
-            let m = if kc == 16 { u16::MAX } else { (1u16 << kc) - 1 };
+            let m = first_lanes(kc);
             let mut v = [_mm512_setzero_ps(); 16];
             for (l, v) in v.iter_mut().enumerate().take(live) {
                 *v = X::load(src.add(l * k + k0), m);
@@ -1336,8 +1336,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
 /// f32 values (each holding the bits of one bf16 pair) of `rows` rows of `k` inputs interleaved
 /// by [`interleave_bf16_pairs`].
 pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
-    let lanes = crate::pack::packed_lanes(rows);
-    rows.div_ceil(lanes) * lanes * k.div_ceil(2)
+    crate::matmul::interleaved_len(rows, k.div_ceil(2), crate::pack::packed_lanes(rows))
 }
 
 /// `x` (`[rows][k]` bf16) in lane blocks of [`crate::pack::packed_lanes`] rows for [`packed_dp`]:
@@ -1495,11 +1494,7 @@ unsafe fn chains_dp() -> f32 {
 pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
     assert!(out.len() >= x.len());
     for i in (0..x.len()).step_by(16) {
-        let m: __mmask16 = if x.len() - i >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (x.len() - i)) - 1
-        };
+        let m = first_lanes(x.len() - i);
         let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
         // NaN -> -inf. Then exp(-v): v = -inf clamps to exp(89) = inf (sigmoid 0), v = +inf to
         // exp(-104), about 0 (sigmoid 1).
@@ -1527,16 +1522,22 @@ pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
 pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
     assert!(up.len() >= gate.len());
     for i in (0..gate.len()).step_by(16) {
-        let m: __mmask16 = if gate.len() - i >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (gate.len() - i)) - 1
-        };
+        let m = first_lanes(gate.len() - i);
         let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
         let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
         let e = exp_cephes(_mm512_sub_ps(_mm512_setzero_ps(), g));
         let silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e));
         _mm512_mask_storeu_ps(gate.as_mut_ptr().add(i), m, _mm512_mul_ps(silu, u));
+    }
+}
+
+/// The mask of the first `n` of 16 lanes (all of them from 16 up).
+#[inline(always)]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
     }
 }
 
