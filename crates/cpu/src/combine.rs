@@ -1,6 +1,6 @@
 //! Weighted un-permute with a fixed summation order.
 
-use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
+use crate::matmul::{bf16_to_f32, f16_to_f32, f32_to_bf16, Floats};
 use half::{bf16, f16};
 use moe_hal_core::{CombineShape, HostVec};
 use rayon::prelude::*;
@@ -45,6 +45,7 @@ fn prefetch<T>(y: &[T], terms: &[(usize, f32)], next: &[(usize, f32)], h: usize,
 
 /// One token: `out[c] = store(sum over terms of w * widen(y[start + c]))`, the terms in the order
 /// given, a multiply then an add each (no fused multiply-add), from 0.
+#[inline(always)]
 fn token_row<T: Copy, O>(
     y: &[T],
     terms: &[(usize, f32)],
@@ -81,9 +82,59 @@ fn token_row<T: Copy, O>(
     }
 }
 
+/// [`token_row`] compiled for AVX-512, where the loops over a step run 16 lanes at a time: the
+/// same operations in the same order per element, so the same bits. Qwen3-30B-A3B at 256 tokens
+/// (bf16, k 8, H 2048, in L3), two threads on an AMD EPYC (Zen 5): 0.10-0.12 ms against 0.24 on
+/// the baseline's SSE2 (the bench's combine record, from memory: 0.10 against 0.26-0.28). The
+/// DeepSeek-V3 shape at 4096 tokens waits on memory either way.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn token_row_avx512<T: Copy, O>(
+    y: &[T],
+    terms: &[(usize, f32)],
+    next: &[(usize, f32)],
+    widen: impl Fn(T) -> f32 + Copy,
+    out: &mut [O],
+    store: impl Fn(&mut [O], &[f32]),
+) {
+    token_row(y, terms, next, widen, out, store)
+}
+
+/// [`token_row`], on AVX-512 where `avx512` says the CPU has it.
+#[inline(always)]
+fn token_row_on<T: Copy, O>(
+    avx512: bool,
+    y: &[T],
+    terms: &[(usize, f32)],
+    next: &[(usize, f32)],
+    widen: impl Fn(T) -> f32 + Copy,
+    out: &mut [O],
+    store: impl Fn(&mut [O], &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the caller's `avx512` comes from the backend's SIMD level, detected at run time.
+        return unsafe { token_row_avx512(y, terms, next, widen, out, store) };
+    }
+    let _ = avx512;
+    token_row(y, terms, next, widen, out, store)
+}
+
 /// Per token: `acc = sum_j w_j * y_j` in f32, terms in ascending expert id
 /// (then ascending j); then `out = prev + acc` when accumulating; rounded once.
-pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut HostVec, s: CombineShape) {
+/// `avx512`: the CPU has AVX-512 F, BW and VL (the backend's SIMD level).
+pub fn combine(
+    y: Floats,
+    ids: &[u32],
+    weights: &[f32],
+    slots: &[u32],
+    out: &mut HostVec,
+    s: CombineShape,
+    avx512: bool,
+) {
     let (h, k) = (s.hidden, s.top_k);
     if h == 0 || s.tokens == 0 {
         return;
@@ -128,9 +179,9 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
                     terms(order, nv, t + 1);
                     *next_t = t + 1;
                     match y {
-                        Floats::F32(v) => token_row(v, tv, nv, |x| x, r, $store),
-                        Floats::BF16(v) => token_row(v, tv, nv, bf16_to_f32, r, $store),
-                        Floats::F16(v) => token_row(v, tv, nv, f16_to_f32, r, $store),
+                        Floats::F32(v) => token_row_on(avx512, v, tv, nv, |x| x, r, $store),
+                        Floats::BF16(v) => token_row_on(avx512, v, tv, nv, bf16_to_f32, r, $store),
+                        Floats::F16(v) => token_row_on(avx512, v, tv, nv, f16_to_f32, r, $store),
                     }
                 },
             )
@@ -145,7 +196,7 @@ pub fn combine(y: Floats, ids: &[u32], weights: &[f32], slots: &[u32], out: &mut
         HostVec::BF16(o) => run!(o, |d: &mut [bf16], a: &[f32]| d
             .iter_mut()
             .zip(a)
-            .for_each(|(d, &a)| { *d = bf16::from_f32(if acc { d.to_f32() + a } else { a }) })),
+            .for_each(|(d, &a)| { *d = f32_to_bf16(if acc { bf16_to_f32(*d) + a } else { a }) })),
         HostVec::F16(o) => run!(o, |d: &mut [f16], a: &[f32]| d
             .iter_mut()
             .zip(a)

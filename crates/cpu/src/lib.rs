@@ -566,6 +566,7 @@ impl Backend for CpuBackend {
                 slots,
                 &mut output.0,
                 s,
+                self.simd.avx512(),
             )
         });
         Ok(())
