@@ -1509,6 +1509,51 @@ pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Softmax of `x` into `out` where the largest of `x` (NaN counted as minus infinity) is finite:
+/// `out[i] = e[i] / sum(e)` with `e[i] = exp(x[i] - max)` on [`sigmoid`]'s exp, the sum in 16
+/// lanes then across them. Returns false, writing nothing, where the largest is infinite or `x`
+/// is empty (the contract's rules for those take the scalar path). Equal logits give equal
+/// scores, so ties stay ties. qwen3-30b-a3b's routing of 256 tokens (128 experts, two threads on
+/// an AMD EPYC, Zen 5, with the call into the pool): 0.055-0.070 ms against 0.106-0.110 with the
+/// scalar loop on the C library's `expf`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax(x: &[f32], out: &mut [f32]) -> bool {
+    assert!(out.len() >= x.len());
+    let load = |i: usize| {
+        let m = first_lanes(x.len() - i);
+        // Lanes past the end read as minus infinity, as NaN does: neither is the largest, and
+        // both give exp 0.
+        let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, x.as_ptr().add(i));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        (m, _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NEG_INFINITY)))
+    };
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..x.len()).step_by(16) {
+        mx = _mm512_max_ps(mx, load(i).1);
+    }
+    let m = _mm512_reduce_max_ps(mx);
+    if !m.is_finite() {
+        return false;
+    }
+    let (mv, mut sum) = (_mm512_set1_ps(m), _mm512_setzero_ps());
+    for i in (0..x.len()).step_by(16) {
+        let (k, v) = load(i);
+        let e = exp_cephes(_mm512_sub_ps(v, mv));
+        sum = _mm512_add_ps(sum, e);
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), k, e);
+    }
+    let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for i in (0..x.len()).step_by(16) {
+        let k = first_lanes(x.len() - i);
+        let e = _mm512_maskz_loadu_ps(k, out.as_ptr().add(i));
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), k, _mm512_div_ps(e, sum));
+    }
+    true
+}
+
 /// SwiGLU in place: `gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i]`, 16 at a time, with the exp
 /// of [`sigmoid`] (so within a few f32 epsilons of the C library's `expf` that the scalar path
 /// calls). A NaN gate stays NaN (it is the numerator), -inf gives NaN and +inf gives inf, as the
@@ -1596,6 +1641,53 @@ mod tests {
         x.truncate(x.len() / 16 * 16 + 5);
         x.extend([f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -200.0]);
         x
+    }
+
+    /// Softmax: rows of every length up to 300 (whole vectors and tails), within 4 f32 epsilons
+    /// (relative, of the largest score) of f64's softmax; NaN and minus infinity give 0, equal
+    /// logits equal scores, nothing is written past the row, and an infinite largest logit (or an
+    /// empty row) is declined with nothing written.
+    #[test]
+    fn softmax_matches_f64() {
+        if !has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+            return;
+        }
+        for n in (1..=40).chain([127, 128, 129, 256, 300]) {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            if n > 5 {
+                x[1] = f32::NAN;
+                x[3] = f32::NEG_INFINITY;
+                x[4] = x[n - 1];
+                x[2] = -1e30;
+            }
+            let mut got = vec![-1.0f32; n + 3];
+            // SAFETY: the CPU has AVX-512 F (checked above).
+            assert!(unsafe { softmax(&x, &mut got) }, "n = {n}");
+            assert!(got[n..].iter().all(|&v| v == -1.0), "wrote past the row, n = {n}");
+            let clean = |v: f32| if v.is_nan() { f64::NEG_INFINITY } else { v as f64 };
+            let m = x.iter().map(|&v| clean(v)).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = x.iter().map(|&v| (clean(v) - m).exp()).collect();
+            let (sum, top) = (e.iter().sum::<f64>(), e.iter().fold(0.0f64, |a, &b| a.max(b)));
+            for (i, (&g, &e)) in got.iter().zip(&e).enumerate() {
+                let err = (g as f64 - e / sum).abs() / (top / sum);
+                assert!(
+                    err <= 4.0 * f32::EPSILON as f64,
+                    "n = {n}, x[{i}] = {}: {g} vs {}",
+                    x[i],
+                    e / sum
+                );
+            }
+            if n > 5 {
+                assert_eq!((got[1], got[3], got[4].to_bits()), (0.0, 0.0, got[n - 1].to_bits()));
+            }
+        }
+        for x in [vec![1.0, f32::INFINITY, 2.0], vec![f32::NAN, f32::NEG_INFINITY], vec![]] {
+            let mut got = vec![-1.0f32; 4];
+            // SAFETY: as above.
+            assert!(!unsafe { softmax(&x, &mut got) }, "{x:?}");
+            assert!(got.iter().all(|&v| v == -1.0), "{x:?}: wrote {got:?}");
+        }
     }
 
     /// Within 3 f32 epsilons (relative) of the exact sigmoid from -87 to 87, the scalar formula's

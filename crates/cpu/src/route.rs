@@ -3,8 +3,8 @@
 use moe_hal_core::{GroupScore, Renorm, RouterSpec, Scoring};
 use rayon::prelude::*;
 
-/// Scores of one token into `s`, with the contract's non-finite rules; sigmoid on 16 lanes with
-/// `avx512` ([`crate::avx512::sigmoid`]).
+/// Scores of one token into `s`, with the contract's non-finite rules; sigmoid and softmax on 16
+/// lanes with `avx512` ([`crate::avx512::sigmoid`], [`crate::avx512::softmax`]).
 fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     #[cfg(not(target_arch = "x86_64"))]
@@ -17,6 +17,9 @@ fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
             .iter_mut()
             .zip(logits)
             .for_each(|(s, &x)| *s = 1.0 / (1.0 + (-clean(x)).exp())),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above. It declines (writing nothing) the infinite maxima, handled below.
+        Scoring::Softmax if avx512 && unsafe { crate::avx512::softmax(logits, s) } => {}
         Scoring::Softmax => {
             let m = logits.iter().map(|&x| clean(x)).fold(f32::NEG_INFINITY, f32::max);
             if m == f32::INFINITY {
