@@ -982,8 +982,8 @@ impl Wide32 for f16 {
 
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
-/// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights:
-/// one stream per block is too few for the hardware prefetchers to keep up. On the Intel Xeon of
+/// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights in
+/// a tile of one lane block (tiles of several: [`Ahead`]): one stream per block is too few for the hardware prefetchers to keep up. On the Intel Xeon of
 /// the earlier sessions (one thread, 8 experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8
 /// / 16 rows; standalone copy of the kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB
 /// 141-145 / 121-141, 8 KiB 128-144 / 110-141. On an AMD EPYC (Zen 5; two threads, 8 experts of
@@ -993,6 +993,32 @@ const PACKED_NB: usize = 4;
 /// and 24 rows 3.51-3.73 with 8 KiB against 3.49-3.80 with 16 KiB, at one row 2.10-2.22 against
 /// 2.23-2.37.
 const PACKED_AHEAD_BYTES: usize = 8 << 10;
+
+/// Where a packed register block prefetches its weights: `at` bytes from the start of each of its
+/// blocks at the first step of its range, `step` bytes further at each step, and a second line
+/// `second` bytes after the first (for 128 bytes a step).
+///
+/// A tile with one lane block prefetches [`PACKED_AHEAD_BYTES`] ahead of each step. With several,
+/// the first pass over a range used to pull the whole next range (two lines a step) and the
+/// others none; now each of the `n` passes pulls `1 / n` of the range [`SPREAD_LEAD`] ranges
+/// ahead, so that the requests reach memory evenly over the range's time. Paired with the old
+/// scheme call by call (128 experts of qwen3-30b-a3b from DRAM, two threads, AMD EPYC Zen 5,
+/// median time ratio of 58 pairs): bf16 gate/up at 16 rows per expert 0.933-0.979, 18 rows 0.924,
+/// 20 rows 0.918-0.995, 24 rows 0.939, ragged 6 to 26 rows 0.956-0.983; f32 gate/up 16 rows 0.958,
+/// 20 rows 0.935, `down` 24 rows 0.966; 64 and 128 rows 0.988-0.998. The one loss: 13 rows (passes
+/// of 7 and 6) in the slow bandwidth mode, 1.034-1.064 (0.942-0.950 in the fast one).
+#[derive(Clone, Copy)]
+struct Ahead {
+    at: usize,
+    step: usize,
+    second: usize,
+}
+
+/// How many ranges ahead the passes of a tile with several lane blocks prefetch ([`Ahead`]): one
+/// range ahead was 2-3% slower than two at 16 to 20 rows (2% faster at 24), three 0.3-0.8% slower
+/// than two on ragged rows.
+const SPREAD_LEAD: usize = 2;
+
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
 
@@ -1035,7 +1061,7 @@ unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]
 /// `io[r * PACKED_OUT + c]` (zero first when `k0` is 0): per input index, one 32-weight load per
 /// block widened once, then `R` broadcasts of an input each feeding `2 * NB` FMAs. Each output is
 /// one FMA chain over `k` in ascending order, held in a register within the range and in `io`
-/// between ranges.
+/// between ranges. Each step prefetches its blocks' weights where `pf` says.
 ///
 /// Short blocks (decode) take several weight blocks at once: one input row against one block has
 /// two dependent FMA chains and one memory stream.
@@ -1051,15 +1077,17 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     w: *const W,
     stride: usize,
     io: *mut f32,
+    pf: Ahead,
 ) {
     let mut acc = packed_acc::<R, NB>(k0 > 0, io);
     for i in k0..k1 {
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
             // Past the block's end this reaches the next block, which follows it.
-            let ahead = w.wrapping_add(j * stride + (i + PACKED_AHEAD_BYTES / (32 * std::mem::size_of::<W>())) * 32);
-            for l in 0..W::LINES {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
+            let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (i - k0) * pf.step);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if W::LINES > 1 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(pf.second));
             }
         }
         for (j, v) in wv.iter_mut().enumerate() {
@@ -1097,6 +1125,7 @@ trait PackedBlock {
         w: *const Self::W,
         stride: usize,
         io: *mut f32,
+        pf: Ahead,
     );
 }
 
@@ -1115,8 +1144,9 @@ impl<W: Wide32> PackedBlock for Widen<W> {
         w: *const W,
         stride: usize,
         io: *mut f32,
+        pf: Ahead,
     ) {
-        packed_rows::<W, R, NB>(x, lanes, k, w, stride, io)
+        packed_rows::<W, R, NB>(x, lanes, k, w, stride, io, pf)
     }
 }
 
@@ -1135,8 +1165,9 @@ impl PackedBlock for DpPairs {
         w: *const bf16,
         stride: usize,
         io: *mut f32,
+        pf: Ahead,
     ) {
-        packed_dp_rows::<R, NB>(x, lanes, p, w, stride, io)
+        packed_dp_rows::<R, NB>(x, lanes, p, w, stride, io, pf)
     }
 }
 
@@ -1146,6 +1177,7 @@ impl PackedBlock for DpPairs {
 /// # Safety
 /// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn packed_rows_n<K: PackedBlock>(
     (r, nb): (usize, usize),
     x: *const K::X,
@@ -1154,29 +1186,30 @@ unsafe fn packed_rows_n<K: PackedBlock>(
     w: *const K::W,
     stride: usize,
     out: *mut f32,
+    pf: Ahead,
 ) {
     match (nb, r) {
-        (4, 1) => K::run::<1, 4>(x, lanes, range, w, stride, out),
-        (4, 2) => K::run::<2, 4>(x, lanes, range, w, stride, out),
-        (4, 3) => K::run::<3, 4>(x, lanes, range, w, stride, out),
-        (2, 1) => K::run::<1, 2>(x, lanes, range, w, stride, out),
-        (2, 2) => K::run::<2, 2>(x, lanes, range, w, stride, out),
-        (2, 3) => K::run::<3, 2>(x, lanes, range, w, stride, out),
-        (2, 4) => K::run::<4, 2>(x, lanes, range, w, stride, out),
-        (2, 5) => K::run::<5, 2>(x, lanes, range, w, stride, out),
-        (2, 6) => K::run::<6, 2>(x, lanes, range, w, stride, out),
-        (1, 1) => K::run::<1, 1>(x, lanes, range, w, stride, out),
-        (1, 2) => K::run::<2, 1>(x, lanes, range, w, stride, out),
-        (1, 3) => K::run::<3, 1>(x, lanes, range, w, stride, out),
-        (1, 4) => K::run::<4, 1>(x, lanes, range, w, stride, out),
-        (1, 5) => K::run::<5, 1>(x, lanes, range, w, stride, out),
-        (1, 6) => K::run::<6, 1>(x, lanes, range, w, stride, out),
-        (1, 7) => K::run::<7, 1>(x, lanes, range, w, stride, out),
-        (1, 8) => K::run::<8, 1>(x, lanes, range, w, stride, out),
-        (1, 9) => K::run::<9, 1>(x, lanes, range, w, stride, out),
-        (1, 10) => K::run::<10, 1>(x, lanes, range, w, stride, out),
-        (1, 11) => K::run::<11, 1>(x, lanes, range, w, stride, out),
-        (1, 12) => K::run::<12, 1>(x, lanes, range, w, stride, out),
+        (4, 1) => K::run::<1, 4>(x, lanes, range, w, stride, out, pf),
+        (4, 2) => K::run::<2, 4>(x, lanes, range, w, stride, out, pf),
+        (4, 3) => K::run::<3, 4>(x, lanes, range, w, stride, out, pf),
+        (2, 1) => K::run::<1, 2>(x, lanes, range, w, stride, out, pf),
+        (2, 2) => K::run::<2, 2>(x, lanes, range, w, stride, out, pf),
+        (2, 3) => K::run::<3, 2>(x, lanes, range, w, stride, out, pf),
+        (2, 4) => K::run::<4, 2>(x, lanes, range, w, stride, out, pf),
+        (2, 5) => K::run::<5, 2>(x, lanes, range, w, stride, out, pf),
+        (2, 6) => K::run::<6, 2>(x, lanes, range, w, stride, out, pf),
+        (1, 1) => K::run::<1, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 2) => K::run::<2, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 3) => K::run::<3, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 4) => K::run::<4, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 5) => K::run::<5, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 6) => K::run::<6, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 7) => K::run::<7, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 8) => K::run::<8, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 9) => K::run::<9, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 10) => K::run::<10, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 11) => K::run::<11, 1>(x, lanes, range, w, stride, out, pf),
+        (1, 12) => K::run::<12, 1>(x, lanes, range, w, stride, out, pf),
         // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
         // register block are at most 12 / nb: anything else would read and write past the buffers
         // sized for them.
@@ -1272,12 +1305,28 @@ unsafe fn packed_blocks<K: PackedBlock>(
     while b < b1 {
         let nb = packed_nb(rows, b1 - b);
         let wp = w.add(b * stride);
+        let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
         for s0 in (0..steps).step_by(chunk) {
             let range = (s0, (s0 + chunk).min(steps));
-            for lb in 0..rows.div_ceil(lanes) {
+            for lb in 0..passes {
                 let r = (rows - lb * lanes).min(lanes);
                 let (xl, o) = (x.add(lb * lanes * steps), io.as_mut_ptr().add(lb * lanes * PACKED_OUT));
-                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o);
+                let pf = if passes == 1 {
+                    Ahead {
+                        at: s0 * step_bytes + PACKED_AHEAD_BYTES,
+                        step: step_bytes,
+                        second: 64,
+                    }
+                } else {
+                    // Pass lb pulls its share of the range after next ([`Ahead`]). Steps of at most
+                    // 64 bytes take one line; the second prefetch names the same one.
+                    Ahead {
+                        at: (s0 + SPREAD_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
+                        step: step_bytes / passes,
+                        second: 0,
+                    }
+                };
+                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, pf);
             }
         }
         // The wanted columns of the nb blocks.
@@ -1303,6 +1352,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     w: *const bf16,
     stride: usize,
     io: *mut f32,
+    pf: Ahead,
 ) {
     let mut acc = packed_acc::<R, NB>(p0 > 0, io);
     // SAFETY (transmutes below): __m512i and __m512bh are both 64-byte vectors of plain bits.
@@ -1310,10 +1360,9 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     for p in p0..p1 {
         let mut wv = [[bh(_mm512_setzero_si512()); 2]; NB];
         for (j, v) in wv.iter_mut().enumerate() {
-            // 128 bytes per pair of inputs and block of 32 rows.
-            let ahead = w.wrapping_add(j * stride + (p + PACKED_AHEAD_BYTES / 128) * 64) as *const i8;
+            let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (p - p0) * pf.step);
             _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(pf.second));
             let at = w.add(j * stride + p * 64);
             *v = [
                 bh(_mm512_loadu_si512(at as *const _)),
