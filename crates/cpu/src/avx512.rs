@@ -996,17 +996,23 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 
 /// Where a packed register block prefetches its weights: `at` bytes from the start of each of its
 /// blocks at the first step of its range, `step` bytes further at each step, and a second line
-/// `second` bytes after the first (for 128 bytes a step).
+/// `second` bytes after the first (for 128 bytes a step). Figures below: 128 experts of
+/// qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5), the new and old scheme alternated
+/// call by call, median time ratio new/old of 58 pairs.
 ///
-/// A tile with one lane block prefetches [`PACKED_AHEAD_BYTES`] ahead of each step. With several,
-/// the first pass over a range used to pull the whole next range (two lines a step) and the
-/// others none; now each of the `n` passes pulls `1 / n` of the range [`SPREAD_LEAD`] ranges
-/// ahead, so that the requests reach memory evenly over the range's time. Paired with the old
-/// scheme call by call (128 experts of qwen3-30b-a3b from DRAM, two threads, AMD EPYC Zen 5,
-/// median time ratio of 58 pairs): bf16 gate/up at 16 rows per expert 0.933-0.979, 18 rows 0.924,
-/// 20 rows 0.918-0.995, 24 rows 0.939, ragged 6 to 26 rows 0.956-0.983; f32 gate/up 16 rows 0.958,
-/// 20 rows 0.935, `down` 24 rows 0.966; 64 and 128 rows 0.988-0.998. The one loss: 13 rows (passes
-/// of 7 and 6) in the slow bandwidth mode, 1.034-1.064 (0.942-0.950 in the fast one).
+/// - A tile with one lane block prefetches [`PACKED_AHEAD_BYTES`] ahead of each step; in the last
+///   range of a block, the start of the block `NB` further, which its stream reads next. Before,
+///   stream j pulled block j + 1, which stream j + 1 reads already, so every register block after
+///   the first started cold. One row per expert: bf16 `down` 0.936-0.967, f32 `down` 0.977-0.979,
+///   gate/up (longer blocks, two register blocks per product) 0.979-0.999; bf16 `down` at two rows
+///   0.962-0.978.
+/// - With several lane blocks, the first pass over a range used to pull the whole next range (two
+///   lines a step) and the others none; now each of the `n` passes pulls `1 / n` of the range
+///   [`SPREAD_LEAD`] ranges ahead, so that the requests reach memory evenly over the range's time.
+///   bf16 gate/up at 16 rows per expert 0.933-0.979, 18 rows 0.924, 20 rows 0.918-0.995, 24 rows
+///   0.939, ragged 6 to 26 rows 0.956-0.983; f32 gate/up 16 rows 0.958, 20 rows 0.935, `down` 24
+///   rows 0.966; 64 and 128 rows 0.988-0.998. The one loss: 13 rows (passes of 7 and 6) in the
+///   slow bandwidth mode, 1.034-1.064 (0.942-0.950 in the fast one).
 #[derive(Clone, Copy)]
 struct Ahead {
     at: usize,
@@ -1306,14 +1312,23 @@ unsafe fn packed_blocks<K: PackedBlock>(
         let nb = packed_nb(rows, b1 - b);
         let wp = w.add(b * stride);
         let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
+        let block_bytes = steps * step_bytes;
         for s0 in (0..steps).step_by(chunk) {
             let range = (s0, (s0 + chunk).min(steps));
             for lb in 0..passes {
                 let r = (rows - lb * lanes).min(lanes);
                 let (xl, o) = (x.add(lb * lanes * steps), io.as_mut_ptr().add(lb * lanes * PACKED_OUT));
                 let pf = if passes == 1 {
+                    // Past its block, stream j pulls the start of block j of the next register
+                    // block (or the next tile's, which usually follows on this thread), not the
+                    // block after its own, which another stream of this register block reads.
+                    let at = s0 * step_bytes + PACKED_AHEAD_BYTES;
                     Ahead {
-                        at: s0 * step_bytes + PACKED_AHEAD_BYTES,
+                        at: if at >= block_bytes {
+                            at + (nb - 1) * block_bytes
+                        } else {
+                            at
+                        },
                         step: step_bytes,
                         second: 64,
                     }
