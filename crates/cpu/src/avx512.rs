@@ -994,30 +994,44 @@ const PACKED_NB: usize = 4;
 /// 2.23-2.37.
 const PACKED_AHEAD_BYTES: usize = 8 << 10;
 
-/// Where a packed register block prefetches its weights: `at` bytes from the start of each of its
-/// blocks at the first step of its range, `step` bytes further at each step, and a second line
-/// `second` bytes after the first (for 128 bytes a step). Figures below: 128 experts of
-/// qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5), the new and old scheme alternated
-/// call by call, median time ratio new/old of 58 pairs.
+/// Where a packed register block prefetches its weights.
 ///
-/// - A tile with one lane block prefetches [`PACKED_AHEAD_BYTES`] ahead of each step; in the last
-///   range of a block, the start of the block `NB` further, which its stream reads next. Before,
-///   stream j pulled block j + 1, which stream j + 1 reads already, so every register block after
-///   the first started cold. One row per expert: bf16 `down` 0.936-0.967, f32 `down` 0.977-0.979,
-///   gate/up (longer blocks, two register blocks per product) 0.979-0.999; bf16 `down` at two rows
-///   0.962-0.978.
+/// - A tile of one lane block prefetches [`PACKED_AHEAD_BYTES`] ahead of each step's weights (an
+///   offset of the load's own address). In the last range of a block that is not the tile's
+///   last, the `vdpbf16ps` kernel adds `extra`: its stream j then pulls the start of block j of
+///   the next register block, not block j + 1, which another stream of this one reads already, so
+///   that register blocks after the first no longer start cold. Past the tile's last one this
+///   thread goes on elsewhere (the up product, or another tile), and pulling the next tile's
+///   blocks made f32 gate/up at two rows per expert 8% slower; the f32 kernel does not add
+///   `extra` at all (the runtime offset cost it about 1% at one row, for no measured gain).
 /// - With several lane blocks, the first pass over a range used to pull the whole next range (two
-///   lines a step) and the others none; now each of the `n` passes pulls `1 / n` of the range
-///   [`SPREAD_LEAD`] ranges ahead, so that the requests reach memory evenly over the range's time.
-///   bf16 gate/up at 16 rows per expert 0.933-0.979, 18 rows 0.924, 20 rows 0.918-0.995, 24 rows
-///   0.939, ragged 6 to 26 rows 0.956-0.983; f32 gate/up 16 rows 0.958, 20 rows 0.935, `down` 24
-///   rows 0.966; 64 and 128 rows 0.988-0.998. The one loss: 13 rows (passes of 7 and 6) in the
-///   slow bandwidth mode, 1.034-1.064 (0.942-0.950 in the fast one).
+///   lines a step) and the other passes none. Now each of the `n` passes pulls `1 / n` of the
+///   range [`SPREAD_LEAD`] ranges ahead, one prefetch a step, so that the requests reach memory
+///   evenly over the range's time.
+///
+/// The kernels take the kind as a constant (`SPREAD`): computing the spread addresses for the
+/// one-pass kernels too made decode 4-5% slower.
+///
+/// Measured on 128 experts of qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5). The
+/// kernels of 67b140b and these were alternated call by call in one process, each on its own
+/// copy of the weights (`kb` `ab`, a scratch program); figures are median time ratios new/old
+/// over 58 pairs, mostly in the slow bandwidth mode.
+/// - bf16: 16 rows per expert 0.940 (gate/up) and 0.916 (`down`); ragged 6 to 26 rows 0.951 and
+///   0.938; `down` at two rows 0.970; 8 random experts of one row 0.963 (`down`) and 1.000.
+/// - f32: 16 rows 0.949 and 0.951; ragged 0.959 and 0.961; one row 1.000-1.008.
+/// - The bf16 figures include the vector bf16 stores of the same change set.
+/// - Spread against the one-pass scheme alone, call by call: bf16 gate/up 0.924-0.979 from 14 to
+///   24 rows, 0.988-0.998 at 64 and 128. The one loss was 13 rows (passes of 7 and 6) in the slow
+///   mode, 1.034-1.064 (0.942-0.950 in the fast one).
 #[derive(Clone, Copy)]
 struct Ahead {
+    /// The `vdpbf16ps` kernel with one lane block: bytes added to [`PACKED_AHEAD_BYTES`] ahead of
+    /// the step's weights (the distance to the next register block's, in a block's last range).
+    extra: usize,
+    /// Kernels of a pass among several: from each block's start, the first step's address and
+    /// the bytes between steps.
     at: usize,
     step: usize,
-    second: usize,
 }
 
 /// How many ranges ahead the passes of a tile with several lane blocks prefetch ([`Ahead`]): one
@@ -1076,7 +1090,7 @@ unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]
 /// The CPU must have AVX-512 F and BW; `x` must be readable up to `x[(k1 - 1) * lanes + R - 1]`,
 /// `w` up to `w[(NB - 1) * stride + 32 * k1 - 1]`, and `io` must hold `R * PACKED_OUT` f32.
 #[inline(always)]
-unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
+unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const SPREAD: bool>(
     x: *const f32,
     lanes: usize,
     (k0, k1): (usize, usize),
@@ -1089,11 +1103,14 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize>(
     for i in k0..k1 {
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
-            // Past the block's end this reaches the next block, which follows it.
-            let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (i - k0) * pf.step);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            if W::LINES > 1 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(pf.second));
+            if SPREAD {
+                let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (i - k0) * pf.step);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+            } else {
+                let ahead = (w.wrapping_add(j * stride + i * 32) as *const i8).wrapping_add(PACKED_AHEAD_BYTES);
+                for l in 0..W::LINES {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64));
+                }
             }
         }
         for (j, v) in wv.iter_mut().enumerate() {
@@ -1124,7 +1141,7 @@ trait PackedBlock {
     const STEP: usize;
     /// # Safety
     /// As the kernel it runs.
-    unsafe fn run<const R: usize, const NB: usize>(
+    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
         x: *const Self::X,
         lanes: usize,
         range: (usize, usize),
@@ -1143,7 +1160,7 @@ impl<W: Wide32> PackedBlock for Widen<W> {
     type W = W;
     const STEP: usize = 32;
     #[inline(always)]
-    unsafe fn run<const R: usize, const NB: usize>(
+    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
         x: *const f32,
         lanes: usize,
         k: (usize, usize),
@@ -1152,7 +1169,7 @@ impl<W: Wide32> PackedBlock for Widen<W> {
         io: *mut f32,
         pf: Ahead,
     ) {
-        packed_rows::<W, R, NB>(x, lanes, k, w, stride, io, pf)
+        packed_rows::<W, R, NB, SPREAD>(x, lanes, k, w, stride, io, pf)
     }
 }
 
@@ -1164,7 +1181,7 @@ impl PackedBlock for DpPairs {
     type W = bf16;
     const STEP: usize = 64;
     #[inline(always)]
-    unsafe fn run<const R: usize, const NB: usize>(
+    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
         x: *const u32,
         lanes: usize,
         p: (usize, usize),
@@ -1173,7 +1190,7 @@ impl PackedBlock for DpPairs {
         io: *mut f32,
         pf: Ahead,
     ) {
-        packed_dp_rows::<R, NB>(x, lanes, p, w, stride, io, pf)
+        packed_dp_rows::<R, NB, SPREAD>(x, lanes, p, w, stride, io, pf)
     }
 }
 
@@ -1192,30 +1209,44 @@ unsafe fn packed_rows_n<K: PackedBlock>(
     w: *const K::W,
     stride: usize,
     out: *mut f32,
-    pf: Ahead,
+    (pf, spread): (Ahead, bool),
 ) {
+    if spread {
+        // A pass of several: a tile of 13 rows or more, so one block at a time and 6 rows or more.
+        match r {
+            6 => return K::run::<6, 1, true>(x, lanes, range, w, stride, out, pf),
+            7 => return K::run::<7, 1, true>(x, lanes, range, w, stride, out, pf),
+            8 => return K::run::<8, 1, true>(x, lanes, range, w, stride, out, pf),
+            9 => return K::run::<9, 1, true>(x, lanes, range, w, stride, out, pf),
+            10 => return K::run::<10, 1, true>(x, lanes, range, w, stride, out, pf),
+            11 => return K::run::<11, 1, true>(x, lanes, range, w, stride, out, pf),
+            12 => return K::run::<12, 1, true>(x, lanes, range, w, stride, out, pf),
+            // Not reached (packed_lanes); the one-pass kernels below compute the same outputs.
+            _ => {}
+        }
+    }
     match (nb, r) {
-        (4, 1) => K::run::<1, 4>(x, lanes, range, w, stride, out, pf),
-        (4, 2) => K::run::<2, 4>(x, lanes, range, w, stride, out, pf),
-        (4, 3) => K::run::<3, 4>(x, lanes, range, w, stride, out, pf),
-        (2, 1) => K::run::<1, 2>(x, lanes, range, w, stride, out, pf),
-        (2, 2) => K::run::<2, 2>(x, lanes, range, w, stride, out, pf),
-        (2, 3) => K::run::<3, 2>(x, lanes, range, w, stride, out, pf),
-        (2, 4) => K::run::<4, 2>(x, lanes, range, w, stride, out, pf),
-        (2, 5) => K::run::<5, 2>(x, lanes, range, w, stride, out, pf),
-        (2, 6) => K::run::<6, 2>(x, lanes, range, w, stride, out, pf),
-        (1, 1) => K::run::<1, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 2) => K::run::<2, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 3) => K::run::<3, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 4) => K::run::<4, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 5) => K::run::<5, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 6) => K::run::<6, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 7) => K::run::<7, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 8) => K::run::<8, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 9) => K::run::<9, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 10) => K::run::<10, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 11) => K::run::<11, 1>(x, lanes, range, w, stride, out, pf),
-        (1, 12) => K::run::<12, 1>(x, lanes, range, w, stride, out, pf),
+        (4, 1) => K::run::<1, 4, false>(x, lanes, range, w, stride, out, pf),
+        (4, 2) => K::run::<2, 4, false>(x, lanes, range, w, stride, out, pf),
+        (4, 3) => K::run::<3, 4, false>(x, lanes, range, w, stride, out, pf),
+        (2, 1) => K::run::<1, 2, false>(x, lanes, range, w, stride, out, pf),
+        (2, 2) => K::run::<2, 2, false>(x, lanes, range, w, stride, out, pf),
+        (2, 3) => K::run::<3, 2, false>(x, lanes, range, w, stride, out, pf),
+        (2, 4) => K::run::<4, 2, false>(x, lanes, range, w, stride, out, pf),
+        (2, 5) => K::run::<5, 2, false>(x, lanes, range, w, stride, out, pf),
+        (2, 6) => K::run::<6, 2, false>(x, lanes, range, w, stride, out, pf),
+        (1, 1) => K::run::<1, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 2) => K::run::<2, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 3) => K::run::<3, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 4) => K::run::<4, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 5) => K::run::<5, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 6) => K::run::<6, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 7) => K::run::<7, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 8) => K::run::<8, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 9) => K::run::<9, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 10) => K::run::<10, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 11) => K::run::<11, 1, false>(x, lanes, range, w, stride, out, pf),
+        (1, 12) => K::run::<12, 1, false>(x, lanes, range, w, stride, out, pf),
         // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
         // register block are at most 12 / nb: anything else would read and write past the buffers
         // sized for them.
@@ -1320,28 +1351,25 @@ unsafe fn packed_blocks<K: PackedBlock>(
                 let (xl, o) = (x.add(lb * lanes * steps), io.as_mut_ptr().add(lb * lanes * PACKED_OUT));
                 let pf = if passes == 1 {
                     // Past its block, stream j pulls the start of block j of the next register
-                    // block (or the next tile's, which usually follows on this thread), not the
-                    // block after its own, which another stream of this register block reads.
-                    let at = s0 * step_bytes + PACKED_AHEAD_BYTES;
+                    // block, not the block after its own, which another stream of this register
+                    // block reads. Not past the tile's last one: this thread goes on elsewhere
+                    // (the up product, or another tile), and pulling the next tile's blocks there
+                    // made f32 gate/up at two rows per expert 8% slower.
+                    let past = s0 * step_bytes + PACKED_AHEAD_BYTES >= block_bytes && b + nb < b1;
                     Ahead {
-                        at: if at >= block_bytes {
-                            at + (nb - 1) * block_bytes
-                        } else {
-                            at
-                        },
-                        step: step_bytes,
-                        second: 64,
+                        extra: if past { (nb - 1) * block_bytes } else { 0 },
+                        at: 0,
+                        step: 0,
                     }
                 } else {
-                    // Pass lb pulls its share of the range after next ([`Ahead`]). Steps of at most
-                    // 64 bytes take one line; the second prefetch names the same one.
+                    // Pass lb pulls its share of the range after next ([`Ahead`]).
                     Ahead {
+                        extra: 0,
                         at: (s0 + SPREAD_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
                         step: step_bytes / passes,
-                        second: 0,
                     }
                 };
-                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, pf);
+                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, passes > 1));
             }
         }
         // The wanted columns of the nb blocks.
@@ -1360,7 +1388,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
 /// `x[(p1 - 1) * lanes + R - 1]`, `w` up to `w[(NB - 1) * stride + 64 * p1 - 1]`, and `io` must
 /// hold `R * PACKED_OUT` f32.
 #[inline(always)]
-unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
+unsafe fn packed_dp_rows<const R: usize, const NB: usize, const SPREAD: bool>(
     x: *const u32,
     lanes: usize,
     (p0, p1): (usize, usize),
@@ -1375,9 +1403,16 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize>(
     for p in p0..p1 {
         let mut wv = [[bh(_mm512_setzero_si512()); 2]; NB];
         for (j, v) in wv.iter_mut().enumerate() {
-            let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (p - p0) * pf.step);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(pf.second));
+            if SPREAD {
+                let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (p - p0) * pf.step);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+            } else {
+                // 128 bytes per pair of inputs and block of 32 rows.
+                let ahead =
+                    (w.wrapping_add(j * stride + p * 64) as *const i8).wrapping_add(PACKED_AHEAD_BYTES + pf.extra);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
             let at = w.add(j * stride + p * 64);
             *v = [
                 bh(_mm512_loadu_si512(at as *const _)),
