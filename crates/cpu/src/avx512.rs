@@ -983,15 +983,15 @@ impl Wide32 for f16 {
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
 /// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights in
-/// a tile of one lane block (tiles of several: [`Ahead`]): one stream per block is too few for the hardware prefetchers to keep up. On the Intel Xeon of
-/// the earlier sessions (one thread, 8 experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8
-/// / 16 rows; standalone copy of the kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB
-/// 141-145 / 121-141, 8 KiB 128-144 / 110-141. On an AMD EPYC (Zen 5; two threads, 8 experts of
-/// gate/up from DRAM, three runs alternated, ms): bf16 (`vdpbf16ps`) at 16 rows each 2.12-2.15
-/// with 4 KiB, 2.01-2.04 with 8 KiB, 2.02-2.03 with 16 KiB; 24 rows 2.23-2.50, 2.13-2.20,
-/// 2.14-2.23; f32 (8 KiB was 64 inputs ahead before this counted bytes) at 16
-/// and 24 rows 3.51-3.73 with 8 KiB against 3.49-3.80 with 16 KiB, at one row 2.10-2.22 against
-/// 2.23-2.37.
+/// a tile of one lane block (tiles of several: [`Ahead`]): one stream per block is too few for the
+/// hardware prefetchers to keep up. On the Intel Xeon of the earlier sessions (one thread, 8
+/// experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8 / 16 rows; standalone copy of the
+/// kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB 141-145 / 121-141, 8 KiB 128-144 /
+/// 110-141. On an AMD EPYC (Zen 5; two threads, 8 experts of gate/up from DRAM, three runs
+/// alternated, ms): bf16 (`vdpbf16ps`) at 16 rows each 2.12-2.15 with 4 KiB, 2.01-2.04 with 8 KiB,
+/// 2.02-2.03 with 16 KiB; 24 rows 2.23-2.50, 2.13-2.20, 2.14-2.23; f32 (8 KiB was 64 inputs ahead
+/// before this counted bytes) at 16 and 24 rows 3.51-3.73 with 8 KiB against 3.49-3.80 with 16 KiB,
+/// at one row 2.10-2.22 against 2.23-2.37.
 const PACKED_AHEAD_BYTES: usize = 8 << 10;
 
 /// Where a packed register block prefetches its weights.
