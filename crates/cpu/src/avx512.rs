@@ -1706,6 +1706,18 @@ unsafe fn exp_cephes(y: __m512) -> __m512 {
     _mm512_scalef_ps(e, n)
 }
 
+/// `f()`, compiled for AVX-512 F, BW and VL: `f` is inlined here (the combine and bf16-store
+/// instances are, in the disassembly: `zmm` throughout), so that loops written in plain Rust, which
+/// the crate's x86-64 baseline build compiles to SSE2, vectorise on `zmm` with the same operations
+/// per element, and so the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn compiled_for_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Whether this CPU runs [`dots`].
 pub fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")

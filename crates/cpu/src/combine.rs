@@ -82,47 +82,6 @@ fn token_row<T: Copy, O>(
     }
 }
 
-/// [`token_row`] compiled for AVX-512, where the loops over a step run 16 lanes at a time: the
-/// same operations in the same order per element, so the same bits. Qwen3-30B-A3B at 256 tokens
-/// (bf16, k 8, H 2048, in L3), two threads on an AMD EPYC (Zen 5): 0.10-0.12 ms against 0.24 on
-/// the baseline's SSE2 (the bench's combine record, from memory: 0.10 against 0.26-0.28). The
-/// DeepSeek-V3 shape at 4096 tokens waits on memory either way.
-///
-/// # Safety
-/// The CPU must have AVX-512 F, BW and VL.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn token_row_avx512<T: Copy, O>(
-    y: &[T],
-    terms: &[(usize, f32)],
-    next: &[(usize, f32)],
-    widen: impl Fn(T) -> f32 + Copy,
-    out: &mut [O],
-    store: impl Fn(&mut [O], &[f32]),
-) {
-    token_row(y, terms, next, widen, out, store)
-}
-
-/// [`token_row`], on AVX-512 where `avx512` says the CPU has it.
-#[inline(always)]
-fn token_row_on<T: Copy, O>(
-    avx512: bool,
-    y: &[T],
-    terms: &[(usize, f32)],
-    next: &[(usize, f32)],
-    widen: impl Fn(T) -> f32 + Copy,
-    out: &mut [O],
-    store: impl Fn(&mut [O], &[f32]),
-) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512 {
-        // SAFETY: the caller's `avx512` comes from the backend's SIMD level, detected at run time.
-        return unsafe { token_row_avx512(y, terms, next, widen, out, store) };
-    }
-    let _ = avx512;
-    token_row(y, terms, next, widen, out, store)
-}
-
 /// Per token: `acc = sum_j w_j * y_j` in f32, terms in ascending expert id
 /// (then ascending j); then `out = prev + acc` when accumulating; rounded once.
 /// `avx512`: the CPU has AVX-512 F, BW and VL (the backend's SIMD level).
@@ -135,6 +94,8 @@ pub fn combine(
     s: CombineShape,
     avx512: bool,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
     let (h, k) = (s.hidden, s.top_k);
     if h == 0 || s.tokens == 0 {
         return;
@@ -178,11 +139,23 @@ pub fn combine(
                     // The next token's rows, to prefetch.
                     terms(order, nv, t + 1);
                     *next_t = t + 1;
-                    match y {
-                        Floats::F32(v) => token_row_on(avx512, v, tv, nv, |x| x, r, $store),
-                        Floats::BF16(v) => token_row_on(avx512, v, tv, nv, bf16_to_f32, r, $store),
-                        Floats::F16(v) => token_row_on(avx512, v, tv, nv, f16_to_f32, r, $store),
+                    let mut row = || match y {
+                        Floats::F32(v) => token_row(v, tv, nv, |x| x, r, $store),
+                        Floats::BF16(v) => token_row(v, tv, nv, bf16_to_f32, r, $store),
+                        Floats::F16(v) => token_row(v, tv, nv, f16_to_f32, r, $store),
+                    };
+                    // Compiled for AVX-512, the loops over a step run 16 lanes at a time, with the
+                    // same bits. Qwen3-30B-A3B at 256 tokens (bf16, k 8, H 2048, in L3), two
+                    // threads on an AMD EPYC (Zen 5): 0.10-0.12 ms against 0.24 on the baseline's
+                    // SSE2 (the bench's combine record, from memory: 0.10 against 0.26-0.28). The
+                    // DeepSeek-V3 shape at 4096 tokens waits on memory either way.
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 {
+                        // SAFETY: `avx512` comes from the backend's SIMD level, detected at run
+                        // time.
+                        return unsafe { crate::avx512::compiled_for_avx512(row) };
                     }
+                    row()
                 },
             )
         };
