@@ -1014,8 +1014,8 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 ///
 /// Measured on 128 experts of qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5). The
 /// kernels of 67b140b and these were alternated call by call in one process, each on its own
-/// copy of the weights (`kb` `ab`, a scratch program); figures are median time ratios new/old
-/// over 58 pairs, mostly in the slow bandwidth mode.
+/// copy of the weights (`scripts/paired.sh 67b140b gemm ...`). Figures are median time ratios
+/// new/old over 58 pairs, mostly in the slow bandwidth mode.
 /// - bf16: 16 rows per expert 0.940 (gate/up) and 0.916 (`down`); ragged 6 to 26 rows 0.951 and
 ///   0.938; `down` at two rows 0.970; 8 random experts of one row 0.963 (`down`) and 1.000.
 /// - f32: 16 rows 0.949 and 0.951; ragged 0.959 and 0.961; one row 1.000-1.008.

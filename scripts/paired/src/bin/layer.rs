@@ -1,0 +1,74 @@
+//! The whole qwen3-30b-a3b layer (random weights) on the base and the current CPU backend,
+//! alternated call by call (which one goes first alternates too), each with its own weights, over
+//! 16 token batches so that each call reads other experts.
+//!
+//! `layer DTYPE TOKENS CALLS`, e.g. `layer bf16 256 40`.
+
+use moe_hal_core::{Backend, DType, LayerWeights, MoeLayer, RouterSpec};
+use moe_hal_paired::{host, random, summary};
+use std::time::Instant;
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 4 {
+        eprintln!("usage: layer f32|bf16 TOKENS CALLS");
+        std::process::exit(2);
+    }
+    let bf = a[1] == "bf16";
+    let (t, calls): (usize, usize) = (a[2].parse().expect("TOKENS"), a[3].parse().expect("CALLS"));
+    let (h, i, e, k) = (2048, 768, 128, 8);
+    let dt = if bf { DType::BF16 } else { DType::F32 };
+    let mut s = 7u64;
+    let lw = LayerWeights {
+        router: RouterSpec::softmax_topk(e, k, true),
+        hidden_size: h,
+        intermediate_size: i,
+        router_weight: random(&mut s, e * h, 2.0 / (h as f32).sqrt()),
+        gate_up: host(random(&mut s, e * 2 * i * h, 1.0 / (h as f32).sqrt()), bf),
+        down: host(random(&mut s, e * h * i, 1.0 / (i as f32).sqrt()), bf),
+        shared: None,
+    };
+    let xs: Vec<_> = (0..16).map(|_| host(random(&mut s, t * h, 1.0), bf)).collect();
+    let ba = moe_hal_cpu_base::CpuBackend::new().expect("base backend");
+    let bb = moe_hal_cpu::CpuBackend::new().expect("current backend");
+    let mut la = MoeLayer::new(ba.clone(), &lw).expect("base layer");
+    let mut lb = MoeLayer::new(bb.clone(), &lw).expect("current layer");
+    drop(lw);
+    let xa: Vec<_> = xs.iter().map(|x| ba.upload(x.as_slice()).unwrap()).collect();
+    let xb: Vec<_> = xs.iter().map(|x| bb.upload(x.as_slice()).unwrap()).collect();
+    let (mut oa, mut ob) = (ba.alloc(dt, t * h).unwrap(), bb.alloc(dt, t * h).unwrap());
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for r in 0..calls + 4 {
+        for base in [r % 2 == 0, r % 2 == 1] {
+            let t0 = Instant::now();
+            if base {
+                la.forward_into(&xa[r % 16], t, &mut oa).unwrap();
+            } else {
+                lb.forward_into(&xb[r % 16], t, &mut ob).unwrap();
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            // The first four pairs warm up.
+            if r >= 4 {
+                if base {
+                    ta.push(ms)
+                } else {
+                    tb.push(ms)
+                }
+            }
+        }
+    }
+    let (va, vb) = (
+        ba.download(&oa).unwrap().to_f32().unwrap(),
+        bb.download(&ob).unwrap().to_f32().unwrap(),
+    );
+    let diff = va
+        .iter()
+        .zip(&vb)
+        .map(|(x, y)| ((x - y).abs() / x.abs().max(1e-3)) as f64)
+        .fold(0.0, f64::max);
+    println!(
+        "{} T={t}: {}; largest relative difference of the last outputs {diff:.1e}",
+        a[1],
+        summary(&ta, &tb)
+    );
+}
