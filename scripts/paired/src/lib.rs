@@ -1,7 +1,9 @@
-//! Shared pieces of the paired programs: random data, and the median of paired ratios.
+//! Shared pieces of the paired programs: random data, and the alternated timing with the median of
+//! the paired ratios.
 
 use half::bf16;
 use moe_hal_core::HostVec;
+use std::time::Instant;
 
 /// `n` values uniform in `[-s, s]` from a xorshift stream.
 pub fn random(seed: &mut u64, n: usize, s: f32) -> Vec<f32> {
@@ -24,8 +26,29 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
     }
 }
 
+/// Runs `base(i)` and `current(i)` for `i` in `0..warmup + pairs`, which one goes first
+/// alternating from pair to pair, and summarises the timed pairs after the first `warmup`.
+pub fn paired(warmup: usize, pairs: usize, mut base: impl FnMut(usize), mut current: impl FnMut(usize)) -> String {
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for i in 0..warmup + pairs {
+        for first_base in [i % 2 == 0, i % 2 == 1] {
+            let t0 = Instant::now();
+            if first_base {
+                base(i)
+            } else {
+                current(i)
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if i >= warmup {
+                if first_base { &mut ta } else { &mut tb }.push(ms);
+            }
+        }
+    }
+    summary(&ta, &tb)
+}
+
 /// The two series' medians and the median and quartiles of their paired ratios (`b / a`).
-pub fn summary(a: &[f64], b: &[f64]) -> String {
+fn summary(a: &[f64], b: &[f64]) -> String {
     let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| y / x).collect();
     let (mut a, mut b) = (a.to_vec(), b.to_vec());
     for v in [&mut r, &mut a, &mut b] {

@@ -7,8 +7,7 @@
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
-use moe_hal_paired::summary;
-use std::time::Instant;
+use moe_hal_paired::paired;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -85,28 +84,15 @@ fn main() {
     );
     let oa: Vec<_> = offs.iter().map(|o| a.upload(HostSlice::U32(o)).unwrap()).collect();
     let ob: Vec<_> = offs.iter().map(|o| b.upload(HostSlice::U32(o)).unwrap()).collect();
-    let (mut ta, mut tb) = (vec![], vec![]);
-    for (it, off) in offs.iter().enumerate() {
-        let s = GemmShape {
-            rows: *off.last().unwrap() as usize,
-            ..shape
-        };
-        for base in [it % 2 == 0, it % 2 == 1] {
-            let t0 = Instant::now();
-            if base {
-                a.grouped_matmul(&xa, &oa[it], &wa, &mut ya, s).unwrap();
-            } else {
-                b.grouped_matmul(&xbb, &ob[it], &wbb, &mut yb, s).unwrap();
-            }
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            if it >= 2 {
-                if base {
-                    ta.push(ms)
-                } else {
-                    tb.push(ms)
-                }
-            }
-        }
-    }
-    println!("{} {} rows {}: {}", args[1], args[3], args[2], summary(&ta, &tb));
+    let shape_of = |i: usize| GemmShape {
+        rows: *offs[i].last().unwrap() as usize,
+        ..shape
+    };
+    let summary = paired(
+        2,
+        calls - 2,
+        |i| a.grouped_matmul(&xa, &oa[i], &wa, &mut ya, shape_of(i)).unwrap(),
+        |i| b.grouped_matmul(&xbb, &ob[i], &wbb, &mut yb, shape_of(i)).unwrap(),
+    );
+    println!("{} {} rows {}: {}", args[1], args[3], args[2], summary);
 }

@@ -5,8 +5,7 @@
 //! `layer DTYPE TOKENS CALLS`, e.g. `layer bf16 256 40`.
 
 use moe_hal_core::{Backend, DType, LayerWeights, MoeLayer, RouterSpec};
-use moe_hal_paired::{host, random, summary};
-use std::time::Instant;
+use moe_hal_paired::{host, paired, random};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -37,26 +36,13 @@ fn main() {
     let xa: Vec<_> = xs.iter().map(|x| ba.upload(x.as_slice()).unwrap()).collect();
     let xb: Vec<_> = xs.iter().map(|x| bb.upload(x.as_slice()).unwrap()).collect();
     let (mut oa, mut ob) = (ba.alloc(dt, t * h).unwrap(), bb.alloc(dt, t * h).unwrap());
-    let (mut ta, mut tb) = (vec![], vec![]);
-    for r in 0..calls + 4 {
-        for base in [r % 2 == 0, r % 2 == 1] {
-            let t0 = Instant::now();
-            if base {
-                la.forward_into(&xa[r % 16], t, &mut oa).unwrap();
-            } else {
-                lb.forward_into(&xb[r % 16], t, &mut ob).unwrap();
-            }
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            // The first four pairs warm up.
-            if r >= 4 {
-                if base {
-                    ta.push(ms)
-                } else {
-                    tb.push(ms)
-                }
-            }
-        }
-    }
+    // The first four pairs warm up.
+    let summary = paired(
+        4,
+        calls,
+        |r| la.forward_into(&xa[r % 16], t, &mut oa).unwrap(),
+        |r| lb.forward_into(&xb[r % 16], t, &mut ob).unwrap(),
+    );
     let (va, vb) = (
         ba.download(&oa).unwrap().to_f32().unwrap(),
         bb.download(&ob).unwrap().to_f32().unwrap(),
@@ -68,7 +54,6 @@ fn main() {
         .fold(0.0, f64::max);
     println!(
         "{} T={t}: {}; largest relative difference of the last outputs {diff:.1e}",
-        a[1],
-        summary(&ta, &tb)
+        a[1], summary
     );
 }
