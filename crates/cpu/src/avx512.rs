@@ -1734,6 +1734,15 @@ mod tests {
 
     /// -104 to 104 in steps of 5e-4, the edges (NaN, the infinities, signed zeros, tiny values,
     /// past exp's range), then a tail of 5 past the last whole vector with the edges again.
+    /// Whether the CPU lacks AVX-512 BW/VL, said loudly: the caller's test then has nothing to run.
+    fn skipped_without_avx512() -> bool {
+        let lacks = !has_avx512();
+        if lacks {
+            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        }
+        lacks
+    }
+
     fn exp_inputs() -> Vec<f32> {
         let mut x: Vec<f32> = (-208_000..=208_000).map(|i| i as f32 * 5e-4).collect();
         x.extend([
@@ -1760,8 +1769,7 @@ mod tests {
     /// empty row) is declined with nothing written.
     #[test]
     fn softmax_matches_f64() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         for n in (1..=40).chain([127, 128, 129, 256, 300]) {
@@ -1806,8 +1814,7 @@ mod tests {
     /// contract's values at the edges: NaN and -inf give 0, +inf 1, 0 one half.
     #[test]
     fn sigmoid_matches_the_scalar_formula() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         let x = exp_inputs();
@@ -1844,8 +1851,7 @@ mod tests {
     /// values at NaN and the infinities.
     #[test]
     fn swiglu_matches_the_formula() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         let g = exp_inputs();
@@ -1902,8 +1908,7 @@ mod tests {
     /// Blocks and edges give the same bits as one output at a time, and match f64 closely.
     #[test]
     fn blocks_equal_single_outputs() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         for (rows, cols, k) in [(7, 9, 37), (1, 5, 2048), (2, 4, 33), (3, 7, 16), (5, 3, 1), (6, 15, 40)] {
@@ -1938,8 +1943,7 @@ mod tests {
     /// multiple of 32; odd `k` takes the element path.
     #[test]
     fn bf16_pairs_interleave_equals_the_portable_layout() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         for (rows, k) in [
@@ -2010,8 +2014,7 @@ mod tests {
     /// in registers gives the same bits as element by element.
     #[test]
     fn bcast_pairs_equals_even_plus_odd_chains() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         let cases = [
@@ -2081,8 +2084,7 @@ mod tests {
     /// chunks of widened weights.
     #[test]
     fn bcast_equals_sequential_fma_chains() {
-        if !has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 BW/VL on this CPU");
+        if skipped_without_avx512() {
             return;
         }
         let cases: [(usize, usize, usize); 14] = [
