@@ -48,6 +48,12 @@ macro_rules! conformance {
                 });
             }
             #[test]
+            fn permute_matmul() {
+                run(stringify!($backend), $make, |b| {
+                    conformance::permute_matmul_suite(b, $quick)
+                });
+            }
+            #[test]
             fn combine() {
                 run(stringify!($backend), $make, |b| {
                     conformance::combine_suite(b, $quick)

@@ -457,6 +457,27 @@ pub trait Backend: Send + Sync {
         shape: GemmShape,
     ) -> Result<()>;
 
+    /// [`Backend::permute`], then [`Backend::grouped_matmul`] on its rows (the layer's gate/up):
+    /// `gemm`'s input is `out.rows`, its offsets `out.offsets`. A backend whose matmul reads each
+    /// row where it lies in `hidden` (row `r` is `hidden[out.source_of[r] / top_k]`) skips
+    /// copying them and leaves `out.rows` as it was; `output` and the other outputs of the
+    /// permute are the same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    fn permute_matmul(
+        &self,
+        hidden: &Self::Buffer,
+        ids: &Self::Buffer,
+        shape: PermuteShape,
+        out: &mut Permuted<Self::Buffer>,
+        weight: &Self::Buffer,
+        output: &mut Self::Buffer,
+        gemm: GemmShape,
+    ) -> Result<()> {
+        crate::check::permute_matmul(shape, gemm)?;
+        self.permute(hidden, ids, shape, out)?;
+        self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm)
+    }
+
     /// `output[t] (+)= sum_j weights[t, j] * expert_out[slot_of[t*k + j]]`,
     /// summed in f32 in ascending expert id. `expert_out` and `output` share
     /// one float dtype.

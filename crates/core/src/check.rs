@@ -169,6 +169,26 @@ pub fn permute<B: DeviceBuffer>(
     )
 }
 
+/// The gate/up GEMM of [`crate::Backend::permute_matmul`] reads the permute's rows: its rows,
+/// inputs and experts are the permute's `tokens * top_k`, `hidden` and `experts`.
+pub fn permute_matmul(p: PermuteShape, g: GemmShape) -> Result<()> {
+    let tk = checked_mul(p.tokens, p.top_k, "tokens * top_k")?;
+    for (what, got, want) in [
+        ("gate/up rows", g.rows, tk),
+        ("gate/up in_features", g.in_features, p.hidden),
+        ("gate/up experts", g.experts, p.experts),
+    ] {
+        if got != want {
+            return Err(MoeError::shape(
+                what,
+                got,
+                format!("{want}, the permute's (tokens * top_k, hidden, experts)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
     backend: &str,
     caps: &Capabilities,

@@ -513,6 +513,73 @@ fn check_permute<B: Backend>(
     Ok((0.0, 0.0))
 }
 
+/// [`Backend::permute_matmul`] against the two calls it replaces, on separate outputs: the same
+/// index outputs (and the reference's), the same bits of the matmul, and the matmul within
+/// tolerance of float64 on the gathered rows. `packed`: weights by [`Backend::upload_weights`].
+fn check_permute_matmul<B: Backend>(
+    b: &B,
+    dtype: DType,
+    p: PermuteShape,
+    (inter, act): (usize, Activation),
+    seed: u64,
+    packed: bool,
+) -> Result<(f64, f64), String> {
+    let mut rng = Rng::new(seed);
+    let ids = random_ids(&mut rng, p.tokens, p.top_k, p.experts, false);
+    let tk = p.tokens * p.top_k;
+    let g = GemmShape {
+        rows: tk,
+        in_features: p.hidden,
+        out_features: inter,
+        experts: p.experts,
+        activation: act,
+    };
+    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
+    let scale = 1.0 / (p.hidden as f32).sqrt();
+    let w = host_in(&rng.vec(p.experts * g.weight_rows() * p.hidden, -scale, scale), dtype);
+    let (xb, idb) = (
+        b.upload(x.as_slice()).map_err(e2s)?,
+        b.upload(HostSlice::U32(&ids)).map_err(e2s)?,
+    );
+    let wb = if packed {
+        b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..g })
+    } else {
+        b.upload(w.as_slice())
+    }
+    .map_err(e2s)?;
+    let (mut p1, mut p2) = (
+        Permuted::alloc(b, p, dtype).map_err(e2s)?,
+        Permuted::alloc(b, p, dtype).map_err(e2s)?,
+    );
+    let (mut y1, mut y2) = (
+        b.alloc(dtype, tk * inter).map_err(e2s)?,
+        b.alloc(dtype, tk * inter).map_err(e2s)?,
+    );
+    b.permute(&xb, &idb, p, &mut p1).map_err(e2s)?;
+    b.grouped_matmul(&p1.rows, &p1.offsets, &wb, &mut y1, g).map_err(e2s)?;
+    b.permute_matmul(&xb, &idb, p, &mut p2, &wb, &mut y2, g).map_err(e2s)?;
+    let m = reference::permute_maps(&ids, p.tokens, p.top_k, p.experts);
+    exact("counts", &u32s(b, &p2.counts, p.experts)?, &m.counts, p.experts)?;
+    exact(
+        "offsets",
+        &u32s(b, &p2.offsets, p.experts + 1)?,
+        &m.offsets,
+        p.experts + 1,
+    )?;
+    exact("slot_of", &u32s(b, &p2.slot_of, tk)?, &m.slot_of, p.top_k)?;
+    exact("source_of", &u32s(b, &p2.source_of, tk)?, &m.source_of, p.top_k)?;
+    let (got, sep) = (floats(b, &y2, tk * inter)?, floats(b, &y1, tk * inter)?);
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != sep[i].to_bits()) {
+        return Err(format!(
+            "output[{i}] is {} fused, {} from permute then grouped_matmul",
+            got[i], sep[i]
+        ));
+    }
+    let rows = reference::gather(&x.to_f64(), p.hidden, p.top_k, &m.source_of);
+    let want = reference::grouped_matmul(&rows, &m.offsets, &w.to_f64(), g);
+    Ok((rel_l2(&got, &want), tolerance(dtype)))
+}
+
 fn ragged_offsets(rng: &mut Rng, rows: usize, experts: usize, used: usize) -> Vec<u32> {
     // `used` rows are spread over experts, some of which receive none.
     let mut counts = vec![0u32; experts];
@@ -848,6 +915,35 @@ fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Outcome)> {
             "grouped_matmul: in_features = 0".into(),
             b.grouped_matmul(&x, &off, &wt, &mut y, GemmShape { in_features: 0, ..gs }),
         ));
+        // The permute's shape (4 tokens of 6, k 2, 8 experts) and a gate/up GEMM on its rows.
+        let pg = GemmShape {
+            rows: 8,
+            in_features: 6,
+            out_features: 3,
+            experts: 8,
+            activation: Activation::SwiGlu,
+        };
+        let (pw, mut py) = (f(8 * 6 * 6)?, f(8 * 3)?);
+        v.push((
+            "permute_matmul: gate/up rows are not tokens * top_k".into(),
+            b.permute_matmul(&x, &ids, s, &mut p, &pw, &mut py, GemmShape { rows: 7, ..pg }),
+        ));
+        v.push((
+            "permute_matmul: in_features is not hidden".into(),
+            b.permute_matmul(
+                &x,
+                &ids,
+                s,
+                &mut p,
+                &f(8 * 6 * 5)?,
+                &mut py,
+                GemmShape { in_features: 5, ..pg },
+            ),
+        ));
+        v.push((
+            "permute_matmul: output too short".into(),
+            b.permute_matmul(&x, &ids, s, &mut p, &pw, &mut f(8 * 3 - 1)?, pg),
+        ));
         let cs = CombineShape {
             tokens: 4,
             hidden: 6,
@@ -1016,6 +1112,44 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
     r
 }
 
+/// [`Backend::permute_matmul`] against permute then grouped matmul ([`check_permute_matmul`]).
+pub fn permute_matmul_suite<B: Backend>(b: &B, quick: bool) -> Report {
+    let mut r = Report {
+        backend: b.name().into(),
+        ..Default::default()
+    };
+    let tokens: &[usize] = if quick { &[1, 7] } else { &[0, 1, 7, 257] };
+    let caps = b.capabilities();
+    for dtype in dtypes(b, Kernel::GroupedMatmul) {
+        if !caps.supports(Kernel::Permute, dtype) {
+            continue;
+        }
+        for &t in tokens {
+            for (hidden, k, e, inter, act) in [
+                (37, 2, 4, 19, Activation::SwiGlu),
+                (64, 8, 16, 24, Activation::SwiGlu),
+                (130, 4, 8, 70, Activation::None),
+                (20, 1, 3, 9, Activation::SwiGlu),
+            ] {
+                let s = PermuteShape {
+                    tokens: t,
+                    hidden,
+                    top_k: k,
+                    experts: e,
+                };
+                for packed in [false, true] {
+                    let how = if packed { "upload_weights" } else { "upload" };
+                    let name = format!("T={t} H={hidden} k={k} E={e} I={inter} {act:?} weights by {how}");
+                    r.push("permute_matmul", name, dtype, || {
+                        check_permute_matmul(b, dtype, s, (inter, act), (t * 13 + hidden + e) as u64, packed)
+                    });
+                }
+            }
+        }
+    }
+    r
+}
+
 pub fn combine_suite<B: Backend>(b: &B, quick: bool) -> Report {
     let mut r = Report {
         backend: b.name().into(),
@@ -1083,6 +1217,7 @@ pub fn run_all<B: Backend + Clone>(b: &B, quick: bool) -> Report {
         route_suite(b, quick),
         permute_suite(b, quick),
         gemm_suite(b, quick),
+        permute_matmul_suite(b, quick),
         combine_suite(b, quick),
         layer_suite(b, quick),
         bad_input_suite(b),

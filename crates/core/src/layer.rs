@@ -470,8 +470,7 @@ fn kernels<B: Backend>(
     let ls = LayerShapes::new(tokens, h, i, e, k);
     b.router_logits(x, router_weight, &mut s.logits, ls.router)?;
     b.route(&s.logits, spec, tokens, &mut s.ids, &mut s.weights)?;
-    b.permute(x, &s.ids, ls.permute, &mut s.perm)?;
-    b.grouped_matmul(&s.perm.rows, &s.perm.offsets, gate_up, &mut s.act, ls.gate_up)?;
+    b.permute_matmul(x, &s.ids, ls.permute, &mut s.perm, gate_up, &mut s.act, ls.gate_up)?;
     b.grouped_matmul(&s.act, &s.perm.offsets, down, &mut s.expert_out, ls.down)?;
     b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
     if let (Some(sh), Some(ss)) = (shared, s.shared.as_mut()) {

@@ -902,7 +902,8 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
-/// [`crate::matmul::interleave`] for the CPUs that run [`bcast`] and [`packed`]: each lane block is
+/// [`crate::matmul::interleave`] for the CPUs that run [`bcast`] and [`packed`], of `rows` rows of
+/// `x` (`[_, k]`; the `r`-th is row `at(r)`, checked to lie in `x`): each lane block is
 /// written as 16 x 16 tiles transposed in registers, of which lane blocks of 12 rows store 12
 /// lanes a step (element by element with strided stores, a 2048-token gate/up input took 3.7-4.2
 /// ms on two threads).
@@ -910,19 +911,33 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn interleave<X: Load16>(x: &[X], rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
-    assert!(lanes <= LANE_ROWS && x.len() >= rows * k && dst.len() >= crate::matmul::interleaved_len(rows, k, lanes));
+pub unsafe fn interleave<X: Load16>(
+    x: &[X],
+    at: impl Fn(usize) -> usize,
+    rows: usize,
+    k: usize,
+    lanes: usize,
+    dst: &mut [f32],
+) {
+    assert!(lanes <= LANE_ROWS && dst.len() >= crate::matmul::interleaved_len(rows, k, lanes));
     let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr());
     let keep = ((1u32 << lanes) - 1) as __mmask16;
     for b in 0..rows.div_ceil(lanes) {
         let live = (rows - b * lanes).min(lanes);
-        let (src, out) = (xp.add(b * lanes * k), dp.add(b * lanes * k));
+        let out = dp.add(b * lanes * k);
+        // Each live row's start, checked to lie in `x` with its `k` values.
+        let mut src = [xp; 16];
+        for (l, s) in src.iter_mut().enumerate().take(live) {
+            let row = at(b * lanes + l);
+            assert!((row + 1) * k <= x.len(), "input row {row} past the input");
+            *s = xp.add(row * k);
+        }
         for k0 in (0..k).step_by(16) {
             let kc = (k - k0).min(16);
             let m = first_lanes(kc);
             let mut v = [_mm512_setzero_ps(); 16];
-            for (l, v) in v.iter_mut().enumerate().take(live) {
-                *v = X::load(src.add(l * k + k0), m);
+            for (v, s) in v.iter_mut().zip(&src).take(live) {
+                *v = X::load(s.add(k0), m);
             }
             transpose16(&mut v);
             for (j, v) in v.iter().enumerate().take(kc) {
@@ -1438,7 +1453,8 @@ pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
     crate::matmul::interleaved_len(rows, k.div_ceil(2), crate::pack::packed_lanes(rows))
 }
 
-/// `x` (`[rows][k]` bf16) in lane blocks of [`crate::pack::packed_lanes`] rows for [`packed_dp`]:
+/// `rows` rows of `x` (`[_, k]` bf16; the `r`-th is row `at(r)`) in lane blocks of
+/// [`crate::pack::packed_lanes`] rows for [`packed_dp`]:
 /// per block and pair `p`, each row's inputs `2p` (low half) and `2p + 1` as one 32-bit value,
 /// stored in an f32's bits; missing rows and the input past an odd `k` are zero. For even `k` a
 /// row's pairs are its bf16 values read 32 bits at a time, so [`interleave`] moves them as f32 bits
@@ -1446,31 +1462,33 @@ pub fn bf16_pairs_len(rows: usize, k: usize) -> usize {
 /// element by element (this function's odd-`k` path), 128 rows of 7168 in 50 us against 361. On
 /// two threads, qwen3-30b-a3b gate/up at 16 rows for each of 128 experts from DRAM took 19.8-20.5
 /// ms against 20.1-21.5 (four alternations), `down` 10.1-10.4 against 10.2-10.6.
-pub fn interleave_bf16_pairs(x: &[bf16], rows: usize, k: usize, dst: &mut [f32]) {
+pub fn interleave_bf16_pairs(x: &[bf16], at: impl Fn(usize) -> usize, rows: usize, k: usize, dst: &mut [f32]) {
     let kp = k.div_ceil(2);
-    assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
+    assert!(dst.len() >= bf16_pairs_len(rows, k));
     let lanes = crate::pack::packed_lanes(rows);
     if k.is_multiple_of(2) && has_avx512() {
-        // SAFETY: Bf16Pair is two bf16 (size 4, alignment 2), so the first rows * k bf16 of x are
-        // rows * kp pairs; the CPU has AVX-512 F, BW and VL (has_avx512).
+        // SAFETY: Bf16Pair is two bf16 (size 4, alignment 2), so the first x.len() / 2 * 2 bf16
+        // of x are x.len() / 2 pairs, and row r's kp pairs start at pair r * kp (k is even);
+        // `interleave` checks each row against them; the CPU has AVX-512 F, BW and VL
+        // (has_avx512).
         unsafe {
-            let pairs = std::slice::from_raw_parts(x.as_ptr() as *const Bf16Pair, rows * kp);
-            interleave(pairs, rows, kp, lanes, dst);
+            let pairs = std::slice::from_raw_parts(x.as_ptr() as *const Bf16Pair, x.len() / 2);
+            interleave(pairs, at, rows, kp, lanes, dst);
         }
         return;
     }
-    interleave_bf16_pairs_portable(x, rows, k, dst)
+    interleave_bf16_pairs_portable(x, at, rows, k, dst)
 }
 
 /// [`interleave_bf16_pairs`] element by element (odd `k`, and the reference of its test).
-pub fn interleave_bf16_pairs_portable(x: &[bf16], rows: usize, k: usize, dst: &mut [f32]) {
+pub fn interleave_bf16_pairs_portable(x: &[bf16], at: impl Fn(usize) -> usize, rows: usize, k: usize, dst: &mut [f32]) {
     let kp = k.div_ceil(2);
-    assert!(x.len() >= rows * k && dst.len() >= bf16_pairs_len(rows, k));
+    assert!(dst.len() >= bf16_pairs_len(rows, k));
     let lanes = crate::pack::packed_lanes(rows);
     for (lb, blk) in dst[..bf16_pairs_len(rows, k)].chunks_exact_mut(lanes * kp).enumerate() {
         blk.fill(0.0);
         for r in 0..(rows - lb * lanes).min(lanes) {
-            let row = &x[(lb * lanes + r) * k..][..k];
+            let row = &x[at(lb * lanes + r) * k..][..k];
             for (p, pair) in row.chunks(2).enumerate() {
                 let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
                 blk[p * lanes + r] = f32::from_bits(pair[0].to_bits() as u32 | hi << 16);
@@ -1966,8 +1984,8 @@ mod tests {
                 .collect();
             let len = bf16_pairs_len(rows, k);
             let (mut want, mut got) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-            interleave_bf16_pairs_portable(&x, rows, k, &mut want);
-            interleave_bf16_pairs(&x, rows, k, &mut got);
+            interleave_bf16_pairs_portable(&x, |r| r, rows, k, &mut want);
+            interleave_bf16_pairs(&x, |r| r, rows, k, &mut got);
             let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{rows} rows, k {k}");
         }
@@ -2108,7 +2126,15 @@ mod tests {
         fn check<W: BcastWeight>(rows: usize, cols: usize, k: usize, w: &[W], wide: impl Fn(W) -> f32) {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let mut xt = vec![f32::NAN; crate::matmul::interleaved_len(rows, k, LANE_ROWS)];
-            crate::matmul::interleave(crate::matmul::Floats::F32(&x), 0, rows, k, LANE_ROWS, &mut xt);
+            crate::matmul::interleave(
+                crate::matmul::Floats::F32(&x),
+                crate::matmul::InputRows::InOrder,
+                0,
+                rows,
+                k,
+                LANE_ROWS,
+                &mut xt,
+            );
             let mut out = vec![f32::NAN; rows * cols];
             // SAFETY: has_avx512() was checked; the slices have the sizes given.
             unsafe { bcast(&xt, rows, k, w, cols, &mut out) };

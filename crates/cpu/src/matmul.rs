@@ -178,46 +178,83 @@ pub fn interleaved_len(rows: usize, k: usize, lanes: usize) -> usize {
     rows.div_ceil(lanes) * lanes * k
 }
 
-/// Interleaves the input rows `row0 .. row0 + rows` (of `[_, k]`), widened to f32, into the lane
-/// blocks the broadcast kernel ([`LANE_ROWS`] lanes) and the packed kernel
+/// The rows a grouped matmul reads from its input: its own, in order, or (gate/up fused with the
+/// permute, [`crate::CpuBackend`]'s `permute_matmul`) row `r` of the permuted order is the
+/// input's row `source_of[r] / top_k`, the hidden row that the permute would have copied there.
+#[derive(Clone, Copy)]
+pub enum InputRows<'a> {
+    InOrder,
+    Gathered { source_of: &'a [u32], top_k: usize },
+}
+
+impl InputRows<'_> {
+    /// The input row that row `r` reads.
+    #[inline(always)]
+    pub fn row(self, r: usize) -> usize {
+        match self {
+            InputRows::InOrder => r,
+            InputRows::Gathered { source_of, top_k } => source_of[r] as usize / top_k,
+        }
+    }
+}
+
+/// Interleaves the rows `row0 .. row0 + rows` (of `[_, k]`, read where `src` says), widened to
+/// f32, into the lane blocks the broadcast kernel ([`LANE_ROWS`] lanes) and the packed kernel
 /// ([`crate::pack::packed_lanes`]) read: block `b` is `[k][lanes]` with row `row0 + b * lanes + l`
 /// in lane `l`; lanes past `rows` are zero. `dst` holds [`interleaved_len`]`(rows, k, lanes)`
 /// values; `lanes` is at most 16.
-pub fn interleave(x: Floats, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
+pub fn interleave(x: Floats, src: InputRows, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::avx512::has_avx512() {
-        let r = row0 * k..(row0 + rows) * k;
+        let at = |r: usize| src.row(row0 + r);
         // SAFETY: the CPU has AVX-512 F, BW and VL (checked just above).
         unsafe {
             match x {
-                Floats::F32(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
-                Floats::BF16(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
-                Floats::F16(v) => crate::avx512::interleave(&v[r], rows, k, lanes, dst),
+                Floats::F32(v) => crate::avx512::interleave(v, at, rows, k, lanes, dst),
+                Floats::BF16(v) => crate::avx512::interleave(v, at, rows, k, lanes, dst),
+                Floats::F16(v) => crate::avx512::interleave(v, at, rows, k, lanes, dst),
             }
         }
         return;
     }
-    interleave_portable(x, row0, rows, k, lanes, dst)
+    interleave_portable(x, src, row0, rows, k, lanes, dst)
 }
 
 /// [`interleave`] element by element (the reference of its tests, and the path without AVX-512).
-pub fn interleave_portable(x: Floats, row0: usize, rows: usize, k: usize, lanes: usize, dst: &mut [f32]) {
-    let r = row0 * k..(row0 + rows) * k;
+pub fn interleave_portable(
+    x: Floats,
+    src: InputRows,
+    row0: usize,
+    rows: usize,
+    k: usize,
+    lanes: usize,
+    dst: &mut [f32],
+) {
+    let at = |r: usize| src.row(row0 + r);
     match x {
-        Floats::F32(v) => interleave_with(&v[r], rows, k, lanes, dst, |v| v),
-        Floats::BF16(v) => interleave_with(&v[r], rows, k, lanes, dst, bf16_to_f32),
-        Floats::F16(v) => interleave_with(&v[r], rows, k, lanes, dst, f16_to_f32),
+        Floats::F32(v) => interleave_with(v, at, rows, k, lanes, dst, |v| v),
+        Floats::BF16(v) => interleave_with(v, at, rows, k, lanes, dst, bf16_to_f32),
+        Floats::F16(v) => interleave_with(v, at, rows, k, lanes, dst, f16_to_f32),
     }
 }
 
 #[inline(always)]
-fn interleave_with<T: Copy>(x: &[T], rows: usize, k: usize, lanes: usize, dst: &mut [f32], wide: impl Fn(T) -> f32) {
-    assert!(x.len() >= rows * k && dst.len() >= interleaved_len(rows, k, lanes));
+fn interleave_with<T: Copy>(
+    x: &[T],
+    at: impl Fn(usize) -> usize,
+    rows: usize,
+    k: usize,
+    lanes: usize,
+    dst: &mut [f32],
+    wide: impl Fn(T) -> f32,
+) {
+    assert!(dst.len() >= interleaved_len(rows, k, lanes));
     for (b, blk) in dst.chunks_exact_mut(lanes * k).take(rows.div_ceil(lanes)).enumerate() {
         for l in 0..lanes {
             let r = b * lanes + l;
             if r < rows {
-                for (d, &v) in blk[l..].iter_mut().step_by(lanes).zip(&x[r * k..(r + 1) * k]) {
+                let row = &x[at(r) * k..][..k];
+                for (d, &v) in blk[l..].iter_mut().step_by(lanes).zip(row) {
                     *d = wide(v);
                 }
             } else {
@@ -434,13 +471,33 @@ fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout
     }
 }
 
-/// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range; the interleaved rows go in
-/// batches of at most `batch_max` f32 (unless one tile needs more).
+/// Whether every tile of a grouped matmul on these weights runs the packed kernels on interleaved
+/// rows, which can be gathered from anywhere ([`InputRows::Gathered`]): the other kernels read
+/// the input rows in place.
+fn packed_interleaved(simd: Simd, layout: Layout, w: Weights) -> bool {
+    match w.packed {
+        Some(p) if p.kpairs => layout.bf16_pairs(),
+        Some(_) => simd.avx512(),
+        None => false,
+    }
+}
+
+/// Whether [`grouped_matmul`] can read `input`'s rows where [`InputRows::Gathered`] says on these
+/// weights (packed, with AVX-512), so that the permute need not copy them.
+pub fn gathers(simd: Simd, input: Floats, weight: Floats, packed: Option<Packing>) -> bool {
+    let w = Weights { floats: weight, packed };
+    packed_interleaved(simd, Layout::of(simd, input, w), w)
+}
+
+/// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range, whose rows `src`
+/// places in `input`; the interleaved rows go in batches of at most `batch_max` f32 (unless one
+/// tile needs more).
 #[allow(clippy::too_many_arguments)]
 fn run_tiles(
     simd: Simd,
     buf: &Mutex<Vec<f32>>,
     input: Floats,
+    src: InputRows,
     groups: &[(usize, usize)],
     w: Weights,
     out: OutPtr,
@@ -449,13 +506,18 @@ fn run_tiles(
 ) {
     let (k, n, weight) = (s.in_features, s.out_features, w.floats);
     let layout = Layout::of(simd, input, w);
+    let interleaved = packed_interleaved(simd, layout, w);
+    // The tiles that read their rows in place cannot gather them.
+    assert!(
+        interleaved || matches!(src, InputRows::InOrder),
+        "gathered rows need packed kernels"
+    );
     let mut batches = vec![Batch::default()];
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
             let head = match w.packed {
-                Some(p) if p.kpairs && !layout.bf16_pairs() => 0,
-                Some(_) if simd.avx512() => rows,
+                _ if interleaved => rows,
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
             };
@@ -516,7 +578,14 @@ fn run_tiles(
             buf.resize(batch.xt_len + LINE_F32, 0.0);
         }
         let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
-        let parts = Parts::new(&mut buf[skip..skip + batch.xt_len], &batch.ranges, layout, input, k);
+        let parts = Parts::new(
+            &mut buf[skip..skip + batch.xt_len],
+            &batch.ranges,
+            layout,
+            input,
+            src,
+            k,
+        );
         run_tile_list(simd, input, &batch.tiles, &parts, w, out, s);
     }
 }
@@ -537,6 +606,7 @@ struct Parts<'a> {
     ready: Vec<OnceLock<()>>,
     layout: Layout,
     input: Floats<'a>,
+    src: InputRows<'a>,
     k: usize,
     _buf: std::marker::PhantomData<&'a mut [f32]>,
 }
@@ -552,6 +622,7 @@ impl<'a> Parts<'a> {
         ranges: &'a [(usize, usize, usize)],
         layout: Layout,
         input: Floats<'a>,
+        src: InputRows<'a>,
         k: usize,
     ) -> Self {
         // In the buffer, in order and disjoint (what the Sync impl relies on).
@@ -567,6 +638,7 @@ impl<'a> Parts<'a> {
             ready: ranges.iter().map(|_| OnceLock::new()).collect(),
             layout,
             input,
+            src,
             k,
             _buf: std::marker::PhantomData,
         }
@@ -580,7 +652,7 @@ impl<'a> Parts<'a> {
             // SAFETY: inside the range's OnceLock, the only access to it (see the Sync impl); new
             // checked that it lies in the buffer.
             let dst = unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) };
-            self.layout.interleave(self.input, row0, rows, self.k, dst);
+            self.layout.interleave(self.input, self.src, row0, rows, self.k, dst);
         });
         // SAFETY: initialised above, never written again; in the buffer (new).
         unsafe { std::slice::from_raw_parts(self.base.add(at), len) }
@@ -642,19 +714,28 @@ impl Layout {
         }
     }
 
-    fn interleave(self, x: Floats, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    fn interleave(self, x: Floats, src: InputRows, row0: usize, rows: usize, k: usize, dst: &mut [f32]) {
         match (self, x) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: pairs are chosen only where the CPU has AVX-512 (Simd::pairs).
-            (Layout::Pairs, Floats::F32(v)) => unsafe { crate::avx512::interleave_pairs(&v[row0 * k..], rows, k, dst) },
+            (Layout::Pairs, Floats::F32(v)) => {
+                // Pairs serve weights as stored, which `gathers` turns down.
+                assert!(
+                    matches!(src, InputRows::InOrder),
+                    "the pairs kernel reads its rows in order"
+                );
+                // SAFETY: pairs are chosen only where the CPU has AVX-512 (Simd::pairs).
+                unsafe { crate::avx512::interleave_pairs(&v[row0 * k..], rows, k, dst) }
+            }
             #[cfg(target_arch = "x86_64")]
             (Layout::Pairs, _) => unreachable!("pairs are chosen for f32 inputs only"),
             #[cfg(target_arch = "x86_64")]
-            (Layout::Bf16Pairs, Floats::BF16(v)) => crate::avx512::interleave_bf16_pairs(&v[row0 * k..], rows, k, dst),
+            (Layout::Bf16Pairs, Floats::BF16(v)) => {
+                crate::avx512::interleave_bf16_pairs(v, |r| src.row(row0 + r), rows, k, dst)
+            }
             #[cfg(target_arch = "x86_64")]
             (Layout::Bf16Pairs, _) => unreachable!("bf16 pairs are chosen for bf16 inputs only"),
-            (Layout::Lanes(lanes), _) => interleave(x, row0, rows, k, lanes, dst),
-            (Layout::Packed, _) => interleave(x, row0, rows, k, packed_lanes(rows), dst),
+            (Layout::Lanes(lanes), _) => interleave(x, src, row0, rows, k, lanes, dst),
+            (Layout::Packed, _) => interleave(x, src, row0, rows, k, packed_lanes(rows), dst),
         }
     }
 }
@@ -1119,12 +1200,14 @@ unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, c
 
 /// `buf` holds the interleaved input rows of the broadcast and packed kernels between calls (one per backend,
 /// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more). `packed`: `weight` is packed
-/// ([`crate::pack`]) in that layout, which the caller checked against `s`.
+/// ([`crate::pack`]) in that layout, which the caller checked against `s`. `src` says where the
+/// rows are: [`InputRows::Gathered`] only where [`gathers`] holds.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul(
     simd: Simd,
     buf: &Mutex<Vec<f32>>,
     input: Floats,
+    src: InputRows,
     offsets: &[usize],
     weight: Floats,
     packed: Option<Packing>,
@@ -1136,6 +1219,7 @@ pub fn grouped_matmul(
         simd,
         buf,
         input,
+        src,
         &groups,
         Weights { floats: weight, packed },
         out,
@@ -1157,6 +1241,7 @@ pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: 
         simd,
         buf,
         hidden,
+        InputRows::InOrder,
         &[(0, s.tokens)],
         Weights {
             floats: Floats::F32(weight),
@@ -1242,7 +1327,7 @@ mod tests {
             .map(|i| bf16::from_f32(i as f32 * 0.5 - 7.0))
             .collect();
         let mut dst = vec![f32::NAN; 2 * LANE_ROWS * k];
-        interleave(Floats::BF16(&x), row0, rows, k, LANE_ROWS, &mut dst);
+        interleave(Floats::BF16(&x), InputRows::InOrder, row0, rows, k, LANE_ROWS, &mut dst);
         for b in 0..2 {
             for kk in 0..k {
                 for l in 0..LANE_ROWS {
@@ -1279,9 +1364,9 @@ mod tests {
             for x in [Floats::F32(&v), Floats::BF16(&vb), Floats::F16(&vh)] {
                 for lanes in [LANE_ROWS, crate::pack::PACKED_LANES, 7] {
                     let mut want = vec![f32::NAN; interleaved_len(rows, k, lanes)];
-                    interleave_portable(x, row0, rows, k, lanes, &mut want);
+                    interleave_portable(x, InputRows::InOrder, row0, rows, k, lanes, &mut want);
                     let mut got = vec![f32::NAN; interleaved_len(rows, k, lanes)];
-                    interleave(x, row0, rows, k, lanes, &mut got);
+                    interleave(x, InputRows::InOrder, row0, rows, k, lanes, &mut got);
                     let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{rows} rows, k {k}, row0 {row0}, {lanes} lanes");
                 }
@@ -1358,7 +1443,17 @@ mod tests {
                 let pairs = Simd::Avx512.pairs(input, weight);
                 let mut y = vec![f32::NAN; rows * n];
                 let buf = Mutex::new(Vec::new());
-                grouped_matmul(Simd::Avx512, &buf, input, &off, weight, None, OutPtr::new(&mut y), s);
+                grouped_matmul(
+                    Simd::Avx512,
+                    &buf,
+                    input,
+                    InputRows::InOrder,
+                    &off,
+                    weight,
+                    None,
+                    OutPtr::new(&mut y),
+                    s,
+                );
                 for e in 0..per.len() {
                     let head = Simd::Avx512.bcast_rows(input, weight, per[e], k);
                     for r in off[e]..off[e + 1] {
@@ -1478,6 +1573,7 @@ mod tests {
                         simd,
                         &buf,
                         Floats::F32(&x),
+                        InputRows::InOrder,
                         &off,
                         weight,
                         Some(p),
@@ -1543,6 +1639,7 @@ mod tests {
                     simd,
                     &buf,
                     Floats::BF16(&x),
+                    InputRows::InOrder,
                     &off,
                     Floats::BF16(&packed),
                     Some(p),

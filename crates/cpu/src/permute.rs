@@ -53,7 +53,25 @@ unsafe fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: 
         });
 }
 
+/// [`moe_hal_core::Backend::permute`].
 pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permuted<CpuBuffer>) -> Result<()> {
+    index(ids, s, out)?;
+    let n = s.tokens * s.top_k;
+    let slot_of = &u32s(&mut out.slot_of)[..n];
+    let h = s.hidden;
+    // SAFETY (each `scatter` below): `index` gave each flat index its own slot below n.
+    match (&hidden.0, &mut out.rows.0) {
+        (HostVec::F32(a), HostVec::F32(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
+        (HostVec::BF16(a), HostVec::BF16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
+        (HostVec::F16(a), HostVec::F16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
+        _ => unreachable!("dtypes checked before"),
+    }
+    Ok(())
+}
+
+/// The permute's outputs but the rows: `counts`, `offsets`, `slot_of` and `source_of` (a stable
+/// counting sort), or an error naming the first id that is not an expert's.
+pub fn index(ids: &[u32], s: PermuteShape, out: &mut Permuted<CpuBuffer>) -> Result<()> {
     let n = s.tokens * s.top_k;
     let ids = &ids[..n];
     if let Some((i, &e)) = ids.iter().enumerate().find(|(_, &e)| e as usize >= s.experts) {
@@ -82,16 +100,6 @@ pub fn permute(hidden: &CpuBuffer, ids: &[u32], s: PermuteShape, out: &mut Permu
         cursor[e as usize] += 1;
         slot_of[f] = slot;
         source_of[slot as usize] = f as u32;
-    }
-    let slot_of = &*slot_of;
-    let h = s.hidden;
-    // SAFETY (each `scatter` below): the counting sort above gave each flat index its own slot
-    // below n.
-    match (&hidden.0, &mut out.rows.0) {
-        (HostVec::F32(a), HostVec::F32(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
-        (HostVec::BF16(a), HostVec::BF16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
-        (HostVec::F16(a), HostVec::F16(b)) => unsafe { scatter(a, &mut b[..n * h], h, s.top_k, slot_of) },
-        _ => unreachable!("dtypes checked before"),
     }
     Ok(())
 }

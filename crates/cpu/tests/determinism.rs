@@ -133,8 +133,8 @@ fn out_of_range_ids_and_offsets_are_errors() {
     assert!(e.contains("at most rows = 2"), "{e}");
 }
 
-/// The shared conformance suites on every instruction-set level this CPU has: grouped matmul and
-/// layer each with f32 weights packed and as stored, and bf16 ones packed for `vdpbf16ps` and not
+/// The shared conformance suites on every instruction-set level this CPU has: grouped matmul, the
+/// permute fused with it, and layer each with f32 weights packed and as stored, and bf16 ones packed for `vdpbf16ps` and not
 /// where the level has it; routing and combine once per level (the default run covers only the
 /// best level with this CPU's default choices).
 #[test]
@@ -155,10 +155,16 @@ fn conformance_on_every_simd_level() {
                     continue;
                 }
             };
-            for report in [conformance::gemm_suite(&b, false), conformance::layer_suite(&b, true)] {
+            for report in [
+                conformance::gemm_suite(&b, false),
+                conformance::permute_matmul_suite(&b, false),
+                conformance::layer_suite(&b, true),
+            ] {
                 assert!(report.passed(), "{simd:?}, packed f32 {f32}, vdpbf16ps {dp}:\n{report}");
             }
-            eprintln!("{simd:?}, packed f32 {f32}, vdpbf16ps {dp}: grouped_matmul and layer suites pass");
+            eprintln!(
+                "{simd:?}, packed f32 {f32}, vdpbf16ps {dp}: grouped_matmul, permute_matmul and layer suites pass"
+            );
         }
         // Routing (softmax and sigmoid on 16 lanes at the AVX-512 levels) and combine (compiled for
         // AVX-512 there) do not depend on the weights' packing.
