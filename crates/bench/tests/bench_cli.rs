@@ -222,6 +222,35 @@ fn layer_over_several_batches() {
     assert_eq!(layer_rows, 2, "{text}");
 }
 
+/// The layer's bytes are the chosen experts' weights and nothing else (issue 8's bound): one token
+/// chooses its 2 experts of 8, 64 tokens all 8 (each row's top 2 from random scores; the chance
+/// that some expert is chosen by none of them is below 1e-6).
+#[test]
+fn layer_bytes_are_the_chosen_experts_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut args: Vec<&str> = TINY.to_vec();
+    args[10] = "1,64";
+    let out = bin()
+        .args(&args)
+        .args(["cpu", "--inputs", "2", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (tokens, chosen) in [(1, 2.0), (64, 8.0)] {
+        let r = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["kernel"] == "layer" && r["tokens"] == tokens)
+            .unwrap();
+        let bytes = r["gbps"].as_f64().unwrap() * 1e9 * r["median_ms"].as_f64().unwrap() * 1e-3;
+        let want = chosen * 3.0 * 64.0 * 32.0 * 4.0;
+        assert!((bytes / want - 1.0).abs() < 1e-9, "T={tokens}: {bytes} bytes, want {want}: {r}");
+    }
+}
+
 #[test]
 fn png_plot() {
     let dir = tempfile::tempdir().unwrap();
