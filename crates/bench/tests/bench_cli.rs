@@ -247,7 +247,10 @@ fn layer_bytes_are_the_chosen_experts_weights() {
             .unwrap();
         let bytes = r["gbps"].as_f64().unwrap() * 1e9 * r["median_ms"].as_f64().unwrap() * 1e-3;
         let want = chosen * 3.0 * 64.0 * 32.0 * 4.0;
-        assert!((bytes / want - 1.0).abs() < 1e-9, "T={tokens}: {bytes} bytes, want {want}: {r}");
+        assert!(
+            (bytes / want - 1.0).abs() < 1e-9,
+            "T={tokens}: {bytes} bytes, want {want}: {r}"
+        );
     }
 }
 

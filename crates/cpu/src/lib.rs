@@ -6,7 +6,7 @@
 //! weight rows) spread over
 //! the pool. With AVX-512, f32 tiles of 10 rows or
 //! more (5 when K > 1024) run the k-pair broadcast kernel: the input rows are
-//! interleaved once per call into blocks of 8 rows of two consecutive inputs, and
+//! interleaved once per range and thread into blocks of 8 rows of two consecutive inputs, and
 //! each pair of weights, as stored, is broadcast in one load against up to four
 //! such blocks (each output: the chain over its even inputs plus the one over its
 //! odd inputs). Other dtypes' tiles of 14 rows or more run a broadcast kernel on
@@ -56,7 +56,7 @@ use moe_hal_core::{
     PermuteShape, Permuted, Result, RouterShape, RouterSpec,
 };
 use pack::Packing;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const NAME: &str = "cpu";
 
@@ -159,9 +159,6 @@ pub struct CpuBackend {
     dp_packed: bool,
     /// f32 weights are packed ([`CpuBackend::with_packed_f32`]).
     pack_f32: bool,
-    /// The broadcast and packed kernels' interleaved input rows, kept between calls (one buffer per backend
-    /// and its clones, not one per thread: up to 64 MiB each).
-    interleaved: Arc<Mutex<Vec<f32>>>,
 }
 
 impl CpuBackend {
@@ -191,7 +188,6 @@ impl CpuBackend {
             simd,
             dp_packed,
             pack_f32: packs_f32(simd),
-            interleaved: Arc::default(),
         })
     }
 
@@ -473,14 +469,7 @@ impl Backend for CpuBackend {
         plain("logits", logits)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.pool.install(|| {
-            matmul::router_logits(
-                self.simd,
-                &self.interleaved,
-                float_slice(hidden),
-                f32_slice(weight),
-                out,
-                s,
-            );
+            matmul::router_logits(self.simd, float_slice(hidden), f32_slice(weight), out, s);
         });
         Ok(())
     }
@@ -544,7 +533,6 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             matmul::grouped_matmul(
                 self.simd,
-                &self.interleaved,
                 float_slice(input),
                 matmul::InputRows::InOrder,
                 &offsets,
@@ -602,7 +590,6 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             matmul::grouped_matmul(
                 self.simd,
-                &self.interleaved,
                 float_slice(hidden),
                 src,
                 &offsets,

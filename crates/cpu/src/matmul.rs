@@ -9,12 +9,12 @@
 //! only on the dtypes, the instruction set, `k` and the tile's height:
 //! - with AVX-512, f32 input against f32 weights, tiles of [`BCAST_ROWS_F32`] rows or more
 //!   ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs): the k-pair broadcast kernel
-//!   ([`crate::avx512::bcast_pairs`]) on input rows interleaved once per call (each tile's rows
-//!   by the first tile that reads them) in blocks of 8 rows
+//!   ([`crate::avx512::bcast_pairs`]) on input rows interleaved by the thread that runs their
+//!   tiles ([`Parts`]) in blocks of 8 rows
 //!   of input pairs, against the weight rows as stored; each output is the FMA chain over its
 //!   even inputs plus the one over its odd inputs;
 //! - with AVX-512, other dtypes, tiles of [`BCAST_ROWS`] rows or more: the broadcast kernel
-//!   ([`crate::avx512::bcast`]) on input rows interleaved (and widened) once per call in lane
+//!   ([`crate::avx512::bcast`]) on input rows interleaved (and widened) the same way in lane
 //!   blocks of 16, against the weight rows as stored (16-bit ones widened in L1 a chunk at a
 //!   time; each output one FMA chain over `k`); a last lane block of at most [`SPLIT_ROWS`] rows
 //!   ([`SPLIT_ROWS_WIDE`] with 16-bit weights) past a full one is split off into a tile of its
@@ -36,7 +36,6 @@ use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::{Mutex, OnceLock};
 
 const TILE_ROWS: usize = 128;
 const TILE_COLS: usize = 64;
@@ -490,19 +489,15 @@ pub fn gathers(simd: Simd, input: Floats, weight: Floats, packed: Option<Packing
 }
 
 /// Runs every tile of a grouped matmul; `groups[e]` is expert `e`'s row range, whose rows `src`
-/// places in `input`; the interleaved rows go in batches of at most `batch_max` f32 (unless one
-/// tile needs more).
-#[allow(clippy::too_many_arguments)]
+/// places in `input`.
 fn run_tiles(
     simd: Simd,
-    buf: &Mutex<Vec<f32>>,
     input: Floats,
     src: InputRows,
     groups: &[(usize, usize)],
     w: Weights,
     out: OutPtr,
     s: GemmShape,
-    batch_max: usize,
 ) {
     let (k, n, weight) = (s.in_features, s.out_features, w.floats);
     let layout = Layout::of(simd, input, w);
@@ -512,7 +507,7 @@ fn run_tiles(
         interleaved || matches!(src, InputRows::InOrder),
         "gathered rows need packed kernels"
     );
-    let mut batches = vec![Batch::default()];
+    let (mut tiles, mut ranges) = (Vec::new(), Vec::new());
     for (expert, &(a, b)) in groups.iter().enumerate() {
         for row0 in (a..b).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(b - row0);
@@ -521,16 +516,9 @@ fn run_tiles(
                 Some(_) => 0,
                 None => simd.bcast_rows(input, weight, rows, k),
             };
-            let need = layout.len(head, k);
-            let last = batches.last().expect("one batch at least");
-            if need > 0 && last.xt_len > 0 && last.xt_len + need > batch_max {
-                batches.push(Batch::default());
-            }
-            let batch = batches.last_mut().expect("one batch at least");
-            let xt = (need > 0).then(|| {
-                batch.ranges.push((row0, head, batch.xt_len));
-                batch.xt_len += need;
-                batch.ranges.len() - 1
+            let xt = (head > 0).then(|| {
+                ranges.push((row0, head));
+                ranges.len() - 1
             });
             // Only tiles whose rows run the broadcast kernels take their layout's width (a short
             // f32 tile on dot products keeps the dot products' grid).
@@ -551,7 +539,7 @@ fn run_tiles(
                 // so that the same thread tends to run both while the weights are in its cache.
                 for (row0, rows, xt) in [(row0, head, xt), (row0 + head, rows - head, None)] {
                     if rows > 0 {
-                        batch.tiles.push(Tile {
+                        tiles.push(Tile {
                             expert,
                             row0,
                             rows,
@@ -564,98 +552,69 @@ fn run_tiles(
             }
         }
     }
-    // The backend's buffer when no other call holds it (never waited for: while this thread waits
-    // in the parallel sections below, rayon may run another call's tiles on it), else a new one.
-    let mut held = buf.try_lock().ok();
-    let mut own = Vec::new();
-    let buf = held.as_deref_mut().unwrap_or(&mut own);
-    for batch in &batches {
-        // The lane blocks start on a cache line: each of their vector loads then reads one line
-        // instead of two (the allocator aligns large buffers to 16 bytes only). The buffer only
-        // grows: `interleave` rewrites every value read, and shrinking it for a call without
-        // broadcast tiles (decode) made the next large call zero up to 64 MiB again.
-        if buf.len() < batch.xt_len + LINE_F32 {
-            buf.resize(batch.xt_len + LINE_F32, 0.0);
-        }
-        let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
-        let parts = Parts::new(
-            &mut buf[skip..skip + batch.xt_len],
-            &batch.ranges,
-            layout,
-            input,
-            src,
-            k,
-        );
-        run_tile_list(simd, input, &batch.tiles, &parts, w, out, s);
-    }
+    let parts = Parts {
+        call: CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ranges: &ranges,
+        layout,
+        input,
+        src,
+        k,
+    };
+    run_tile_list(simd, input, &tiles, &parts, w, out, s);
 }
 
-/// A batch's interleaved input rows, each range interleaved by the first tile that reads it, just
-/// before its kernel: a separate parallel pass over every range first (16 MB written at 256 tokens
-/// of qwen3-30b-a3b gate/up) waited on memory with no tile running, and by the time the later
-/// experts' tiles ran, the weights streaming through had pushed their rows out of the caches.
-/// Two threads, 128 experts from DRAM, the two ways alternated call by call (58 pairs, median of
-/// the time ratios, this way against the pass first): 16 rows each, f32 gate/up 0.982, `down`
-/// 0.990, bf16 0.991 and 0.992; rows from 6 to 26, gate/up 0.984 (f32) and 0.982 (bf16); bf16
-/// `down` at 128 rows 0.974; one row (decode) 1.000.
+/// Calls of [`run_tiles`] so far: with a range's index, the key of a thread's interleaved rows.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's interleaved input rows: the `(call, range)` they hold, and the buffer (which
+    /// only grows).
+    static ROWS: RefCell<((u64, usize), Vec<f32>)> = const { RefCell::new(((u64::MAX, 0), Vec::new())) };
+}
+
+/// The row ranges of a call's broadcast and packed tiles, `(first row, rows)`, each interleaved by
+/// a tile that reads it into its thread's buffer ([`ROWS`]), where the thread's next tiles, which
+/// are mostly of the same range (the list holds a range's tiles one after another, and rayon gives
+/// each thread runs of it), find it.
+///
+/// A buffer per call, each range interleaved once into it by the first tile that read it, was
+/// 8 MiB at 256 tokens of qwen3-30b-a3b gate/up in bf16 (16 in f32): written once, read by the
+/// range's tiles, then pushed to memory by the weights streaming through, and read back from it
+/// to be written over by the next call, about 2 bytes of traffic for each byte of it. A thread's
+/// buffer stays in its L2. Two threads, 128 experts from DRAM, the two alternated call by call
+/// (58 pairs, median of the time ratios, per-thread against per-call): 16 rows each, bf16 gate/up
+/// 0.975, `down` 0.987-0.998; f32 0.982 and 0.989; one row 0.996. Before that buffer, a separate
+/// pass over every range first waited on memory with no tile running.
 struct Parts<'a> {
-    /// The batch's buffer (`ranges`' f32), borrowed mutably for `'a`.
-    base: *mut f32,
-    /// `(first row, rows, offset in the buffer)` per range, disjoint.
-    ranges: &'a [(usize, usize, usize)],
-    ready: Vec<OnceLock<()>>,
+    call: u64,
+    ranges: &'a [(usize, usize)],
     layout: Layout,
     input: Floats<'a>,
     src: InputRows<'a>,
     k: usize,
-    _buf: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: a range's f32 are written once, by the closure of its OnceLock (which runs at most once
-// and returns before any `get` of that range does), and only read after that; the ranges are
-// disjoint, so a write never overlaps a slice that another thread holds.
-unsafe impl Sync for Parts<'_> {}
-
-impl<'a> Parts<'a> {
-    fn new(
-        buf: &'a mut [f32],
-        ranges: &'a [(usize, usize, usize)],
-        layout: Layout,
-        input: Floats<'a>,
-        src: InputRows<'a>,
-        k: usize,
-    ) -> Self {
-        // In the buffer, in order and disjoint (what the Sync impl relies on).
-        let mut end = 0;
-        for &(_, rows, at) in ranges {
-            assert!(at >= end, "interleaved ranges overlap");
-            end = at + layout.len(rows, k);
-        }
-        assert!(end <= buf.len(), "interleaved ranges past the buffer");
-        Parts {
-            base: buf.as_mut_ptr(),
-            ranges,
-            ready: ranges.iter().map(|_| OnceLock::new()).collect(),
-            layout,
-            input,
-            src,
-            k,
-            _buf: std::marker::PhantomData,
-        }
-    }
-
-    /// Range `part`, interleaved (by this call, or by another that got there first).
-    fn get(&self, part: usize) -> &[f32] {
-        let (row0, rows, at) = self.ranges[part];
+impl Parts<'_> {
+    /// Runs `f` on range `part` interleaved, in this thread's buffer: as a previous tile of this
+    /// thread left it, or interleaved now.
+    fn with<R>(&self, part: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        let (row0, rows) = self.ranges[part];
         let len = self.layout.len(rows, self.k);
-        self.ready[part].get_or_init(|| {
-            // SAFETY: inside the range's OnceLock, the only access to it (see the Sync impl); new
-            // checked that it lies in the buffer.
-            let dst = unsafe { std::slice::from_raw_parts_mut(self.base.add(at), len) };
-            self.layout.interleave(self.input, self.src, row0, rows, self.k, dst);
-        });
-        // SAFETY: initialised above, never written again; in the buffer (new).
-        unsafe { std::slice::from_raw_parts(self.base.add(at), len) }
+        ROWS.with(|c| {
+            let (key, buf) = &mut *c.borrow_mut();
+            // The lane blocks start on a cache line: each of their vector loads then reads one
+            // line instead of two (the allocator aligns large buffers to 16 bytes only).
+            if buf.len() < len + LINE_F32 {
+                buf.resize(len + LINE_F32, 0.0);
+            }
+            let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
+            let xt = &mut buf[skip..skip + len];
+            if *key != (self.call, part) {
+                self.layout.interleave(self.input, self.src, row0, rows, self.k, xt);
+                *key = (self.call, part);
+            }
+            f(xt)
+        })
     }
 }
 
@@ -743,32 +702,7 @@ impl Layout {
 /// f32 per cache line.
 const LINE_F32: usize = 64 / std::mem::size_of::<f32>();
 
-/// Tiles run together, and the row ranges of their broadcast tiles, `(first row, rows, offset)`,
-/// in the order of the interleaved buffer (`xt_len` f32).
-#[derive(Default)]
-struct Batch {
-    tiles: Vec<Tile>,
-    ranges: Vec<(usize, usize, usize)>,
-    xt_len: usize,
-}
-
-/// At most this many interleaved f32 per batch of tiles of a grouped matmul (64 MiB; 16 KiB in unit
-/// tests, so that they cover several batches), unless one tile's rows need more:
-/// a large call runs its tiles in batches so that the buffer stays bounded (DeepSeek-V3's gate/up at
-/// 4096 tokens would otherwise interleave 32768 rows of 7168, 940 MB).
-const INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
-
-/// [`INTERLEAVED_MAX`] for the router GEMM (8 MiB): its weight stays in cache and its input rows are
-/// its traffic, so that a batch small enough to stay in the last-level cache from being interleaved
-/// to being read by its tiles (and to be overwritten there by the next batch) saves the trip
-/// through memory. Expert GEMMs stream their weights instead, and lose to the extra batches'
-/// synchronisation. DeepSeek-V3 at 4096 tokens (bf16), AMD EPYC (Zen 5, 32 MiB L3), two threads,
-/// ms, 64 MiB against 8: route 42.6-46.0 against 37.5-40.1 (6 MiB: 42.2-42.5, 10: 38.4-38.9, 12:
-/// 42.4-43.3); gate/up at I 512 650-660 against 664-686, at I 256 371-377 against 378-382, but at I
-/// 64 175-181 against 147-152.
-const ROUTER_INTERLEAVED_MAX: usize = if cfg!(test) { 1 << 12 } else { 2 << 20 };
-
-/// Computes `tiles` (see [`run_tiles`]); `xt` holds the interleaved rows of broadcast and packed
+/// Computes `tiles` (see [`run_tiles`]); `parts` interleaves the rows of broadcast and packed
 /// tiles.
 fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], parts: &Parts, w: Weights, out: OutPtr, s: GemmShape) {
     let (k, n) = (s.in_features, s.out_features);
@@ -778,50 +712,55 @@ fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], parts: &Parts, w: We
     let weight = w.floats;
     tiles.par_iter().for_each(|t| {
         // The tile's interleaved rows, for the broadcast and packed kernels.
-        let xt = t.xt.map(|p| parts.get(p));
-        SCRATCH.with(|sc| {
-            let sc = &mut *sc.borrow_mut();
-            let wbase = t.expert * wrows;
-            // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
-            let lhs = if simd.bf16_direct(input, weight, t.rows) || xt.is_some() {
-                std::ptr::null()
-            } else {
-                input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
-            };
-            sc.gate.resize(t.rows * t.cols, 0.0);
-            product(
-                simd,
-                input,
-                lhs,
-                xt,
-                w,
-                wbase + t.col0,
-                t,
-                k,
-                &mut sc.gate_w,
-                &mut sc.gate,
-            );
-            if s.activation == Activation::SwiGlu {
-                sc.up.resize(t.rows * t.cols, 0.0);
+        let run = |xt: Option<&[f32]>| {
+            SCRATCH.with(|sc| {
+                let sc = &mut *sc.borrow_mut();
+                let wbase = t.expert * wrows;
+                // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
+                let lhs = if simd.bf16_direct(input, weight, t.rows) || xt.is_some() {
+                    std::ptr::null()
+                } else {
+                    input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
+                };
+                sc.gate.resize(t.rows * t.cols, 0.0);
                 product(
                     simd,
                     input,
                     lhs,
                     xt,
                     w,
-                    wbase + n + t.col0,
+                    wbase + t.col0,
                     t,
                     k,
-                    &mut sc.up_w,
-                    &mut sc.up,
+                    &mut sc.gate_w,
+                    &mut sc.gate,
                 );
-                swiglu(simd, &mut sc.gate, &sc.up);
-            }
-            for r in 0..t.rows {
-                // SAFETY: tile (row0 + r, col0 .. col0 + cols) belongs to this tile only.
-                unsafe { out.store(simd, (t.row0 + r) * n + t.col0, &sc.gate[r * t.cols..(r + 1) * t.cols]) };
-            }
-        })
+                if s.activation == Activation::SwiGlu {
+                    sc.up.resize(t.rows * t.cols, 0.0);
+                    product(
+                        simd,
+                        input,
+                        lhs,
+                        xt,
+                        w,
+                        wbase + n + t.col0,
+                        t,
+                        k,
+                        &mut sc.up_w,
+                        &mut sc.up,
+                    );
+                    swiglu(simd, &mut sc.gate, &sc.up);
+                }
+                for r in 0..t.rows {
+                    // SAFETY: tile (row0 + r, col0 .. col0 + cols) belongs to this tile only.
+                    unsafe { out.store(simd, (t.row0 + r) * n + t.col0, &sc.gate[r * t.cols..(r + 1) * t.cols]) };
+                }
+            })
+        };
+        match t.xt {
+            Some(p) => parts.with(p, |xt| run(Some(xt))),
+            None => run(None),
+        }
     });
 }
 
@@ -1198,14 +1137,11 @@ unsafe fn dots_avx2(x: &[f32], rows: usize, k: usize, w: Floats, start: usize, c
     dots_body(x, rows, k, w, start, cols, out)
 }
 
-/// `buf` holds the interleaved input rows of the broadcast and packed kernels between calls (one per backend,
-/// at most [`INTERLEAVED_MAX`] f32 unless one tile needs more). `packed`: `weight` is packed
-/// ([`crate::pack`]) in that layout, which the caller checked against `s`. `src` says where the
-/// rows are: [`InputRows::Gathered`] only where [`gathers`] holds.
+/// `packed`: `weight` is packed ([`crate::pack`]) in that layout, which the caller checked against
+/// `s`. `src` says where the rows are: [`InputRows::Gathered`] only where [`gathers`] holds.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul(
     simd: Simd,
-    buf: &Mutex<Vec<f32>>,
     input: Floats,
     src: InputRows,
     offsets: &[usize],
@@ -1215,21 +1151,11 @@ pub fn grouped_matmul(
     s: GemmShape,
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    run_tiles(
-        simd,
-        buf,
-        input,
-        src,
-        &groups,
-        Weights { floats: weight, packed },
-        out,
-        s,
-        INTERLEAVED_MAX,
-    );
+    run_tiles(simd, input, src, &groups, Weights { floats: weight, packed }, out, s);
 }
 
-/// See [`grouped_matmul`] for `buf`.
-pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
+/// `logits = hidden · weight^T`, one expert of every token row.
+pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
     let shape = GemmShape {
         rows: s.tokens,
         in_features: s.hidden,
@@ -1237,20 +1163,11 @@ pub fn router_logits(simd: Simd, buf: &Mutex<Vec<f32>>, hidden: Floats, weight: 
         experts: 1,
         activation: Activation::None,
     };
-    run_tiles(
-        simd,
-        buf,
-        hidden,
-        InputRows::InOrder,
-        &[(0, s.tokens)],
-        Weights {
-            floats: Floats::F32(weight),
-            packed: None,
-        },
-        out,
-        shape,
-        ROUTER_INTERLEAVED_MAX,
-    );
+    let w = Weights {
+        floats: Floats::F32(weight),
+        packed: None,
+    };
+    run_tiles(simd, hidden, InputRows::InOrder, &[(0, s.tokens)], w, out, shape);
 }
 
 #[cfg(test)]
@@ -1398,15 +1315,53 @@ mod tests {
         }
     }
 
-    /// Calls whose interleaved rows exceed [`INTERLEAVED_MAX`] run in batches, bit for bit as the
-    /// kernels compute them: f32 against f32 in pairs (each output the chain over even inputs
+    /// A thread's interleaved rows are only reused within a call: the same shapes on other inputs
+    /// get their own rows (a stale buffer would give the first call's outputs again).
+    #[test]
+    fn interleaved_rows_do_not_outlive_their_call() {
+        let Some(&simd) = Simd::supported().first() else {
+            return;
+        };
+        let (rows, k, n) = (40usize, 96usize, 70usize);
+        let s = GemmShape {
+            rows,
+            in_features: k,
+            out_features: n,
+            experts: 2,
+            activation: Activation::None,
+        };
+        let off = [0, 24, rows];
+        let w: Vec<f32> = (0..2 * n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+        let x1: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let x2: Vec<f32> = x1.iter().map(|v| v * 0.5 + 1.0).collect();
+        let run = |x: &[f32]| {
+            let mut y = vec![f32::NAN; rows * n];
+            grouped_matmul(
+                simd,
+                Floats::F32(x),
+                InputRows::InOrder,
+                &off,
+                Floats::F32(&w),
+                None,
+                OutPtr::new(&mut y),
+                s,
+            );
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let first = run(&x2);
+        assert_ne!(run(&x1), first);
+        assert_eq!(run(&x2), first, "{simd:?}");
+    }
+
+    /// Calls of many broadcast tiles (more interleaved rows than fit any cache) compute bit for
+    /// bit what the kernels do: f32 against f32 in pairs (each output the chain over even inputs
     /// plus the one over odd inputs; every row of a broadcast tile, from 5 rows at `k` 1031 and 10
     /// at `k` 64), and otherwise one FMA chain per broadcast row, with the rows split off to dot
     /// products (bf16 input on f32 weights: 33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4; f32 input on
     /// bf16 weights: 40 = 32 + 8) checked against f64.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn batches_of_interleaved_rows() {
+    fn broadcast_tiles_of_many_ranges() {
         if !Simd::supported().contains(&Simd::Avx512) {
             eprintln!("SKIPPED: no AVX-512 on this CPU");
             return;
@@ -1417,8 +1372,6 @@ mod tests {
         per.iter().for_each(|r| off.push(off.last().unwrap() + r));
         let rows = *off.last().unwrap();
         for k in [64usize, 1031] {
-            let len = crate::avx512::pairs_len(rows, k).min(interleaved_len(rows, k, LANE_ROWS));
-            assert!(len > 3 * INTERLEAVED_MAX);
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             let xbw: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
@@ -1442,10 +1395,8 @@ mod tests {
             for (input, xv, weight, wv) in cases {
                 let pairs = Simd::Avx512.pairs(input, weight);
                 let mut y = vec![f32::NAN; rows * n];
-                let buf = Mutex::new(Vec::new());
                 grouped_matmul(
                     Simd::Avx512,
-                    &buf,
                     input,
                     InputRows::InOrder,
                     &off,
@@ -1568,10 +1519,8 @@ mod tests {
                         HostVec::U32(_) => unreachable!(),
                     };
                     let mut y = vec![f32::NAN; rows * n];
-                    let buf = Mutex::new(Vec::new());
                     grouped_matmul(
                         simd,
-                        &buf,
                         Floats::F32(&x),
                         InputRows::InOrder,
                         &off,
@@ -1634,10 +1583,8 @@ mod tests {
             };
             for simd in Simd::supported() {
                 let mut y = vec![f32::NAN; rows * n];
-                let buf = Mutex::new(Vec::new());
                 grouped_matmul(
                     simd,
-                    &buf,
                     Floats::BF16(&x),
                     InputRows::InOrder,
                     &off,
