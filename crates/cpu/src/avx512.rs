@@ -1047,12 +1047,23 @@ struct Ahead {
     /// the bytes between steps.
     at: usize,
     step: usize,
+    /// As `at`, for the same share of the range [`L2_LEAD`] ranges ahead, into L2.
+    far: usize,
 }
 
 /// How many ranges ahead the passes of a tile with several lane blocks prefetch ([`Ahead`]): one
 /// range ahead was 2-3% slower than two at 16 to 20 rows (2% faster at 24), three 0.3-0.8% slower
 /// than two on ragged rows.
 const SPREAD_LEAD: usize = 2;
+
+/// How many ranges ahead the passes of a tile with several lane blocks also prefetch into L2
+/// (`prefetcht1`, one more instruction a step), so that the stream has more requests in flight
+/// than L1's fill buffers take. qwen3-30b-a3b, 128 experts from DRAM, two threads on an AMD EPYC
+/// (Zen 5), paired call by call against none (`scripts/paired.sh`, medians of the time ratios):
+/// whole layer at 256 tokens bf16 0.975 (3 ranges 0.985, 5 0.986), f32 0.980; gate/up at 16
+/// rows 0.983-0.984 (6 ranges 0.990, 8 0.990, 16 1.005, 32 1.034), `down` 0.985. The same line
+/// twice (T1 at [`SPREAD_LEAD`]) cost 1.008: the gain is the distance, not the hint.
+const L2_LEAD: usize = 4;
 
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
@@ -1119,8 +1130,9 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const SPREAD: 
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
             if SPREAD {
-                let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (i - k0) * pf.step);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                let base = w.wrapping_add(j * stride) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (i - k0) * pf.step));
+                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.far + (i - k0) * pf.step));
             } else {
                 let ahead = (w.wrapping_add(j * stride + i * 32) as *const i8).wrapping_add(PACKED_AHEAD_BYTES);
                 for l in 0..W::LINES {
@@ -1375,6 +1387,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         extra: if past { (nb - 1) * block_bytes } else { 0 },
                         at: 0,
                         step: 0,
+                        far: 0,
                     }
                 } else {
                     // Pass lb pulls its share of the range after next ([`Ahead`]).
@@ -1382,6 +1395,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         extra: 0,
                         at: (s0 + SPREAD_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
                         step: step_bytes / passes,
+                        far: (s0 + L2_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
                     }
                 };
                 packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, passes > 1));
@@ -1419,8 +1433,9 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize, const SPREAD: bool>(
         let mut wv = [[bh(_mm512_setzero_si512()); 2]; NB];
         for (j, v) in wv.iter_mut().enumerate() {
             if SPREAD {
-                let ahead = (w.wrapping_add(j * stride) as *const i8).wrapping_add(pf.at + (p - p0) * pf.step);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                let base = w.wrapping_add(j * stride) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (p - p0) * pf.step));
+                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.far + (p - p0) * pf.step));
             } else {
                 // 128 bytes per pair of inputs and block of 32 rows.
                 let ahead =
