@@ -481,6 +481,27 @@ fn random_ids(rng: &mut Rng, tokens: usize, k: usize, e: usize, skewed: bool) ->
     ids
 }
 
+/// The permute's index outputs against the reference's for `ids`; the reference's maps.
+fn check_permute_index<B: Backend>(
+    b: &B,
+    out: &Permuted<B::Buffer>,
+    ids: &[u32],
+    s: PermuteShape,
+) -> Result<reference::PermuteMaps, String> {
+    let m = reference::permute_maps(ids, s.tokens, s.top_k, s.experts);
+    let tk = s.tokens * s.top_k;
+    exact("counts", &u32s(b, &out.counts, s.experts)?, &m.counts, s.experts)?;
+    exact(
+        "offsets",
+        &u32s(b, &out.offsets, s.experts + 1)?,
+        &m.offsets,
+        s.experts + 1,
+    )?;
+    exact("slot_of", &u32s(b, &out.slot_of, tk)?, &m.slot_of, s.top_k)?;
+    exact("source_of", &u32s(b, &out.source_of, tk)?, &m.source_of, s.top_k)?;
+    Ok(m)
+}
+
 fn check_permute<B: Backend>(
     b: &B,
     dtype: DType,
@@ -495,17 +516,8 @@ fn check_permute<B: Backend>(
     let idb = b.upload(HostSlice::U32(&ids)).map_err(e2s)?;
     let mut out = Permuted::alloc(b, s, dtype).map_err(e2s)?;
     b.permute(&xb, &idb, s, &mut out).map_err(e2s)?;
-    let m = reference::permute_maps(&ids, s.tokens, s.top_k, s.experts);
+    let m = check_permute_index(b, &out, &ids, s)?;
     let tk = s.tokens * s.top_k;
-    exact("counts", &u32s(b, &out.counts, s.experts)?, &m.counts, s.experts)?;
-    exact(
-        "offsets",
-        &u32s(b, &out.offsets, s.experts + 1)?,
-        &m.offsets,
-        s.experts + 1,
-    )?;
-    exact("slot_of", &u32s(b, &out.slot_of, tk)?, &m.slot_of, s.top_k)?;
-    exact("source_of", &u32s(b, &out.source_of, tk)?, &m.source_of, s.top_k)?;
     let want = reference::gather(&x.to_f64(), s.hidden, s.top_k, &m.source_of);
     if floats(b, &out.rows, tk * s.hidden)? != want {
         return Err("gathered rows are not exact copies of the hidden rows".into());
@@ -558,16 +570,7 @@ fn check_permute_matmul<B: Backend>(
     b.permute(&xb, &idb, p, &mut p1).map_err(e2s)?;
     b.grouped_matmul(&p1.rows, &p1.offsets, &wb, &mut y1, g).map_err(e2s)?;
     b.permute_matmul(&xb, &idb, p, &mut p2, &wb, &mut y2, g).map_err(e2s)?;
-    let m = reference::permute_maps(&ids, p.tokens, p.top_k, p.experts);
-    exact("counts", &u32s(b, &p2.counts, p.experts)?, &m.counts, p.experts)?;
-    exact(
-        "offsets",
-        &u32s(b, &p2.offsets, p.experts + 1)?,
-        &m.offsets,
-        p.experts + 1,
-    )?;
-    exact("slot_of", &u32s(b, &p2.slot_of, tk)?, &m.slot_of, p.top_k)?;
-    exact("source_of", &u32s(b, &p2.source_of, tk)?, &m.source_of, p.top_k)?;
+    let m = check_permute_index(b, &p2, &ids, p)?;
     let (got, sep) = (floats(b, &y2, tk * inter)?, floats(b, &y1, tk * inter)?);
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != sep[i].to_bits()) {
         return Err(format!(

@@ -861,34 +861,19 @@ mod tests {
         };
         let ids = b.upload(HostSlice::U32(&[1, 0, 1])).unwrap();
         let mut perm = moe_hal_core::Permuted::alloc(&b, ps, DType::BF16).unwrap();
-        let e = b
-            .permute_matmul(
-                &x,
-                &ids,
-                ps,
-                &mut perm,
-                &packed,
-                &mut out,
-                GemmShape { rows: 3, ..other },
-            )
-            .unwrap_err();
+        let gs = GemmShape { rows: 3, ..other };
+        let mut fused = |hidden: &CpuBuffer, weight: &CpuBuffer| {
+            b.permute_matmul(hidden, &ids, ps, &mut perm, weight, &mut out, gs)
+                .unwrap_err()
+        };
+        let e = fused(&x, &packed);
         assert!(e.to_string().contains("packed for one shape"), "{e}");
+        let e = fused(&packed, &plain);
         assert_eq!(
             b.download(&perm.offsets).unwrap(),
             HostVec::U32(vec![0; 3]),
             "offsets written"
         );
-        let e = b
-            .permute_matmul(
-                &packed,
-                &ids,
-                ps,
-                &mut perm,
-                &plain,
-                &mut out,
-                GemmShape { rows: 3, ..other },
-            )
-            .unwrap_err();
         assert!(e.to_string().contains("upload_weights"), "{e}");
         let e = b.upload_weights(HostSlice::BF16(&w[..59]), s).unwrap_err().to_string();
         assert!(e.contains("expert weights length"), "{e}");
