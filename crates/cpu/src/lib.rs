@@ -254,8 +254,8 @@ impl CpuBackend {
         self.pool.current_num_threads()
     }
 
-    /// A grouped matmul's checks: the shared ones, plain input and output buffers, the packing
-    /// against the shape; then its offsets as row bounds.
+    /// A grouped matmul's checks but its offsets' (a fused permute writes them after): the shared
+    /// ones, plain input and output buffers, and packed weights packed for `s`'s shape.
     fn check_matmul(
         &self,
         input: &CpuBuffer,
@@ -263,16 +263,10 @@ impl CpuBackend {
         weight: &CpuBuffer,
         output: &CpuBuffer,
         s: GemmShape,
-    ) -> Result<Vec<usize>> {
+    ) -> Result<()> {
         check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
         plain("input", input)?;
         plain("output", output)?;
-        self.check_packing(weight, s)?;
-        matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)
-    }
-
-    /// Packed weights are packed for `s`'s shape.
-    fn check_packing(&self, weight: &CpuBuffer, s: GemmShape) -> Result<()> {
         if let Some(p) = weight.1 {
             if (p.experts, p.rows, p.k) != (s.experts, s.weight_rows(), s.in_features) {
                 return Err(MoeError::shape(
@@ -528,7 +522,8 @@ impl Backend for CpuBackend {
         output: &mut CpuBuffer,
         s: GemmShape,
     ) -> Result<()> {
-        let offsets = self.check_matmul(input, offsets, weight, output, s)?;
+        self.check_matmul(input, offsets, weight, output, s)?;
+        let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
         self.pool.install(|| {
             matmul::grouped_matmul(
@@ -561,21 +556,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         // Both calls' checks but the offsets' (which the permute writes), before anything is
         // written.
-        moe_hal_core::check::permute_matmul(shape, gemm)?;
+        check::permute_matmul(shape, gemm)?;
         check::permute(NAME, &self.capabilities(), hidden, ids, shape, out)?;
         plain("hidden", hidden)?;
-        plain("permuted rows", &out.rows)?;
-        check::grouped_matmul(
-            NAME,
-            &self.capabilities(),
-            &out.rows,
-            &out.offsets,
-            weight,
-            output,
-            gemm,
-        )?;
-        plain("output", output)?;
-        self.check_packing(weight, gemm)?;
+        self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
         if !matmul::gathers(self.simd, float_slice(hidden), float_slice(weight), weight.1) {
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
