@@ -1765,8 +1765,6 @@ pub fn has_avx512_bf16() -> bool {
 mod tests {
     use super::*;
 
-    /// -104 to 104 in steps of 5e-4, the edges (NaN, the infinities, signed zeros, tiny values,
-    /// past exp's range), then a tail of 5 past the last whole vector with the edges again.
     /// Whether the CPU lacks AVX-512 BW/VL, said loudly: the caller's test then has nothing to run.
     fn skipped_without_avx512() -> bool {
         let lacks = !has_avx512();
@@ -1776,6 +1774,8 @@ mod tests {
         lacks
     }
 
+    /// -104 to 104 in steps of 5e-4, the edges (NaN, the infinities, signed zeros, tiny values,
+    /// past exp's range), then a tail of 5 past the last whole vector with the edges again.
     fn exp_inputs() -> Vec<f32> {
         let mut x: Vec<f32> = (-208_000..=208_000).map(|i| i as f32 * 5e-4).collect();
         x.extend([

@@ -1353,8 +1353,8 @@ mod tests {
         assert_eq!(run(&x2), first, "{simd:?}");
     }
 
-    /// Calls of many broadcast tiles (more interleaved rows than fit any cache) compute bit for
-    /// bit what the kernels do: f32 against f32 in pairs (each output the chain over even inputs
+    /// Calls of many broadcast tiles over ten experts' ranges compute bit for bit what the kernels
+    /// do: f32 against f32 in pairs (each output the chain over even inputs
     /// plus the one over odd inputs; every row of a broadcast tile, from 5 rows at `k` 1031 and 10
     /// at `k` 64), and otherwise one FMA chain per broadcast row, with the rows split off to dot
     /// products (bf16 input on f32 weights: 33 = 32 + 1, 17 = 16 + 1, 20 = 16 + 4; f32 input on
