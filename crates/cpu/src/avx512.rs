@@ -1047,8 +1047,6 @@ struct Ahead {
     /// the bytes between steps.
     at: usize,
     step: usize,
-    /// As `at`, for the same share of the range [`L2_LEAD`] ranges ahead, into L2.
-    far: usize,
 }
 
 /// How many ranges ahead the passes of a tile with several lane blocks prefetch ([`Ahead`]): one
@@ -1064,6 +1062,10 @@ const SPREAD_LEAD: usize = 2;
 /// rows 0.983-0.984 (6 ranges 0.990, 8 0.990, 16 1.005, 32 1.034), `down` 0.985. The same line
 /// twice (T1 at [`SPREAD_LEAD`]) cost 1.008: the gain is the distance, not the hint.
 const L2_LEAD: usize = 4;
+
+/// Bytes from a pass's L1 prefetch to its L2 one: [`L2_LEAD`] against [`SPREAD_LEAD`] ranges of
+/// [`PACKED_CHUNK_BYTES`].
+const L2_AHEAD_BYTES: usize = (L2_LEAD - SPREAD_LEAD) * PACKED_CHUNK_BYTES;
 
 /// Outputs per row of a register block's results.
 const PACKED_OUT: usize = PACKED_NB * 32;
@@ -1132,7 +1134,7 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const SPREAD: 
             if SPREAD {
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (i - k0) * pf.step));
-                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.far + (i - k0) * pf.step));
+                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (i - k0) * pf.step));
             } else {
                 let ahead = (w.wrapping_add(j * stride + i * 32) as *const i8).wrapping_add(PACKED_AHEAD_BYTES);
                 for l in 0..W::LINES {
@@ -1371,6 +1373,8 @@ unsafe fn packed_blocks<K: PackedBlock>(
         let wp = w.add(b * stride);
         let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
         let block_bytes = steps * step_bytes;
+        // A range is PACKED_CHUNK_BYTES of each block, which L2_AHEAD_BYTES counts in.
+        debug_assert_eq!(chunk * step_bytes, PACKED_CHUNK_BYTES);
         for s0 in (0..steps).step_by(chunk) {
             let range = (s0, (s0 + chunk).min(steps));
             for lb in 0..passes {
@@ -1387,7 +1391,6 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         extra: if past { (nb - 1) * block_bytes } else { 0 },
                         at: 0,
                         step: 0,
-                        far: 0,
                     }
                 } else {
                     // Pass lb pulls its share of the range after next ([`Ahead`]).
@@ -1395,7 +1398,6 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         extra: 0,
                         at: (s0 + SPREAD_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
                         step: step_bytes / passes,
-                        far: (s0 + L2_LEAD * chunk) * step_bytes + lb * chunk * step_bytes / passes,
                     }
                 };
                 packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, passes > 1));
@@ -1435,7 +1437,7 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize, const SPREAD: bool>(
             if SPREAD {
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (p - p0) * pf.step));
-                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.far + (p - p0) * pf.step));
+                _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (p - p0) * pf.step));
             } else {
                 // 128 bytes per pair of inputs and block of 32 rows.
                 let ahead =
