@@ -525,6 +525,17 @@ fn check_permute<B: Backend>(
     Ok((0.0, 0.0))
 }
 
+/// Expert weights for `s` on the backend: by [`Backend::upload_weights`] when `packed`, else as a
+/// plain buffer.
+fn upload_expert_weights<B: Backend>(b: &B, w: &HostVec, s: GemmShape, packed: bool) -> Result<B::Buffer, String> {
+    if packed {
+        b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..s })
+    } else {
+        b.upload(w.as_slice())
+    }
+    .map_err(e2s)
+}
+
 /// [`Backend::permute_matmul`] against the two calls it replaces, on separate outputs: the same
 /// index outputs (and the reference's), the same bits of the matmul, and the matmul within
 /// tolerance of float64 on the gathered rows. `packed`: weights by [`Backend::upload_weights`].
@@ -553,12 +564,7 @@ fn check_permute_matmul<B: Backend>(
         b.upload(x.as_slice()).map_err(e2s)?,
         b.upload(HostSlice::U32(&ids)).map_err(e2s)?,
     );
-    let wb = if packed {
-        b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..g })
-    } else {
-        b.upload(w.as_slice())
-    }
-    .map_err(e2s)?;
+    let wb = upload_expert_weights(b, &w, g, packed)?;
     let (mut p1, mut p2) = (
         Permuted::alloc(b, p, dtype).map_err(e2s)?,
         Permuted::alloc(b, p, dtype).map_err(e2s)?,
@@ -629,12 +635,7 @@ fn check_gemm<B: Backend>(
     let (xb, ob, wb) = (
         b.upload(x.as_slice()).map_err(e2s)?,
         b.upload(HostSlice::U32(&offsets)).map_err(e2s)?,
-        if packed {
-            b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..s })
-        } else {
-            b.upload(w.as_slice())
-        }
-        .map_err(e2s)?,
+        upload_expert_weights(b, &w, s, packed)?,
     );
     if packed && b.download(&wb).map_err(e2s)? != w {
         return Err("upload_weights then download did not give the weights back".into());
