@@ -2,13 +2,14 @@
 # Paired A/B of the CPU backend against an older commit, in one process (scripts/paired/):
 #   scripts/paired.sh REV layer f32|bf16 TOKENS CALLS     # whole qwen3-30b-a3b layer
 #   scripts/paired.sh REV gemm f32|bf16 ROWS|r|dN gateup|down
+#   scripts/paired.sh REV rows f32|bf16 gateup|down H1,H2,...   # current crate only, heights alternated
 # REV's crates/cpu/src is copied into scripts/paired/base as the crate `moe-hal-cpu-base`, built
 # against the current moe-hal-core (so REV's CPU crate must compile against it). Each backend gets
 # its own weights; calls alternate one by one, and the median of the paired time ratios cancels
 # the host's slow drifts (the shared VMs' memory bandwidth moves by 10-40% between invocations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,8p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,9p "$0"; exit 2; }
 rev=$1; shift
 base=scripts/paired/base
 rm -rf "$base" && mkdir -p "$base"

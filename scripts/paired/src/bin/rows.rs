@@ -1,0 +1,131 @@
+//! One grouped matmul of qwen3-30b-a3b's experts (weights packed by `upload_weights`) on the
+//! current CPU backend only, at several row counts per expert alternated call by call in one
+//! process, so that the heights compare in the same bandwidth mode. Per height: the median time,
+//! the weight stream (GB/s of the experts that have rows) and GFLOP/s, and the median of the time
+//! ratios against the first height.
+//!
+//! `rows DTYPE gateup|down H1,H2,...`, each height `N` (N rows for every expert), `dN` (N experts
+//! of one row, evenly spaced) or `tN` (N tokens each routed to 8 distinct experts at random, as
+//! the layer at N tokens). `E` sets the experts (default 128; 2 keeps the weights in L3), `N` the
+//! timed rounds (default 40). E.g. `rows bf16 gateup t256,16,1`.
+
+use half::bf16;
+use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
+
+/// Rows per expert of one height.
+fn counts(spec: &str, experts: usize) -> Vec<usize> {
+    if let Some(t) = spec.strip_prefix('t') {
+        let t: usize = t.parse().expect("tN");
+        let mut st = 0x9e37_79b9_7f4a_7c15u64;
+        let mut c = vec![0; experts];
+        for _ in 0..t {
+            let mut chosen = Vec::with_capacity(8);
+            while chosen.len() < 8.min(experts) {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                let e = (st % experts as u64) as usize;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            chosen.iter().for_each(|&e| c[e] += 1);
+        }
+        c
+    } else if let Some(d) = spec.strip_prefix('d') {
+        let d: usize = d.parse().expect("dN");
+        let every = (experts / d.clamp(1, experts)).max(1);
+        (0..experts).map(|e| usize::from(e % every == 0)).collect()
+    } else {
+        vec![spec.parse().expect("rows per expert"); experts]
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 {
+        eprintln!("usage: rows f32|bf16 gateup|down H1,H2,... (N, dN or tN each)");
+        std::process::exit(2);
+    }
+    let dtype = if args[1] == "bf16" { DType::BF16 } else { DType::F32 };
+    let (k, n, act) = if args[2] == "down" {
+        (768, 2048, Activation::None)
+    } else {
+        (2048, 768, Activation::SwiGlu)
+    };
+    let experts: usize = std::env::var("E").map_or(128, |v| v.parse().expect("E"));
+    let rounds: usize = std::env::var("N").map_or(40, |v| v.parse().expect("N"));
+    let specs: Vec<&str> = args[3].split(',').collect();
+    let offs: Vec<Vec<u32>> = specs
+        .iter()
+        .map(|s| {
+            let mut o = vec![0u32];
+            for c in counts(s, experts) {
+                o.push(o.last().unwrap() + c as u32);
+            }
+            o
+        })
+        .collect();
+    let rows_max = offs.iter().map(|o| *o.last().unwrap() as usize).max().unwrap();
+    let b = moe_hal_cpu::CpuBackend::new().expect("backend");
+    let shape = GemmShape {
+        rows: rows_max,
+        in_features: k,
+        out_features: n,
+        experts,
+        activation: act,
+    };
+    let wf: Vec<f32> = (0..experts * shape.weight_rows() * k)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) * 1e-3)
+        .collect();
+    let xf: Vec<f32> = (0..rows_max * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+    let (wb, xb): (Vec<bf16>, Vec<bf16>) = (
+        wf.iter().map(|&v| bf16::from_f32(v)).collect(),
+        xf.iter().map(|&v| bf16::from_f32(v)).collect(),
+    );
+    let (w, x) = match dtype {
+        DType::BF16 => (HostSlice::BF16(&wb), HostSlice::BF16(&xb)),
+        _ => (HostSlice::F32(&wf), HostSlice::F32(&xf)),
+    };
+    let w = b.upload_weights(w, shape).expect("weights");
+    let x = b.upload(x).expect("input");
+    let mut y = b.alloc(dtype, rows_max * n).expect("output");
+    let o: Vec<_> = offs
+        .iter()
+        .map(|o| b.upload(HostSlice::U32(o)).expect("offsets"))
+        .collect();
+    let mut ms = vec![vec![]; specs.len()];
+    for round in 0..rounds + 2 {
+        for (i, o) in o.iter().enumerate() {
+            let s = GemmShape {
+                rows: *offs[i].last().unwrap() as usize,
+                ..shape
+            };
+            let t0 = std::time::Instant::now();
+            b.grouped_matmul(&x, o, &w, &mut y, s).expect("grouped matmul");
+            if round >= 2 {
+                ms[i].push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let expert_bytes = (shape.weight_rows() * k * dtype.size()) as f64;
+    for (i, spec) in specs.iter().enumerate() {
+        let used = offs[i].windows(2).filter(|p| p[1] > p[0]).count() as f64;
+        let rows = *offs[i].last().unwrap() as f64;
+        let ratios: Vec<f64> = ms[i].iter().zip(&ms[0]).map(|(a, b)| a / b).collect();
+        let m = median(&ms[i]);
+        println!(
+            "{spec:>6}: {m:8.3} ms {:6.1} GB/s {:6.1} GFLOP/s, time against {}: {:.3}",
+            used * expert_bytes / m / 1e6,
+            2.0 * rows * (k * shape.weight_rows()) as f64 / m / 1e6,
+            specs[0],
+            median(&ratios)
+        );
+    }
+}
