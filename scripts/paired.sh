@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Paired A/B of the CPU backend against an older commit, in one process (scripts/paired/):
 #   scripts/paired.sh REV layer f32|bf16 TOKENS CALLS     # whole qwen3-30b-a3b layer
-#   scripts/paired.sh REV gemm f32|bf16 ROWS|r|dN gateup|down
+#   scripts/paired.sh REV gemm f32|bf16 ROWS|r|dN|tN gateup|down
 #   scripts/paired.sh REV rows f32|bf16 gateup|down H1,H2,...   # current crate only, heights alternated
 # REV's crates/cpu/src is copied into scripts/paired/base as the crate `moe-hal-cpu-base`, built
 # against the current moe-hal-core (so REV's CPU crate must compile against it). Each backend gets

@@ -17,6 +17,24 @@ pub fn random(seed: &mut u64, n: usize, s: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Rows per expert of `tokens` tokens, each routed to `k` distinct experts drawn by `rnd`: the
+/// grouped matmuls' heights in a layer at that many tokens.
+pub fn routed(tokens: usize, experts: usize, k: usize, mut rnd: impl FnMut() -> u64) -> Vec<usize> {
+    let mut c = vec![0; experts];
+    let mut chosen = Vec::with_capacity(k);
+    for _ in 0..tokens {
+        chosen.clear();
+        while chosen.len() < k.min(experts) {
+            let e = (rnd() % experts as u64) as usize;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        chosen.iter().for_each(|&e| c[e] += 1);
+    }
+    c
+}
+
 /// `v` as bf16 or f32.
 pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
     if bf {

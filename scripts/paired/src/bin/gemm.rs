@@ -1,18 +1,19 @@
 //! One grouped matmul of qwen3-30b-a3b's experts (weights packed by each backend's
 //! `upload_weights`) on the base and the current CPU backend, alternated call by call, each on its
 //! own copy of the weights: 128 experts of ROWS rows each from DRAM, `r` for 6 to 26 rows at
-//! random, or `dN` for N random experts of one row (a decoded token reads 8).
+//! random, `dN` for N random experts of one row (a decoded token reads 8), or `tN` for the heights
+//! of N tokens each routed to 8 random experts (a new routing every call, as the layer's).
 //!
-//! `gemm DTYPE ROWS gateup|down`, e.g. `gemm bf16 16 down`.
+//! `gemm DTYPE ROWS gateup|down`, e.g. `gemm bf16 16 down` or `gemm bf16 t256 gateup`.
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
-use moe_hal_paired::paired;
+use moe_hal_paired::{paired, routed};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {
-        eprintln!("usage: gemm f32|bf16 ROWS|r|dN gateup|down");
+        eprintln!("usage: gemm f32|bf16 ROWS|r|dN|tN gateup|down");
         std::process::exit(2);
     }
     let dtype = if args[1] == "bf16" { DType::BF16 } else { DType::F32 };
@@ -35,6 +36,8 @@ fn main() {
     for _ in 0..calls {
         let counts: Vec<usize> = if args[2] == "r" {
             (0..e).map(|_| 6 + (rnd() % 21) as usize).collect()
+        } else if let Some(t) = args[2].strip_prefix('t') {
+            routed(t.parse().expect("tN"), e, 8, &mut rnd)
         } else if let Some(d) = args[2].strip_prefix('d') {
             let d: usize = d.parse().expect("dN");
             let mut c = vec![0; e];

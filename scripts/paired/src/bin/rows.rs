@@ -11,27 +11,18 @@
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
+use moe_hal_paired::routed;
 
 /// Rows per expert of one height.
 fn counts(spec: &str, experts: usize) -> Vec<usize> {
     if let Some(t) = spec.strip_prefix('t') {
-        let t: usize = t.parse().expect("tN");
         let mut st = 0x9e37_79b9_7f4a_7c15u64;
-        let mut c = vec![0; experts];
-        for _ in 0..t {
-            let mut chosen = Vec::with_capacity(8);
-            while chosen.len() < 8.min(experts) {
-                st ^= st << 13;
-                st ^= st >> 7;
-                st ^= st << 17;
-                let e = (st % experts as u64) as usize;
-                if !chosen.contains(&e) {
-                    chosen.push(e);
-                }
-            }
-            chosen.iter().for_each(|&e| c[e] += 1);
-        }
-        c
+        routed(t.parse().expect("tN"), experts, 8, || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            st
+        })
     } else if let Some(d) = spec.strip_prefix('d') {
         let d: usize = d.parse().expect("dN");
         let every = (experts / d.clamp(1, experts)).max(1);
