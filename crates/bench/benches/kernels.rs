@@ -7,7 +7,7 @@
 //! the CPU's bf16 grouped matmuls on weights as uploaded and as
 //! `upload_weights` packs them (`-- bf16-weights`); on an x86-64 CPU with AVX2 and a better level,
 //! the group `kernels-avx2-weights` does the same for f32 and bf16 at the AVX2 level (`-- avx2`),
-//! the only level that packs f32. The full model-shape sweeps are
+//! which packs f32 on every CPU (AVX-512 packs it on AMD only). The full model-shape sweeps are
 //! `moe-bench bench` (see benches/README.md at the repository root).
 //!
 //! Each call is timed on its own and waits for its work: with the device clock

@@ -194,6 +194,10 @@ fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: 
             let b = moe_hal::cuda::CudaBackend::new()?;
             Ok(f(&|| conformance::run_all(&b, quick)))
         }
+        "cann" => {
+            let b = moe_hal::cann::CannBackend::new()?;
+            Ok(f(&|| conformance::run_all(&b, quick)))
+        }
         other => {
             let why = registry::probe(other)
                 .and_then(|s| s.device.err())
@@ -219,13 +223,20 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
         known(backend)?;
         vec![backend.to_string()]
     };
+    if names.is_empty() {
+        return Err("no backend is available to verify".into());
+    }
     let mut ok = true;
-    println!(
-        "{:<6} {:<15} {:>6} {:>6}  {:>12}  {:>10}",
-        "backend", "kernel", "cases", "failed", "worst error", "tolerance"
-    );
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
         let report = with_backend(name, |run| run(), quick).map_err(|e| e.to_string())?;
+        // The header once a backend has run, so that a backend that cannot start prints only
+        // why.
+        if i == 0 {
+            println!(
+                "{:<6} {:<15} {:>6} {:>6}  {:>12}  {:>10}",
+                "backend", "kernel", "cases", "failed", "worst error", "tolerance"
+            );
+        }
         let mut by_kernel: BTreeMap<&str, (usize, usize, f64, f64)> = BTreeMap::new();
         for r in &report.results {
             let e = by_kernel.entry(r.kernel).or_default();
@@ -257,9 +268,6 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
             print!("{report}");
         }
         ok &= report.passed();
-    }
-    if names.is_empty() {
-        return Err("no backend is available to verify".into());
     }
     if ok {
         println!("all cases match the float64 reference");

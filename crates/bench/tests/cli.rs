@@ -205,4 +205,18 @@ fn info_and_verify() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     let o = bin().args(["verify", "--backend", "cuda"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cuda"));
+    // The CANN slot starts where its libraries are (then its calls fail cleanly) and says why
+    // not elsewhere; either way verify names it, never "unknown backend".
+    let o = bin().args(["verify", "--backend", "cann", "--quick"]).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !o.status.success() && err.contains("cann") && !err.contains("unknown"),
+        "{out}{err}"
+    );
+    if err.contains("unavailable") {
+        assert!(
+            out.is_empty(),
+            "nothing but the reason when the backend cannot start: {out}"
+        );
+    }
 }
