@@ -36,7 +36,7 @@ __device__ float block_reduce(float x, int op, float* scratch) {
 }
 
 // scoring: 0 softmax, 1 sigmoid. group_score: 0 max, 1 top-2 sum.
-// renorm: 0 none, 1 sum (zero sum leaves 0), 2 sum + eps.
+// renorm: 0 none, 1 sum, 2 sum + eps (a zero divisor leaves the weights at 0).
 extern "C" __global__ void route(const float* __restrict__ logits, const float* __restrict__ bias,
                                  unsigned int* __restrict__ ids, float* __restrict__ weights,
                                  unsigned int tokens, unsigned int experts, unsigned int top_k,
@@ -152,7 +152,7 @@ extern "C" __global__ void route(const float* __restrict__ logits, const float* 
         }
         float div = 1.0f;
         if (renorm == 1 && sum > 0.0f) div = sum;
-        if (renorm == 2) div = sum + eps;
+        if (renorm == 2 && sum + eps > 0.0f) div = sum + eps;
         for (unsigned int r = 0; r < top_k; ++r) w[r] = w[r] / div * scale;
     }
 }

@@ -251,7 +251,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             div = sum;
         }
     } else if (p.renorm == 2u) {
-        div = sum + p.eps;
+        if (sum + p.eps > 0.0) {
+            div = sum + p.eps;
+        }
     }
     for (var j = 0u; j < k; j++) {
         weights[t * k + j] = weights[t * k + j] / div * p.scale;

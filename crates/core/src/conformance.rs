@@ -423,6 +423,21 @@ fn non_finite_cases() -> Vec<RouteCase> {
             ),
         ),
         ("sigmoid k=E", RouterSpec::deepseek_v3(e, e, 1, 1, None, false, 1.0)),
+        // All-minus-infinity rows give a zero sum: with eps 0 the weights stay 0, not 0 / 0.
+        (
+            "softmax renorm eps 0",
+            RouterSpec {
+                renorm: Renorm::SumEps(0.0),
+                ..RouterSpec::softmax_topk(e, 3, true)
+            },
+        ),
+        (
+            "sigmoid renorm eps 0",
+            RouterSpec {
+                renorm: Renorm::SumEps(0.0),
+                ..RouterSpec::deepseek_v3(e, 3, 1, 1, None, true, 1.0)
+            },
+        ),
     ] {
         cases.push(RouteCase {
             name: format!("non-finite logits {name}"),

@@ -99,7 +99,11 @@ pub fn route_token(logits: &[f64], spec: &RouterSpec) -> RouteDetail {
                 weights.iter_mut().for_each(|w| *w /= sum);
             }
         }
-        Renorm::SumEps(eps) => weights.iter_mut().for_each(|w| *w /= sum + eps as f64),
+        Renorm::SumEps(eps) => {
+            if sum + eps as f64 > 0.0 {
+                weights.iter_mut().for_each(|w| *w /= sum + eps as f64);
+            }
+        }
     }
     let scale = spec.routed_scaling_factor as f64;
     weights.iter_mut().for_each(|w| *w *= scale);

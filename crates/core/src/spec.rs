@@ -57,7 +57,8 @@ pub enum Renorm {
     None,
     /// `w / sum(w)` (Mixtral, Qwen with `norm_topk_prob = true`); a zero sum leaves 0.
     Sum,
-    /// `w / (sum(w) + eps)` (DeepSeek-V3 with `norm_topk_prob`, eps = 1e-20).
+    /// `w / (sum(w) + eps)` (DeepSeek-V3 with `norm_topk_prob`, eps = 1e-20); with eps 0 a zero
+    /// sum leaves 0, as [`Renorm::Sum`].
     SumEps(f32),
 }
 

@@ -265,7 +265,9 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
                 1.0
             }
         }
-        Renorm::SumEps(eps) => sum + eps,
+        Renorm::SumEps(eps) if sum + eps > 0.0 => sum + eps,
+        // All chosen scores 0 with eps 0: the weights stay 0, not 0 / 0.
+        Renorm::SumEps(_) => 1.0,
     };
     let scale = spec.routed_scaling_factor;
     weights.iter_mut().for_each(|w| *w = *w / div * scale);
