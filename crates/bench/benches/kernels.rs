@@ -113,7 +113,7 @@ fn bench_shape<B: Backend + Clone>(c: &mut Criterion, group: &str, b: &B, shape:
         gate_up: gu,
         down: dn,
         combine: cs,
-    } = LayerShapes::new(t, h, i, e, k);
+    } = LayerShapes::new(t, h, i, e, k)?;
     // One pass fills every buffer (and checks every call) before timing.
     b.router_logits(&x, &router_w, &mut logits, rshape)?;
     b.route(&logits, &spec, t, &mut ids, &mut rw)?;
@@ -227,7 +227,7 @@ fn bench_upload<B: Backend>(
     let offsets = b.upload(HostSlice::U32(&per))?;
     let LayerShapes {
         gate_up: gu, down: dn, ..
-    } = LayerShapes::new(t, h, i, e, k);
+    } = LayerShapes::new(t, h, i, e, k)?;
     let (gate_up, down) = (
         cast(&w.gate_up.to_f32().expect("f32 weights")),
         cast(&w.down.to_f32().expect("f32 weights")),

@@ -767,7 +767,7 @@ impl Sweep<'_> {
                 gate_up: gu,
                 down: dn,
                 combine: cs,
-            } = LayerShapes::new(t, h, i, e, k);
+            } = LayerShapes::new(t, h, i, e, k).map_err(err)?;
             // One pass to fill every buffer and learn which experts receive tokens.
             b.router_logits(&x, &router_w, &mut logits, rshape).map_err(err)?;
             b.route(&logits, &self.shape.spec, t, &mut ids, &mut rw).map_err(err)?;

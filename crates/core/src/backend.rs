@@ -229,11 +229,12 @@ pub struct GemmShape {
 }
 
 impl GemmShape {
-    /// Rows of each expert's weight matrix (`2N` for SwiGLU).
+    /// Rows of each expert's weight matrix (`2N` for SwiGLU). Saturates at `usize::MAX` where
+    /// `2N` overflows: no buffer is that long, so the length checks refuse such a shape.
     pub fn weight_rows(&self) -> usize {
         match self.activation {
             Activation::None => self.out_features,
-            Activation::SwiGlu => 2 * self.out_features,
+            Activation::SwiGlu => self.out_features.saturating_mul(2),
         }
     }
 }
@@ -260,9 +261,10 @@ pub struct LayerShapes {
 }
 
 impl LayerShapes {
-    pub fn new(tokens: usize, hidden: usize, inter: usize, experts: usize, top_k: usize) -> Self {
-        let rows = tokens * top_k;
-        LayerShapes {
+    /// The shapes at `tokens` tokens; an error where `tokens * top_k` overflows.
+    pub fn new(tokens: usize, hidden: usize, inter: usize, experts: usize, top_k: usize) -> Result<Self> {
+        let rows = checked_mul(tokens, top_k, "tokens * top_k")?;
+        Ok(LayerShapes {
             router: RouterShape {
                 tokens,
                 hidden,
@@ -294,7 +296,7 @@ impl LayerShapes {
                 top_k,
                 accumulate: false,
             },
-        }
+        })
     }
 }
 

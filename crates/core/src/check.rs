@@ -130,6 +130,13 @@ pub fn topk<B: DeviceBuffer + ?Sized>(
     buffer("out", out, DType::F32, rk)
 }
 
+/// `experts + 1`, the length of a grouped matmul's offsets, checked for overflow.
+fn offsets_len(experts: usize) -> Result<usize> {
+    experts
+        .checked_add(1)
+        .ok_or_else(|| MoeError::shape("experts", experts, "experts + 1 offsets that fit in usize"))
+}
+
 pub fn permute<B: DeviceBuffer>(
     backend: &str,
     caps: &Capabilities,
@@ -158,7 +165,7 @@ pub fn permute<B: DeviceBuffer>(
     )?;
     buffer("ids", ids, DType::U32, tk)?;
     buffer("counts", &out.counts, DType::U32, s.experts)?;
-    buffer("offsets", &out.offsets, DType::U32, s.experts + 1)?;
+    buffer("offsets", &out.offsets, DType::U32, offsets_len(s.experts)?)?;
     buffer("slot_of", &out.slot_of, DType::U32, tk)?;
     buffer("source_of", &out.source_of, DType::U32, tk)?;
     buffer(
@@ -209,7 +216,7 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
         dt,
         checked_mul(s.rows, s.in_features, "rows * in_features")?,
     )?;
-    buffer("offsets", offsets, DType::U32, s.experts + 1)?;
+    buffer("offsets", offsets, DType::U32, offsets_len(s.experts)?)?;
     buffer("weight", weight, dt, weight_len(s)?)?;
     buffer(
         "output",

@@ -729,7 +729,10 @@ pub fn layer_input(seed: u64, w: &LayerWeights, tokens: usize, dtype: DType) -> 
     for t in 0..tokens {
         for _ in 0..200 {
             let row: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
-            let d = reference::route_token(&w.reference_logits(&row, 1), &w.router);
+            let d = reference::route_token(
+                &w.reference_logits(&row, 1).expect("the cases' weights validate"),
+                &w.router,
+            );
             if decisive(&d, &w.router) {
                 break;
             }
@@ -808,7 +811,7 @@ fn check_layer<B: Backend + Clone>(
     let h = w.hidden_size;
     let got = floats(b, &out, tokens * h)?;
     let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let r = w.reference_forward(&x64, tokens);
+    let r = w.reference_forward(&x64, tokens).map_err(e2s)?;
     let (ids, wts) = layer.last_routing().map_err(e2s)?;
     let k = w.router.top_k;
     exact("layer expert ids", ids.as_slice().unwrap(), &r.ids, k)?;
@@ -833,7 +836,7 @@ fn check_layer<B: Backend + Clone>(
 /// Each call must return an error (not panic, not succeed).
 type Outcome = Result<(f64, f64), String>;
 
-fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Outcome)> {
+fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
     let mut expect_err = |name: &str, r: Result<()>| {
         out.push((
@@ -982,6 +985,97 @@ fn check_bad_input<B: Backend>(b: &B) -> Vec<(String, Outcome)> {
         v.push((
             "combine: expert_out too short".into(),
             b.combine(&f(7)?, &ids, &w, &sl, &mut o, cs),
+        ));
+        // Sizes whose products overflow, and memory no machine has: errors, never a panic or an
+        // abort.
+        v.push((
+            "grouped_matmul: experts + 1 offsets overflow".into(),
+            b.grouped_matmul(
+                &x,
+                &off,
+                &wt,
+                &mut y,
+                GemmShape {
+                    rows: 0,
+                    experts: usize::MAX,
+                    activation: Activation::None,
+                    ..gs
+                },
+            ),
+        ));
+        v.push((
+            "grouped_matmul: 2 * out_features overflows".into(),
+            b.grouped_matmul(
+                &x,
+                &off,
+                &wt,
+                &mut y,
+                GemmShape {
+                    out_features: usize::MAX / 2 + 1,
+                    ..gs
+                },
+            ),
+        ));
+        v.push((
+            "route: tokens * experts overflows".into(),
+            b.route(&logits, &spec, usize::MAX / 4, &mut ids, &mut w),
+        ));
+        v.push((
+            "permute: tokens * top_k overflows".into(),
+            b.permute(
+                &x,
+                &ids,
+                PermuteShape {
+                    tokens: usize::MAX / 2 + 1,
+                    ..s
+                },
+                &mut p,
+            ),
+        ));
+        v.push((
+            "combine: tokens * hidden overflows".into(),
+            b.combine(
+                &eo,
+                &ids,
+                &w,
+                &sl,
+                &mut o,
+                CombineShape {
+                    tokens: usize::MAX / 4,
+                    ..cs
+                },
+            ),
+        ));
+        v.push(("alloc: 2^60 f32".into(), b.alloc(DType::F32, 1 << 60).map(|_| ())));
+        // Where f32 weights are packed, such a buffer is only a grouped matmul's weight.
+        if b.capabilities().packed_weights.contains(&DType::F32) {
+            let packed = b.upload_weights(HostSlice::F32(&[0.0; 72]), gs)?;
+            let mut pw = packed;
+            v.push((
+                "route: weights output is packed expert weights".into(),
+                b.route(&logits, &spec, 4, &mut ids, &mut pw),
+            ));
+        }
+        // The layer: weights whose sizes overflow, a token count whose buffers would, and the
+        // float64 reference on too short an input.
+        let lw = random_layer(1, RouterSpec::softmax_topk(4, 2, true), 4, 3, None);
+        let huge = LayerWeights {
+            intermediate_size: usize::MAX / 2,
+            ..lw.clone()
+        };
+        v.push((
+            "MoeLayer::new: E * 2I * H overflows".into(),
+            MoeLayer::new(b.clone(), &huge).map(|_| ()),
+        ));
+        v.push((
+            "reference_forward: x shorter than T * H".into(),
+            lw.reference_forward(&[0.0; 3], 1).map(|_| ()),
+        ));
+        let mut layer = MoeLayer::new(b.clone(), &lw)?;
+        let lx = f(2 * 4)?;
+        v.push((
+            "MoeLayer::forward: tokens * hidden overflows".into(),
+            layer.forward(&lx, usize::MAX / 2 + 1).map(|_| ()),
         ));
         let mut lg = f(4 * 8)?;
         v.push((
@@ -1215,7 +1309,7 @@ pub fn layer_suite<B: Backend + Clone>(b: &B, quick: bool) -> Report {
     r
 }
 
-pub fn bad_input_suite<B: Backend>(b: &B) -> Report {
+pub fn bad_input_suite<B: Backend + Clone>(b: &B) -> Report {
     let mut r = Report {
         backend: b.name().into(),
         ..Default::default()

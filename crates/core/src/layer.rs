@@ -36,6 +36,13 @@ pub struct LayerWeights {
     pub shared: Option<SharedWeights>,
 }
 
+/// The product of `dims`, or an error naming `what` where it overflows usize.
+fn product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| MoeError::shape(what, format!("{dims:?}"), "a product that fits in usize"))
+}
+
 fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(MoeError::shape(format!("{what} length"), got, want));
@@ -67,9 +74,17 @@ impl LayerWeights {
                 expected: "f32, bf16 or f16".into(),
             });
         }
-        expect_len("router weight [E, H]", self.router_weight.len(), e * h)?;
-        expect_len("gate_up [E, 2I, H]", self.gate_up.len(), e * 2 * i * h)?;
-        expect_len("down [E, H, I]", self.down.len(), e * h * i)?;
+        expect_len(
+            "router weight [E, H]",
+            self.router_weight.len(),
+            product("E * H", &[e, h])?,
+        )?;
+        expect_len(
+            "gate_up [E, 2I, H]",
+            self.gate_up.len(),
+            product("E * 2I * H", &[e, 2, i, h])?,
+        )?;
+        expect_len("down [E, H, I]", self.down.len(), product("E * H * I", &[e, h, i])?)?;
         if self.down.dtype() != dt {
             return Err(MoeError::DType {
                 what: "down weights".into(),
@@ -82,8 +97,12 @@ impl LayerWeights {
             if si == 0 {
                 return Err(MoeError::shape("shared intermediate size", 0, "> 0"));
             }
-            expect_len("shared gate_up [2Is, H]", s.gate_up.len(), 2 * si * h)?;
-            expect_len("shared down [H, Is]", s.down.len(), h * si)?;
+            expect_len(
+                "shared gate_up [2Is, H]",
+                s.gate_up.len(),
+                product("2Is * H", &[2, si, h])?,
+            )?;
+            expect_len("shared down [H, Is]", s.down.len(), product("H * Is", &[h, si])?)?;
             for (what, w) in [("shared gate_up", &s.gate_up), ("shared down", &s.down)] {
                 if w.dtype() != dt {
                     return Err(MoeError::DType {
@@ -130,9 +149,19 @@ impl LayerWeights {
     }
 
     /// Router logits `[T, E]` of `x[T, H]` in float64.
-    pub fn reference_logits(&self, x: &[f64], tokens: usize) -> Vec<f64> {
+    /// An error where the weights do not validate or `x` holds fewer than `T * H` values.
+    pub fn reference_logits(&self, x: &[f64], tokens: usize) -> Result<Vec<f64>> {
+        self.validate()?;
         let (e, h) = (self.router.num_experts, self.hidden_size);
-        (0..tokens)
+        let need = product("tokens * hidden", &[tokens, h])?;
+        if x.len() < need {
+            return Err(MoeError::shape(
+                "reference input x",
+                x.len(),
+                format!("at least {need} (T * H)"),
+            ));
+        }
+        Ok((0..tokens)
             .flat_map(|t| {
                 let row = &x[t * h..(t + 1) * h];
                 (0..e).map(move |ex| {
@@ -142,15 +171,16 @@ impl LayerWeights {
                         .sum::<f64>()
                 })
             })
-            .collect()
+            .collect())
     }
 
-    /// The float64 reference forward of `x[T, H]` (values as stored).
-    pub fn reference_forward(&self, x: &[f64], tokens: usize) -> LayerRef {
+    /// The float64 reference forward of `x[T, H]` (values as stored); errors as
+    /// [`LayerWeights::reference_logits`].
+    pub fn reference_forward(&self, x: &[f64], tokens: usize) -> Result<LayerRef> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
+        let logits = self.reference_logits(x, tokens)?;
         let gu = self.gate_up.to_f64();
         let dn = self.down.to_f64();
-        let logits = self.reference_logits(x, tokens);
         let (ids, weights) = reference::route(&logits, tokens, &self.router);
         let k = self.router.top_k;
         let shared = self.shared.as_ref().map(|s| (s, s.gate_up.to_f64(), s.down.to_f64()));
@@ -186,12 +216,12 @@ impl LayerWeights {
                 }
             }
         }
-        LayerRef {
+        Ok(LayerRef {
             output,
             ids,
             weights,
             logits,
-        }
+        })
     }
 }
 
@@ -272,7 +302,7 @@ impl<B: Backend> MoeLayer<B> {
         // Expert weights go up for the shapes of the forward pass (any token count), packed where
         // the backend packs them.
         let (h, r) = (weights.hidden_size, &weights.router);
-        let ls = LayerShapes::new(0, h, weights.intermediate_size, r.num_experts, r.top_k);
+        let ls = LayerShapes::new(0, h, weights.intermediate_size, r.num_experts, r.top_k)?;
         let gate_up = backend.upload_weights(weights.gate_up.as_slice(), ls.gate_up)?;
         let down = backend.upload_weights(weights.down.as_slice(), ls.down)?;
         let shared = match &weights.shared {
@@ -394,7 +424,8 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
     pub fn forward(&mut self, x: &B::Buffer, tokens: usize) -> Result<B::Buffer> {
-        let mut out = self.backend.alloc(self.dtype, tokens * self.hidden)?;
+        let len = crate::backend::checked_mul(tokens, self.hidden, "tokens * hidden")?;
+        let mut out = self.backend.alloc(self.dtype, len)?;
         self.forward_into(x, tokens, &mut out)?;
         Ok(out)
     }
@@ -467,7 +498,7 @@ fn kernels<B: Backend>(
     out: &mut B::Buffer,
 ) -> Result<()> {
     let (e, k) = (spec.num_experts, spec.top_k);
-    let ls = LayerShapes::new(tokens, h, i, e, k);
+    let ls = LayerShapes::new(tokens, h, i, e, k)?;
     b.router_logits(x, router_weight, &mut s.logits, ls.router)?;
     b.route(&s.logits, spec, tokens, &mut s.ids, &mut s.weights)?;
     b.permute_matmul(x, &s.ids, ls.permute, &mut s.perm, gate_up, &mut s.act, ls.gate_up)?;

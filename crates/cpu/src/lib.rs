@@ -351,22 +351,22 @@ impl Backend for CpuBackend {
         if len.checked_mul(dtype.size()).is_none_or(|b| b > isize::MAX as usize) {
             return Err(MoeError::shape("buffer length", len, "a size that fits in memory"));
         }
-        let zero = |n| match dtype {
-            DType::F32 => HostVec::F32(mem::filled(n, 0.0)),
-            DType::BF16 => HostVec::BF16(mem::filled(n, half::bf16::ZERO)),
-            DType::F16 => HostVec::F16(mem::filled(n, half::f16::ZERO)),
-            DType::U32 => HostVec::U32(mem::filled(n, 0)),
+        let zeros = match dtype {
+            DType::F32 => HostVec::F32(mem::try_filled(len, 0.0)?),
+            DType::BF16 => HostVec::BF16(mem::try_filled(len, half::bf16::ZERO)?),
+            DType::F16 => HostVec::F16(mem::try_filled(len, half::f16::ZERO)?),
+            DType::U32 => HostVec::U32(mem::try_filled(len, 0)?),
         };
-        Ok(CpuBuffer(zero(len), None))
+        Ok(CpuBuffer(zeros, None))
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
         Ok(CpuBuffer(
             match data {
-                HostSlice::F32(v) => HostVec::F32(mem::copied(v)),
-                HostSlice::BF16(v) => HostVec::BF16(mem::copied(v)),
-                HostSlice::F16(v) => HostVec::F16(mem::copied(v)),
-                HostSlice::U32(v) => HostVec::U32(mem::copied(v)),
+                HostSlice::F32(v) => HostVec::F32(mem::try_copied(v)?),
+                HostSlice::BF16(v) => HostVec::BF16(mem::try_copied(v)?),
+                HostSlice::F16(v) => HostVec::F16(mem::try_copied(v)?),
+                HostSlice::U32(v) => HostVec::U32(mem::try_copied(v)?),
             },
             None,
         ))
@@ -478,6 +478,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check::route(NAME, &self.capabilities(), logits, spec, tokens, ids, weights)?;
         plain("logits", logits)?;
+        plain("weights", weights)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
         self.pool
             .install(|| route::route(f32_slice(logits), spec, tokens, self.simd.avx512(), ids, weights));
@@ -495,6 +496,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check::topk(NAME, &self.capabilities(), values, rows, cols, k, ids, out)?;
         plain("values", values)?;
+        plain("out", out)?;
         let (ids, out) = (u32_mut(ids), f32_mut(out));
         self.pool
             .install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
@@ -597,10 +599,16 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check::combine(NAME, &self.capabilities(), expert_out, ids, weights, slot_of, output, s)?;
         plain("expert_out", expert_out)?;
+        plain("weights", weights)?;
         plain("output", output)?;
         let rows = expert_out.len() / s.hidden.max(1);
         let slots = &u32_slice(slot_of)[..s.tokens * s.top_k];
-        if let Some((i, &v)) = slots.iter().enumerate().find(|(_, &v)| v as usize >= rows) {
+        // Rows of no width are never read: any slot names one.
+        if let Some((i, &v)) = slots
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| s.hidden > 0 && v as usize >= rows)
+        {
             return Err(MoeError::shape(
                 format!("slot_of[{i}]"),
                 v,
@@ -656,6 +664,31 @@ mod tests {
 
     /// `Capabilities::packed_weights` lists exactly the dtypes whose `upload_weights` buffers come
     /// back packed, at every SIMD level.
+    /// A combine of rows of no width reads nothing, so any slot is fine (it once refused every
+    /// slot as past the zero rows of `expert_out`); a slot past the rows of a real width is
+    /// refused.
+    #[test]
+    fn combine_of_zero_width_accepts_any_slot() {
+        let b = CpuBackend::with_threads(2).unwrap();
+        let ids = b.upload(HostSlice::U32(&[0, 1, 1, 0])).unwrap();
+        let w = b.upload(HostSlice::F32(&[0.5, 0.5, 0.25, 0.75])).unwrap();
+        let slots = b.upload(HostSlice::U32(&[0, 1, 2, 3])).unwrap();
+        let s = CombineShape {
+            tokens: 2,
+            hidden: 0,
+            top_k: 2,
+            accumulate: false,
+        };
+        let (eo, mut out) = (b.alloc(DType::F32, 0).unwrap(), b.alloc(DType::F32, 0).unwrap());
+        b.combine(&eo, &ids, &w, &slots, &mut out, s).unwrap();
+        let s = CombineShape { hidden: 2, ..s };
+        let (eo, mut out) = (b.alloc(DType::F32, 4 * 2).unwrap(), b.alloc(DType::F32, 2 * 2).unwrap());
+        b.combine(&eo, &ids, &w, &slots, &mut out, s).unwrap();
+        let past = b.upload(HostSlice::U32(&[0, 1, 2, 4])).unwrap();
+        let e = b.combine(&eo, &ids, &w, &past, &mut out, s).unwrap_err();
+        assert!(e.to_string().contains("slot_of[3]"), "{e}");
+    }
+
     #[test]
     fn packed_weights_capability_says_what_upload_weights_does() {
         let s = GemmShape {

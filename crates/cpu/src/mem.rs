@@ -16,12 +16,15 @@
 //!
 //! f32 weights as stored (8 KiB rows read as separate streams) showed no difference beyond noise.
 
+use moe_hal_core::{MoeError, Result};
+
 /// Transparent huge page size on x86-64 and most aarch64 kernels.
 const HUGE: usize = 2 << 20;
 /// Smallest buffer advised: two huge pages, so that at least one aligned huge page lies inside.
 const HUGE_MIN_BYTES: usize = 2 * HUGE;
 
-/// `len` copies of `value`.
+/// `len` copies of `value` (aborts where memory runs out, as any `Vec`: for sizes already checked
+/// against a buffer that exists).
 pub(crate) fn filled<T: Copy>(len: usize, value: T) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     advise(&v);
@@ -29,12 +32,33 @@ pub(crate) fn filled<T: Copy>(len: usize, value: T) -> Vec<T> {
     v
 }
 
-/// A copy of `src`.
-pub(crate) fn copied<T: Copy>(src: &[T]) -> Vec<T> {
-    let mut v = Vec::with_capacity(src.len());
-    advise(&v);
+/// `len` copies of `value`, or an error where the allocator refuses the memory (a caller's size),
+/// instead of aborting the process.
+pub(crate) fn try_filled<T: Copy>(len: usize, value: T) -> Result<Vec<T>> {
+    let mut v = reserved(len)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// A copy of `src`, or an error as [`try_filled`].
+pub(crate) fn try_copied<T: Copy>(src: &[T]) -> Result<Vec<T>> {
+    let mut v = reserved(src.len())?;
     v.extend_from_slice(src);
-    v
+    Ok(v)
+}
+
+/// An empty vector with room for `len`, advised onto huge pages.
+fn reserved<T>(len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| MoeError::Device {
+        backend: crate::NAME.into(),
+        message: format!(
+            "cannot allocate {len} elements of {} bytes: {e}",
+            std::mem::size_of::<T>()
+        ),
+    })?;
+    advise(&v);
+    Ok(v)
 }
 
 /// Advises huge pages for the whole 2 MiB pages inside `v`'s capacity (not yet written).
@@ -65,9 +89,10 @@ mod tests {
     fn filled_and_copied_hold_their_values() {
         for len in [0, 1, 1000, (HUGE_MIN_BYTES / 4) + 3, 3 * HUGE] {
             let v = filled(len, 1.5f32);
+            assert_eq!(try_filled(len, 1.5f32).unwrap(), v);
             assert!(v.len() == len && v.iter().all(|&x| x == 1.5));
             let src: Vec<u32> = (0..len as u32).collect();
-            assert_eq!(copied(&src), src);
+            assert_eq!(try_copied(&src).unwrap(), src);
         }
     }
 }
