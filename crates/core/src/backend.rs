@@ -438,7 +438,10 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
-    /// Stable dispatch of `hidden[T, H]` by `ids[T, k]` (u32, each `< E`).
+    /// Stable dispatch of `hidden[T, H]` by `ids[T, k]` (u32, each `< E`). An id `>= E` is an
+    /// error where the ids are on the host (the CPU); device backends, which do not read their
+    /// buffers back, drop it instead: it is not counted, its `slot_of` is `0xFFFFFFFF`, and
+    /// `combine` skips it.
     fn permute(
         &self,
         hidden: &Self::Buffer,
@@ -482,7 +485,9 @@ pub trait Backend: Send + Sync {
 
     /// `output[t] (+)= sum_j weights[t, j] * expert_out[slot_of[t*k + j]]`,
     /// summed in f32 in ascending expert id. `expert_out` and `output` share
-    /// one float dtype.
+    /// one float dtype. A slot past `expert_out`'s rows is an error on the CPU
+    /// and skipped (its term left out) on device backends, as `permute` marks
+    /// the ids it drops.
     #[allow(clippy::too_many_arguments)]
     fn combine(
         &self,
