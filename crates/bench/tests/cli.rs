@@ -209,9 +209,10 @@ fn info_and_verify() {
     // not elsewhere; either way verify names it, never "unknown backend".
     let o = bin().args(["verify", "--backend", "cann", "--quick"]).output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let all = format!("{out}{err}");
     assert!(
-        !o.status.success() && err.contains("cann") && !err.contains("unknown"),
-        "{out}{err}"
+        !o.status.success() && all.contains("cann") && !all.contains("unknown"),
+        "{all}"
     );
     if err.contains("unavailable") {
         assert!(

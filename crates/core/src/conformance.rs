@@ -720,19 +720,25 @@ pub fn random_layer(seed: u64, spec: RouterSpec, h: usize, i: usize, shared: Opt
     }
 }
 
-/// Inputs in `dtype` whose routing is decisive under `w`.
-pub fn layer_input(seed: u64, w: &LayerWeights, tokens: usize, dtype: DType) -> Vec<f32> {
+/// Inputs in `dtype` whose routing is decisive under `w`; an error where `w` does not validate
+/// or `dtype` is not a float.
+pub fn layer_input(seed: u64, w: &LayerWeights, tokens: usize, dtype: DType) -> Result<Vec<f32>> {
+    w.validate()?;
+    if !dtype.is_float() {
+        return Err(MoeError::DType {
+            what: "layer input".into(),
+            got: dtype,
+            expected: "f32, bf16 or f16".into(),
+        });
+    }
     let mut rng = Rng::new(seed);
     let h = w.hidden_size;
-    let round = |v: Vec<f32>| host_in(&v, dtype).to_f32().unwrap();
+    let round = |v: Vec<f32>| host_in(&v, dtype).to_f32().expect("a float dtype");
     let mut x = round(rng.vec(tokens * h, -1.0, 1.0));
     for t in 0..tokens {
         for _ in 0..200 {
             let row: Vec<f64> = x[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
-            let d = reference::route_token(
-                &w.reference_logits(&row, 1).expect("the cases' weights validate"),
-                &w.router,
-            );
+            let d = reference::route_token(&w.reference_logits(&row, 1)?, &w.router);
             if decisive(&d, &w.router) {
                 break;
             }
@@ -740,7 +746,7 @@ pub fn layer_input(seed: u64, w: &LayerWeights, tokens: usize, dtype: DType) -> 
             x[t * h..(t + 1) * h].copy_from_slice(&fresh);
         }
     }
-    x
+    Ok(x)
 }
 
 /// The layer cases: each model family, every dtype the backend supports.
@@ -804,7 +810,7 @@ fn check_layer<B: Backend + Clone>(
     seed: u64,
 ) -> Result<(f64, f64), String> {
     let w = w.to_dtype(dtype).map_err(e2s)?;
-    let x = layer_input(seed, &w, tokens, dtype);
+    let x = layer_input(seed, &w, tokens, dtype).map_err(e2s)?;
     let mut layer = MoeLayer::new(b.clone(), &w).map_err(e2s)?;
     let xb = b.upload(host_in(&x, dtype).as_slice()).map_err(e2s)?;
     let out = layer.forward(&xb, tokens).map_err(e2s)?;
@@ -1033,7 +1039,7 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             ),
         ));
         v.push((
-            "combine: tokens * hidden overflows".into(),
+            "combine: tokens * top_k * hidden overflows".into(),
             b.combine(
                 &eo,
                 &ids,

@@ -417,7 +417,7 @@ impl Backend for CpuBackend {
             k: s.in_features,
             kpairs: self.dp_packed && data.dtype() == DType::BF16,
         };
-        Ok(CpuBuffer(self.pool.install(|| p.pack(data)), Some(p)))
+        Ok(CpuBuffer(self.pool.install(|| p.pack(data))?, Some(p)))
     }
 
     fn write(&self, buf: &mut CpuBuffer, data: HostSlice<'_>) -> Result<()> {
@@ -426,7 +426,7 @@ impl Backend for CpuBackend {
             // Rare (weights change between calls): unpack, overwrite, pack again.
             let mut plain = CpuBuffer(self.pool.install(|| p.unpack(&buf.0)), None);
             self.write(&mut plain, data)?;
-            buf.0 = self.pool.install(|| p.pack(plain.0.as_slice()));
+            buf.0 = self.pool.install(|| p.pack(plain.0.as_slice()))?;
             return Ok(());
         }
         match (&mut buf.0, data) {
@@ -662,8 +662,6 @@ mod tests {
         assert_eq!(a.to_f32(), c.to_f32());
     }
 
-    /// `Capabilities::packed_weights` lists exactly the dtypes whose `upload_weights` buffers come
-    /// back packed, at every SIMD level.
     /// A combine of rows of no width reads nothing, so any slot is fine (it once refused every
     /// slot as past the zero rows of `expert_out`); a slot past the rows of a real width is
     /// refused.
@@ -689,6 +687,8 @@ mod tests {
         assert!(e.to_string().contains("slot_of[3]"), "{e}");
     }
 
+    /// `Capabilities::packed_weights` lists exactly the dtypes whose `upload_weights` buffers come
+    /// back packed, at every SIMD level.
     #[test]
     fn packed_weights_capability_says_what_upload_weights_does() {
         let s = GemmShape {

@@ -1511,7 +1511,7 @@ mod tests {
             };
             for simd in Simd::supported() {
                 for data in [HostSlice::F32(&w), HostSlice::BF16(&wb), HostSlice::F16(&wh)] {
-                    let (packed, wv) = (p.pack(data), data.to_vec().to_f32().unwrap());
+                    let (packed, wv) = (p.pack(data).unwrap(), data.to_vec().to_f32().unwrap());
                     let weight = match &packed {
                         HostVec::F32(v) => Floats::F32(v),
                         HostVec::BF16(v) => Floats::BF16(v),
@@ -1578,7 +1578,7 @@ mod tests {
                 k,
                 kpairs: true,
             };
-            let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&wb)) else {
+            let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&wb)).unwrap() else {
                 unreachable!()
             };
             for simd in Simd::supported() {

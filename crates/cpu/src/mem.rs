@@ -23,17 +23,8 @@ const HUGE: usize = 2 << 20;
 /// Smallest buffer advised: two huge pages, so that at least one aligned huge page lies inside.
 const HUGE_MIN_BYTES: usize = 2 * HUGE;
 
-/// `len` copies of `value` (aborts where memory runs out, as any `Vec`: for sizes already checked
-/// against a buffer that exists).
-pub(crate) fn filled<T: Copy>(len: usize, value: T) -> Vec<T> {
-    let mut v = Vec::with_capacity(len);
-    advise(&v);
-    v.resize(len, value);
-    v
-}
-
-/// `len` copies of `value`, or an error where the allocator refuses the memory (a caller's size),
-/// instead of aborting the process.
+/// `len` copies of `value`, or an error where the allocator refuses the memory, instead of
+/// aborting the process.
 pub(crate) fn try_filled<T: Copy>(len: usize, value: T) -> Result<Vec<T>> {
     let mut v = reserved(len)?;
     v.resize(len, value);
@@ -88,11 +79,12 @@ mod tests {
     #[test]
     fn filled_and_copied_hold_their_values() {
         for len in [0, 1, 1000, (HUGE_MIN_BYTES / 4) + 3, 3 * HUGE] {
-            let v = filled(len, 1.5f32);
-            assert_eq!(try_filled(len, 1.5f32).unwrap(), v);
+            let v = try_filled(len, 1.5f32).unwrap();
             assert!(v.len() == len && v.iter().all(|&x| x == 1.5));
             let src: Vec<u32> = (0..len as u32).collect();
             assert_eq!(try_copied(&src).unwrap(), src);
         }
+        // More than any address space: an error, not an abort.
+        assert!(try_filled(1usize << 60, 0.0f32).is_err());
     }
 }

@@ -27,7 +27,7 @@
 
 use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
 use half::{bf16, f16};
-use moe_hal_core::{HostSlice, HostVec};
+use moe_hal_core::{HostSlice, HostVec, Result};
 use rayon::prelude::*;
 
 /// Weight rows per packed block: two `zmm` of f32.
@@ -109,14 +109,15 @@ impl Packing {
         }
     }
 
-    /// `data` (checkpoint layout, [`Packing::logical_len`] elements) packed.
-    pub fn pack(&self, data: HostSlice<'_>) -> HostVec {
-        match data {
-            HostSlice::F32(v) => HostVec::F32(self.pack_with(v, false)),
-            HostSlice::BF16(v) => HostVec::BF16(self.pack_with(v, true)),
-            HostSlice::F16(v) => HostVec::F16(self.pack_with(v, false)),
-            HostSlice::U32(v) => HostVec::U32(v.to_vec()),
-        }
+    /// `data` (checkpoint layout, [`Packing::logical_len`] elements) packed, or an error where
+    /// the memory for it cannot be had.
+    pub fn pack(&self, data: HostSlice<'_>) -> Result<HostVec> {
+        Ok(match data {
+            HostSlice::F32(v) => HostVec::F32(self.pack_with(v, false)?),
+            HostSlice::BF16(v) => HostVec::BF16(self.pack_with(v, true)?),
+            HostSlice::F16(v) => HostVec::F16(self.pack_with(v, false)?),
+            HostSlice::U32(v) => HostVec::U32(crate::mem::try_copied(v)?),
+        })
     }
 
     /// Packed `data` back in the checkpoint layout.
@@ -129,11 +130,11 @@ impl Packing {
         }
     }
 
-    fn pack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Vec<T> {
+    fn pack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Result<Vec<T>> {
         let (k, blocks) = (self.k, self.blocks());
-        let mut dst = crate::mem::filled(self.experts * self.expert_len(), T::default());
+        let mut dst = crate::mem::try_filled(self.experts * self.expert_len(), T::default())?;
         if k == 0 {
-            return dst;
+            return Ok(dst);
         }
         dst.par_chunks_mut(PACK_ROWS * self.k_stored())
             .enumerate()
@@ -146,7 +147,7 @@ impl Packing {
                     }
                 }
             });
-        dst
+        Ok(dst)
     }
 
     fn unpack_with<T: Copy + Default + Send + Sync>(&self, src: &[T], pairs: bool) -> Vec<T> {
@@ -278,7 +279,7 @@ mod tests {
                 let b: Vec<bf16> = f.iter().map(|&v| bf16::from_f32(v)).collect();
                 let h: Vec<f16> = f.iter().map(|&v| f16::from_f32(v)).collect();
                 for data in [HostSlice::F32(&f), HostSlice::BF16(&b), HostSlice::F16(&h)] {
-                    let packed = p.pack(data);
+                    let packed = p.pack(data).unwrap();
                     assert_eq!(packed.len(), experts * p.expert_len());
                     assert_eq!(
                         p.unpack(&packed),
@@ -301,7 +302,7 @@ mod tests {
             kpairs: false,
         };
         let v: Vec<bf16> = (0..32).map(|i| bf16::from_f32(i as f32)).collect();
-        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)) else {
+        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)).unwrap() else {
             unreachable!()
         };
         assert_eq!(packed[0].to_f32(), 0.0);
@@ -320,7 +321,7 @@ mod tests {
             kpairs: true,
         };
         let v: Vec<bf16> = (0..33 * 3).map(|i| bf16::from_f32(i as f32)).collect();
-        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)) else {
+        let HostVec::BF16(packed) = p.pack(HostSlice::BF16(&v)).unwrap() else {
             unreachable!()
         };
         assert_eq!(packed.len(), 2 * 32 * 4);

@@ -10,7 +10,7 @@ fn layer_bits(threads: usize, dtype: DType, tokens: usize) -> Vec<u32> {
     let w = random_layer(9, spec, 200, 144, Some((144, false)))
         .to_dtype(dtype)
         .unwrap();
-    let x = layer_input(4, &w, tokens, dtype);
+    let x = layer_input(4, &w, tokens, dtype).unwrap();
     let b = CpuBackend::with_threads(threads).unwrap();
     let mut layer = MoeLayer::new(b.clone(), &w).unwrap();
     let xb = b.upload(HostVec::from_f32(&x, dtype).unwrap().as_slice()).unwrap();
@@ -187,7 +187,7 @@ fn concurrent_layers_on_one_backend() {
     let b = CpuBackend::with_threads(2).unwrap();
     let spec = RouterSpec::deepseek_v3(64, 8, 8, 4, Some(Rng::new(3).vec(64, -0.2, 0.2)), true, 2.5);
     let w = random_layer(9, spec, 200, 144, Some((144, false)));
-    let x = layer_input(4, &w, 300, DType::F32);
+    let x = layer_input(4, &w, 300, DType::F32).unwrap();
     std::thread::scope(|s| {
         for _ in 0..3 {
             s.spawn(|| {

@@ -372,6 +372,17 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
+        // cudarc multiplies len by the element size unchecked: a product past usize would wrap to
+        // a small allocation whose buffer still claims `len`. Nothing larger than the device's
+        // memory can be allocated anyway.
+        let max = self.dev.total_mem;
+        if len.checked_mul(dtype.size()).is_none_or(|b| max > 0 && b > max) {
+            return Err(MoeError::unsupported(
+                NAME,
+                format!("a buffer of {len} {dtype} elements"),
+                format!("this device has {max} bytes of memory"),
+            ));
+        }
         let n = len.max(1);
         let s = self.stream();
         let data = match dtype {

@@ -25,8 +25,10 @@ fn counts(spec: &str, experts: usize) -> Vec<usize> {
         })
     } else if let Some(d) = spec.strip_prefix('d') {
         let d: usize = d.parse().expect("dN");
-        let every = (experts / d.clamp(1, experts)).max(1);
-        (0..experts).map(|e| usize::from(e % every == 0)).collect()
+        let d = d.min(experts);
+        let mut c = vec![0; experts];
+        (0..d).for_each(|j| c[j * experts / d] = 1);
+        c
     } else {
         vec![spec.parse().expect("rows per expert"); experts]
     }
@@ -44,14 +46,18 @@ fn main() {
         eprintln!("usage: rows f32|bf16 gateup|down H1,H2,... (N, dN or tN each)");
         std::process::exit(2);
     }
-    let dtype = if args[1] == "bf16" { DType::BF16 } else { DType::F32 };
+    let dtype = match args[1].as_str() {
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        other => panic!("dtype {other}: expected f32 or bf16"),
+    };
     let (k, n, act) = if args[2] == "down" {
         (768, 2048, Activation::None)
     } else {
         (2048, 768, Activation::SwiGlu)
     };
     let experts: usize = std::env::var("E").map_or(128, |v| v.parse().expect("E"));
-    let rounds: usize = std::env::var("N").map_or(40, |v| v.parse().expect("N"));
+    let rounds: usize = std::env::var("N").map_or(40, |v| v.parse().expect("N")).max(1);
     let specs: Vec<&str> = args[3].split(',').collect();
     let offs: Vec<Vec<u32>> = specs
         .iter()
@@ -76,16 +82,20 @@ fn main() {
         .map(|i| ((i * 7 % 13) as f32 - 6.0) * 1e-3)
         .collect();
     let xf: Vec<f32> = (0..rows_max * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
-    let (wb, xb): (Vec<bf16>, Vec<bf16>) = (
-        wf.iter().map(|&v| bf16::from_f32(v)).collect(),
-        xf.iter().map(|&v| bf16::from_f32(v)).collect(),
-    );
-    let (w, x) = match dtype {
-        DType::BF16 => (HostSlice::BF16(&wb), HostSlice::BF16(&xb)),
-        _ => (HostSlice::F32(&wf), HostSlice::F32(&xf)),
+    let (w, x) = if dtype == DType::BF16 {
+        let to = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+        (
+            b.upload_weights(HostSlice::BF16(&to(&wf)), shape),
+            b.upload(HostSlice::BF16(&to(&xf))),
+        )
+    } else {
+        (
+            b.upload_weights(HostSlice::F32(&wf), shape),
+            b.upload(HostSlice::F32(&xf)),
+        )
     };
-    let w = b.upload_weights(w, shape).expect("weights");
-    let x = b.upload(x).expect("input");
+    drop(wf);
+    let (w, x) = (w.expect("weights"), x.expect("input"));
     let mut y = b.alloc(dtype, rows_max * n).expect("output");
     let o: Vec<_> = offs
         .iter()
