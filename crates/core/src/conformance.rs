@@ -1053,6 +1053,10 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             ),
         ));
         v.push(("alloc: 2^60 f32".into(), b.alloc(DType::F32, 1 << 60).map(|_| ())));
+        v.push((
+            "alloc: bytes past usize".into(),
+            b.alloc(DType::F32, usize::MAX / 4 + 1).map(|_| ()),
+        ));
         // Where f32 weights are packed, such a buffer is only a grouped matmul's weight.
         if b.capabilities().packed_weights.contains(&DType::F32) {
             let packed = b.upload_weights(HostSlice::F32(&[0.0; 72]), gs)?;
