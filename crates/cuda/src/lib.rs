@@ -336,6 +336,20 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| MoeError::shape(what, v, "at most 2^32 - 1"))
 }
 
+/// `v` as a grid's x dimension (at most 2^31 - 1 blocks) or a kernel's 32-bit loop bound, whose
+/// `+= blockDim.x` would wrap near 2^32: an `Unsupported` error past that instead of a raw launch
+/// error or a loop that never ends.
+fn grid_u32(what: &str, v: usize) -> Result<u32> {
+    if v > i32::MAX as usize {
+        return Err(MoeError::unsupported(
+            NAME,
+            format!("{what} = {v}"),
+            "at most 2^31 - 1 (a CUDA grid's x dimension and the kernels' 32-bit counters)",
+        ));
+    }
+    Ok(v as u32)
+}
+
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
 
@@ -516,6 +530,7 @@ impl Backend for CudaBackend {
         if tokens == 0 {
             return Ok(());
         }
+        grid_u32("tokens", tokens)?;
         let bias = self.device_bias(spec.correction_bias.as_deref().unwrap_or(&[0.0]))?;
         let mut b = self.stream().launch_builder(&self.dev.kernels.route);
         b.arg(logits.f32())
@@ -550,7 +565,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
         // One byte of dynamic shared memory per column, beside 256 bytes of static scratch.
-        if cols + 256 > launch::MAX_DYNAMIC_SMEM {
+        if cols.saturating_add(256) > launch::MAX_DYNAMIC_SMEM {
             let most = launch::MAX_DYNAMIC_SMEM - 256;
             return Err(MoeError::unsupported(
                 NAME,
@@ -561,7 +576,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (r, c, kk) = (u32_of("rows", rows)?, cols as u32, k as u32);
+        let (r, c, kk) = (grid_u32("rows", rows)?, cols as u32, k as u32);
         let mut b = self.stream().launch_builder(&self.dev.kernels.topk);
         b.arg(values.f32())
             .arg(ids.u32_mut())
@@ -583,7 +598,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
-        let (n32, e32) = (n as u32, u32_of("experts", s.experts)?);
+        let (n32, e32) = (n as u32, grid_u32("experts", s.experts)?);
         let chunks = launch::permute_chunks(n);
         let scratch_len = chunks.max(1) * s.experts;
         let st = self.stream();
@@ -695,7 +710,19 @@ impl Backend for CudaBackend {
         if s.tokens == 0 || s.hidden == 0 {
             return Ok(());
         }
-        let (t, h, k) = (u32_of("tokens", s.tokens)?, u32_of("hidden", s.hidden)?, s.top_k as u32);
+        // k ints of shared memory per block.
+        if s.top_k > launch::MAX_DYNAMIC_SMEM / 4 {
+            return Err(MoeError::unsupported(
+                NAME,
+                format!("combine with top_k = {}", s.top_k),
+                format!("top_k at most {}", launch::MAX_DYNAMIC_SMEM / 4),
+            ));
+        }
+        let (t, h, k) = (
+            grid_u32("tokens", s.tokens)?,
+            grid_u32("hidden", s.hidden)?,
+            s.top_k as u32,
+        );
         let acc = s.accumulate as u32;
         let n_rows = u32_of("expert_out rows", expert_out.len / s.hidden)?;
         let kern = &self.dev.kernels;
