@@ -876,6 +876,18 @@ impl CudaBackend {
 mod tests {
     use super::*;
 
+    /// Grid x and the kernels' 32-bit loop bounds stop at 2^31 - 1, with an error naming the size.
+    #[test]
+    fn grid_bounds_are_errors() {
+        assert_eq!(grid_u32("rows", i32::MAX as usize).unwrap(), i32::MAX as u32);
+        let e = grid_u32("rows", i32::MAX as usize + 1).unwrap_err();
+        assert!(
+            matches!(e, MoeError::Unsupported { .. }) && e.to_string().contains("rows = 2147483648"),
+            "{e}"
+        );
+        assert!(grid_u32("hidden", usize::MAX).is_err());
+    }
+
     #[test]
     fn unavailable_without_a_gpu_is_an_error_not_a_panic() {
         match CudaBackend::new() {
