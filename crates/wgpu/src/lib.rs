@@ -540,9 +540,11 @@ impl Backend for WgpuBackend {
         let elem = input.dtype.size() as u64;
         let per_expert = (s.weight_rows() * s.in_features) as u64 * elem;
         let whole = weight.buf.size();
-        // Experts per dispatch: all of them when the weight binds whole, else
+        // The bytes the experts use (a weight buffer may be longer), in whole words.
+        let needed = (s.experts as u64 * per_expert).next_multiple_of(4).min(whole);
+        // Experts per dispatch: all of them when their weights bind at once, else
         // as many as one binding holds, at offsets the adapter accepts.
-        let per_chunk = if whole <= self.gpu.max_binding {
+        let per_chunk = if needed <= self.gpu.max_binding {
             s.experts
         } else {
             let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
@@ -567,10 +569,13 @@ impl Backend for WgpuBackend {
         }
         for e0 in (0..s.experts).step_by(per_chunk.max(1)) {
             let e1 = (e0 + per_chunk).min(s.experts);
-            let range = (per_chunk < s.experts).then(|| {
+            let range = if per_chunk < s.experts {
                 let offset = e0 as u64 * per_expert;
-                (offset, ((e1 - e0) as u64 * per_expert).min(whole - offset))
-            });
+                Some((offset, ((e1 - e0) as u64 * per_expert).min(whole - offset)))
+            } else {
+                // All experts at once: the used bytes only where the whole buffer would not bind.
+                (whole > self.gpu.max_binding).then_some((0, needed))
+            };
             let params = [
                 usize_u32("rows", s.rows)?,
                 usize_u32("in_features", s.in_features)?,

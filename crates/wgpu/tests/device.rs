@@ -248,6 +248,24 @@ fn big_weights_are_bound_per_group_of_experts() {
         let want = moe_hal_core::reference::grouped_matmul(&xh.to_f64(), &offsets, &wh.to_f64(), s);
         let err = moe_hal_core::reference::rel_l2(&got, &want);
         assert!(err <= moe_hal_core::tolerance(dtype), "{dtype}: relative L2 {err:.2e}");
+        // A weight buffer longer than the binding limit whose used part fits: the first two
+        // experts of the same weights, bound at once (it was refused as too big to bind whole).
+        let two = GemmShape {
+            rows: 3,
+            experts: 2,
+            ..s
+        };
+        let mut y2 = b.alloc(dtype, two.rows * two.out_features).unwrap();
+        let o2 = b.upload(HostSlice::U32(&offsets[..3])).unwrap();
+        b.grouped_matmul(&xb, &o2, &wb, &mut y2, two).unwrap();
+        let got = b.download(&y2).unwrap().to_f64();
+        let w2 = &wh.to_f64()[..2 * s.weight_rows() * s.in_features];
+        let want = moe_hal_core::reference::grouped_matmul(&xh.to_f64()[..3 * s.in_features], &offsets[..3], w2, two);
+        let err = moe_hal_core::reference::rel_l2(&got, &want);
+        assert!(
+            err <= moe_hal_core::tolerance(dtype),
+            "{dtype}, two experts: relative L2 {err:.2e}"
+        );
     }
     let big = b.alloc(DType::F32, 2000).unwrap();
     let ids = b.alloc(DType::U32, 2).unwrap();
