@@ -994,13 +994,9 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
         ));
         // Sizes whose products overflow, and memory no machine has: errors, never a panic or an
         // abort.
-        v.push((
-            "grouped_matmul: experts + 1 offsets overflow".into(),
-            b.grouped_matmul(
-                &x,
-                &off,
-                &wt,
-                &mut y,
+        for (name, shape) in [
+            (
+                "grouped_matmul: experts + 1 offsets overflow",
                 GemmShape {
                     rows: 0,
                     experts: usize::MAX,
@@ -1008,20 +1004,16 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
                     ..gs
                 },
             ),
-        ));
-        v.push((
-            "grouped_matmul: 2 * out_features overflows".into(),
-            b.grouped_matmul(
-                &x,
-                &off,
-                &wt,
-                &mut y,
+            (
+                "grouped_matmul: 2 * out_features overflows",
                 GemmShape {
                     out_features: usize::MAX / 2 + 1,
                     ..gs
                 },
             ),
-        ));
+        ] {
+            v.push((name.into(), b.grouped_matmul(&x, &off, &wt, &mut y, shape)));
+        }
         v.push((
             "route: tokens * experts overflows".into(),
             b.route(&logits, &spec, usize::MAX / 4, &mut ids, &mut w),
