@@ -44,6 +44,9 @@ impl Checkpoint {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ck(format!("{} has no \"weight_map\" object", index.display())))?;
+            if map.is_empty() {
+                return Err(ck(format!("{} has an empty \"weight_map\"", index.display())));
+            }
             for (name, file) in map {
                 let file = file
                     .as_str()
@@ -152,13 +155,24 @@ impl Checkpoint {
         if c.has_correction_bias {
             spec.correction_bias = Some(self.tensor_f32(&format!("{p}mlp.gate.e_score_correction_bias"), &[e])?);
         }
-        let mut gate_up = Vec::with_capacity(e * 2 * i * h);
-        let mut down = Vec::with_capacity(e * h * i);
+        // Each expert's tensors go straight into the compute dtype, so that the layer is never
+        // held in f32 as well; the room for all of them is taken once the first expert's shapes
+        // have been checked, since a config's sizes alone may be absurd.
+        let (mut gate_up, mut down) = (empty(dtype), empty(dtype));
         for ex in 0..e {
             let name = |k: usize| expert[k].replace("{e}", &ex.to_string());
-            gate_up.extend(self.tensor_f32(&name(0), &[i, h])?);
-            gate_up.extend(self.tensor_f32(&name(1), &[i, h])?);
-            down.extend(self.tensor_f32(&name(2), &[h, i])?);
+            let (g, u, d) = (
+                self.tensor_f32(&name(0), &[i, h])?,
+                self.tensor_f32(&name(1), &[i, h])?,
+                self.tensor_f32(&name(2), &[h, i])?,
+            );
+            if ex == 0 {
+                reserve(&mut gate_up, product("E * 2I * H", &[e, 2, i, h])?)?;
+                reserve(&mut down, product("E * H * I", &[e, h, i])?)?;
+            }
+            extend(&mut gate_up, &g);
+            extend(&mut gate_up, &u);
+            extend(&mut down, &d);
         }
         let shared = match c.shared {
             None => None,
@@ -189,8 +203,8 @@ impl Checkpoint {
             hidden_size: h,
             intermediate_size: i,
             router_weight,
-            gate_up: to_dtype(&gate_up, dtype),
-            down: to_dtype(&down, dtype),
+            gate_up,
+            down,
             shared,
         };
         w.validate()?;
@@ -221,9 +235,65 @@ fn to_dtype(v: &[f32], dtype: DType) -> HostVec {
     HostVec::from_f32(v, dtype).expect("float dtype checked by the caller")
 }
 
+/// An empty buffer of float `dtype`.
+fn empty(dtype: DType) -> HostVec {
+    to_dtype(&[], dtype)
+}
+
+/// `v` appended to `dst`, rounded as [`HostVec::from_f32`] rounds.
+fn extend(dst: &mut HostVec, v: &[f32]) {
+    match dst {
+        HostVec::F32(d) => d.extend_from_slice(v),
+        HostVec::BF16(d) => d.extend(v.iter().map(|&x| half::bf16::from_f32(x))),
+        HostVec::F16(d) => d.extend(v.iter().map(|&x| half::f16::from_f32(x))),
+        HostVec::U32(_) => unreachable!("float dtype checked by the caller"),
+    }
+}
+
+/// Room for `n` more values in `dst`, or an error where the memory cannot be had.
+fn reserve(dst: &mut HostVec, n: usize) -> Result<()> {
+    let r = match dst {
+        HostVec::F32(d) => d.try_reserve_exact(n),
+        HostVec::BF16(d) => d.try_reserve_exact(n),
+        HostVec::F16(d) => d.try_reserve_exact(n),
+        HostVec::U32(d) => d.try_reserve_exact(n),
+    };
+    r.map_err(|e| ck(format!("cannot hold the layer's {n} expert weights in memory: {e}")))
+}
+
+/// The product of `dims`, or an error naming `what` where it overflows usize.
+fn product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| MoeError::shape(what, format!("{dims:?}"), "a product that fits in usize"))
+}
+
 /// Convenience: open `dir` and load layer `layer` in `dtype`.
 pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights> {
     Checkpoint::open(dir)?.load_layer(layer, dtype)
+}
+
+/// Tensor `name` of a tensor file as (shape, values widened to f32), from F32, BF16 or F16; the
+/// file's other tensors are not read.
+pub fn read_tensor_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        ck(format!(
+            "{} is not a valid safetensors file (truncated?): {e}",
+            path.display()
+        ))
+    })?;
+    let t = st
+        .tensor(name)
+        .map_err(|_| ck(format!("{} has no tensor named {name}", path.display())))?;
+    let v = widen(t.dtype(), t.data()).ok_or_else(|| {
+        ck(format!(
+            "{}: tensor {name} is stored as {:?}; expected F32, BF16 or F16",
+            path.display(),
+            t.dtype()
+        ))
+    })?;
+    Ok((t.shape().to_vec(), v))
 }
 
 /// Tensors by name, each as (shape, values widened to f32).

@@ -1,6 +1,6 @@
 //! `moe-bench run`: one checkpoint layer on one input.
 
-use moe_hal::checkpoint::{self, read_tensors_f32};
+use moe_hal::checkpoint::{self, read_tensor_f32};
 use moe_hal::ndarray::{Array2, ArrayView2};
 use moe_hal::{registry, Backend, DType, LayerWeights, MoeLayer};
 use safetensors::tensor::{Dtype, TensorView};
@@ -40,10 +40,7 @@ fn dispatch(backend: &str, w: &LayerWeights, x: ArrayView2<'_, f32>) -> Result<O
 }
 
 fn read_input(path: &Path, hidden: usize) -> Result<Array2<f32>, String> {
-    let mut tensors = read_tensors_f32(path).map_err(|e| e.to_string())?;
-    let (shape, data) = tensors
-        .remove("hidden_states")
-        .ok_or_else(|| format!("{} has no tensor named hidden_states", path.display()))?;
+    let (shape, data) = read_tensor_f32(path, "hidden_states").map_err(|e| e.to_string())?;
     let (t, h) = match shape.as_slice() {
         [t, h] | [1, t, h] => (*t, *h),
         other => {

@@ -105,10 +105,13 @@ fn run_accepts_a_sharded_checkpoint_bf16_and_a_batch_dimension() {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, shape[0], shape[1]], &bytes).unwrap();
+    // Beside it, a tensor of a dtype the run has no use for (it once refused the whole file).
+    let mask = vec![1u8; shape[0]];
+    let mask = safetensors::tensor::TensorView::new(safetensors::Dtype::BOOL, vec![1, shape[0]], &mask).unwrap();
     let input = tmp.path().join("in.safetensors");
     std::fs::write(
         &input,
-        safetensors::serialize(vec![("hidden_states", view)], None).unwrap(),
+        safetensors::serialize(vec![("hidden_states", view), ("attention_mask", mask)], None).unwrap(),
     )
     .unwrap();
     let out_path = tmp.path().join("out.safetensors");
@@ -188,6 +191,20 @@ fn bad_inputs_fail_cleanly() {
     v["hidden_size"] = serde_json::json!(v["hidden_size"].as_u64().unwrap() + 1);
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
     assert_fails(&run(&dir, "1", &io, &out, &[]), &out, "model.layers.1.mlp.gate.weight");
+    // An expert size no memory holds: the first expert's shape is refused before the layer is
+    // sized by it (that allocation once aborted the process).
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["moe_intermediate_size"] = serde_json::json!(1_000_000_000_000u64);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    assert_fails(
+        &run(&dir, "1", &io, &out, &[]),
+        &out,
+        "model.layers.1.mlp.experts.0.gate_proj.weight",
+    );
+    // An index whose weight_map is empty.
+    std::fs::write(dir.join("config.json"), &cfg).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map":{}}"#).unwrap();
+    assert_fails(&run(&dir, "1", &io, &out, &[]), &out, "empty");
 }
 
 #[test]

@@ -1,4 +1,11 @@
 //! Reading the MoE part of a Hugging Face `config.json`.
+//!
+//! A key that `config.json` leaves out takes the default of transformers' config class for the
+//! family (`DeepseekV3Config`, `Qwen2MoeConfig`, ...), as loading the model there would: DeepSeek-V3
+//! `n_group` 8, `topk_group` 4, `routed_scaling_factor` 2.5, `n_shared_experts` 1,
+//! `first_k_dense_replace` 3, `norm_topk_prob` true; Qwen2-MoE `shared_expert_intermediate_size`
+//! 5632. Sizes that define the experts (`hidden_size`, expert counts, intermediate sizes) have no
+//! default here: their absence is an error.
 
 use crate::error::{MoeError, Result};
 use crate::spec::{Renorm, RouterSpec};
@@ -50,6 +57,14 @@ fn get_usize(cfg: &Value, key: &str) -> Result<Option<usize>> {
             .as_u64()
             .map(|x| Some(x as usize))
             .ok_or_else(|| MoeError::Config(format!("{key} = {v}; expected a non-negative integer"))),
+    }
+}
+
+/// `key`, or `default` where it is absent; 0 is an error (these are counts and strides).
+fn positive(cfg: &Value, key: &str, default: usize) -> Result<usize> {
+    match get_usize(cfg, key)?.unwrap_or(default) {
+        0 => Err(MoeError::Config(format!("{key} = 0; expected at least 1"))),
+        v => Ok(v),
     }
 }
 
@@ -130,6 +145,9 @@ impl MoeConfig {
         let family = ModelFamily::detect(cfg)?;
         let hidden_size = need_usize(cfg, &["hidden_size"])?;
         let num_layers = need_usize(cfg, &["num_hidden_layers"])?;
+        if num_layers == 0 {
+            return Err(MoeError::Config("num_hidden_layers = 0; expected at least 1".into()));
+        }
         let top_k = need_usize(cfg, &["num_experts_per_tok"])?;
         let mut c = MoeConfig {
             family,
@@ -154,25 +172,32 @@ impl MoeConfig {
                     )));
                 }
                 c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
+                // transformers' DeepseekV3Config defaults (module docs).
                 c.router = RouterSpec::deepseek_v3(
                     e,
                     top_k,
-                    get_usize(cfg, "n_group")?.unwrap_or(1),
-                    get_usize(cfg, "topk_group")?.unwrap_or(1),
+                    positive(cfg, "n_group", 8)?,
+                    positive(cfg, "topk_group", 4)?,
                     None,
                     get_bool(cfg, "norm_topk_prob", true)?,
-                    get_f32(cfg, "routed_scaling_factor", 1.0)?,
+                    get_f32(cfg, "routed_scaling_factor", 2.5)?,
                 );
                 c.has_correction_bias = true;
-                let n_shared = get_usize(cfg, "n_shared_experts")?.unwrap_or(0);
+                let n_shared = get_usize(cfg, "n_shared_experts")?.unwrap_or(1);
                 if n_shared > 0 {
+                    let si = c.intermediate_size.checked_mul(n_shared).ok_or_else(|| {
+                        MoeError::Config(format!(
+                            "moe_intermediate_size {} * n_shared_experts {n_shared} does not fit in usize",
+                            c.intermediate_size
+                        ))
+                    })?;
                     c.shared = Some(SharedExpertConfig {
-                        intermediate_size: c.intermediate_size * n_shared,
+                        intermediate_size: si,
                         gated: false,
                     });
                 }
-                c.first_k_dense_replace = get_usize(cfg, "first_k_dense_replace")?.unwrap_or(0);
-                c.moe_layer_freq = get_usize(cfg, "moe_layer_freq")?.unwrap_or(1).max(1);
+                c.first_k_dense_replace = get_usize(cfg, "first_k_dense_replace")?.unwrap_or(3);
+                c.moe_layer_freq = positive(cfg, "moe_layer_freq", 1)?;
             }
             ModelFamily::Mixtral => {
                 let e = need_usize(cfg, &["num_local_experts", "num_experts"])?;
@@ -185,7 +210,8 @@ impl MoeConfig {
                 c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
                 c.router = RouterSpec::softmax_topk(e, top_k, get_bool(cfg, "norm_topk_prob", false)?);
                 if family == ModelFamily::Qwen2Moe {
-                    let si = get_usize(cfg, "shared_expert_intermediate_size")?.unwrap_or(0);
+                    // transformers' Qwen2MoeConfig default.
+                    let si = get_usize(cfg, "shared_expert_intermediate_size")?.unwrap_or(5632);
                     if si > 0 {
                         c.shared = Some(SharedExpertConfig {
                             intermediate_size: si,
@@ -193,7 +219,7 @@ impl MoeConfig {
                         });
                     }
                 }
-                c.decoder_sparse_step = get_usize(cfg, "decoder_sparse_step")?.unwrap_or(1).max(1);
+                c.decoder_sparse_step = positive(cfg, "decoder_sparse_step", 1)?;
                 c.mlp_only_layers = match cfg.get("mlp_only_layers") {
                     None | Some(Value::Null) => Vec::new(),
                     Some(Value::Array(a)) => a
@@ -218,12 +244,16 @@ impl MoeConfig {
                 c.intermediate_size
             )));
         }
-        // Validate the router with a stand-in bias of the right length.
-        let mut probe = c.router.clone();
-        if c.has_correction_bias {
-            probe.correction_bias = Some(vec![0.0; probe.num_experts]);
-        }
-        probe.validate()?;
+        // The correction bias comes with the checkpoint; the rest of the router validates now.
+        c.router
+            .validate()
+            .map_err(|e| match (family, cfg.get("n_group"), cfg.get("topk_group")) {
+                (ModelFamily::DeepseekV3, None, _) | (ModelFamily::DeepseekV3, _, None) => MoeError::Config(format!(
+                    "{e} (config.json does not set n_group or topk_group, which then take transformers' \
+                 defaults, 8 and 4)"
+                )),
+                _ => e,
+            })?;
         Ok(c)
     }
 
@@ -366,9 +396,70 @@ mod tests {
                 "top_k = 9",
             ),
             ("not json", "not valid JSON"),
+            (
+                r#"{"model_type":"qwen3_moe","hidden_size":8,"num_hidden_layers":0,"num_experts_per_tok":2,"num_experts":8,"moe_intermediate_size":4}"#,
+                "num_hidden_layers = 0",
+            ),
+            (
+                r#"{"model_type":"qwen3_moe","hidden_size":8,"num_hidden_layers":1,"num_experts_per_tok":2,"num_experts":8,"moe_intermediate_size":4,"decoder_sparse_step":0}"#,
+                "decoder_sparse_step = 0",
+            ),
+            (
+                r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":4,"num_experts_per_tok":2,"n_routed_experts":8,"moe_intermediate_size":4,"n_group":0,"topk_group":1}"#,
+                "n_group = 0",
+            ),
+            (
+                r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":4,"num_experts_per_tok":2,"n_routed_experts":8,"moe_intermediate_size":4,"n_group":1,"topk_group":1,"moe_layer_freq":0}"#,
+                "moe_layer_freq = 0",
+            ),
+            // More experts than any router takes: refused before anything is sized by it (a
+            // stand-in bias of that length once aborted the process).
+            (
+                r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":4,"num_experts_per_tok":2,"n_routed_experts":1099511627776,"moe_intermediate_size":4,"n_group":1,"topk_group":1}"#,
+                "experts",
+            ),
+            (
+                r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":4,"num_experts_per_tok":2,"n_routed_experts":8,"moe_intermediate_size":4294967296,"n_shared_experts":4294967296,"n_group":1,"topk_group":1}"#,
+                "does not fit in usize",
+            ),
+            // 12 experts in transformers' default 8 groups.
+            (
+                r#"{"model_type":"deepseek_v3","hidden_size":8,"num_hidden_layers":4,"num_experts_per_tok":2,"n_routed_experts":12,"moe_intermediate_size":4}"#,
+                "transformers' defaults",
+            ),
         ] {
             let msg = MoeConfig::from_json_str(text).unwrap_err().to_string();
             assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
         }
+    }
+
+    /// Keys a config.json leaves out take transformers' defaults, as loading the model there
+    /// would (they once fell back to no shared expert, no groups and a scale of 1).
+    #[test]
+    fn missing_keys_take_transformers_defaults() {
+        let d = MoeConfig::from_json_str(
+            r#"{"model_type":"deepseek_v3","hidden_size":16,"num_hidden_layers":8,"num_experts_per_tok":4,
+            "n_routed_experts":16,"moe_intermediate_size":6}"#,
+        )
+        .unwrap();
+        assert_eq!(d.router.routed_scaling_factor, 2.5);
+        assert_eq!(d.router.renorm, Renorm::SumEps(crate::spec::DEEPSEEK_RENORM_EPS));
+        let g = d.router.grouping.expect("grouped");
+        assert_eq!((g.n_group, g.topk_group), (8, 4));
+        assert_eq!(d.shared.map(|s| s.intermediate_size), Some(6));
+        assert!(d.check_moe_layer(2).is_err());
+        d.check_moe_layer(3).unwrap();
+        let q2 = MoeConfig::from_json_str(
+            r#"{"model_type":"qwen2_moe","hidden_size":16,"num_hidden_layers":2,"num_experts_per_tok":2,
+            "num_experts":4,"moe_intermediate_size":6}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            q2.shared,
+            Some(SharedExpertConfig {
+                intermediate_size: 5632,
+                gated: true
+            })
+        );
     }
 }
