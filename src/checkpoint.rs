@@ -51,6 +51,16 @@ impl Checkpoint {
                 let file = file
                     .as_str()
                     .ok_or_else(|| ck(format!("{}: weight_map[{name:?}] is not a file name", index.display())))?;
+                // Shards live in the model folder: no absolute path or way out of it.
+                let inside = Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(ck(format!(
+                        "{}: weight_map[{name:?}] = {file:?}; expected a file inside the model folder",
+                        index.display()
+                    )));
+                }
                 weight_map.insert(name.clone(), file.to_string());
             }
         } else if !single.exists() {

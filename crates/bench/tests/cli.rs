@@ -205,6 +205,13 @@ fn bad_inputs_fail_cleanly() {
     std::fs::write(dir.join("config.json"), &cfg).unwrap();
     std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map":{}}"#).unwrap();
     assert_fails(&run(&dir, "1", &io, &out, &[]), &out, "empty");
+    // A shard outside the model folder.
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"weight_map":{"model.layers.1.mlp.gate.weight":"/etc/hostname"}}"#,
+    )
+    .unwrap();
+    assert_fails(&run(&dir, "1", &io, &out, &[]), &out, "inside the model folder");
 }
 
 #[test]
