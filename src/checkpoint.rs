@@ -94,12 +94,7 @@ impl Checkpoint {
             // SAFETY: the map is read-only and lives as long as this Checkpoint; as with every
             // memory-mapped checkpoint reader, the file must not be truncated while it is open.
             let m = unsafe { Mmap::map(&f) }.map_err(|e| ck(format!("cannot map {}: {e}", path.display())))?;
-            SafeTensors::deserialize(&m).map_err(|e| {
-                ck(format!(
-                    "{} is not a valid safetensors file (truncated?): {e}",
-                    path.display()
-                ))
-            })?;
+            parse(&m, &path)?;
             self.maps.insert(file.to_string(), m);
         }
         Ok(&self.maps[file])
@@ -283,16 +278,21 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights
     Checkpoint::open(dir)?.load_layer(layer, dtype)
 }
 
-/// Tensor `name` of a tensor file as (shape, values widened to f32), from F32, BF16 or F16; the
-/// file's other tensors are not read.
-pub fn read_tensor_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+/// The tensors of a file's bytes, or an error naming the file.
+fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
         ck(format!(
             "{} is not a valid safetensors file (truncated?): {e}",
             path.display()
         ))
-    })?;
+    })
+}
+
+/// Tensor `name` of a tensor file as (shape, values widened to f32), from F32, BF16 or F16; the
+/// file's other tensors are not read.
+pub fn read_tensor_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    let st = parse(&bytes, path)?;
     let t = st
         .tensor(name)
         .map_err(|_| ck(format!("{} has no tensor named {name}", path.display())))?;
@@ -312,12 +312,7 @@ pub type TensorsF32 = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// Reads a tensor file into name -> (shape, f32 values); used for inputs and fixtures.
 pub fn read_tensors_f32(path: &Path) -> Result<TensorsF32> {
     let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        ck(format!(
-            "{} is not a valid safetensors file (truncated?): {e}",
-            path.display()
-        ))
-    })?;
+    let st = parse(&bytes, path)?;
     let mut out = BTreeMap::new();
     for (name, t) in st.tensors() {
         let d = t.data();
