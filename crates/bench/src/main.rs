@@ -148,8 +148,13 @@ fn info(backend: Option<&str>) -> Result<ExitCode, String> {
                     .map(|k| k.dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
                 println!("  {:<14}: {}", k.name(), d.unwrap_or_else(|| "not supported".into()));
             }
+            let binding = if c.max_binding_bytes < c.max_buffer_bytes {
+                format!(" ({} at once per kernel)", binary_size(c.max_binding_bytes))
+            } else {
+                String::new()
+            };
             println!(
-                "  limits      : max buffer {}, max experts {}, max top-k {}",
+                "  limits      : max buffer {}{binding}, max experts {}, max top-k {}",
                 binary_size(c.max_buffer_bytes),
                 c.max_experts,
                 c.max_top_k

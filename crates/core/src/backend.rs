@@ -103,6 +103,11 @@ pub struct Capabilities {
     pub kernels: Vec<KernelCaps>,
     /// Largest single buffer in bytes.
     pub max_buffer_bytes: u64,
+    /// Most bytes of one buffer that one kernel takes at once (a GPU API's per-binding limit):
+    /// a larger activation buffer is refused by the kernels, while grouped-matmul weights past
+    /// it are taken a group of experts at a time. [`Capabilities::with_floats`] sets it to
+    /// `max_buffer_bytes`.
+    pub max_binding_bytes: u64,
     /// Largest `num_experts` the route kernel handles.
     pub max_experts: usize,
     /// Largest `top_k` the route and topk kernels handle.
@@ -129,10 +134,18 @@ impl Capabilities {
                 })
                 .collect(),
             max_buffer_bytes,
+            max_binding_bytes: max_buffer_bytes,
             max_experts,
             max_top_k,
             packed_weights: Vec::new(),
         }
+    }
+
+    /// The same, with kernels taking at most `bytes` of a buffer at once (at most
+    /// `max_buffer_bytes`).
+    pub fn binding_limit(mut self, bytes: u64) -> Self {
+        self.max_binding_bytes = bytes.min(self.max_buffer_bytes);
+        self
     }
 
     /// The same, with `upload_weights` packing weights of `dtypes`.

@@ -248,6 +248,7 @@ impl Backend for WgpuBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::with_floats(&FLOAT_VARIANTS, self.gpu.max_buffer_bytes(), 1 << 16, 1 << 10)
+            .binding_limit(self.gpu.max_binding)
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {

@@ -214,6 +214,10 @@ fn big_weights_are_bound_per_group_of_experts() {
     }
     // SwiGLU, 2N x K = 32 x 16: 2048 bytes per expert in f32, 1024 in bf16; 5 experts.
     let b = WgpuBackend::with_binding_limit(4096).unwrap();
+    // The capability query says what the kernels take at once.
+    let caps = b.capabilities();
+    assert_eq!(caps.max_binding_bytes, 4096);
+    assert!(caps.max_buffer_bytes > 4096);
     let s = GemmShape {
         rows: 20,
         in_features: 16,
