@@ -5,7 +5,7 @@
 //! and only the requested layer's tensors are read; every other tensor is
 //! ignored. Stored f32/bf16/f16 are converted to the compute dtype.
 
-use crate::{DType, HostVec, LayerWeights, ModelFamily, MoeConfig, MoeError, Result, SharedWeights};
+use crate::{checked_product, DType, HostVec, LayerWeights, ModelFamily, MoeConfig, MoeError, Result, SharedWeights};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -172,8 +172,8 @@ impl Checkpoint {
                 self.tensor_f32(&name(2), &[h, i])?,
             );
             if ex == 0 {
-                reserve(&mut gate_up, product("E * 2I * H", &[e, 2, i, h])?)?;
-                reserve(&mut down, product("E * H * I", &[e, h, i])?)?;
+                reserve(&mut gate_up, checked_product("E * 2I * H", &[e, 2, i, h])?)?;
+                reserve(&mut down, checked_product("E * H * I", &[e, h, i])?)?;
             }
             extend(&mut gate_up, &g);
             extend(&mut gate_up, &u);
@@ -264,13 +264,6 @@ fn reserve(dst: &mut HostVec, n: usize) -> Result<()> {
         HostVec::U32(d) => d.try_reserve_exact(n),
     };
     r.map_err(|e| ck(format!("cannot hold the layer's {n} expert weights in memory: {e}")))
-}
-
-/// The product of `dims`, or an error naming `what` where it overflows usize.
-fn product(what: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| MoeError::shape(what, format!("{dims:?}"), "a product that fits in usize"))
 }
 
 /// Convenience: open `dir` and load layer `layer` in `dtype`.

@@ -347,6 +347,13 @@ pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
         .ok_or_else(|| MoeError::shape(what, format!("{a} * {b}"), "a product that fits in usize"))
 }
 
+/// The product of `dims`, or an error naming `what` where it overflows usize.
+pub fn checked_product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| MoeError::shape(what, format!("{dims:?}"), "a product that fits in usize"))
+}
+
 /// One accelerator (or the CPU) behind the MoE hot-path kernels.
 ///
 /// Every kernel checks its arguments (see [`crate::check`]) and returns an

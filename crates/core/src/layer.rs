@@ -1,7 +1,8 @@
 //! A whole MoE layer (routed plus shared experts) built from the trait's kernels.
 
 use crate::backend::{
-    Activation, Backend, CombineShape, DeviceBuffer, GemmShape, LayerShapes, PermuteShape, Permuted, RouterShape,
+    checked_mul, checked_product, Activation, Backend, CombineShape, DeviceBuffer, GemmShape, LayerShapes,
+    PermuteShape, Permuted, RouterShape,
 };
 use crate::dtype::{DType, HostSlice, HostVec};
 use crate::error::{MoeError, Result};
@@ -34,13 +35,6 @@ pub struct LayerWeights {
     /// `[E, H, I]`.
     pub down: HostVec,
     pub shared: Option<SharedWeights>,
-}
-
-/// The product of `dims`, or an error naming `what` where it overflows usize.
-fn product(what: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| MoeError::shape(what, format!("{dims:?}"), "a product that fits in usize"))
 }
 
 fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
@@ -77,14 +71,18 @@ impl LayerWeights {
         expect_len(
             "router weight [E, H]",
             self.router_weight.len(),
-            product("E * H", &[e, h])?,
+            checked_product("E * H", &[e, h])?,
         )?;
         expect_len(
             "gate_up [E, 2I, H]",
             self.gate_up.len(),
-            product("E * 2I * H", &[e, 2, i, h])?,
+            checked_product("E * 2I * H", &[e, 2, i, h])?,
         )?;
-        expect_len("down [E, H, I]", self.down.len(), product("E * H * I", &[e, h, i])?)?;
+        expect_len(
+            "down [E, H, I]",
+            self.down.len(),
+            checked_product("E * H * I", &[e, h, i])?,
+        )?;
         if self.down.dtype() != dt {
             return Err(MoeError::DType {
                 what: "down weights".into(),
@@ -100,9 +98,13 @@ impl LayerWeights {
             expect_len(
                 "shared gate_up [2Is, H]",
                 s.gate_up.len(),
-                product("2Is * H", &[2, si, h])?,
+                checked_product("2Is * H", &[2, si, h])?,
             )?;
-            expect_len("shared down [H, Is]", s.down.len(), product("H * Is", &[h, si])?)?;
+            expect_len(
+                "shared down [H, Is]",
+                s.down.len(),
+                checked_product("H * Is", &[h, si])?,
+            )?;
             for (what, w) in [("shared gate_up", &s.gate_up), ("shared down", &s.down)] {
                 if w.dtype() != dt {
                     return Err(MoeError::DType {
@@ -153,7 +155,7 @@ impl LayerWeights {
     pub fn reference_logits(&self, x: &[f64], tokens: usize) -> Result<Vec<f64>> {
         self.validate()?;
         let (e, h) = (self.router.num_experts, self.hidden_size);
-        let need = product("tokens * hidden", &[tokens, h])?;
+        let need = checked_product("tokens * hidden", &[tokens, h])?;
         if x.len() < need {
             return Err(MoeError::shape(
                 "reference input x",
@@ -424,7 +426,7 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
     pub fn forward(&mut self, x: &B::Buffer, tokens: usize) -> Result<B::Buffer> {
-        let len = crate::backend::checked_mul(tokens, self.hidden, "tokens * hidden")?;
+        let len = checked_mul(tokens, self.hidden, "tokens * hidden")?;
         let mut out = self.backend.alloc(self.dtype, len)?;
         self.forward_into(x, tokens, &mut out)?;
         Ok(out)

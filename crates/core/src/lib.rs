@@ -15,8 +15,8 @@ pub mod reference;
 pub mod spec;
 
 pub use backend::{
-    tolerance, Activation, Backend, Capabilities, CombineShape, DeviceBuffer, GemmShape, Kernel, KernelCaps,
-    LayerShapes, PermuteShape, Permuted, RouterShape,
+    checked_mul, checked_product, tolerance, Activation, Backend, Capabilities, CombineShape, DeviceBuffer, GemmShape,
+    Kernel, KernelCaps, LayerShapes, PermuteShape, Permuted, RouterShape,
 };
 pub use config::{ModelFamily, MoeConfig, SharedExpertConfig};
 pub use dtype::{DType, Element, HostSlice, HostVec};
