@@ -38,7 +38,8 @@ pub struct RouteArgs {
     pub shared_mem_bytes: u32,
 }
 
-fn to_u32(what: &str, v: usize) -> Result<u32> {
+/// `v` as a kernel's u32 argument, or an error naming it.
+pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| MoeError::shape(what, v, "at most 2^32 - 1"))
 }
 

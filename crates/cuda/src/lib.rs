@@ -332,10 +332,6 @@ fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
     }
 }
 
-fn u32_of(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| MoeError::shape(what, v, "at most 2^32 - 1"))
-}
-
 /// `v` as a grid's x dimension (at most 2^31 - 1 blocks) or a kernel's 32-bit loop bound, whose
 /// `+= blockDim.x` would wrap near 2^32: an `Unsupported` error past that instead of a raw launch
 /// error or a loop that never ends.
@@ -634,7 +630,7 @@ impl Backend for CudaBackend {
             .arg(out.source_of.u32_mut());
         // SAFETY: slot_of and source_of hold n (checked); slots written are < offsets[E] <= n.
         unsafe { b.launch(cfg((c32, 1), 256, 0)) }.map_err(dev_err)?;
-        let (h32, k32) = (u32_of("hidden", s.hidden)?, s.top_k as u32);
+        let (h32, k32) = (launch::to_u32("hidden", s.hidden)?, s.top_k as u32);
         let blocks = launch::elementwise_blocks(n * s.hidden, 256);
         let (source_of, offsets) = (out.source_of.u32(), out.offsets.u32());
         macro_rules! gather {
@@ -724,7 +720,7 @@ impl Backend for CudaBackend {
             s.top_k as u32,
         );
         let acc = s.accumulate as u32;
-        let n_rows = u32_of("expert_out rows", expert_out.len / s.hidden)?;
+        let n_rows = launch::to_u32("expert_out rows", expert_out.len / s.hidden)?;
         let kern = &self.dev.kernels;
         let st = self.stream();
         let smem = k * 4;
@@ -773,7 +769,7 @@ impl CudaBackend {
         }
         let d = Arc::new(
             self.stream()
-                .clone_htod(&[0u32, u32_of("tokens", tokens)?])
+                .clone_htod(&[0u32, launch::to_u32("tokens", tokens)?])
                 .map_err(dev_err)?,
         );
         cache.insert(tokens, d.clone());
@@ -815,10 +811,10 @@ impl CudaBackend {
         }
         launch::check_gemm_extents(s.rows, s.in_features, s.out_features)?;
         let (rows, kf, n, e) = (
-            u32_of("rows", s.rows)?,
-            u32_of("in_features", s.in_features)?,
-            u32_of("out_features", s.out_features)?,
-            u32_of("experts", s.experts)?,
+            launch::to_u32("rows", s.rows)?,
+            launch::to_u32("in_features", s.in_features)?,
+            launch::to_u32("out_features", s.out_features)?,
+            launch::to_u32("experts", s.experts)?,
         );
         let swiglu = (s.activation == Activation::SwiGlu) as u32;
         let kernel = launch::choose_gemm(self.dev.gemm_policy, s.rows, s.experts, s.in_features, half);
