@@ -87,8 +87,10 @@ extern "C" __global__ void route(const float* __restrict__ logits, const float* 
         }
     }
     __syncthreads();
-    // 3: selection scores.
+    // 3: selection scores, after the contract's flush of scores below f32's normal range to 0
+    // (the same choices whether or not subnormals survive).
     for (unsigned int e = threadIdx.x; e < experts; e += blockDim.x) {
+        if (s[e] < 1.17549435e-38f) s[e] = 0.0f;
         c[e] = s[e] + (has_bias ? bias[e] : 0.0f);
         allowed[e] = 1.0f;
     }

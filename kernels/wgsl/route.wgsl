@@ -5,12 +5,13 @@
 // - NaN logits count as -inf. Softmax over a row whose maximum is +inf shares
 //   the weight among the +inf entries; an all -inf row gives zeros. Sigmoid
 //   maps +inf to 1 and -inf to 0. Non-finite values are recognised from their
-//   bits, never by float comparisons that a compiler may assume finite.
+//   bits, never by float comparisons that a compiler may assume finite. Scores
+//   below f32's normal range are 0.
 // - Selection scores c = s + bias; groups scored by top-2 sum or max; kept
 //   groups by score descending, ties to the lower group id; top-k by c
 //   descending, ties to the lower expert id. Comparisons use an integer key
-//   that orders floats exactly (so no flush-to-zero or fast-math can merge
-//   two distinct scores into a tie).
+//   that orders floats exactly, and scores are flushed as the contract says,
+//   so neither fast-math nor a driver's flush-to-zero changes a choice.
 // - Weights are the unbiased s, renormalised (none / sum, zero sum leaves 0 /
 //   sum + eps), times routed_scaling_factor.
 //
@@ -75,6 +76,15 @@ fn sel_key(base: u32, i: u32) -> u32 {
     return key(c);
 }
 
+// The contract's flush: a score below f32's normal range is 0, whether or not the driver keeps
+// subnormals (under flush-to-zero a subnormal compares as 0, below the bound, all the same).
+fn flush(v: f32) -> f32 {
+    if (v < 1.17549435e-38) {
+        return 0.0;
+    }
+    return v;
+}
+
 fn softmax(row: u32, base: u32) {
     let e = p.experts;
     var mb = NEG_INF;
@@ -119,7 +129,7 @@ fn softmax(row: u32, base: u32) {
         scratch[base + i] = bitcast<u32>(v);
     }
     for (var i = 0u; i < e; i++) {
-        scratch[base + i] = bitcast<u32>(bitcast<f32>(scratch[base + i]) / sum);
+        scratch[base + i] = bitcast<u32>(flush(bitcast<f32>(scratch[base + i]) / sum));
     }
 }
 
@@ -130,7 +140,7 @@ fn sigmoid(row: u32, base: u32) {
         if (b == POS_INF) {
             v = 1.0;
         } else if (b != NEG_INF) {
-            v = 1.0 / (1.0 + exp(-bitcast<f32>(b)));
+            v = flush(1.0 / (1.0 + exp(-bitcast<f32>(b))));
         }
         scratch[base + i] = bitcast<u32>(v);
     }

@@ -361,7 +361,53 @@ pub fn route_cases(quick: bool) -> Vec<RouteCase> {
     }
     cases.push(group_tie_case());
     cases.extend(non_finite_cases());
+    cases.extend(f32_edge_cases());
     cases
+}
+
+/// Scores at the edges of f32 (finite logits): ties that only f32 makes, and subnormal scores.
+fn f32_edge_cases() -> Vec<RouteCase> {
+    let case = |name: &str, spec: RouterSpec, rows: &[&[f32]]| RouteCase {
+        name: format!("f32 edges: {name}"),
+        tokens: rows.len(),
+        logits: rows.concat(),
+        spec,
+    };
+    vec![
+        // sigmoid(20) and sigmoid(21) are both 1 in f32: a tie, to the lower id.
+        case(
+            "saturated sigmoids tie",
+            RouterSpec::deepseek_v3(4, 1, 1, 1, None, false, 1.0),
+            &[&[20.0, 21.0, -5.0, -6.0], &[-6.0, 30.0, 25.0, 1.0]],
+        ),
+        // Softmax entries past f32's range (e^-110, e^-120) are 0, and so are scores below its
+        // normal range (e^-90, e^-95, and e^-87 / 2 once divided by the sum): all tie at 0, to the
+        // lower id, on every backend whether or not its driver flushes subnormals.
+        case(
+            "softmax underflow and subnormal scores",
+            RouterSpec::softmax_topk(4, 3, false),
+            &[
+                &[0.0, -120.0, -110.0, -130.0],
+                &[0.0, -130.0, -90.0, -95.0],
+                &[0.0, 0.0, -200.0, -87.0],
+                &[-90.0, 0.0, -200.0, -96.0],
+            ],
+        ),
+        // sigmoid(-88) and sigmoid(-87.5) are subnormal: 0, as sigmoid(-100) (whose exp(100)
+        // overflows f32); sigmoid(-87) is normal.
+        case(
+            "subnormal sigmoids",
+            RouterSpec::deepseek_v3(4, 2, 1, 1, None, false, 1.0),
+            &[&[-200.0, -100.0, -88.0, -99.0], &[-88.0, -87.0, -300.0, -87.5]],
+        ),
+        // Group sums that overflow to +inf tie, to the lower group; within it, the two biased
+        // scores tie at the bias, to the lower expert id.
+        case(
+            "group sums overflow",
+            RouterSpec::deepseek_v3(4, 1, 2, 1, Some(vec![2e38, 2e38, 3e38, 3e38]), false, 1.0),
+            &[&[0.0, 0.0, 0.0, 0.0], &[1.0, -1.0, 2.0, 3.0]],
+        ),
+    ]
 }
 
 /// Whole groups copied onto each other: group ties must go to the lower group id.

@@ -23,8 +23,19 @@ pub fn ranked(values: &[f64]) -> Vec<usize> {
     idx
 }
 
-/// Router scores of one token, with the non-finite rules of [`crate::spec`].
+/// Router scores of one token, with the non-finite rules of [`crate::spec`] and its flush of
+/// scores below f32's normal range.
 pub fn scores(logits: &[f64], scoring: Scoring) -> Vec<f64> {
+    let mut s = scores_unflushed(logits, scoring);
+    s.iter_mut().for_each(|v| {
+        if *v < f32::MIN_POSITIVE as f64 {
+            *v = 0.0;
+        }
+    });
+    s
+}
+
+fn scores_unflushed(logits: &[f64], scoring: Scoring) -> Vec<f64> {
     let l: Vec<f64> = logits
         .iter()
         .map(|&x| if x.is_nan() { f64::NEG_INFINITY } else { x })
@@ -64,9 +75,14 @@ pub struct RouteDetail {
 pub fn route_token(logits: &[f64], spec: &RouterSpec) -> RouteDetail {
     let e = spec.num_experts;
     let s = scores(logits, spec.scoring);
+    // The choice is made on the selection scores as the contract computes them, in f32 (each
+    // value rounded once): scores that f32 cannot tell apart (saturated sigmoids, softmax entries
+    // past f32's range, group sums that overflow) tie there, and the tie goes to the lower id as on
+    // every backend. The weights keep the float64 scores.
+    let f32r = |v: f64| v as f32 as f64;
     let selection: Vec<f64> = match &spec.correction_bias {
-        Some(b) => s.iter().zip(b).map(|(s, &b)| s + b as f64).collect(),
-        None => s.clone(),
+        Some(b) => s.iter().zip(b).map(|(&s, &b)| f32r(f32r(s) + b as f64)).collect(),
+        None => s.iter().map(|&s| f32r(s)).collect(),
     };
     let mut allowed = vec![true; e];
     let mut group_scores = Vec::new();
@@ -76,7 +92,7 @@ pub fn route_token(logits: &[f64], spec: &RouterSpec) -> RouteDetail {
             let order = ranked(grp);
             group_scores.push(match g.score {
                 GroupScore::Max => grp[order[0]],
-                GroupScore::Top2Sum => grp[order[0]] + grp[order[1]],
+                GroupScore::Top2Sum => f32r(grp[order[0]] + grp[order[1]]),
             });
         }
         let kept = &ranked(&group_scores)[..g.topk_group];

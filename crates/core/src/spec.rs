@@ -8,7 +8,10 @@
 //!    gives the `+inf` entries equal shares and every other entry 0; softmax
 //!    over a row that is all `-inf` gives 0 everywhere. Sigmoid maps `+inf` to
 //!    1 and `-inf` to 0. Scores are therefore always finite, in `[0, 1]`.
-//! 2. **Scores** `s = softmax(logits)` or `sigmoid(logits)`, in f32.
+//! 2. **Scores** `s = softmax(logits)` or `sigmoid(logits)`, in f32. A score below f32's
+//!    normal range (`f32::MIN_POSITIVE`, about 1.2e-38: a softmax entry about 87 below the row's
+//!    largest, a sigmoid below about -87.3) is 0, so that no backend's treatment of subnormals
+//!    (GPU drivers may flush them) changes a choice.
 //! 3. **Selection scores** `c = s + b` where `b` is the optional correction
 //!    bias. `b` changes which experts are chosen, never their weights.
 //! 4. **Groups** (optional): the `E` experts form `n_group` equal groups of
@@ -17,7 +20,11 @@
 //!    `topk_group` best groups are kept (ties: lower group id); experts of
 //!    other groups can never be chosen.
 //! 5. **Top-k**: the `k` experts with the largest `c` among the kept ones,
-//!    returned in descending `c`; **ties go to the lower expert id**.
+//!    returned in descending `c`; **ties go to the lower expert id**. Ties are f32 ties: scores
+//!    that round to the same f32 (saturated sigmoids, scores flushed to 0, group sums that
+//!    overflow) are equal, whatever their logits. Each backend computes `exp` its own way, within
+//!    a few f32 epsilons, so scores that close may be ordered differently on different backends;
+//!    the CPU backend orders them the same on every CPU and SIMD level.
 //! 6. **Weights** are the unbiased `s` of the chosen experts, renormalised as
 //!    [`Renorm`] says (a zero sum leaves the weights at 0), then multiplied by
 //!    `routed_scaling_factor`.

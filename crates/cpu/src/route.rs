@@ -3,9 +3,20 @@
 use moe_hal_core::{GroupScore, Renorm, RouterSpec, Scoring};
 use rayon::prelude::*;
 
-/// Scores of one token into `s`, with the contract's non-finite rules; sigmoid and softmax on 16
-/// lanes with `avx512` ([`crate::avx512::sigmoid`], [`crate::avx512::softmax`]).
+/// Scores of one token into `s`, with the contract's non-finite rules and its flush of scores
+/// below f32's normal range to 0; sigmoid and softmax on 16 lanes with `avx512`
+/// ([`crate::avx512::sigmoid`], [`crate::avx512::softmax`]).
 fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
+    scores_unflushed(logits, scoring, s, avx512);
+    let n = logits.len().min(s.len());
+    s[..n].iter_mut().for_each(|v| {
+        if *v < f32::MIN_POSITIVE {
+            *v = 0.0;
+        }
+    });
+}
+
+fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = avx512;
