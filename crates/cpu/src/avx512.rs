@@ -1618,9 +1618,10 @@ unsafe fn chains_dp() -> f32 {
 /// `out[i] = 1 / (1 + exp(-x[i]))`, NaN counted as minus infinity (the routing contract's rule), 16
 /// at a time. exp is Cephes' `expf` (Cody-Waite reduction by ln 2, a degree-6 polynomial,
 /// `vscalefps` for the power of two, which also gives 0 and infinity past the range); each result
-/// is within 3 f32 epsilons (relative) of the exact sigmoid (tested). The scalar path calls the C
-/// library's `expf`. At 4096 tokens of DeepSeek-V3 (256 experts) the scalar loop took about a
-/// fifth of the routing time.
+/// is within 3 f32 epsilons (relative) of the exact sigmoid (tested). The scalar path
+/// (`crate::route::exp`) does the same operations, so the bits do not depend on the SIMD level.
+/// At 4096 tokens of DeepSeek-V3 (256 experts) the scalar loop (then on the C library's `expf`)
+/// took about a fifth of the routing time.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
@@ -1645,7 +1646,7 @@ pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
 
 /// Softmax of `x` into `out` where the largest of `x` (NaN counted as minus infinity) is finite:
 /// `out[i] = e[i] / sum(e)` with `e[i] = exp(x[i] - max)` on [`sigmoid`]'s exp, the sum in 16
-/// lanes then across them. Returns false, writing nothing, where the largest is infinite or `x`
+/// lanes then across them as the scalar path adds them (the same bits on every SIMD level). Returns false, writing nothing, where the largest is infinite or `x`
 /// is empty (the contract's rules for those take the scalar path). Equal logits give equal
 /// scores, so ties stay ties. qwen3-30b-a3b's routing of 256 tokens (128 experts, two threads on
 /// an AMD EPYC, Zen 5, with the call into the pool): 0.055-0.070 ms against 0.106-0.110 with the
@@ -1679,7 +1680,10 @@ pub unsafe fn softmax(x: &[f32], out: &mut [f32]) -> bool {
         sum = _mm512_add_ps(sum, e);
         _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), k, e);
     }
-    let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    // The lanes added in the scalar path's order (crate::route::lane_sum), for the same bits.
+    let mut lanes = [0.0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sum);
+    let sum = _mm512_set1_ps(crate::route::lane_sum(lanes));
     for i in (0..x.len()).step_by(16) {
         let k = first_lanes(x.len() - i);
         let e = _mm512_maskz_loadu_ps(k, out.as_ptr().add(i));
@@ -1724,20 +1728,26 @@ fn first_lanes(n: usize) -> __mmask16 {
 /// and infinity after the scaling, as exp does.
 #[inline(always)]
 unsafe fn exp_cephes(y: __m512) -> __m512 {
-    let y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-104.0)), _mm512_set1_ps(89.0));
+    use crate::route::{EXP_POLY, EXP_RANGE, LN2_PARTS};
+    let y = _mm512_min_ps(
+        _mm512_max_ps(y, _mm512_set1_ps(EXP_RANGE.0)),
+        _mm512_set1_ps(EXP_RANGE.1),
+    );
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
         y,
         _mm512_set1_ps(std::f32::consts::LOG2_E),
     ));
-    // ln 2 in two parts, so that n * ln2_hi is exact.
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), y);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    // Multiplies and adds apart, as the scalar `crate::route::exp`.
+    let r = _mm512_sub_ps(y, _mm512_mul_ps(n, _mm512_set1_ps(LN2_PARTS.0)));
+    let r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(LN2_PARTS.1)));
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
     }
-    let r2 = _mm512_mul_ps(r, r);
-    let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+    let e = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
+        _mm512_set1_ps(1.0),
+    );
     _mm512_scalef_ps(e, n)
 }
 
@@ -1878,6 +1888,48 @@ mod tests {
             (0.0, 0.0, 1.0, 0.5)
         );
         eprintln!("worst relative error: {worst:.2e}");
+    }
+
+    /// The routing scores on 16 lanes and in the scalar path (`crate::route`): the same bits,
+    /// for exp over its whole range and the edges, for sigmoid, and for softmax rows of every
+    /// length up to 40 and a few longer, so that the CPU backend routes the same at every SIMD
+    /// level.
+    #[test]
+    fn routing_scores_have_the_scalar_bits() {
+        if skipped_without_avx512() {
+            return;
+        }
+        let x = exp_inputs();
+        let mut got = vec![0.0f32; x.len() + 15];
+        for i in (0..x.len()).step_by(16) {
+            // SAFETY: the CPU has AVX-512 F; the store is of 16 lanes within `got`.
+            unsafe {
+                let m = first_lanes(x.len() - i);
+                let v = exp_cephes(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)));
+                _mm512_storeu_ps(got.as_mut_ptr().add(i), v);
+            }
+        }
+        for (&v, &g) in x.iter().zip(&got) {
+            let want = crate::route::exp(v);
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "exp({v}): {g} vs {want}"
+            );
+        }
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for scoring in [moe_hal_core::Scoring::Sigmoid, moe_hal_core::Scoring::Softmax] {
+            for n in (1..=40).chain([127, 128, 129, 256, 384]) {
+                let row: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 11.0).collect();
+                let mut row2 = row.clone();
+                row2.iter_mut().step_by(5).for_each(|v| *v = -*v * 0.01);
+                for r in [&row, &row2, &x[..n.min(x.len())].to_vec()] {
+                    let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+                    crate::route::scores_for_test(r, scoring, &mut a, true);
+                    crate::route::scores_for_test(r, scoring, &mut b, false);
+                    assert_eq!(bits(&a), bits(&b), "{scoring:?} n = {n}");
+                }
+            }
+        }
     }
 
     /// SwiGLU: within 4 f32 epsilons (relative) of f64's `g / (1 + exp(-g)) * u` from g = -87 up,

@@ -16,6 +16,12 @@ fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     });
 }
 
+/// [`scores`], for the SIMD tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn scores_for_test(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
+    scores(logits, scoring, s, avx512)
+}
+
 fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     #[cfg(not(target_arch = "x86_64"))]
@@ -27,7 +33,7 @@ fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: boo
         Scoring::Sigmoid => s
             .iter_mut()
             .zip(logits)
-            .for_each(|(s, &x)| *s = 1.0 / (1.0 + (-clean(x)).exp())),
+            .for_each(|(s, &x)| *s = 1.0 / (1.0 + exp(0.0 - clean(x)))),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above. It declines (writing nothing) the infinite maxima, handled below.
         Scoring::Softmax if avx512 && unsafe { crate::avx512::softmax(logits, s) } => {}
@@ -41,15 +47,65 @@ fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: boo
             } else if m == f32::NEG_INFINITY {
                 s.fill(0.0);
             } else {
-                let mut sum = 0.0f32;
-                for (s, &x) in s.iter_mut().zip(logits) {
-                    *s = (clean(x) - m).exp();
-                    sum += *s;
+                // Summed as the 16 lanes of the vector path are.
+                let mut lanes = [0.0f32; 16];
+                for (i, (s, &x)) in s.iter_mut().zip(logits).enumerate() {
+                    *s = exp(clean(x) - m);
+                    lanes[i % 16] += *s;
                 }
+                let sum = lane_sum(lanes);
                 s.iter_mut().for_each(|s| *s /= sum);
             }
         }
     }
+}
+
+/// Cephes' `expf`, the routing scores' exp on every SIMD level, so that the CPU backend routes the
+/// same on every CPU: Cody-Waite reduction by ln 2, a degree-6 polynomial, then the power of two.
+/// [`crate::avx512`]'s vector version does the same operations lane by lane (separate multiplies
+/// and adds, no FMA, which a CPU without it would have to emulate), so it gives the same bits (a
+/// test checks both over the whole range). Within 3 f32 epsilons of exp for results from f32's
+/// normal range; `y` is clamped to [`EXP_RANGE`], whose ends give 0 and infinity.
+pub(crate) fn exp(y: f32) -> f32 {
+    let y = y.max(EXP_RANGE.0).min(EXP_RANGE.1);
+    let n = (y * std::f32::consts::LOG2_E).round_ties_even();
+    let r = y - n * LN2_PARTS.0;
+    let r = r - n * LN2_PARTS.1;
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
+    let e = p * (r * r) + r + 1.0;
+    // e * 2^n rounded once, as `vscalefps` does (2^n and the product are exact in f64).
+    (e as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// The clamp of [`exp`]'s argument: past it exp is 0 (after rounding) or infinite.
+pub(crate) const EXP_RANGE: (f32, f32) = (-104.0, 89.0);
+/// ln 2 in two parts, so that `n * LN2_PARTS.0` is exact for the `n` of [`exp`]'s range.
+pub(crate) const LN2_PARTS: (f32, f32) = (0.693_359_4, -2.121_944_4e-4);
+/// Cephes' polynomial for `(exp(r) - 1 - r) / r^2`, highest degree first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// The sum of 16 lanes as [`crate::avx512::softmax`] adds its lanes: halves, then quarters, then
+/// eighths, then the last two.
+pub(crate) fn lane_sum(v: [f32; 16]) -> f32 {
+    let mut v = v;
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
 }
 
 /// Ids of the `k` best of `cand` by `better`, best first.
