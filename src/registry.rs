@@ -9,7 +9,7 @@ pub struct BackendStatus {
     /// Cargo feature that compiles it in.
     pub feature: &'static str,
     pub compiled: bool,
-    /// The device, when available; else why not.
+    /// The device, when available; else why not (the reason alone, without the backend's name).
     pub device: Result<String, String>,
     pub capabilities: Option<Capabilities>,
 }
@@ -33,7 +33,11 @@ fn status_of<B: Backend>(name: &'static str, feature: &'static str, b: Result<B,
             name,
             feature,
             compiled: true,
-            device: Err(e.to_string()),
+            // The reason alone: callers say which backend is unavailable.
+            device: Err(match e {
+                MoeError::BackendUnavailable { reason, .. } => reason,
+                e => e.to_string(),
+            }),
             capabilities: None,
         },
     }

@@ -157,7 +157,8 @@ pub struct BenchArgs {
 /// A resolved layer shape and router.
 #[derive(Clone, Debug)]
 pub struct Shape {
-    /// The preset's name, or `custom-h..-i..-e..-k..` when any field was given by hand.
+    /// The preset's name, or `custom-h..-i..-e..-k..-ROUTER` (`softmax`, `sigmoid` or
+    /// `sigmoid-gNofM`) when any field was given by hand.
     pub label: String,
     pub hidden: usize,
     pub inter: usize,
@@ -197,11 +198,24 @@ fn resolve(a: &BenchArgs) -> Result<Shape, String> {
         Some(p) if p.groups == groups => p.keep_groups,
         _ => groups.div_ceil(2),
     };
+    // A value as the user gave it, or as the preset's.
+    let named = |flag: &str, given: Option<usize>, v: usize| match (given, &base) {
+        (None, Some(p)) => format!("{}'s {flag} {v}", p.name),
+        _ => format!("--{flag} {v}"),
+    };
     if topk > experts {
-        return Err(format!("--topk {topk} is larger than --experts {experts}"));
+        return Err(format!(
+            "{} is larger than {}",
+            named("topk", a.topk, topk),
+            named("experts", a.experts, experts)
+        ));
     }
     if experts % groups != 0 {
-        return Err(format!("--groups {groups} does not divide --experts {experts}"));
+        return Err(format!(
+            "{} does not divide {}",
+            named("groups", a.groups, groups),
+            named("experts", a.experts, experts)
+        ));
     }
     let mut rng = Rng::new(a.seed ^ 0xB1A5);
     let router = match &base {
@@ -209,6 +223,15 @@ fn resolve(a: &BenchArgs) -> Result<Shape, String> {
         None if groups > 1 => Router::Sigmoid { scale: 1.0 },
         None => Router::Softmax,
     };
+    if let (Router::Softmax, Some(p)) = (router, &base) {
+        if groups > 1 {
+            return Err(format!(
+                "--groups {groups}: {} routes by a softmax over all experts, without groups; \
+                 group-limited routing comes with the sigmoid presets (deepseek-v3, kimi-k2) or a custom shape without --preset",
+                p.name
+            ));
+        }
+    }
     let spec = match router {
         Router::Softmax => RouterSpec::softmax_topk(experts, topk, true),
         Router::Sigmoid { scale } => RouterSpec::deepseek_v3(
@@ -225,7 +248,15 @@ fn resolve(a: &BenchArgs) -> Result<Shape, String> {
         .map_err(|e| format!("invalid router for this shape: {e}"))?;
     let label = match (&base, custom) {
         (Some(p), false) => p.name.to_string(),
-        _ => format!("custom-h{hidden}-i{inter}-e{experts}-k{topk}"),
+        _ => {
+            // The router too, so that `compare` never pairs layers routed differently.
+            let routing = match router {
+                Router::Softmax => "softmax".to_string(),
+                Router::Sigmoid { .. } if groups > 1 => format!("sigmoid-g{groups}of{keep}"),
+                Router::Sigmoid { .. } => "sigmoid".to_string(),
+            };
+            format!("custom-h{hidden}-i{inter}-e{experts}-k{topk}-{routing}")
+        }
     };
     Ok(Shape {
         label,
@@ -340,7 +371,9 @@ fn check_memory(shape: &Shape, dtype: DType, max_tokens: usize, est: &MemoryEsti
         return Ok(());
     }
     let mut hints = Vec::new();
-    if dtype == DType::F32 {
+    // bf16 halves the weights and activations (the ceilings' buffers stay).
+    let half = ((2 * est.weights + est.activations) / 2).max(2 * STREAM_BYTES as u128);
+    if dtype == DType::F32 && half <= usable {
         hints.push("--dtype bf16".to_string());
     }
     let fixed = est.total - 2 * shape.experts as u128 * est.per_expert;
@@ -369,7 +402,7 @@ fn check_memory(shape: &Shape, dtype: DType, max_tokens: usize, est: &MemoryEsti
 }
 
 /// Checks that `path` can be written (its folder exists and accepts a file) before any work.
-fn check_writable(path: &std::path::Path, flag: &str) -> Result<(), String> {
+pub(crate) fn check_writable(path: &std::path::Path, flag: &str) -> Result<(), String> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("--{flag} {}: not a file path", path.display()))?;
@@ -433,14 +466,14 @@ fn host_weights(shape: &Shape, dtype: DType, seed: u64) -> LayerWeights {
         hidden_size: h,
         intermediate_size: i,
         router_weight,
-        gate_up: random_host(seed + 1, e * 2 * i * h, -sh, sh, dtype),
-        down: random_host(seed + 2, e * h * i, -si, si, dtype),
+        gate_up: random_host(seed.wrapping_add(1), e * 2 * i * h, -sh, sh, dtype),
+        down: random_host(seed.wrapping_add(2), e * h * i, -si, si, dtype),
         shared: shape.shared_inter.map(|s| {
             let ss = 1.0 / (s as f32).sqrt();
             SharedWeights {
                 intermediate_size: s,
-                gate_up: random_host(seed + 3, 2 * s * h, -sh, sh, dtype),
-                down: random_host(seed + 4, h * s, -ss, ss, dtype),
+                gate_up: random_host(seed.wrapping_add(3), 2 * s * h, -sh, sh, dtype),
+                down: random_host(seed.wrapping_add(4), h * s, -ss, ss, dtype),
                 gate: None,
             }
         }),
@@ -535,7 +568,7 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     };
     let offsets = b.upload(HostSlice::U32(&[0, rows as u32])).map_err(err)?;
     let mut y = b.alloc(dtype, rows * nd).map_err(err)?;
-    let wh = random_host(seed + 1, nd * kd, -0.02, 0.02, dtype);
+    let wh = random_host(seed.wrapping_add(1), nd * kd, -0.02, 0.02, dtype);
     // The faster of the weights as uploaded and as the layer uploads them (packed where the
     // backend packs them), so that neither kernel family sets a lower ceiling than the other.
     let (t, clock) = best_of_uploads(b, &wh, shape, |w| {
@@ -554,7 +587,7 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     let experts = (stream / EXPERT_BYTES).max(1);
     let nd = (stream.min(EXPERT_BYTES) / (kd * dtype.size())).max(1);
     let x = b
-        .upload(random_host(seed + 2, experts * kd, -1.0, 1.0, dtype).as_slice())
+        .upload(random_host(seed.wrapping_add(2), experts * kd, -1.0, 1.0, dtype).as_slice())
         .map_err(err)?;
     let shape = GemmShape {
         rows: experts,
@@ -566,7 +599,7 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     let offsets: Vec<u32> = (0..=experts as u32).collect();
     let offsets = b.upload(HostSlice::U32(&offsets)).map_err(err)?;
     let mut y = b.alloc(dtype, experts * nd).map_err(err)?;
-    let wh = random_host(seed + 3, experts * nd * kd, -0.02, 0.02, dtype);
+    let wh = random_host(seed.wrapping_add(3), experts * nd * kd, -0.02, 0.02, dtype);
     let (t, clock) = best_of_uploads(b, &wh, shape, |w| {
         best_ms(b, || b.grouped_matmul(&x, &offsets, w, &mut y, shape))
     })?;
@@ -575,9 +608,9 @@ fn ceilings<B: Backend>(b: &B, dtype: DType, seed: u64) -> Result<Ceilings, Stri
     drop((x, wh, y));
     // 2. A permute copying 256 MiB of rows (read and written); 64 MiB where a backend cannot
     //    bind that much at once (wgpu), which may then partly sit in a large cache.
-    let (copy_gbps, clock) = match permute_gbps(b, dtype, seed + 4, stream / 2) {
+    let (copy_gbps, clock) = match permute_gbps(b, dtype, seed.wrapping_add(4), stream / 2) {
         Ok(r) => r,
-        Err(_) if stream / 2 > EXPERT_BYTES => permute_gbps(b, dtype, seed + 4, EXPERT_BYTES)?,
+        Err(_) if stream / 2 > EXPERT_BYTES => permute_gbps(b, dtype, seed.wrapping_add(4), EXPERT_BYTES)?,
         Err(e) => return Err(e),
     };
     clocks.push(clock);
@@ -743,7 +776,7 @@ impl Sweep<'_> {
         let tmax = *self.tokens.iter().max().expect("at least one token count");
         let router_w = b.upload(HostSlice::F32(&lw.router_weight)).map_err(err)?;
         let x = b
-            .upload(random_host(self.seed + 10, tmax * h, -1.0, 1.0, dt).as_slice())
+            .upload(random_host(self.seed.wrapping_add(10), tmax * h, -1.0, 1.0, dt).as_slice())
             .map_err(err)?;
         let mut logits = b.alloc(DType::F32, tmax * e).map_err(err)?;
         let mut ids = b.alloc(DType::U32, tmax * k).map_err(err)?;
@@ -831,7 +864,11 @@ impl Sweep<'_> {
         // Batch 0 is the kernels' input; the others route to other experts.
         let xs = (0..self.inputs as u64)
             .map(|j| {
-                let seed = if j == 0 { self.seed + 10 } else { self.seed + 1000 + j };
+                let seed = if j == 0 {
+                    self.seed.wrapping_add(10)
+                } else {
+                    self.seed.wrapping_add(1000 + j)
+                };
                 let xh = random_host(seed, tmax * self.shape.hidden, -1.0, 1.0, self.dtype);
                 layer.backend().upload(xh.as_slice())
             })
@@ -897,7 +934,7 @@ impl Sweep<'_> {
         caps.check_route(b.name(), &self.shape.spec)
             .map_err(|e| e.to_string())?;
         self.progress.set_message(format!("{}: ceilings", b.name()));
-        let first = ceilings(&b, self.dtype, self.seed + 100)?;
+        let first = ceilings(&b, self.dtype, self.seed.wrapping_add(100))?;
         self.progress.inc(1);
         self.progress.set_message(format!("{}: kernels", b.name()));
         // The kernels run on the layer's own expert weights: one upload of them, not two (at
@@ -911,7 +948,7 @@ impl Sweep<'_> {
         // Measured again after the runs, each ceiling the better of the two: on a shared machine a
         // disturbed measurement would lower a ceiling and flatter every fraction judged against it.
         self.progress.set_message(format!("{}: ceilings again", after.name()));
-        let second = ceilings(&after, self.dtype, self.seed + 100)?;
+        let second = ceilings(&after, self.dtype, self.seed.wrapping_add(100))?;
         self.progress.inc(1);
         let (c, raised) = peak_at_least_achieved(first.best(&second), &records);
         for r in &mut records {

@@ -70,7 +70,7 @@ enum Command {
     },
     /// Times every kernel and the whole layer at a model's shapes over token counts, with roofline fractions.
     Bench(Box<bench::BenchArgs>),
-    /// Two `bench --json` files side by side (matched on preset, dtype, tokens, kernel), with B/A of the medians.
+    /// Two `bench --json` files side by side (matched on preset, dtype, tokens, kernel; backend by backend where both files hold several), with B/A of the medians.
     Compare {
         /// Baseline records (A).
         a: PathBuf,
@@ -193,7 +193,7 @@ fn with_backend<T>(name: &str, f: impl FnOnce(&dyn Fn() -> Report) -> T, quick: 
         }
         "wgpu" => {
             let b = moe_hal::wgpu::WgpuBackend::new()?;
-            Ok(f(&|| conformance::run_all(&b, true)))
+            Ok(f(&|| conformance::run_all(&b, quick)))
         }
         "cuda" => {
             let b = moe_hal::cuda::CudaBackend::new()?;
@@ -225,7 +225,7 @@ fn verify(backend: &str, quick: bool, verbose: bool) -> Result<ExitCode, String>
             })
             .collect()
     } else {
-        known(backend)?;
+        known(backend).map_err(|e| format!("{e} or all"))?;
         vec![backend.to_string()]
     };
     if names.is_empty() {

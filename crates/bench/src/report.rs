@@ -346,34 +346,87 @@ fn read_records(path: &Path) -> Result<Vec<Record>, String> {
     })
 }
 
-/// Prints records of `a` and `b` side by side, matched on (preset, dtype, tokens, kernel).
+/// The pairs of backends whose records [`compare`] matches: every backend of the other file
+/// against the one backend of a file that has one (a PyTorch baseline against each backend of a
+/// run, say), otherwise each backend against the same backend in the other file.
+fn backend_pairs(ba: &[String], bb: &[String]) -> Vec<(String, String)> {
+    if ba.len() == 1 || bb.len() == 1 {
+        ba.iter()
+            .flat_map(|x| bb.iter().map(move |y| (x.clone(), y.clone())))
+            .collect()
+    } else {
+        ba.iter()
+            .filter(|x| bb.contains(x))
+            .map(|x| (x.clone(), x.clone()))
+            .collect()
+    }
+}
+
+/// What [`compare`] matches records on: preset, dtype, tokens, kernel (in table order).
+type Key = (String, String, usize, usize, String);
+
+fn key(r: &Record) -> Key {
+    (
+        r.preset.clone(),
+        r.dtype.clone(),
+        r.tokens,
+        kernel_order(&r.kernel),
+        r.kernel.clone(),
+    )
+}
+
+/// Records by backend, then by [`Key`]; the repeats of a key within a backend are counted, not kept.
+type ByBackend<'a> = BTreeMap<String, BTreeMap<Key, &'a Record>>;
+
+fn index(rs: &[Record]) -> (ByBackend<'_>, usize) {
+    let mut by = ByBackend::new();
+    let mut repeats = 0usize;
+    for r in rs {
+        let m = by.entry(r.backend.clone()).or_default();
+        match m.entry(key(r)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(r);
+            }
+            std::collections::btree_map::Entry::Occupied(_) => repeats += 1,
+        }
+    }
+    (by, repeats)
+}
+
+/// Prints records of `a` and `b` side by side, matched on (preset, dtype, tokens, kernel) for
+/// each pair of backends of [`backend_pairs`]; says how many records found no match and how many
+/// repeated another one of their file (the first of them is shown).
 pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
     let ra = read_records(a)?;
     let rb = read_records(b)?;
-    type Key = (String, String, usize, usize, String);
-    let key = |r: &Record| -> Key {
-        (
-            r.preset.clone(),
-            r.dtype.clone(),
-            r.tokens,
-            kernel_order(&r.kernel),
-            r.kernel.clone(),
-        )
-    };
-    let mut mb: BTreeMap<Key, &Record> = BTreeMap::new();
-    for r in &rb {
-        mb.entry(key(r)).or_insert(r);
+    let ((ma, rep_a), (mb, rep_b)) = (index(&ra), index(&rb));
+    let names = |m: &ByBackend| m.keys().cloned().collect::<Vec<_>>();
+    let pairs = backend_pairs(&names(&ma), &names(&mb));
+    let mut matched: Vec<(&Record, &Record)> = Vec::new();
+    let (mut used_a, mut used_b) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for (x, y) in &pairs {
+        for (k, r) in &ma[x] {
+            if let Some(q) = mb[y].get(k) {
+                matched.push((*r, *q));
+                used_a.insert((x.clone(), k.clone()));
+                used_b.insert((y.clone(), k.clone()));
+            }
+        }
     }
-    let mut ma: BTreeMap<Key, &Record> = BTreeMap::new();
-    for r in &ra {
-        ma.entry(key(r)).or_insert(r);
-    }
-    let matched: Vec<(&Record, &Record)> = ma.iter().filter_map(|(k, ra)| mb.get(k).map(|rb| (*ra, *rb))).collect();
     if matched.is_empty() {
         return Err(format!(
-            "{} and {} have no (preset, dtype, tokens, kernel) in common",
+            "{} and {} have no (preset, dtype, tokens, kernel) in common{}",
             a.display(),
-            b.display()
+            b.display(),
+            if pairs.is_empty() {
+                format!(
+                    " for any backend: A has {}, B has {} (files of several backends each are matched backend by backend)",
+                    names(&ma).join(", "),
+                    names(&mb).join(", ")
+                )
+            } else {
+                String::new()
+            }
         ));
     }
     println!("A = {}\nB = {}", a.display(), b.display());
@@ -405,10 +458,16 @@ pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
              device times leave out the host overhead that wall times include"
         );
     }
-    let only_a = ma.len() - matched.len();
-    let only_b = mb.len() - matched.len();
+    let count = |m: &ByBackend| m.values().map(|v| v.len()).sum::<usize>();
+    let only_a = count(&ma) - used_a.len();
+    let only_b = count(&mb) - used_b.len();
     if only_a + only_b > 0 {
         println!("{} records only in A, {} only in B (not shown)", only_a, only_b);
+    }
+    if rep_a + rep_b > 0 {
+        println!(
+            "{rep_a} records of A and {rep_b} of B repeat an earlier record of their file (same backend, preset, dtype, tokens and kernel): the first of each is shown"
+        );
     }
     Ok(())
 }

@@ -87,7 +87,8 @@ fn write_output(path: &Path, out: &Output) -> Result<(), String> {
         .file_name()
         .ok_or_else(|| format!("{} is not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    // Named as the user gave it: the temporary file beside it is ours.
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         format!("cannot move the output into {}: {e}", path.display())
@@ -105,6 +106,8 @@ pub fn run(model: &Path, layer: usize, input: &Path, output: &Path, backend: &st
             registry::BACKENDS.join(", ")
         ));
     }
+    // Before loading a layer that may take minutes.
+    crate::bench::check_writable(output, "output")?;
     let w = checkpoint::load_layer(model, layer, dtype).map_err(|e| e.to_string())?;
     let x = read_input(input, w.hidden_size)?;
     let out = dispatch(backend, &w, x.view())?;

@@ -168,10 +168,21 @@ fn bad_inputs_fail_cleanly() {
         "unknown backend",
     );
     assert_fails(&run(&good, "1", &io, &out, &["--dtype", "f64"]), &out, "unknown dtype");
-    // Unwritable output path.
+    // Unwritable output paths, refused before the model is read (this one has none), and named
+    // as given.
     let bad_out = tmp.path().join("no/such/dir/out.safetensors");
-    let o = run(&good, "1", &io, &bad_out, &[]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot write"));
+    let o = run(&tmp.path().join("nope"), "1", &io, &bad_out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--output") && err.contains("cannot write there"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no/such/dir/out.safetensors") && !err.contains(".tmp-"),
+        "{err}"
+    );
+    let o = run(&tmp.path().join("nope"), "1", &io, tmp.path(), &[]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is a folder"));
 
     // Missing tensor: rewrite model.safetensors without one expert's up_proj.
     let model = dir.join("model.safetensors");
@@ -229,6 +240,21 @@ fn info_and_verify() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     let o = bin().args(["verify", "--backend", "cuda"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cuda"));
+    // An unavailable backend is said to be so once, by the caller, with the backend's reason.
+    let o = bin().args(["info", "--backend", "cuda"]).output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("available   : no") && !s.contains("is unavailable"), "{s}");
+    // A mistyped WGPU_BACKEND is named as such, not "no adapter".
+    let o = bin()
+        .args(["info", "--backend", "wgpu"])
+        .env("WGPU_BACKEND", "vulcan")
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("WGPU_BACKEND=\"vulcan\" names no graphics API"), "{s}");
+    let o = bin().args(["verify", "--backend", "tpu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cann or all"), "{err}");
     // The CANN slot starts where its libraries are (then its calls fail cleanly) and says why
     // not elsewhere; either way verify names it, never "unknown backend".
     let o = bin().args(["verify", "--backend", "cann", "--quick"]).output().unwrap();

@@ -108,6 +108,16 @@ impl Gpu {
     /// `timestamps` asks for [`TIMESTAMPS`], which the device gets where the adapter offers them.
     pub fn new(max_binding: Option<u64>, timestamps: bool) -> Result<Gpu> {
         let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        // wgpu drops the names it does not know: a typo would read as "no adapter".
+        if backends.is_empty() {
+            return Err(MoeError::unavailable(
+                NAME,
+                format!(
+                    "WGPU_BACKEND={:?} names no graphics API that wgpu knows; expected vulkan, metal, dx12 or gl (comma separated)",
+                    std::env::var("WGPU_BACKEND").unwrap_or_default()
+                ),
+            ));
+        }
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
         desc.backends = backends;
         let instance = wgpu::Instance::new(desc);
