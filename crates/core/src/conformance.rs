@@ -16,7 +16,7 @@ use crate::dtype::{DType, HostSlice, HostVec};
 use crate::error::{MoeError, Result};
 use crate::layer::{LayerWeights, MoeLayer, SharedWeights};
 use crate::reference::{self, rel_l2, RouteDetail};
-use crate::spec::{GroupScore, Grouping, Renorm, RouterSpec};
+use crate::spec::{GroupScore, Grouping, Renorm, RouterSpec, Scoring};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -360,8 +360,102 @@ pub fn route_cases(quick: bool) -> Vec<RouteCase> {
         ));
     }
     cases.push(group_tie_case());
+    cases.push(group_tie_case_max());
     cases.extend(non_finite_cases());
     cases.extend(f32_edge_cases());
+    cases.extend(shape_and_option_cases(quick));
+    cases
+}
+
+/// Shapes and options the model cases above leave out: k past 32 (the CPU's sorting path), E not
+/// a multiple of 8 (Qwen1.5-MoE's 60), every group kept, a single group, softmax with a bias and
+/// groups, a renormalisation epsilon large enough to change the weights, and ties under a bias
+/// that differs between experts.
+fn shape_and_option_cases(quick: bool) -> Vec<RouteCase> {
+    let mut rng = Rng::new(31);
+    let t = if quick { 7 } else { 65 };
+    let mut cases = vec![
+        route_case(
+            40,
+            "softmax E=64 k=40",
+            RouterSpec::softmax_topk(64, 40, true),
+            t,
+            false,
+        ),
+        route_case(
+            41,
+            "sigmoid E=384 k=33 bias",
+            RouterSpec::deepseek_v3(384, 33, 1, 1, Some(rng.vec(384, -0.3, 0.3)), true, 1.0),
+            t,
+            false,
+        ),
+        route_case(
+            42,
+            "qwen1.5 softmax E=60 k=4",
+            RouterSpec::softmax_topk(60, 4, false),
+            t,
+            false,
+        ),
+        route_case(
+            43,
+            "deepseek E=60 g6/6 k=5 (all groups kept)",
+            deepseek(60, 5, 6, 6, &mut rng, GroupScore::Top2Sum),
+            t,
+            false,
+        ),
+        route_case(
+            44,
+            "deepseek E=24 g1/1 k=3 (one group)",
+            RouterSpec {
+                grouping: Some(Grouping {
+                    n_group: 1,
+                    topk_group: 1,
+                    score: GroupScore::Top2Sum,
+                }),
+                ..deepseek(24, 3, 1, 1, &mut rng, GroupScore::Top2Sum)
+            },
+            t,
+            false,
+        ),
+        route_case(
+            45,
+            "softmax bias groups E=32 g4/2 k=4 max-group",
+            RouterSpec {
+                scoring: Scoring::Softmax,
+                ..deepseek(32, 4, 4, 2, &mut rng, GroupScore::Max)
+            },
+            t,
+            false,
+        ),
+        route_case(
+            46,
+            "sigmoid renorm eps 0.5 E=16 k=4",
+            RouterSpec {
+                renorm: Renorm::SumEps(0.5),
+                ..RouterSpec::deepseek_v3(16, 4, 1, 1, None, true, 1.0)
+            },
+            t,
+            false,
+        ),
+    ];
+    // Ties under a bias that differs between experts: logits and bias copied together.
+    let mut c = route_case(
+        47,
+        "ties sigmoid groups varied bias E=64 k=8",
+        deepseek(64, 8, 8, 4, &mut rng, GroupScore::Top2Sum),
+        t,
+        false,
+    );
+    let e = c.spec.num_experts;
+    let bias = c.spec.correction_bias.as_mut().expect("deepseek has a bias");
+    for _ in 0..e / 4 {
+        let (a, b) = (rng.below(e), rng.below(e));
+        bias[b] = bias[a];
+        for row in c.logits.chunks_mut(e) {
+            row[b] = row[a];
+        }
+    }
+    cases.push(c);
     cases
 }
 
@@ -436,6 +530,16 @@ fn group_tie_case() -> RouteCase {
         tokens: t,
         logits,
     }
+}
+
+/// [`group_tie_case`] with groups scored by their largest score.
+fn group_tie_case_max() -> RouteCase {
+    let mut c = group_tie_case();
+    if let Some(g) = &mut c.spec.grouping {
+        g.score = GroupScore::Max;
+    }
+    c.name = c.name.replace("tied groups", "tied groups max-group");
+    c
 }
 
 /// NaN and infinite logits: the documented behaviour, the same everywhere.
