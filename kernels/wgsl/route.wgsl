@@ -16,7 +16,8 @@
 //   sum + eps), times routed_scaling_factor.
 //
 // Scratch per token (u32 bits of f32): [0, E) scores s, [E, E + G) group
-// scores, [E + G, E + 2G) kept flags.
+// scores, [E + G, E + 2G) kept flags; tokens past what one binding of it
+// holds run in further dispatches (t0).
 
 struct Params {
     tokens: u32,
@@ -34,7 +35,9 @@ struct Params {
     eps: f32,
     scale: f32,
     stride: u32,
-    p0: u32,
+    // The first token of this dispatch: tokens [t0, tokens) run, each with its scratch at
+    // (t - t0) * stride (the host cuts the tokens so that the scratch binds at once).
+    t0: u32,
     p1: u32,
     p2: u32,
     p3: u32,
@@ -209,14 +212,14 @@ fn groups(base: u32) {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let t = (wg.x + wg.y * nwg.x) * 64u + li;
+    let t = p.t0 + (wg.x + wg.y * nwg.x) * 64u + li;
     if (t >= p.tokens) {
         return;
     }
     let e = p.experts;
     let k = p.top_k;
     let row = t * e;
-    let base = t * p.stride;
+    let base = (t - p.t0) * p.stride;
     if (p.scoring == 0u) {
         softmax(row, base);
     } else {

@@ -61,7 +61,7 @@ pub(crate) fn variant(dtype: DType) -> usize {
 pub(crate) struct Kernels {
     pub route: Kernel,
     pub topk: Kernel,
-    /// Entry points `count`, `scan`, `assign`, `gather`.
+    /// Entry points `count`, `scan_chunks`, `scan`, `assign`, `gather`.
     pub permute: Kernel,
     pub grouped_matmul: Kernel,
     pub combine: Kernel,
@@ -87,7 +87,15 @@ pub(crate) struct Gpu {
     pub max_binding: u64,
     /// The device was created with [`TIMESTAMPS`]: [`Gpu::time`] reads the device clock.
     pub timestamps: bool,
+    /// Most loop iterations one shader invocation may run, where the driver has such a limit
+    /// ([`Gpu::check_loops`]).
+    pub loop_budget: Option<u64>,
 }
+
+/// Mesa's llvmpipe (lavapipe's device) stops every loop of a shader invocation once the
+/// invocation has run this many iterations in all (`LP_MAX_TGSI_LOOP_ITERATIONS` in gallivm), and
+/// the kernel goes on with wrong values, silently.
+const LLVMPIPE_LOOP_BUDGET: u64 = 65_535;
 
 /// What timing with the device clock needs: timestamp query sets, written between submissions.
 pub(crate) const TIMESTAMPS: wgpu::Features =
@@ -181,8 +189,8 @@ impl Gpu {
                 &device,
                 "permute",
                 PERMUTE,
-                &[false, false, true, true, true, true, true],
-                &["count", "scan", "assign", "gather"],
+                &[false, false, true, true, true, true, true, true],
+                &["count", "scan_chunks", "scan", "assign", "gather"],
                 true,
             ),
             grouped_matmul: Kernel::new(
@@ -219,6 +227,7 @@ impl Gpu {
         // Shaders index with u32, so never more than 4 GiB per binding.
         let adapter_binding = limits.max_storage_buffer_binding_size.min(u32::MAX as u64);
         let max_binding = max_binding.unwrap_or(u64::MAX).min(adapter_binding) / 4 * 4;
+        let loop_budget = info.name.contains("llvmpipe").then_some(LLVMPIPE_LOOP_BUDGET);
         Ok(Gpu {
             device,
             queue,
@@ -230,6 +239,7 @@ impl Gpu {
             dummy,
             max_binding,
             timestamps,
+            loop_budget,
         })
     }
 
@@ -347,6 +357,24 @@ impl Gpu {
             ));
         }
         Ok([x as u32, y as u32, 1])
+    }
+
+    /// Refuses a dispatch of `what` whose invocations run up to `iterations` loop iterations each,
+    /// where that is past the driver's [`Gpu::loop_budget`]: it would compute wrong values
+    /// without any error.
+    pub fn check_loops(&self, what: impl std::fmt::Display, iterations: u64) -> Result<()> {
+        match self.loop_budget {
+            Some(budget) if iterations > budget => Err(MoeError::unsupported(
+                NAME,
+                format!("{what} on {}", self.info.name),
+                format!(
+                    "one shader invocation would loop about {iterations} times, and Mesa's llvmpipe stops an \
+                     invocation's loops after {budget} iterations (the results would be wrong); this shape needs \
+                     a hardware adapter"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Records `steps` of `kernel` in one compute pass over one bind group

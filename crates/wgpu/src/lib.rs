@@ -11,8 +11,10 @@
 //!   [`moe_hal_core::spec`] exactly, comparing floats through integer keys
 //!   built from their bits (NaN and infinities are recognised from bits too).
 //! - `topk.wgsl`: one invocation per row, the same selection.
-//! - `permute.wgsl`: counting sort in four dispatches (count per expert,
-//!   scan, stable slot assignment per expert in ascending flat index, gather).
+//! - `permute.wgsl`: counting sort in five dispatches over chunks of the flat
+//!   ids (count per chunk and expert, scan over the chunks, scan over the
+//!   experts, stable slot assignment per chunk and expert in ascending flat
+//!   index, gather), so that no invocation walks all `T * k` ids.
 //! - `grouped_matmul.wgsl`: 32x32 output tiles staged through workgroup
 //!   memory, fused SwiGLU; the grid is sized from the row upper bound and
 //!   each workgroup finds its expert by walking `offsets` on the device.
@@ -43,6 +45,12 @@
 //! up to 2^10 are reported: the shaders handle any value, but selection costs
 //! grow as `E * k` per token and `k^2` per combined element.
 //!
+//! Mesa's llvmpipe (lavapipe) stops an invocation's loops after 65535 iterations in all and goes
+//! on with wrong values, so on it a call whose invocations would loop more (route with about
+//! `(4 + k) * E` past that, topk `k * cols`, combine `k^2` per element, permute to 65535 experts
+//! or more, GEMMs with `K` past about 55 000) is refused with `MoeError::Unsupported`, saying so.
+//! Model shapes are far inside it.
+//!
 //! # Timing
 //!
 //! Where the adapter offers `TIMESTAMP_QUERY` and `TIMESTAMP_QUERY_INSIDE_ENCODERS` (Vulkan, DX12,
@@ -66,6 +74,22 @@
 //! unspecified values, never an out-of-bounds write).
 
 mod gpu;
+
+/// Flat ids per chunk of the permute (`permute.wgsl`): the most ids one invocation walks, well
+/// inside llvmpipe's loop budget, and `C * E` invocations share the counting.
+const PERMUTE_CHUNK: usize = 4096;
+/// Most chunk counts (chunks x experts, u32 each) a permute keeps: 64 MiB.
+const PERMUTE_CHUNK_COUNTS: u64 = 1 << 24;
+
+/// Loop iterations of the tiled GEMMs' invocations over `k` inputs: the tiles of k, two loads and
+/// [`TILE_K`] products each.
+fn tile_loops(k: usize) -> u64 {
+    let tiles = k.div_ceil(TILE_K) as u64;
+    tiles * (1 + 2 + TILE_K as u64)
+}
+
+/// The k tile of `grouped_matmul.wgsl` and `router_logits.wgsl` (`TK`).
+const TILE_K: usize = 16;
 
 use gpu::{variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
 use moe_hal_core::{
@@ -341,6 +365,10 @@ impl Backend for WgpuBackend {
         if s.tokens == 0 {
             return Ok(());
         }
+        self.gpu.check_loops(
+            format_args!("router_logits with hidden {}", s.hidden),
+            tile_loops(s.hidden),
+        )?;
         let params = [
             usize_u32("tokens", s.tokens)?,
             usize_u32("hidden", s.hidden)?,
@@ -394,8 +422,15 @@ impl Backend for WgpuBackend {
                 },
             ),
         };
+        // Per token: scores (up to three passes over E), group scores and their selection, then k
+        // passes over E.
+        let loops = (4 + spec.top_k as u64) * e as u64 + (n_group * (topk_group + 1)) as u64 + 2 * spec.top_k as u64;
+        self.gpu
+            .check_loops(format_args!("route of {e} experts, k {}", spec.top_k), loops)?;
         let stride = e + 2 * n_group;
-        let scratch = self.alloc(DType::U32, tokens.saturating_mul(stride))?;
+        // The scratch binds at once: tokens in dispatches of as many as it holds.
+        let per = ((self.gpu.max_binding / 4) as usize / stride).max(1).min(tokens);
+        let scratch = self.alloc(DType::U32, per.saturating_mul(stride))?;
         let bias = spec
             .correction_bias
             .as_ref()
@@ -422,20 +457,26 @@ impl Backend for WgpuBackend {
             eps.to_bits(),
             spec.routed_scaling_factor.to_bits(),
             usize_u32("scratch stride", stride)?,
+            0,
         ];
-        let groups = self.gpu.grid("route", tokens as u64, WG)?;
         let bias_buf = bias.as_ref().map_or(&self.gpu.dummy, |b| &b.buf);
-        self.gpu.run(
-            "route",
-            &self.gpu.kernels.route,
-            &[Step {
-                entry: 0,
-                variant: 0,
-                groups,
-            }],
-            &params,
-            &[&logits.buf, bias_buf, &ids.buf, &weights.buf, &scratch.buf],
-        )
+        for t0 in (0..tokens).step_by(per) {
+            let mut params = params;
+            params[12] = usize_u32("first token", t0)?;
+            let groups = self.gpu.grid("route", per.min(tokens - t0) as u64, WG)?;
+            self.gpu.run(
+                "route",
+                &self.gpu.kernels.route,
+                &[Step {
+                    entry: 0,
+                    variant: 0,
+                    groups,
+                }],
+                &params,
+                &[&logits.buf, bias_buf, &ids.buf, &weights.buf, &scratch.buf],
+            )?;
+        }
+        Ok(())
     }
 
     fn topk(
@@ -451,6 +492,10 @@ impl Backend for WgpuBackend {
         if rows == 0 {
             return Ok(());
         }
+        self.gpu.check_loops(
+            format_args!("topk of {k} in {cols} columns"),
+            (k as u64) * (cols as u64 + 1),
+        )?;
         let params = [usize_u32("rows", rows)?, usize_u32("cols", cols)?, usize_u32("k", k)?];
         let groups = self.gpu.grid("topk", rows as u64, WG)?;
         self.gpu.run(
@@ -476,14 +521,26 @@ impl Backend for WgpuBackend {
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let elements = n.saturating_mul(s.hidden);
+        // Chunks of the flat ids (permute.wgsl): PERMUTE_CHUNK each, longer where the chunk
+        // counts (chunks x experts) would pass PERMUTE_CHUNK_COUNTS.
+        let chunk = PERMUTE_CHUNK.max((n as u64 * s.experts as u64).div_ceil(PERMUTE_CHUNK_COUNTS) as usize);
+        let chunks = n.div_ceil(chunk);
+        self.gpu.check_loops(
+            format_args!("permute of {n} rows to {} experts", s.experts),
+            chunk.min(n).max(chunks).max(s.experts + 1) as u64,
+        )?;
         let params = [
             usize_u32("tokens * top_k", n)?,
             usize_u32("experts", s.experts)?,
             usize_u32("hidden", s.hidden)?,
             usize_u32("top_k", s.top_k)?,
+            usize_u32("permute chunk", chunk)?,
+            usize_u32("permute chunks", chunks)?,
         ];
+        let chunk_counts = self.alloc(DType::U32, (chunks * s.experts).max(1))?;
+        let count = self.gpu.grid("permute", (chunks * s.experts) as u64, WG)?;
         let experts = self.gpu.grid("permute", s.experts as u64, WG)?;
-        let assign = self.gpu.grid("permute", s.experts as u64 + 1, WG)?;
+        let assign = self.gpu.grid("permute", (chunks * (s.experts + 1)) as u64, WG)?;
         // One invocation per u32 word of the permuted rows (two elements in 16-bit dtypes).
         let words = elements.div_ceil(4 / hidden.dtype.size());
         let gather = self.gpu.grid("permute gather", words as u64, WG)?;
@@ -495,20 +552,25 @@ impl Backend for WgpuBackend {
                 Step {
                     entry: 0,
                     variant: v,
-                    groups: experts,
+                    groups: count,
                 },
                 Step {
                     entry: 1,
                     variant: v,
-                    groups: [1, 1, 1],
+                    groups: experts,
                 },
                 Step {
                     entry: 2,
                     variant: v,
-                    groups: assign,
+                    groups: [1, 1, 1],
                 },
                 Step {
                     entry: 3,
+                    variant: v,
+                    groups: assign,
+                },
+                Step {
+                    entry: 4,
                     variant: v,
                     groups: gather,
                 },
@@ -522,6 +584,7 @@ impl Backend for WgpuBackend {
                 &out.slot_of.buf,
                 &out.source_of.buf,
                 &out.rows.buf,
+                &chunk_counts.buf,
             ],
         )
     }
@@ -585,6 +648,16 @@ impl Backend for WgpuBackend {
                 (s.activation == Activation::SwiGlu) as u32,
                 usize_u32("experts", e1)?,
             ];
+            // The first invocation of a workgroup walks the group's experts, then every invocation
+            // the tiles of k.
+            self.gpu.check_loops(
+                format_args!(
+                    "grouped_matmul of {} experts with in_features {}",
+                    e1 - e0,
+                    s.in_features
+                ),
+                (e1 - e0) as u64 + tile_loops(s.in_features),
+            )?;
             // Each expert adds at most one partial row tile to the full ones.
             let row_tiles = s.rows.div_ceil(TILE as usize) as u64 + (e1 - e0) as u64;
             let yz = self.gpu.grid("grouped_matmul", row_tiles, 1)?;
@@ -622,6 +695,13 @@ impl Backend for WgpuBackend {
         if elements == 0 {
             return Ok(());
         }
+        // Per element, k picks over the k slots in ascending expert id; two elements per word in
+        // 16-bit dtypes.
+        let k = s.top_k as u64;
+        self.gpu.check_loops(
+            format_args!("combine with top_k {k}"),
+            (4 / output.dtype.size()) as u64 * k * (k + 1),
+        )?;
         let params = [
             usize_u32("tokens", s.tokens)?,
             usize_u32("hidden", s.hidden)?,

@@ -185,6 +185,159 @@ fn out_of_range_ids_are_harmless() {
     assert_eq!(b.download(&o).unwrap(), HostVec::F32(vec![1.0, 1.0, 5.0, 5.0]));
 }
 
+/// A stable counting sort of `ids` (ids >= `e` unplaced), as the contract defines the permute:
+/// counts, offsets, slot_of, source_of.
+fn counting_sort(ids: &[u32], e: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut counts = vec![0u32; e];
+    for &i in ids.iter().filter(|&&i| (i as usize) < e) {
+        counts[i as usize] += 1;
+    }
+    let mut offsets = vec![0u32; e + 1];
+    for x in 0..e {
+        offsets[x + 1] = offsets[x] + counts[x];
+    }
+    let mut cursor = offsets.clone();
+    let (mut slot_of, mut source_of) = (vec![u32::MAX; ids.len()], vec![0u32; ids.len()]);
+    for (f, &i) in ids.iter().enumerate() {
+        if (i as usize) < e {
+            let c = &mut cursor[i as usize];
+            slot_of[f] = *c;
+            source_of[*c as usize] = f as u32;
+            *c += 1;
+        }
+    }
+    (counts, offsets, slot_of, source_of)
+}
+
+/// Permutes of 65536 rows and more (8192 tokens of top-8, a prefill): the flat ids are counted
+/// and assigned in chunks, across chunk boundaries and ids past E too, in f32 and in bf16 with an
+/// odd width. llvmpipe once stopped the single pass over all ids at 65535 iterations, silently.
+#[test]
+fn long_permutes_are_a_stable_counting_sort() {
+    let Some(b) = backend() else { return };
+    for (tokens, experts, hidden, dtype) in [(8192, 64, 2, DType::F32), (9001, 7, 3, DType::BF16)] {
+        let top_k = 8;
+        let n = tokens * top_k;
+        let mut st = 0x9e37_79b9_7f4a_7c15u64;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                // A few ids past E, which stay unplaced.
+                (st % (experts as u64 + 1)) as u32 + st.is_multiple_of(97) as u32 * 1000
+            })
+            .collect();
+        let x: Vec<f32> = (0..tokens * hidden).map(|i| (i % 251) as f32).collect();
+        let s = PermuteShape {
+            tokens,
+            hidden,
+            top_k,
+            experts,
+        };
+        let xb = b.upload(HostVec::from_f32(&x, dtype).unwrap().as_slice()).unwrap();
+        let ib = b.upload(HostSlice::U32(&ids)).unwrap();
+        let mut out = Permuted::alloc(&b, s, dtype).unwrap();
+        b.permute(&xb, &ib, s, &mut out).unwrap();
+        let u = |buf: &WgpuBuffer| b.download(buf).unwrap().into_u32().unwrap();
+        let (counts, offsets, slot_of, source_of) = counting_sort(&ids, experts);
+        let placed = offsets[experts] as usize;
+        assert_eq!(u(&out.counts), counts, "{tokens} tokens, {experts} experts");
+        assert_eq!(u(&out.offsets), offsets);
+        assert_eq!(u(&out.slot_of), slot_of);
+        assert_eq!(u(&out.source_of)[..placed], source_of[..placed]);
+        let rows = b.download(&out.rows).unwrap().to_f32().unwrap();
+        for (r, &f) in source_of[..placed].iter().enumerate() {
+            let t = f as usize / top_k;
+            assert_eq!(
+                rows[r * hidden..(r + 1) * hidden],
+                x[t * hidden..(t + 1) * hidden],
+                "row {r}"
+            );
+        }
+    }
+}
+
+/// On llvmpipe, which stops an invocation's loops after 65535 iterations, shapes past that are
+/// refused with a reason instead of computed wrong; other adapters run them (not timed here).
+#[test]
+fn llvmpipe_loop_budget_refuses_instead_of_computing_wrong() {
+    let Some(b) = backend() else { return };
+    if !b.device_name().contains("llvmpipe") {
+        eprintln!("SKIPPED: not llvmpipe ({})", b.device_name());
+        return;
+    }
+    let refused = |r: Result<(), MoeError>, what: &str| match r {
+        Err(MoeError::Unsupported { reason, .. }) => assert!(reason.contains("65535"), "{what}: {reason}"),
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    };
+    // route of 65536 experts, k 1.
+    let e = 1 << 16;
+    let logits = b.upload(HostSlice::F32(&vec![0.0; e])).unwrap();
+    let (mut ids, mut w) = (b.alloc(DType::U32, 1).unwrap(), b.alloc(DType::F32, 1).unwrap());
+    let spec = moe_hal_core::RouterSpec::softmax_topk(e, 1, false);
+    refused(b.route(&logits, &spec, 1, &mut ids, &mut w), "route");
+    // topk of 16 in 8192 columns.
+    let v = b.upload(HostSlice::F32(&vec![0.0; 8192])).unwrap();
+    let (mut ids, mut out) = (b.alloc(DType::U32, 16).unwrap(), b.alloc(DType::F32, 16).unwrap());
+    refused(b.topk(&v, 1, 8192, 16, &mut ids, &mut out), "topk");
+    // combine of 256 slots per token.
+    let k = 256;
+    let y = b.upload(HostSlice::F32(&vec![1.0; k])).unwrap();
+    let ids = b.upload(HostSlice::U32(&(0..k as u32).collect::<Vec<_>>())).unwrap();
+    let w = b.upload(HostSlice::F32(&vec![1.0; k])).unwrap();
+    let mut o = b.alloc(DType::F32, 1).unwrap();
+    let cs = CombineShape {
+        tokens: 1,
+        hidden: 1,
+        top_k: k,
+        accumulate: false,
+    };
+    refused(b.combine(&y, &ids, &w, &ids, &mut o, cs), "combine");
+    // permute to 65536 experts (the scan over experts).
+    let s = PermuteShape {
+        tokens: 1,
+        hidden: 1,
+        top_k: 1,
+        experts: e,
+    };
+    let x = b.upload(HostSlice::F32(&[1.0])).unwrap();
+    let ids = b.upload(HostSlice::U32(&[40_000])).unwrap();
+    let mut out = Permuted::alloc(&b, s, DType::F32).unwrap();
+    refused(b.permute(&x, &ids, s, &mut out), "permute");
+}
+
+/// Route's scratch (E + 2 groups words per token) takes more than the logits: tokens past what
+/// one binding of it holds run in further dispatches, so logits that bind are never refused.
+#[test]
+fn route_runs_in_dispatches_when_its_scratch_would_not_bind() {
+    if backend().is_none() {
+        return;
+    }
+    let b = WgpuBackend::with_binding_limit(4096).unwrap();
+    let spec = moe_hal_core::RouterSpec::deepseek_v3(8, 2, 2, 1, Some(vec![0.01; 8]), true, 2.5);
+    let tokens = 120;
+    let logits: Vec<f32> = (0..tokens * 8).map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0).collect();
+    let lb = b.upload(HostSlice::F32(&logits)).unwrap();
+    let (mut ids, mut w) = (
+        b.alloc(DType::U32, tokens * 2).unwrap(),
+        b.alloc(DType::F32, tokens * 2).unwrap(),
+    );
+    b.route(&lb, &spec, tokens, &mut ids, &mut w).unwrap();
+    let l64: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let (want_ids, want_w) = moe_hal_core::reference::route(&l64, tokens, &spec);
+    assert_eq!(b.download(&ids).unwrap().into_u32().unwrap(), want_ids);
+    let got: Vec<f64> = b
+        .download(&w)
+        .unwrap()
+        .to_f32()
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    assert!(moe_hal_core::reference::rel_l2(&got, &want_w) < 1e-5);
+}
+
 #[test]
 fn clones_share_the_device() {
     let Some(b) = backend() else { return };
@@ -195,8 +348,8 @@ fn clones_share_the_device() {
     assert!(!b.device_name().is_empty());
 }
 
-/// The full conformance suite (the workspace suite runs the quick one on
-/// wgpu): T = 0 and T = 257 too. About 2 s on lavapipe.
+/// The full conformance suite from this crate alone (the workspace suite runs it too): T = 0 and
+/// T = 257 as well. About 2 s on lavapipe.
 #[test]
 fn full_conformance() {
     let Some(b) = backend() else { return };
