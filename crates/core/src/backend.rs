@@ -229,9 +229,10 @@ pub enum Activation {
 /// `input` is `[rows, in_features]`; rows `offsets[e] .. offsets[e+1]` belong
 /// to expert `e`; `output` is `[rows, out_features]`. Rows beyond
 /// `offsets[experts]` are left untouched. Offsets must be non-decreasing with
-/// `offsets[experts] <= rows` (as `permute` writes them); they live on the
-/// device and are not checked, so other offsets stay in bounds (each is
-/// clamped to `rows`) but give backend-dependent results.
+/// `offsets[experts] <= rows` (as `permute` writes them). They live on the
+/// device: the CPU backend checks them and returns an error, the device
+/// backends cannot without a read-back and clamp each to `rows` instead, so
+/// other offsets stay in bounds but give backend-dependent results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmShape {
     pub rows: usize,

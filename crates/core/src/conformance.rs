@@ -1229,6 +1229,18 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             "MoeLayer::forward: tokens * hidden overflows".into(),
             layer.forward(&lx, usize::MAX / 2 + 1).map(|_| ()),
         ));
+        // Checked before the output is allocated (and, on the CPU, filled) for that many tokens.
+        v.push((
+            "MoeLayer::forward: more tokens than the input holds".into(),
+            match layer.forward(&lx, 1 << 40) {
+                Err(e) if e.to_string().contains("layer input") => Err(e),
+                _ => Ok(()),
+            },
+        ));
+        v.push((
+            "download_array: a shape whose product overflows".into(),
+            crate::host::download_array::<B, f32>(b, &lx, &[1 << 63, 2]).map(|_| ()),
+        ));
         let mut lg = f(4 * 8)?;
         v.push((
             "router_logits: weight too short".into(),

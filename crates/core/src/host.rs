@@ -22,6 +22,7 @@ pub fn download_array<B: Backend + ?Sized, T: Element>(
     buf: &B::Buffer,
     shape: &[usize],
 ) -> Result<ArrayD<T>> {
+    let n = crate::backend::checked_product("download shape", shape)?;
     let host = backend.download(buf)?;
     let got = host.dtype();
     let mut v = T::from_host(host).ok_or_else(|| MoeError::DType {
@@ -29,7 +30,6 @@ pub fn download_array<B: Backend + ?Sized, T: Element>(
         got,
         expected: T::DTYPE.to_string(),
     })?;
-    let n: usize = shape.iter().product();
     if v.len() < n {
         return Err(MoeError::shape(
             "downloaded buffer length",

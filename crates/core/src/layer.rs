@@ -427,6 +427,8 @@ impl<B: Backend> MoeLayer<B> {
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
     pub fn forward(&mut self, x: &B::Buffer, tokens: usize) -> Result<B::Buffer> {
         let len = checked_mul(tokens, self.hidden, "tokens * hidden")?;
+        // The input first: a wrong token count must not allocate (and fill) an output for it.
+        crate::check::buffer("layer input", x, self.dtype, len)?;
         let mut out = self.backend.alloc(self.dtype, len)?;
         self.forward_into(x, tokens, &mut out)?;
         Ok(out)

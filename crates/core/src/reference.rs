@@ -1,5 +1,11 @@
 //! The float64 reference: every kernel and the whole layer, written to be
 //! obviously correct rather than fast. It is the oracle of every test.
+//!
+//! It is public so that embedders can check a backend the way the conformance suite does, but it
+//! is a test oracle, not an API for untrusted input: its kernel functions take well-formed
+//! arguments (lengths and ids as their kernels' checks require) and may panic or read only part
+//! of malformed ones. `LayerWeights::reference_forward` and `reference_logits` check their input
+//! and return errors.
 
 use crate::backend::{Activation, CombineShape, GemmShape};
 use crate::spec::{GroupScore, Renorm, RouterSpec, Scoring};

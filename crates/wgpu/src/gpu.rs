@@ -90,7 +90,12 @@ pub(crate) struct Gpu {
     /// Most loop iterations one shader invocation may run, where the driver has such a limit
     /// ([`Gpu::check_loops`]).
     pub loop_budget: Option<u64>,
+    /// This device's number in the process, which its buffers carry ([`Gpu::new`] counts them).
+    pub id: u64,
 }
+
+/// Devices opened so far: each [`Gpu`] takes the next number.
+static DEVICES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Mesa's llvmpipe (lavapipe's device) stops every loop of a shader invocation once the
 /// invocation has run this many iterations in all (`LP_MAX_TGSI_LOOP_ITERATIONS` in gallivm), and
@@ -240,6 +245,7 @@ impl Gpu {
             max_binding,
             timestamps,
             loop_budget,
+            id: DEVICES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

@@ -111,6 +111,9 @@ pub struct WgpuBuffer {
     buf: wgpu::Buffer,
     dtype: DType,
     len: usize,
+    /// The device it lives on ([`gpu::Gpu::id`]): a wgpu buffer id means another buffer, or
+    /// nothing, on another device, so every call checks it ([`WgpuBackend::mine`]).
+    device: u64,
 }
 
 impl DeviceBuffer for WgpuBuffer {
@@ -243,6 +246,19 @@ impl WgpuBackend {
         self.gpu.map_read("download", &staging)
     }
 
+    /// Refuses buffers made by another `WgpuBackend` (another device): their ids name other
+    /// buffers here, or none (wgpu then panics).
+    fn mine(&self, bufs: &[(&str, &WgpuBuffer)]) -> Result<()> {
+        match bufs.iter().find(|(_, b)| b.device != self.gpu.id) {
+            Some((what, _)) => Err(MoeError::unsupported(
+                NAME,
+                format!("{what} from another WgpuBackend"),
+                "a buffer belongs to the device of the backend that made it (and its clones); upload it to this one",
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn caps(&self) -> Capabilities {
         self.capabilities()
     }
@@ -286,7 +302,12 @@ impl Backend for WgpuBackend {
                 mapped_at_creation: false,
             })
         })?;
-        Ok(WgpuBuffer { buf, dtype, len })
+        Ok(WgpuBuffer {
+            buf,
+            dtype,
+            len,
+            device: self.gpu.id,
+        })
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<WgpuBuffer> {
@@ -308,10 +329,12 @@ impl Backend for WgpuBackend {
             buf,
             dtype: data.dtype(),
             len: data.len(),
+            device: self.gpu.id,
         })
     }
 
     fn write(&self, buf: &mut WgpuBuffer, data: HostSlice<'_>) -> Result<()> {
+        self.mine(&[("write destination", buf)])?;
         check::buffer("write destination", buf, data.dtype(), data.len())?;
         let src = bytes_of(data);
         if src.is_empty() {
@@ -335,6 +358,7 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, buf: &WgpuBuffer) -> Result<HostVec> {
+        self.mine(&[("download source", buf)])?;
         let bytes = buf.len * buf.dtype.size();
         if bytes == 0 {
             self.gpu.wait()?;
@@ -361,6 +385,7 @@ impl Backend for WgpuBackend {
         logits: &mut WgpuBuffer,
         s: RouterShape,
     ) -> Result<()> {
+        self.mine(&[("hidden", hidden), ("router weight", weight), ("logits", logits)])?;
         check::router_logits(NAME, &self.caps(), hidden, weight, logits, s)?;
         if s.tokens == 0 {
             return Ok(());
@@ -406,6 +431,7 @@ impl Backend for WgpuBackend {
         ids: &mut WgpuBuffer,
         weights: &mut WgpuBuffer,
     ) -> Result<()> {
+        self.mine(&[("logits", logits), ("ids", ids), ("weights", weights)])?;
         check::route(NAME, &self.caps(), logits, spec, tokens, ids, weights)?;
         if tokens == 0 {
             return Ok(());
@@ -488,6 +514,7 @@ impl Backend for WgpuBackend {
         ids: &mut WgpuBuffer,
         out: &mut WgpuBuffer,
     ) -> Result<()> {
+        self.mine(&[("values", values), ("ids", ids), ("out", out)])?;
         check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
         if rows == 0 {
             return Ok(());
@@ -518,6 +545,15 @@ impl Backend for WgpuBackend {
         s: PermuteShape,
         out: &mut Permuted<WgpuBuffer>,
     ) -> Result<()> {
+        self.mine(&[
+            ("hidden", hidden),
+            ("ids", ids),
+            ("counts", &out.counts),
+            ("offsets", &out.offsets),
+            ("slot_of", &out.slot_of),
+            ("source_of", &out.source_of),
+            ("rows", &out.rows),
+        ])?;
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let elements = n.saturating_mul(s.hidden);
@@ -597,6 +633,12 @@ impl Backend for WgpuBackend {
         output: &mut WgpuBuffer,
         s: GemmShape,
     ) -> Result<()> {
+        self.mine(&[
+            ("input", input),
+            ("offsets", offsets),
+            ("weight", weight),
+            ("output", output),
+        ])?;
         check::grouped_matmul(NAME, &self.caps(), input, offsets, weight, output, s)?;
         if s.rows == 0 {
             return Ok(());
@@ -690,6 +732,13 @@ impl Backend for WgpuBackend {
         output: &mut WgpuBuffer,
         s: CombineShape,
     ) -> Result<()> {
+        self.mine(&[
+            ("expert_out", expert_out),
+            ("ids", ids),
+            ("weights", weights),
+            ("slot_of", slot_of),
+            ("output", output),
+        ])?;
         check::combine(NAME, &self.caps(), expert_out, ids, weights, slot_of, output, s)?;
         let elements = s.tokens * s.hidden;
         if elements == 0 {

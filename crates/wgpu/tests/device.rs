@@ -338,6 +338,40 @@ fn route_runs_in_dispatches_when_its_scratch_would_not_bind() {
     assert!(moe_hal_core::reference::rel_l2(&got, &want_w) < 1e-5);
 }
 
+/// A buffer of another `WgpuBackend` (another device) is refused by every call: its wgpu id
+/// names another buffer on this device (a write landed there), or none (wgpu panicked).
+#[test]
+fn buffers_of_another_backend_are_refused() {
+    let Some(a) = backend() else { return };
+    let b = WgpuBackend::new().unwrap();
+    let mine = a.upload(HostSlice::F32(&[1.0; 4])).unwrap();
+    let mut theirs = b.upload(HostSlice::F32(&[5.0; 4])).unwrap();
+    let foreign = |r: Result<(), MoeError>, what: &str| match r {
+        Err(MoeError::Unsupported { what: w, .. }) => assert!(w.contains("another WgpuBackend"), "{what}: {w}"),
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    };
+    foreign(a.write(&mut theirs, HostSlice::F32(&[9.0; 4])), "write");
+    foreign(a.download(&theirs).map(|_| ()), "download");
+    assert_eq!(a.download(&mine).unwrap(), HostVec::F32(vec![1.0; 4]));
+    let s = GemmShape {
+        rows: 2,
+        in_features: 2,
+        out_features: 2,
+        experts: 1,
+        activation: Activation::None,
+    };
+    let offsets = a.upload(HostSlice::U32(&[0, 2])).unwrap();
+    let mut out = a.alloc(DType::F32, 4).unwrap();
+    foreign(
+        a.grouped_matmul(&theirs, &offsets, &mine, &mut out, s),
+        "grouped_matmul",
+    );
+    // A clone is the same device.
+    let c = a.clone();
+    c.grouped_matmul(&mine, &offsets, &mine, &mut out, s).unwrap();
+    assert_eq!(c.download(&out).unwrap(), HostVec::F32(vec![2.0; 4]));
+}
+
 #[test]
 fn clones_share_the_device() {
     let Some(b) = backend() else { return };
