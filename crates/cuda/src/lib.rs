@@ -58,6 +58,10 @@ pub struct CudaBuffer {
     data: Data,
     dtype: DType,
     len: usize,
+    /// The ordinal of the device it lives on: another device cannot read it (its memory pool
+    /// grants no peer access), and a kernel that tried would leave that device's context
+    /// unusable for the rest of the process, so every call checks it ([`CudaBackend::mine`]).
+    device: usize,
 }
 
 impl DeviceBuffer for CudaBuffer {
@@ -137,6 +141,12 @@ struct Kernels {
     combine_bf16: CudaFunction,
 }
 
+/// Correction biases kept on the device ([`CudaBackend::device_bias`]): more than any public
+/// model's MoE layers (DeepSeek-V3 58, Kimi-K2 60).
+const BIAS_CACHE: usize = 128;
+/// Router offsets kept per token count before the cache starts over.
+const ROUTER_OFFSETS_CACHE: usize = 64;
+
 /// A host bias and its device copy.
 type BiasEntry = (Vec<f32>, Arc<CudaSlice<f32>>);
 
@@ -149,6 +159,8 @@ struct Device {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     gemm_policy: launch::GemmPolicy,
+    /// The device's ordinal, which its buffers carry.
+    ordinal: usize,
     name: String,
     arch: (i32, i32),
     total_mem: usize,
@@ -285,6 +297,7 @@ fn init_device(ordinal: usize) -> Result<Device> {
         arch: (major, minor),
         kernels,
         gemm_policy,
+        ordinal,
     })
 }
 
@@ -400,7 +413,12 @@ impl Backend for CudaBackend {
             DType::BF16 | DType::F16 => Data::B16(s.alloc_zeros::<u16>(n).map_err(dev_err)?),
             DType::U32 => Data::U32(s.alloc_zeros::<u32>(n).map_err(dev_err)?),
         };
-        Ok(CudaBuffer { data, dtype, len })
+        Ok(CudaBuffer {
+            data,
+            dtype,
+            len,
+            device: self.dev.ordinal,
+        })
     }
 
     fn upload(&self, data: HostSlice<'_>) -> Result<CudaBuffer> {
@@ -410,6 +428,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, buf: &mut CudaBuffer, data: HostSlice<'_>) -> Result<()> {
+        self.mine(&[("write destination", buf)])?;
         check::buffer("write destination", buf, data.dtype(), data.len())?;
         if data.is_empty() {
             return Ok(());
@@ -432,6 +451,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, buf: &CudaBuffer) -> Result<HostVec> {
+        self.mine(&[("download source", buf)])?;
         let s = self.stream();
         let n = buf.len;
         Ok(match (&buf.data, buf.dtype) {
@@ -477,6 +497,7 @@ impl Backend for CudaBackend {
         logits: &mut CudaBuffer,
         s: RouterShape,
     ) -> Result<()> {
+        self.mine(&[("hidden", hidden), ("router weight", weight), ("logits", logits)])?;
         check::router_logits(NAME, &self.caps(), hidden, weight, logits, s)?;
         if s.tokens == 0 {
             return Ok(());
@@ -521,6 +542,7 @@ impl Backend for CudaBackend {
         ids: &mut CudaBuffer,
         weights: &mut CudaBuffer,
     ) -> Result<()> {
+        self.mine(&[("logits", logits), ("ids", ids), ("weights", weights)])?;
         check::route(NAME, &self.caps(), logits, spec, tokens, ids, weights)?;
         let a = launch::route_args(spec, tokens)?;
         if tokens == 0 {
@@ -559,6 +581,7 @@ impl Backend for CudaBackend {
         ids: &mut CudaBuffer,
         out: &mut CudaBuffer,
     ) -> Result<()> {
+        self.mine(&[("values", values), ("ids", ids), ("out", out)])?;
         check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
         // One byte of dynamic shared memory per column, beside 256 bytes of static scratch.
         if cols.saturating_add(256) > launch::MAX_DYNAMIC_SMEM {
@@ -592,6 +615,15 @@ impl Backend for CudaBackend {
         s: PermuteShape,
         out: &mut Permuted<CudaBuffer>,
     ) -> Result<()> {
+        self.mine(&[
+            ("hidden", hidden),
+            ("ids", ids),
+            ("counts", &out.counts),
+            ("offsets", &out.offsets),
+            ("slot_of", &out.slot_of),
+            ("source_of", &out.source_of),
+            ("rows", &out.rows),
+        ])?;
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let (n32, e32) = (n as u32, grid_u32("experts", s.experts)?);
@@ -664,6 +696,12 @@ impl Backend for CudaBackend {
         output: &mut CudaBuffer,
         s: GemmShape,
     ) -> Result<()> {
+        self.mine(&[
+            ("input", input),
+            ("offsets", offsets),
+            ("weight", weight),
+            ("output", output),
+        ])?;
         check::grouped_matmul(NAME, &self.caps(), input, offsets, weight, output, s)?;
         match (&input.data, &weight.data, &mut output.data) {
             (Data::F32(x), Data::F32(w), Data::F32(y)) => self.gemm_f32(x, offsets.u32(), w, y, s),
@@ -702,6 +740,13 @@ impl Backend for CudaBackend {
         output: &mut CudaBuffer,
         s: CombineShape,
     ) -> Result<()> {
+        self.mine(&[
+            ("expert_out", expert_out),
+            ("ids", ids),
+            ("weights", weights),
+            ("slot_of", slot_of),
+            ("output", output),
+        ])?;
         check::combine(NAME, &self.caps(), expert_out, ids, weights, slot_of, output, s)?;
         if s.tokens == 0 || s.hidden == 0 {
             return Ok(());
@@ -720,7 +765,8 @@ impl Backend for CudaBackend {
             s.top_k as u32,
         );
         let acc = s.accumulate as u32;
-        let n_rows = launch::to_u32("expert_out rows", expert_out.len / s.hidden)?;
+        // Slots past u32 are never written (slot_of is u32), so a longer buffer counts as u32::MAX rows.
+        let n_rows = (expert_out.len / s.hidden).min(u32::MAX as usize) as u32;
         let kern = &self.dev.kernels;
         let st = self.stream();
         let smem = k * 4;
@@ -748,14 +794,27 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// The bias on the device, uploaded on first use (a few recent ones are kept).
+    /// Refuses buffers made on another device (by a backend of another ordinal).
+    fn mine(&self, bufs: &[(&str, &CudaBuffer)]) -> Result<()> {
+        match bufs.iter().find(|(_, b)| b.device != self.dev.ordinal) {
+            Some((what, b)) => Err(MoeError::unsupported(
+                NAME,
+                format!("{what} from CUDA device {} on device {}", b.device, self.dev.ordinal),
+                "a buffer belongs to the device of the backend that made it; upload it to this one",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The bias on the device, uploaded on first use (the most recent [`BIAS_CACHE`] are kept: a
+    /// DeepSeek-V3 forward routes its 58 MoE layers with 58 biases).
     fn device_bias(&self, bias: &[f32]) -> Result<Arc<CudaSlice<f32>>> {
         let mut cache = self.dev.biases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, d)) = cache.iter().find(|(h, _)| h.as_slice() == bias) {
             return Ok(d.clone());
         }
         let d = Arc::new(self.stream().clone_htod(bias).map_err(dev_err)?);
-        if cache.len() == 8 {
+        if cache.len() == BIAS_CACHE {
             cache.remove(0);
         }
         cache.push((bias.to_vec(), d.clone()));
@@ -772,6 +831,10 @@ impl CudaBackend {
                 .clone_htod(&[0u32, launch::to_u32("tokens", tokens)?])
                 .map_err(dev_err)?,
         );
+        // Token counts of a serving loop vary: keep a bounded few.
+        if cache.len() >= ROUTER_OFFSETS_CACHE {
+            cache.clear();
+        }
         cache.insert(tokens, d.clone());
         Ok(d)
     }
