@@ -665,6 +665,23 @@ fn peak_at_least_achieved(c: Ceilings, records: &[Record]) -> (Ceilings, Option<
     }
 }
 
+/// Notes for the layer records of a run over several batches that streamed faster than the
+/// bandwidth ceiling: their weights outgrow any cache, so the ceiling was measured in a slower
+/// spell of the host, and the run's bandwidth-bound fractions read high.
+fn above_bandwidth(name: &str, c: &Ceilings, records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r.kernel == "layer" && r.gbps > c.bandwidth_gbps)
+        .map(|r| {
+            format!(
+                "note: {name} layer at {} tokens streamed {:.1} GB/s, above the {:.1} GB/s ceiling: the host's memory \
+                 bandwidth changed during the run, so its fractions are not comparable",
+                r.tokens, r.gbps, c.bandwidth_gbps
+            )
+        })
+        .collect()
+}
+
 /// The roofline bound of `r`'s work (FLOPs over the GEMM peak or bytes over the bandwidth,
 /// whichever takes longer) over its median time.
 fn roofline_fraction(c: &Ceilings, r: &Record) -> f64 {
@@ -887,10 +904,10 @@ impl Sweep<'_> {
                 w.flops += r.gflops * 1e9 * r.median_ms * 1e-3;
             }
             // Bytes, as issue 8 defines the bound: the weights of the experts actually chosen,
-            // averaged over the batches the timed runs cycle through (these forwards are also the
-            // runs' first warm-up), and the shared expert's. Activations and the router's weight
-            // are left out, so that a layer that moves fewer of them gains against the bound.
-            let mut chosen = 0usize;
+            // averaged over the timed runs' batches (these forwards are also the runs' first
+            // warm-up), and the shared expert's. Activations and the router's weight are left out,
+            // so that a layer that moves fewer of them gains against the bound.
+            let mut chosen = Vec::with_capacity(xs.len());
             for xb in &xs {
                 layer.forward_into(xb, t, &mut out).map_err(err)?;
                 let (ids, _) = layer.last_routing().map_err(err)?;
@@ -900,9 +917,13 @@ impl Sweep<'_> {
                         *s = true;
                     }
                 }
-                chosen += seen.iter().filter(|&&s| s).count();
+                chosen.push(seen.iter().filter(|&&s| s).count());
             }
-            w.bytes = chosen as f64 / xs.len() as f64 * expert_bytes;
+            // Run r (counted from 1, warm-up first) reads batch r mod the batches; `time` times
+            // at least one run.
+            let n = self.repeat.max(1);
+            let timed = (self.warmup + 1..=self.warmup + n).map(|r| chosen[r % xs.len()]);
+            w.bytes = timed.sum::<usize>() as f64 / n as f64 * expert_bytes;
             if let Some(si) = self.shape.shared_inter {
                 let (tf, sf) = (t as f64, si as f64);
                 w.flops += 2.0 * tf * h * 3.0 * sf + 2.0 * tf * h;
@@ -1104,6 +1125,13 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
         );
     }
     print!("{}", report::table(&all));
+    if a.inputs > 1 {
+        for (name, run) in &runs {
+            for note in above_bandwidth(name, &run.ceilings, &run.records) {
+                println!("{note}");
+            }
+        }
+    }
     if let Some(p) = &a.json {
         report::write_json(p, &all)?;
     }
@@ -1170,6 +1198,28 @@ mod tests {
 
     /// A record faster than the measured peak raises it, so that no compute-bound record reads
     /// above 100%; slower records, NaN rates and the bandwidth leave the ceilings as measured.
+    #[test]
+    fn layers_above_the_bandwidth_ceiling_get_a_note() {
+        let c = Ceilings {
+            gemm_gflops: 100.0,
+            gemv_gbps: 50.0,
+            copy_gbps: 40.0,
+            bandwidth_gbps: 50.0,
+            clock: Clock::Wall,
+        };
+        let mut fast = record("layer", 1, 1.0, 1.0, 55.0);
+        let slow = record("layer", 16, 1.0, 1.0, 45.0);
+        let kernel = record("gemm_down", 1, 1.0, 1.0, 80.0);
+        let notes = above_bandwidth("cpu", &c, &[fast.clone(), slow, kernel]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("layer at 1 tokens streamed 55.0 GB/s, above the 50.0"),
+            "{notes:?}"
+        );
+        fast.gbps = 50.0;
+        assert!(above_bandwidth("cpu", &c, &[fast]).is_empty());
+    }
+
     #[test]
     fn peak_is_at_least_what_a_kernel_achieved() {
         let c = Ceilings {
