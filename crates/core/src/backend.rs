@@ -329,6 +329,18 @@ pub struct Permuted<B> {
 }
 
 impl<B: DeviceBuffer> Permuted<B> {
+    /// Every buffer with its name, for checks that go over all of them (a device backend's check
+    /// that each is its own, say).
+    pub fn named(&self) -> [(&'static str, &B); 5] {
+        [
+            ("counts", &self.counts),
+            ("offsets", &self.offsets),
+            ("slot_of", &self.slot_of),
+            ("source_of", &self.source_of),
+            ("rows", &self.rows),
+        ]
+    }
+
     /// Allocates outputs for `shape` with rows in `dtype`.
     pub fn alloc<K: Backend<Buffer = B> + ?Sized>(backend: &K, shape: PermuteShape, dtype: DType) -> Result<Self> {
         let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;

@@ -615,15 +615,8 @@ impl Backend for CudaBackend {
         s: PermuteShape,
         out: &mut Permuted<CudaBuffer>,
     ) -> Result<()> {
-        self.mine(&[
-            ("hidden", hidden),
-            ("ids", ids),
-            ("counts", &out.counts),
-            ("offsets", &out.offsets),
-            ("slot_of", &out.slot_of),
-            ("source_of", &out.source_of),
-            ("rows", &out.rows),
-        ])?;
+        self.mine(&[("hidden", hidden), ("ids", ids)])?;
+        self.mine(&out.named())?;
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let (n32, e32) = (n as u32, grid_u32("experts", s.experts)?);

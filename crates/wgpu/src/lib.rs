@@ -545,15 +545,8 @@ impl Backend for WgpuBackend {
         s: PermuteShape,
         out: &mut Permuted<WgpuBuffer>,
     ) -> Result<()> {
-        self.mine(&[
-            ("hidden", hidden),
-            ("ids", ids),
-            ("counts", &out.counts),
-            ("offsets", &out.offsets),
-            ("slot_of", &out.slot_of),
-            ("source_of", &out.source_of),
-            ("rows", &out.rows),
-        ])?;
+        self.mine(&[("hidden", hidden), ("ids", ids)])?;
+        self.mine(&out.named())?;
         check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let elements = n.saturating_mul(s.hidden);
