@@ -35,10 +35,11 @@ struct Params {
     eps: f32,
     scale: f32,
     stride: u32,
-    // The first token of this dispatch: tokens [t0, tokens) run, each with its scratch at
-    // (t - t0) * stride (the host cuts the tokens so that the scratch binds at once).
+    // The tokens of this dispatch, [t0, t1), each with its scratch at (t - t0) * stride (the
+    // host cuts the tokens so that the scratch binds at once; the grid's last workgroup may
+    // reach past t1).
     t0: u32,
-    p1: u32,
+    t1: u32,
     p2: u32,
     p3: u32,
 }
@@ -213,7 +214,7 @@ fn groups(base: u32) {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
     let t = p.t0 + (wg.x + wg.y * nwg.x) * 64u + li;
-    if (t >= p.tokens) {
+    if (t >= p.t1) {
         return;
     }
     let e = p.experts;

@@ -1196,8 +1196,7 @@ mod tests {
         assert!((roofline_fraction(&a, &r) - 0.5).abs() < 1e-12);
     }
 
-    /// A record faster than the measured peak raises it, so that no compute-bound record reads
-    /// above 100%; slower records, NaN rates and the bandwidth leave the ceilings as measured.
+    /// Only layer records that streamed past the bandwidth ceiling get a note.
     #[test]
     fn layers_above_the_bandwidth_ceiling_get_a_note() {
         let c = Ceilings {
@@ -1220,6 +1219,8 @@ mod tests {
         assert!(above_bandwidth("cpu", &c, &[fast]).is_empty());
     }
 
+    /// A record faster than the measured peak raises it, so that no compute-bound record reads
+    /// above 100%; slower records, NaN rates and the bandwidth leave the ceilings as measured.
     #[test]
     fn peak_is_at_least_what_a_kernel_achieved() {
         let c = Ceilings {

@@ -24,7 +24,8 @@
 //!    that round to the same f32 (saturated sigmoids, scores flushed to 0, group sums that
 //!    overflow) are equal, whatever their logits. Each backend computes `exp` its own way, within
 //!    a few f32 epsilons, so scores that close may be ordered differently on different backends;
-//!    the CPU backend orders them the same on every CPU and SIMD level.
+//!    the CPU backend's `route` orders them the same, from the same logits, on every CPU and SIMD
+//!    level.
 //! 6. **Weights** are the unbiased `s` of the chosen experts, renormalised as
 //!    [`Renorm`] says (a zero sum leaves the weights at 0), then multiplied by
 //!    `routed_scaling_factor`.

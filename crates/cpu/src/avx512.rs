@@ -1697,7 +1697,9 @@ pub unsafe fn softmax(x: &[f32], out: &mut [f32]) -> bool {
 /// calls). A NaN gate stays NaN (it is the numerator), -inf gives NaN and +inf gives inf, as the
 /// scalar formula does. Every lane computes the same operations whatever its position, so the
 /// bits do not depend on the tiling. One core: 0.18 against 1.44-1.46 ns an element for the scalar loop
-/// (qwen3-30b-a3b gate/up at 256 tokens holds 1.6 M of them).
+/// (qwen3-30b-a3b gate/up at 256 tokens holds 1.6 M of them), measured when exp still fused its
+/// multiply-adds (since e5f8336 they are apart, for the routing scores' sake: a few more
+/// instructions an element, and last-bit changes in the outputs).
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
@@ -1892,8 +1894,8 @@ mod tests {
 
     /// The routing scores on 16 lanes and in the scalar path (`crate::route`): the same bits,
     /// for exp over its whole range and the edges, for sigmoid, and for softmax rows of every
-    /// length up to 40 and a few longer, so that the CPU backend routes the same at every SIMD
-    /// level.
+    /// length up to 40 and a few longer, so that `route` chooses the same from the same logits at
+    /// every SIMD level.
     #[test]
     fn routing_scores_have_the_scalar_bits() {
         if skipped_without_avx512() {

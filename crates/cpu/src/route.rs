@@ -60,8 +60,9 @@ fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: boo
     }
 }
 
-/// Cephes' `expf`, the routing scores' exp on every SIMD level, so that the CPU backend routes the
-/// same on every CPU: Cody-Waite reduction by ln 2, a degree-6 polynomial, then the power of two.
+/// Cephes' `expf`, the routing scores' exp on every SIMD level, so that the CPU backend's `route`
+/// chooses the same from the same logits on every CPU (the router GEMM's logits themselves come
+/// from the SIMD level's own kernels, whose sums may differ in the last bits): Cody-Waite reduction by ln 2, a degree-6 polynomial, then the power of two.
 /// [`crate::avx512`]'s vector version does the same operations lane by lane (separate multiplies
 /// and adds, no FMA, which a CPU without it would have to emulate), so it gives the same bits (a
 /// test checks both over the whole range). Within 3 f32 epsilons of exp for results from f32's

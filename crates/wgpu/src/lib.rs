@@ -450,7 +450,9 @@ impl Backend for WgpuBackend {
         };
         // Per token: scores (up to three passes over E), group scores and their selection, then k
         // passes over E.
-        let loops = (4 + spec.top_k as u64) * e as u64 + (n_group * (topk_group + 1)) as u64 + 2 * spec.top_k as u64;
+        let loops = (4 + spec.top_k as u64) * e as u64
+            + (n_group * (topk_group + 1) + topk_group) as u64
+            + 2 * spec.top_k as u64;
         self.gpu
             .check_loops(format_args!("route of {e} experts, k {}", spec.top_k), loops)?;
         let stride = e + 2 * n_group;
@@ -484,12 +486,14 @@ impl Backend for WgpuBackend {
             spec.routed_scaling_factor.to_bits(),
             usize_u32("scratch stride", stride)?,
             0,
+            0,
         ];
         let bias_buf = bias.as_ref().map_or(&self.gpu.dummy, |b| &b.buf);
         for t0 in (0..tokens).step_by(per) {
-            let mut params = params;
+            let (mut params, n) = (params, per.min(tokens - t0));
             params[12] = usize_u32("first token", t0)?;
-            let groups = self.gpu.grid("route", per.min(tokens - t0) as u64, WG)?;
+            params[13] = usize_u32("end token", t0 + n)?;
+            let groups = self.gpu.grid("route", n as u64, WG)?;
             self.gpu.run(
                 "route",
                 &self.gpu.kernels.route,
