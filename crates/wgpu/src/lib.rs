@@ -75,6 +75,13 @@
 
 mod gpu;
 
+use gpu::{variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
+use moe_hal_core::{
+    check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, GroupScore, HostSlice,
+    HostVec, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
+};
+use std::sync::Arc;
+
 /// Flat ids per chunk of the permute (`permute.wgsl`): the most ids one invocation walks, well
 /// inside llvmpipe's loop budget, and `C * E` invocations share the counting.
 const PERMUTE_CHUNK: usize = 4096;
@@ -90,13 +97,6 @@ fn tile_loops(k: usize) -> u64 {
 
 /// The k tile of `grouped_matmul.wgsl` and `router_logits.wgsl` (`TK`).
 const TILE_K: usize = 16;
-
-use gpu::{variant, Gpu, Step, FLOAT_VARIANTS, NAME, TILE, WG};
-use moe_hal_core::{
-    check, Activation, Backend, Capabilities, CombineShape, DType, DeviceBuffer, GemmShape, GroupScore, HostSlice,
-    HostVec, MoeError, PermuteShape, Permuted, Renorm, Result, RouterShape, RouterSpec, Scoring,
-};
-use std::sync::Arc;
 
 /// The WebGPU backend. Cheap to clone: clones share the device, queue and pipelines.
 #[derive(Clone)]
