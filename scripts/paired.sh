@@ -38,5 +38,8 @@ $(dep gemm)
 [target.'cfg(target_os = "linux")'.dependencies]
 $(dep libc)
 TOML
+# The workspace's lock, so that gemm, rayon and half are the versions moe-bench runs (cargo adds
+# the two local crates to it).
+cp Cargo.lock scripts/paired/Cargo.lock
 cargo build -q --release --manifest-path scripts/paired/Cargo.toml --target-dir target/paired
 exec "target/paired/release/$@"

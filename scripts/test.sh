@@ -10,16 +10,21 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 # The CANN slot's fake-install test builds a tiny shared library with the C compiler.
 if ! command -v cc >/dev/null; then
   echo "== installing a C compiler (gcc) for the CANN fake-install test"
-  as_root apt-get update -qq && as_root apt-get install -y -qq gcc >/dev/null
+  # One command a line: set -e does not stop at a failing `update` inside an && list.
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq gcc >/dev/null
 fi
 # WebGPU runs for real on Mesa's software Vulkan driver (lavapipe); WGPU_BACKEND=vulkan keeps wgpu
 # from falling back silently to GL.
 if ! ldconfig -p 2>/dev/null | grep libvulkan.so.1 >/dev/null || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   echo "== installing Mesa's software Vulkan driver (mesa-vulkan-drivers, libvulkan1)"
-  as_root apt-get update -qq && as_root apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
-rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
 
 # Backends whose absence fails the run (the conformance suite skips absent ones otherwise).
 export MOE_REQUIRE_BACKENDS="${MOE_REQUIRE_BACKENDS:-cpu,wgpu}"

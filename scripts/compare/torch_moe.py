@@ -22,7 +22,7 @@ shared weights, and the input/output activations. roofline_fraction is 0
 (no ceilings are measured on the torch side).
 
 ``--hidden --inter --experts`` override the preset's shape (records are then
-labelled ``custom-h..-i..-e..-k..`` as moe-bench labels them), e.g. a small
+labelled ``custom-h..-i..-e..-k..-ROUTER`` as moe-bench labels them), e.g. a small
 DeepSeek-V3-style block: ``--preset deepseek-v3 --experts 16 --hidden 256 --inter 64``.
 """
 
@@ -117,7 +117,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: the CPUs this process may run on, as moe-bench's pool takes)",
+    )
     ap.add_argument("--json", required=True, help="output file (JSON array of moe-bench records)")
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size (as moe-bench's --hidden)")
     ap.add_argument("--inter", type=int, help="override the preset's expert intermediate size")
@@ -132,13 +137,17 @@ def main() -> int:
 
     import torch
 
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    # torch's own default is the physical cores; moe-bench's rayon pool takes every CPU the process
+    # may run on, so the same count here unless told otherwise.
+    torch.set_num_threads(a.threads if a.threads > 0 else len(os.sched_getaffinity(0)))
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
     ds = torch.tensor([], dtype=dtype).element_size()
     block, (H, I, E, k, S) = build_block(a.preset, dtype, a.hidden, a.inter, a.experts)
-    # moe-bench labels a preset with overridden fields the same way
-    label = a.preset if not (a.hidden or a.inter or a.experts) else f"custom-h{H}-i{I}-e{E}-k{k}"
+    # moe-bench labels a preset with overridden fields the same way, router included
+    family, _, _, _, _, G, TG = PRESETS[a.preset][:7]
+    routing = "softmax" if family != "deepseek_v3" else (f"sigmoid-g{G}of{TG}" if G > 1 else "sigmoid")
+    custom = f"custom-h{H}-i{I}-e{E}-k{k}-{routing}"
+    label = a.preset if not (a.hidden or a.inter or a.experts) else custom
     gen = torch.Generator().manual_seed(1)
     records = []
     with torch.inference_mode():

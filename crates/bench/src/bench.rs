@@ -952,8 +952,7 @@ impl Sweep<'_> {
                 gb(caps.max_buffer_bytes as u128)
             ));
         }
-        caps.check_route(b.name(), &self.shape.spec)
-            .map_err(|e| e.to_string())?;
+        b.check_router(&self.shape.spec).map_err(|e| e.to_string())?;
         self.progress.set_message(format!("{}: ceilings", b.name()));
         let first = ceilings(&b, self.dtype, self.seed.wrapping_add(100))?;
         self.progress.inc(1);

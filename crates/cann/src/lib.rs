@@ -11,7 +11,10 @@
 //!   naming the operator (and attributes) it would call;
 //! - a kernel whose operators the installed CANN lacks, or a router the
 //!   operators cannot express, is [`MoeError::Unsupported`], and the
-//!   capability query says so before any dispatch.
+//!   capability query says so before any dispatch: [`Backend::capabilities`]
+//!   for kernels, [`Backend::check_router`] for routers (the gating
+//!   operators' limits by CANN release, which `MoeLayer::new` and
+//!   `moe-bench bench` ask before anything runs).
 //!
 //! Bad arguments get the same typed errors as on every backend: each kernel
 //! runs the shared checks of [`moe_hal_core::check`] first. Nothing panics.
@@ -297,6 +300,14 @@ impl Backend for CannBackend {
         }
     }
 
+    /// The installed gating operators' limits for `spec`, release by release (an early CANN
+    /// takes only the DeepSeek-V3 router), as well as the documented numbers: known up front,
+    /// whether or not the runtime is usable.
+    fn check_router(&self, spec: &RouterSpec) -> Result<()> {
+        self.capabilities().check_route(NAME, spec)?;
+        self.check_route_spec(spec).map(|_| ())
+    }
+
     /// What the installed operators offer; kernels whose operators are all
     /// missing are left out. Without any CANN library: what the docs offer.
     fn capabilities(&self) -> Capabilities {
@@ -368,10 +379,11 @@ impl Backend for CannBackend {
             ids,
             weights,
         )?;
-        let call = self.check_route_spec(spec)?;
+        // Without a usable runtime every kernel says so first, whatever its arguments' limits.
         if let Some(reason) = self.probe.unavailable_reason() {
             return Err(MoeError::unavailable(NAME, reason));
         }
+        let call = self.check_route_spec(spec)?;
         Err(self.not_yet(format!("route (would call {call})")))
     }
 
@@ -491,6 +503,45 @@ mod tests {
         }
         assert!(text.contains("unavailable"));
         assert!(text.contains("ASCEND_HOME_PATH"));
+    }
+
+    /// The routers an early CANN's gating operator refuses are refused by the capability query,
+    /// before any buffer, and a later release's query takes them; `route` without a runtime says
+    /// it is unavailable whatever the router.
+    #[test]
+    fn router_limits_by_release_are_in_the_capability_query() {
+        use moe_hal_core::RouterSpec;
+        let ds_v3 = RouterSpec::deepseek_v3(256, 8, 8, 4, Some(vec![0.0; 256]), true, 2.5);
+        let kimi = RouterSpec::deepseek_v3(384, 8, 1, 1, Some(vec![0.0; 384]), true, 2.827);
+        let sigmoid_groups = RouterSpec::deepseek_v3(128, 8, 8, 4, Some(vec![0.0; 128]), true, 1.0);
+        // Softmax routers go to the softmax gating operator, which has no release limit.
+        let mixtral = RouterSpec::softmax_topk(8, 2, true);
+        let early = CannBackend::from_probe(Probe::empty()).with_gating_release(GatingRelease::Early);
+        for spec in [&ds_v3, &mixtral] {
+            early.check_router(spec).unwrap();
+        }
+        for spec in [&kimi, &sigmoid_groups] {
+            let e = early.check_router(spec).unwrap_err();
+            assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("early releases"), "{e}");
+        }
+        let current = CannBackend::from_probe(Probe::empty());
+        for spec in [&ds_v3, &mixtral, &kimi, &sigmoid_groups] {
+            current.check_router(spec).unwrap();
+        }
+        let big = RouterSpec::softmax_topk(4096, 8, true);
+        assert!(current.check_router(&big).is_err());
+        // No runtime: route is unavailable before any limit of the spec is looked at.
+        let sigmoid_no_renorm = RouterSpec::deepseek_v3(128, 8, 1, 1, None, false, 1.0);
+        let (logits, mut ids, mut w) = (
+            CannBuffer::descriptor(DType::F32, 128),
+            CannBuffer::descriptor(DType::U32, 8),
+            CannBuffer::descriptor(DType::F32, 8),
+        );
+        let e = early
+            .route(&logits, &sigmoid_no_renorm, 1, &mut ids, &mut w)
+            .unwrap_err();
+        assert!(matches!(e, MoeError::BackendUnavailable { .. }), "{e}");
     }
 
     #[test]

@@ -315,7 +315,7 @@ pub enum GatingRelease {
     /// k <= 32. Inferred from the 8.1.RC1 kernel (fixed 8 x 32 sort and 4-way
     /// merge) and one public integration that only calls it for E = 256.
     Early,
-    /// CANN 8.2 / 8.3: the documented general limits, sigmoid only.
+    /// CANN 8.2 to 8.4: the documented general limits, sigmoid only.
     SigmoidOnly,
     /// CANN 8.5 and later: the documented limits, softmax or sigmoid.
     Current,

@@ -380,6 +380,14 @@ pub trait Backend: Send + Sync {
     /// The device, in words.
     fn device_name(&self) -> String;
     fn capabilities(&self) -> Capabilities;
+    /// Whether [`Backend::route`] can run `spec`, asked before any buffer exists (a layer's
+    /// construction, a benchmark's setup): the capability query for routers. The default checks
+    /// [`Capabilities::max_experts`] and [`Capabilities::max_top_k`]; a backend whose limits depend
+    /// on more of the spec (the CANN slot's gating operators, by CANN release) adds them here, so
+    /// that they are known up front and not only when `route` runs.
+    fn check_router(&self, spec: &RouterSpec) -> Result<()> {
+        self.capabilities().check_route(self.name(), spec)
+    }
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;

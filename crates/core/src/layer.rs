@@ -299,7 +299,7 @@ impl<B: Backend> MoeLayer<B> {
         ] {
             caps.check(backend.name(), k, dtype)?;
         }
-        caps.check_route(backend.name(), &weights.router)?;
+        backend.check_router(&weights.router)?;
         let router_weight = backend.upload(HostSlice::F32(&weights.router_weight))?;
         // Expert weights go up for the shapes of the forward pass (any token count), packed where
         // the backend packs them.
