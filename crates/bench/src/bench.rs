@@ -357,7 +357,14 @@ fn gb(bytes: u128) -> String {
 }
 
 /// Refuses a run that would not fit in memory, with a suggestion.
-fn check_memory(shape: &Shape, dtype: DType, max_tokens: usize, est: &MemoryEstimate) -> Result<(), String> {
+/// `bf16_total` is what the same run needs in bf16 ([`estimate`]), for the suggestion.
+fn check_memory(
+    shape: &Shape,
+    dtype: DType,
+    max_tokens: usize,
+    est: &MemoryEstimate,
+    bf16_total: u128,
+) -> Result<(), String> {
     let Some(avail) = std::env::var("MOE_BENCH_MEM_AVAILABLE")
         .ok()
         .and_then(|v| v.parse::<u128>().ok())
@@ -371,9 +378,7 @@ fn check_memory(shape: &Shape, dtype: DType, max_tokens: usize, est: &MemoryEsti
         return Ok(());
     }
     let mut hints = Vec::new();
-    // bf16 halves the weights and activations (the ceilings' buffers stay).
-    let half = ((2 * est.weights + est.activations) / 2).max(2 * STREAM_BYTES as u128);
-    if dtype == DType::F32 && half <= usable {
+    if dtype == DType::F32 && bf16_total <= usable {
         hints.push("--dtype bf16".to_string());
     }
     let fixed = est.total - 2 * shape.experts as u128 * est.per_expert;
@@ -1032,7 +1037,8 @@ pub fn bench(a: &BenchArgs) -> Result<(), String> {
     let names = backends(&a.backend)?;
     let max_tokens = *tokens.last().expect("parse_tokens returns at least one");
     let est = estimate(&shape, dtype, max_tokens, a.inputs)?;
-    check_memory(&shape, dtype, max_tokens, &est)?;
+    let bf16_total = estimate(&shape, DType::BF16, max_tokens, a.inputs)?.total;
+    check_memory(&shape, dtype, max_tokens, &est, bf16_total)?;
 
     let steps = names.len() as u64 * (2 + tokens.len() as u64 * (KERNELS.len() as u64 + 1));
     let progress = ProgressBar::new(steps);

@@ -1926,8 +1926,8 @@ mod tests {
                 row2.iter_mut().step_by(5).for_each(|v| *v = -*v * 0.01);
                 for r in [&row, &row2, &x[..n.min(x.len())].to_vec()] {
                     let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
-                    crate::route::scores_for_test(r, scoring, &mut a, true);
-                    crate::route::scores_for_test(r, scoring, &mut b, false);
+                    crate::route::scores(r, scoring, &mut a, true);
+                    crate::route::scores(r, scoring, &mut b, false);
                     assert_eq!(bits(&a), bits(&b), "{scoring:?} n = {n}");
                 }
             }

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 /// Scores of one token into `s`, with the contract's non-finite rules and its flush of scores
 /// below f32's normal range to 0; sigmoid and softmax on 16 lanes with `avx512`
 /// ([`crate::avx512::sigmoid`], [`crate::avx512::softmax`]).
-fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
+pub(crate) fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
     scores_unflushed(logits, scoring, s, avx512);
     let n = logits.len().min(s.len());
     s[..n].iter_mut().for_each(|v| {
@@ -14,12 +14,6 @@ fn scores(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
             *v = 0.0;
         }
     });
-}
-
-/// [`scores`], for the SIMD tests elsewhere in the crate.
-#[cfg(test)]
-pub(crate) fn scores_for_test(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
-    scores(logits, scoring, s, avx512)
 }
 
 fn scores_unflushed(logits: &[f32], scoring: Scoring, s: &mut [f32], avx512: bool) {
