@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every kernels/cuda/*.cu with NVRTC for sm_80 and sm_90 (straight to
+# Compiles every kernels/cuda/*.cu with NVRTC for sm_75, sm_80 and sm_90 (straight to
 # cubin, as the CUDA backend does at run time) and fails on any error. Needs no
 # GPU and no CUDA toolkit: NVRTC and the CUDA headers come from PyPI (the 13.0
 # series, matching the GPU driver available to us) in .venv-nvrtc.
@@ -21,5 +21,5 @@ fi
 cu13="$(cd "$venv"/lib/python3*/site-packages/nvidia/cu13 && pwd)"
 # libnvrtc loads its builtins library from its own folder: it must be on the path before the process starts.
 export LD_LIBRARY_PATH="$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ $# -eq 0 ]; then set -- sm_80 sm_90; fi
+if [ $# -eq 0 ]; then set -- sm_75 sm_80 sm_90; fi
 exec "$venv/bin/python" scripts/check_cuda_kernels.py "$PWD" "$cu13/include" "$@"

@@ -432,7 +432,9 @@ pub trait Backend: Send + Sync {
     /// A device clock excludes what a wall clock around `f` and [`Backend::synchronize`] also counts:
     /// host-side launch and validation overhead, the wait for the host to notice completion, and
     /// the read-back of the timestamps themselves. Work enqueued before `f` should be finished
-    /// first (call [`Backend::synchronize`]), or the interval may include its tail.
+    /// first (call [`Backend::synchronize`]), or the interval may include its tail. The clock is the
+    /// device queue's (CUDA: the context's one stream, which every clone of the backend shares), so
+    /// work that another thread enqueues on the same device while `f` runs is counted too.
     ///
     /// `Ok(None)`: this backend (or this device) has no usable device clock; the work is still
     /// done and waited for, so the caller times the call with a wall clock instead. The default

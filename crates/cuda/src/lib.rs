@@ -199,8 +199,39 @@ pub fn probe_libraries() -> std::result::Result<std::path::PathBuf, String> {
     })
 }
 
+/// The oldest driver (CUDA 13.0, as `cuDriverGetVersion` counts) that runs what NVRTC 13 compiles and
+/// has every entry point the backend calls (cudarc's `cuda-13000` bindings).
+const MIN_DRIVER: i32 = 13000;
+
+/// Why a driver of `version` cannot run the backend, if it cannot.
+fn driver_too_old(version: i32) -> Option<String> {
+    (version < MIN_DRIVER).then(|| {
+        format!(
+            "the NVIDIA driver supports CUDA {}.{}; the kernels NVRTC 13 compiles need a driver for CUDA {}.{} or newer",
+            version / 1000,
+            version % 1000 / 10,
+            MIN_DRIVER / 1000,
+            MIN_DRIVER % 1000 / 10
+        )
+    })
+}
+
 fn init_device(ordinal: usize) -> Result<Device> {
     let include = probe_libraries().map_err(|why| MoeError::unavailable(NAME, why))?;
+    let mut version = 0;
+    // SAFETY: the probe found libcuda; cuDriverGetVersion (in every driver) writes one int and needs no
+    // context. An older driver would load the cubins with an error and panic at a missing newer entry
+    // point (cudarc looks symbols up at first call), so it is reported here instead.
+    let got = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if got != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(MoeError::unavailable(
+            NAME,
+            format!("cuDriverGetVersion failed: {got:?}"),
+        ));
+    }
+    if let Some(why) = driver_too_old(version) {
+        return Err(MoeError::unavailable(NAME, why));
+    }
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| MoeError::unavailable(NAME, format!("no CUDA device {ordinal}: {e:?}")))?;
     let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
@@ -508,7 +539,9 @@ impl Backend for CudaBackend {
         let x: &CudaSlice<f32> = match &hidden.data {
             Data::F32(d) => d,
             Data::B16(d) => {
-                let mut out = self.stream().alloc_zeros::<f32>(n).map_err(dev_err)?;
+                // SAFETY: unset memory is never read: the cast below writes all n floats first (zeroing
+                // would be one more pass over T * H floats a call).
+                let mut out = unsafe { self.stream().alloc::<f32>(n) }.map_err(dev_err)?;
                 let f = if hidden.dtype == DType::BF16 {
                     &self.dev.kernels.cast_bf16
                 } else {
@@ -623,8 +656,11 @@ impl Backend for CudaBackend {
         let chunks = launch::permute_chunks(n);
         let scratch_len = chunks.max(1) * s.experts;
         let st = self.stream();
-        let mut chunk_counts = st.alloc_zeros::<u32>(scratch_len).map_err(dev_err)?;
-        let mut chunk_base = st.alloc_zeros::<u32>(scratch_len).map_err(dev_err)?;
+        // SAFETY: unset memory is never read: with chunks > 0, permute_chunk_counts writes all chunks * E
+        // counts and permute_scan all chunks * E bases before any read; with none, the scan reads neither.
+        let mut chunk_counts = unsafe { st.alloc::<u32>(scratch_len) }.map_err(dev_err)?;
+        // SAFETY: as above.
+        let mut chunk_base = unsafe { st.alloc::<u32>(scratch_len) }.map_err(dev_err)?;
         let k = &self.dev.kernels;
         let c32 = chunks as u32;
         if chunks > 0 {
@@ -940,6 +976,16 @@ mod tests {
         assert!(grid_u32("hidden", usize::MAX).is_err());
     }
 
+    /// A driver older than CUDA 13.0 is "unavailable" with its version, not a load error or a panic later.
+    #[test]
+    fn old_drivers_are_refused_by_version() {
+        assert_eq!(driver_too_old(13000), None);
+        assert_eq!(driver_too_old(13020), None);
+        let why = driver_too_old(12080).unwrap();
+        assert!(why.contains("CUDA 12.8") && why.contains("13.0 or newer"), "{why}");
+        assert!(driver_too_old(0).is_some());
+    }
+
     #[test]
     fn unavailable_without_a_gpu_is_an_error_not_a_panic() {
         match CudaBackend::new() {
@@ -977,7 +1023,7 @@ mod tests {
             eprintln!("SKIPPED: CUDA headers not found");
             return;
         };
-        for arch in ["sm_80", "sm_90"] {
+        for arch in ["sm_75", "sm_80", "sm_90"] {
             for (name, src) in compile::SOURCES {
                 let cubin = compile::compile_cubin(name, src, arch, &include).unwrap();
                 assert!(cubin.len() > 100, "{name} {arch}");
