@@ -15,7 +15,12 @@
 //! - **Router GEMM** runs in f32 whatever the activation dtype.
 //! - **Tolerances** against float64, as relative L2 error (NaN never passes):
 //!   see [`tolerance`]. Results are deterministic: the same inputs give the
-//!   same bits on the same backend, whatever the thread count.
+//!   same bits on the same backend, whatever the thread count. Not across
+//!   batches: a backend picks kernels by the rows each expert gets, so one
+//!   token's output may differ in its last bits with the other tokens of
+//!   its batch. bf16 products on x86's `vdpbf16ps` (the CPU backend, where
+//!   the CPU has AVX512-BF16) take inputs and results below bf16's normal
+//!   range (about 1.2e-38) as 0, as that instruction does.
 //! - **Bad input** (lengths, dtypes, ranges) is a [`MoeError`], never a panic.
 //!
 //! Buffers are flat and typed; shapes travel as small `*Shape` structs so that

@@ -114,6 +114,10 @@ pub fn topk<B: DeviceBuffer + ?Sized>(
     out: &B,
 ) -> Result<()> {
     caps.check(backend, Kernel::TopK, DType::F32)?;
+    // ids are u32 column indices.
+    if cols as u64 > 1 << 32 {
+        return Err(MoeError::shape("cols", cols, "at most 2^32 (ids are u32)"));
+    }
     if k == 0 || k > cols {
         return Err(MoeError::shape("k", k, format!("1 ..= cols ({cols})")));
     }

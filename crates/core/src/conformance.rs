@@ -1038,6 +1038,11 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
         ));
         let mut small = u(3)?;
         v.push(("topk: k > cols".into(), b.topk(&logits, 4, 8, 9, &mut ids, &mut w)));
+        // No rows, so every buffer is long enough: the columns alone do not fit the u32 ids.
+        v.push((
+            "topk: cols past u32 ids".into(),
+            b.topk(&logits, 0, (1 << 32) + 1, 2, &mut ids, &mut w),
+        ));
         v.push((
             "topk: ids too short".into(),
             b.topk(&logits, 4, 8, 2, &mut small, &mut w),

@@ -234,8 +234,20 @@ struct SharedDev<B: Backend> {
     gate: Option<B::Buffer>,
 }
 
-/// Work buffers, reused across calls and grown to the largest token count seen.
+/// What a layer's work buffers are sized for, besides the token count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dims {
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+    dtype: DType,
+    shared_inter: Option<usize>,
+}
+
+/// Work buffers, grown to the largest token count seen.
 struct Scratch<B: Backend> {
+    dims: Dims,
     capacity: usize,
     logits: B::Buffer,
     ids: B::Buffer,
@@ -244,6 +256,126 @@ struct Scratch<B: Backend> {
     act: B::Buffer,
     expert_out: B::Buffer,
     shared: Option<SharedScratch<B>>,
+}
+
+/// The work buffers of [`MoeLayer::forward_with`]: the router's logits, the routing, the permuted
+/// rows and the experts' activations of one forward.
+///
+/// A layer keeps its own for [`MoeLayer::forward`]; with `forward_with` the caller holds them
+/// instead, so that:
+/// - layers of one model share one set (a model's MoE layers have the same shapes) rather than
+///   each keeping buffers for the largest batch it ever ran (at 4096 tokens of a DeepSeek-V3
+///   layer in bf16, over a GiB a layer);
+/// - several threads run one layer at once (`forward_with` takes `&self`), one scratch each,
+///   with no lock around the layer.
+///
+/// Empty until first used, then grown to the largest token count seen, for the last layer's
+/// shapes (another shape reallocates, so give layers of different shapes their own). Its buffers
+/// belong to the backend of the layers that used it. [`LayerScratch::clear`] frees them.
+pub struct LayerScratch<B: Backend> {
+    bufs: Option<Scratch<B>>,
+    last_tokens: usize,
+}
+
+impl<B: Backend> Default for LayerScratch<B> {
+    fn default() -> Self {
+        LayerScratch {
+            bufs: None,
+            last_tokens: 0,
+        }
+    }
+}
+
+impl<B: Backend> LayerScratch<B> {
+    /// No buffers yet: the first forward allocates them.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The token count the buffers hold (0 before the first forward and after [`Self::clear`]).
+    pub fn capacity(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |s| s.capacity)
+    }
+
+    /// Frees the buffers (after a long prefill, say); the next forward allocates them again.
+    pub fn clear(&mut self) {
+        self.bufs = None;
+        self.last_tokens = 0;
+    }
+
+    /// Expert ids `[T, k]` and weights `[T, k]` of the last forward that used this scratch
+    /// (`backend` is that forward's layer's, which owns the buffers).
+    pub fn last_routing(&self, backend: &B) -> Result<(Array2<u32>, Array2<f32>)> {
+        let Some(s) = &self.bufs else {
+            return Ok((Array2::zeros((0, 0)), Array2::zeros((0, 0))));
+        };
+        let (t, k) = (self.last_tokens, s.dims.top_k);
+        let ids = backend.download(&s.ids)?.into_u32().expect("ids are u32");
+        let w = backend.download(&s.weights)?.to_f32().expect("weights are f32");
+        let n = t * k;
+        debug_assert!(s.ids.len() >= n);
+        Ok((
+            Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
+            Array2::from_shape_vec((t, k), w[..n].to_vec())
+                .map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
+        ))
+    }
+
+    /// Buffers for `tokens` tokens of a layer of `dims`.
+    fn ensure(&mut self, b: &B, dims: Dims, tokens: usize) -> Result<&mut Scratch<B>> {
+        let cap = match &self.bufs {
+            Some(s) if s.dims == dims && s.capacity >= tokens => return Ok(self.bufs.as_mut().expect("just matched")),
+            Some(s) if s.dims == dims => tokens,
+            _ => tokens.max(1),
+        };
+        // The old buffers go first, so that growing does not hold both.
+        self.bufs = None;
+        let Dims {
+            experts: e,
+            top_k: k,
+            hidden: h,
+            inter,
+            dtype,
+            shared_inter,
+        } = dims;
+        let tk = checked_mul(cap, k, "tokens * top_k")?;
+        let shared = match shared_inter {
+            None => None,
+            Some(si) => {
+                let iota: Vec<u32> = (0..cap as u32).collect();
+                Some(SharedScratch {
+                    offsets: b.alloc(DType::U32, 2)?,
+                    act: b.alloc(dtype, checked_mul(cap, si, "tokens * shared intermediate")?)?,
+                    out: b.alloc(dtype, checked_mul(cap, h, "tokens * hidden")?)?,
+                    zeros: b.alloc(DType::U32, cap)?,
+                    iota: b.upload(HostSlice::U32(&iota))?,
+                    weights: b.upload(HostSlice::F32(&vec![1.0; cap]))?,
+                    gate_logits: b.alloc(DType::F32, cap)?,
+                })
+            }
+        };
+        let bufs = self.bufs.insert(Scratch {
+            dims,
+            capacity: cap,
+            logits: b.alloc(DType::F32, checked_mul(cap, e, "tokens * experts")?)?,
+            ids: b.alloc(DType::U32, tk)?,
+            weights: b.alloc(DType::F32, tk)?,
+            perm: Permuted::alloc(
+                b,
+                PermuteShape {
+                    tokens: cap,
+                    hidden: h,
+                    top_k: k,
+                    experts: e,
+                },
+                dtype,
+            )?,
+            act: b.alloc(dtype, checked_mul(tk, inter, "tokens * top_k * intermediate")?)?,
+            expert_out: b.alloc(dtype, checked_mul(tk, h, "tokens * top_k * hidden")?)?,
+            shared,
+        });
+        Ok(bufs)
+    }
 }
 
 struct SharedScratch<B: Backend> {
@@ -272,8 +404,7 @@ pub struct MoeLayer<B: Backend> {
     gate_up: B::Buffer,
     down: B::Buffer,
     shared: Option<SharedDev<B>>,
-    scratch: Option<Scratch<B>>,
-    last_tokens: usize,
+    scratch: LayerScratch<B>,
 }
 
 /// The gate of Qwen2-MoE's shared expert, as a one-expert sigmoid router.
@@ -328,8 +459,7 @@ impl<B: Backend> MoeLayer<B> {
             gate_up,
             down,
             shared,
-            scratch: None,
-            last_tokens: 0,
+            scratch: LayerScratch::new(),
             backend,
         })
     }
@@ -353,75 +483,51 @@ impl<B: Backend> MoeLayer<B> {
         &self.spec
     }
 
-    fn ensure_scratch(&mut self, tokens: usize) -> Result<()> {
-        if self.scratch.as_ref().is_some_and(|s| s.capacity >= tokens) {
-            return Ok(());
+    fn dims(&self) -> Dims {
+        Dims {
+            experts: self.spec.num_experts,
+            top_k: self.spec.top_k,
+            hidden: self.hidden,
+            inter: self.inter,
+            dtype: self.dtype,
+            shared_inter: self.shared.as_ref().map(|s| s.inter),
         }
-        let cap = tokens.max(1);
-        let b = &self.backend;
-        let (e, k, h) = (self.spec.num_experts, self.spec.top_k, self.hidden);
-        let tk = cap * k;
-        let shared = match &self.shared {
-            None => None,
-            Some(s) => {
-                let iota: Vec<u32> = (0..cap as u32).collect();
-                Some(SharedScratch {
-                    offsets: b.alloc(DType::U32, 2)?,
-                    act: b.alloc(self.dtype, cap * s.inter)?,
-                    out: b.alloc(self.dtype, cap * h)?,
-                    zeros: b.alloc(DType::U32, cap)?,
-                    iota: b.upload(HostSlice::U32(&iota))?,
-                    weights: b.upload(HostSlice::F32(&vec![1.0; cap]))?,
-                    gate_logits: b.alloc(DType::F32, cap)?,
-                })
-            }
-        };
-        self.scratch = Some(Scratch {
-            capacity: cap,
-            logits: b.alloc(DType::F32, cap * e)?,
-            ids: b.alloc(DType::U32, tk)?,
-            weights: b.alloc(DType::F32, tk)?,
-            perm: Permuted::alloc(
-                b,
-                PermuteShape {
-                    tokens: cap,
-                    hidden: h,
-                    top_k: k,
-                    experts: e,
-                },
-                self.dtype,
-            )?,
-            act: b.alloc(self.dtype, tk * self.inter)?,
-            expert_out: b.alloc(self.dtype, tk * h)?,
-            shared,
-        });
-        Ok(())
     }
 
-    /// Runs the layer on `x[T, H]` (layer dtype) into `out[T, H]` (layer dtype).
+    /// Runs the layer on `x[T, H]` (layer dtype) into `out[T, H]` (layer dtype), with the layer's
+    /// own work buffers (kept at the largest token count seen: [`MoeLayer::release_scratch`]).
     pub fn forward_into(&mut self, x: &B::Buffer, tokens: usize, out: &mut B::Buffer) -> Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let done = self.forward_with(&mut scratch, x, tokens, out);
+        self.scratch = scratch;
+        done
+    }
+
+    /// [`MoeLayer::forward_into`] with work buffers the caller holds: one [`LayerScratch`] can
+    /// serve every layer of a model, and threads can share one layer (`&self`), a scratch each.
+    pub fn forward_with(
+        &self,
+        scratch: &mut LayerScratch<B>,
+        x: &B::Buffer,
+        tokens: usize,
+        out: &mut B::Buffer,
+    ) -> Result<()> {
         let (h, i) = (self.hidden, self.inter);
-        crate::check::buffer(
-            "layer input",
-            x,
-            self.dtype,
-            crate::backend::checked_mul(tokens, h, "tokens * hidden")?,
-        )?;
+        crate::check::buffer("layer input", x, self.dtype, checked_mul(tokens, h, "tokens * hidden")?)?;
         crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
-        self.ensure_scratch(tokens)?;
-        self.last_tokens = tokens;
-        let Self {
-            backend: b,
-            spec,
-            router_weight,
-            gate_up,
-            down,
-            shared,
-            scratch,
-            ..
-        } = self;
-        let (b, s) = (&*b, scratch.as_mut().expect("scratch was just ensured"));
-        b.run(|| kernels(b, spec, router_weight, gate_up, down, shared, s, x, tokens, (h, i), out))
+        let b = &self.backend;
+        let s = scratch.ensure(b, self.dims(), tokens)?;
+        let (spec, router_weight, gate_up, down, shared) =
+            (&self.spec, &self.router_weight, &self.gate_up, &self.down, &self.shared);
+        let done = b.run(|| kernels(b, spec, router_weight, gate_up, down, shared, s, x, tokens, (h, i), out));
+        scratch.last_tokens = if done.is_ok() { tokens } else { 0 };
+        done
+    }
+
+    /// Frees the layer's own work buffers (those of [`MoeLayer::forward`]); the next forward
+    /// allocates them again.
+    pub fn release_scratch(&mut self) {
+        self.scratch.clear();
     }
 
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
@@ -448,21 +554,14 @@ impl<B: Backend> MoeLayer<B> {
         Array2::from_shape_vec((t, h), v[..t * h].to_vec()).map_err(|e| MoeError::shape("output", t * h, e.to_string()))
     }
 
-    /// Expert ids `[T, k]` and weights `[T, k]` of the last forward.
+    /// Expert ids `[T, k]` and weights `[T, k]` of the last [`MoeLayer::forward`] (those of
+    /// `forward_with` are in its [`LayerScratch`]).
     pub fn last_routing(&self) -> Result<(Array2<u32>, Array2<f32>)> {
-        let (t, k) = (self.last_tokens, self.spec.top_k);
-        let Some(s) = &self.scratch else {
+        if self.scratch.capacity() == 0 {
+            let k = self.spec.top_k;
             return Ok((Array2::zeros((0, k)), Array2::zeros((0, k))));
-        };
-        let ids = self.backend.download(&s.ids)?.into_u32().expect("ids are u32");
-        let w = self.backend.download(&s.weights)?.to_f32().expect("weights are f32");
-        let n = t * k;
-        debug_assert!(s.ids.len() >= n);
-        Ok((
-            Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
-            Array2::from_shape_vec((t, k), w[..n].to_vec())
-                .map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
-        ))
+        }
+        self.scratch.last_routing(&self.backend)
     }
 }
 

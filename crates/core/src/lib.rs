@@ -21,7 +21,7 @@ pub use backend::{
 pub use config::{ModelFamily, MoeConfig, SharedExpertConfig};
 pub use dtype::{DType, Element, HostSlice, HostVec};
 pub use error::{MoeError, Result};
-pub use layer::{LayerWeights, MoeLayer, SharedWeights};
+pub use layer::{LayerScratch, LayerWeights, MoeLayer, SharedWeights};
 pub use spec::{GroupScore, Grouping, Renorm, RouterSpec, Scoring};
 
 pub use half::{bf16, f16};

@@ -191,6 +191,38 @@ impl CpuBackend {
         })
     }
 
+    /// Runs `f` on the backend's pool and waits for it, running nothing else on this thread
+    /// meanwhile.
+    ///
+    /// rayon's `install`, called from a worker of another pool (an engine's own rayon pool), runs
+    /// that pool's other jobs on the waiting thread. A job that took a lock (a `Mutex` around a
+    /// layer) and called the backend would then meet another job on this stack that waits for the
+    /// same lock, and deadlock. From such a thread `f` is spawned on the pool instead, and the thread
+    /// waits for it blocked, taking nothing. On the backend's own workers (inside [`Backend::run`])
+    /// `f` runs inline, and on any other thread `install` already blocks.
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if rayon::current_thread_index().is_none() || self.pool.current_thread_index().is_some() {
+            return self.pool.install(f);
+        }
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        });
+        // SAFETY: only the lifetime changes, from this call's to 'static, as a scoped thread's does.
+        // The job's borrows (`f` and what it captured, the result) live until this call returns,
+        // and it returns only after the job has sent its result, which is the job's last use of
+        // them (`f` ran or unwound inside `catch_unwind`; dropping the sender after the send
+        // touches no value). `recv` fails only if the job was dropped unrun, and rayon drops no
+        // spawned job while its pool (which `self` keeps alive) lives.
+        let job: Box<dyn FnOnce() + Send + 'static> = unsafe { std::mem::transmute(job) };
+        self.pool.spawn(job);
+        match wait.recv() {
+            Ok(Ok(r)) => r,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => unreachable!("a job spawned on a live pool runs"),
+        }
+    }
+
     /// The same backend with bf16 expert weights from `upload_weights` packed for, or not for,
     /// `vdpbf16ps` ([`pack`]'s `kpairs` layout, two products per lane and instruction; other dtypes
     /// are unchanged). By default it is on where the CPU has AVX512-BF16 and `vdpbf16ps` issues
@@ -343,8 +375,10 @@ impl Backend for CpuBackend {
             .packing(packed_dtypes(self.simd, self.pack_f32))
     }
 
+    /// Runs `f` on the backend's pool (so the kernels inside run their tiles there without a
+    /// hand-off each), waiting without taking other work (see [`CpuBackend::install`]).
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        self.install(f)
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
@@ -417,16 +451,16 @@ impl Backend for CpuBackend {
             k: s.in_features,
             kpairs: self.dp_packed && data.dtype() == DType::BF16,
         };
-        Ok(CpuBuffer(self.pool.install(|| p.pack(data))?, Some(p)))
+        Ok(CpuBuffer(self.install(|| p.pack(data))?, Some(p)))
     }
 
     fn write(&self, buf: &mut CpuBuffer, data: HostSlice<'_>) -> Result<()> {
         check::buffer("write destination", buf, data.dtype(), data.len())?;
         if let Some(p) = buf.1 {
             // Rare (weights change between calls): unpack, overwrite, pack again.
-            let mut plain = CpuBuffer(self.pool.install(|| p.unpack(&buf.0)), None);
+            let mut plain = CpuBuffer(self.install(|| p.unpack(&buf.0)), None);
             self.write(&mut plain, data)?;
-            buf.0 = self.pool.install(|| p.pack(plain.0.as_slice()))?;
+            buf.0 = self.install(|| p.pack(plain.0.as_slice()))?;
             return Ok(());
         }
         match (&mut buf.0, data) {
@@ -441,7 +475,7 @@ impl Backend for CpuBackend {
 
     fn download(&self, buf: &CpuBuffer) -> Result<HostVec> {
         Ok(match buf.1 {
-            Some(p) => self.pool.install(|| p.unpack(&buf.0)),
+            Some(p) => self.install(|| p.unpack(&buf.0)),
             None => buf.0.clone(),
         })
     }
@@ -462,7 +496,7 @@ impl Backend for CpuBackend {
         plain("router weight", weight)?;
         plain("logits", logits)?;
         let out = matmul::OutPtr::new(f32_mut(logits));
-        self.pool.install(|| {
+        self.install(|| {
             matmul::router_logits(self.simd, float_slice(hidden), f32_slice(weight), out, s);
         });
         Ok(())
@@ -480,8 +514,7 @@ impl Backend for CpuBackend {
         plain("logits", logits)?;
         plain("weights", weights)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
-        self.pool
-            .install(|| route::route(f32_slice(logits), spec, tokens, self.simd.avx512(), ids, weights));
+        self.install(|| route::route(f32_slice(logits), spec, tokens, self.simd.avx512(), ids, weights));
         Ok(())
     }
 
@@ -498,8 +531,7 @@ impl Backend for CpuBackend {
         plain("values", values)?;
         plain("out", out)?;
         let (ids, out) = (u32_mut(ids), f32_mut(out));
-        self.pool
-            .install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
+        self.install(|| route::topk(f32_slice(values), rows, cols, k, ids, out));
         Ok(())
     }
 
@@ -513,7 +545,7 @@ impl Backend for CpuBackend {
         check::permute(NAME, &self.capabilities(), hidden, ids, s, out)?;
         plain("hidden", hidden)?;
         plain("permuted rows", &out.rows)?;
-        self.pool.install(|| permute::permute(hidden, u32_slice(ids), s, out))
+        self.install(|| permute::permute(hidden, u32_slice(ids), s, out))
     }
 
     fn grouped_matmul(
@@ -527,7 +559,7 @@ impl Backend for CpuBackend {
         self.check_matmul(input, offsets, weight, output, s)?;
         let offsets = matmul::checked_offsets(&u32_slice(offsets)[..s.experts + 1], s.rows)?;
         let out = matmul::OutPtr::from_buffer(&mut output.0);
-        self.pool.install(|| {
+        self.install(|| {
             matmul::grouped_matmul(
                 self.simd,
                 float_slice(input),
@@ -566,14 +598,14 @@ impl Backend for CpuBackend {
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
         }
-        self.pool.install(|| permute::index(u32_slice(ids), shape, out))?;
+        self.install(|| permute::index(u32_slice(ids), shape, out))?;
         let offsets = matmul::checked_offsets(&u32_slice(&out.offsets)[..gemm.experts + 1], gemm.rows)?;
         let src = matmul::InputRows::Gathered {
             source_of: &u32_slice(&out.source_of)[..gemm.rows],
             top_k: shape.top_k,
         };
         let dst = matmul::OutPtr::from_buffer(&mut output.0);
-        self.pool.install(|| {
+        self.install(|| {
             matmul::grouped_matmul(
                 self.simd,
                 float_slice(hidden),
@@ -615,7 +647,7 @@ impl Backend for CpuBackend {
                 format!("below the {rows} rows of expert_out"),
             ));
         }
-        self.pool.install(|| {
+        self.install(|| {
             combine::combine(
                 float_slice(expert_out),
                 u32_slice(ids),
