@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test, from a fresh machine: installs what the tests need, then runs
-# the format check, clippy and the whole workspace's tests (conformance suite,
+# the format check, clippy, the docs and the whole workspace's tests (conformance suite,
 # property tests, per-crate tests). CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo doc -D warnings (no broken or private links in the public docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --all-features --no-deps
 echo "== backends present (MOE_REQUIRE_BACKENDS=$MOE_REQUIRE_BACKENDS)"
 cargo test -q --all-features --test conformance backends_present -- --nocapture
 echo "== cargo test --workspace"

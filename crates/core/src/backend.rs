@@ -360,6 +360,18 @@ impl<B: DeviceBuffer> Permuted<B> {
 }
 
 /// `a * b`, or a shape error when it overflows.
+/// `len` elements fit in `buf` (for [`Backend::download_prefix`]).
+pub fn check_prefix<B: DeviceBuffer + ?Sized>(buf: &B, len: usize) -> Result<()> {
+    if len > buf.len() {
+        return Err(MoeError::shape(
+            "download length",
+            len,
+            format!("at most the buffer's {} elements", buf.len()),
+        ));
+    }
+    Ok(())
+}
+
 pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b)
         .ok_or_else(|| MoeError::shape(what, format!("{a} * {b}"), "a product that fits in usize"))
@@ -414,6 +426,14 @@ pub trait Backend: Send + Sync {
     fn write(&self, buf: &mut Self::Buffer, data: HostSlice<'_>) -> Result<()>;
     /// Waits for pending work and copies the whole buffer to the host.
     fn download(&self, buf: &Self::Buffer) -> Result<HostVec>;
+    /// Waits for pending work and copies the first `len` elements of `buf` to the host (of a
+    /// buffer from [`Backend::upload_weights`], those of the checkpoint layout): a result in a
+    /// buffer sized for a larger batch, without the rest. `len` past the buffer is an error. The
+    /// default downloads the whole buffer and keeps the prefix; the CPU and wgpu copy only it.
+    fn download_prefix(&self, buf: &Self::Buffer, len: usize) -> Result<HostVec> {
+        check_prefix(buf, len)?;
+        Ok(self.download(buf)?.as_slice().prefix(len).to_vec())
+    }
     /// Waits for all pending work.
     fn synchronize(&self) -> Result<()>;
 

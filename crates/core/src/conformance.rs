@@ -815,6 +815,19 @@ fn check_gemm<B: Backend>(
         return Err(format!("rows beyond offsets[E] = {done} were written"));
     }
     want.truncate(done * n);
+    // A prefix is the whole download's prefix, for outputs and for weights in the backend's layout.
+    let whole = b.download(&yb).map_err(e2s)?;
+    for len in [0, whole.len().min(1), done * n] {
+        if b.download_prefix(&yb, len).map_err(e2s)? != whole.as_slice().prefix(len).to_vec() {
+            return Err(format!(
+                "download_prefix of {len} elements is not the download's first {len}"
+            ));
+        }
+    }
+    let half = w.len() / 2 + 1;
+    if packed && b.download_prefix(&wb, half).map_err(e2s)? != w.as_slice().prefix(half).to_vec() {
+        return Err("download_prefix of weights from upload_weights is not the weights' prefix".into());
+    }
     Ok((rel_l2(&got[..done * n], &want), tolerance(dtype)))
 }
 
@@ -1037,6 +1050,10 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             b.route(&logits, &bad_groups, 4, &mut ids, &mut w),
         ));
         let mut small = u(3)?;
+        v.push((
+            "download_prefix past the buffer".into(),
+            b.download_prefix(&ids, crate::DeviceBuffer::len(&ids) + 1).map(|_| ()),
+        ));
         v.push(("topk: k > cols".into(), b.topk(&logits, 4, 8, 9, &mut ids, &mut w)));
         // No rows, so every buffer is long enough: the columns alone do not fit the u32 ids.
         v.push((
@@ -1394,7 +1411,7 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
     r
 }
 
-/// [`Backend::permute_matmul`] against permute then grouped matmul ([`check_permute_matmul`]).
+/// [`Backend::permute_matmul`] against permute then grouped matmul (same index outputs and output bits).
 pub fn permute_matmul_suite<B: Backend>(b: &B, quick: bool) -> Report {
     let mut r = Report {
         backend: b.name().into(),

@@ -72,7 +72,17 @@ pub enum HostVec {
     U32(Vec<u32>),
 }
 
-impl HostSlice<'_> {
+impl<'a> HostSlice<'a> {
+    /// The first `len` elements (all of them if there are fewer).
+    pub fn prefix(&self, len: usize) -> HostSlice<'a> {
+        match *self {
+            HostSlice::F32(v) => HostSlice::F32(&v[..len.min(v.len())]),
+            HostSlice::BF16(v) => HostSlice::BF16(&v[..len.min(v.len())]),
+            HostSlice::F16(v) => HostSlice::F16(&v[..len.min(v.len())]),
+            HostSlice::U32(v) => HostSlice::U32(&v[..len.min(v.len())]),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             HostSlice::F32(_) => DType::F32,

@@ -1,13 +1,13 @@
 //! A whole MoE layer (routed plus shared experts) built from the trait's kernels.
 
 use crate::backend::{
-    checked_mul, checked_product, Activation, Backend, CombineShape, DeviceBuffer, GemmShape, LayerShapes,
-    PermuteShape, Permuted, RouterShape,
+    checked_mul, checked_product, Activation, Backend, CombineShape, GemmShape, LayerShapes, PermuteShape, Permuted,
+    RouterShape,
 };
 use crate::dtype::{DType, HostSlice, HostVec};
 use crate::error::{MoeError, Result};
 use crate::reference::{self, LayerRef};
-use crate::spec::{Renorm, RouterSpec, Scoring};
+use crate::spec::RouterSpec;
 use ndarray::{Array2, ArrayView2};
 
 /// A shared expert's weights (DeepSeek's plain shared MLP or Qwen2-MoE's gated one).
@@ -310,10 +310,12 @@ impl<B: Backend> LayerScratch<B> {
             return Ok((Array2::zeros((0, 0)), Array2::zeros((0, 0))));
         };
         let (t, k) = (self.last_tokens, s.dims.top_k);
-        let ids = backend.download(&s.ids)?.into_u32().expect("ids are u32");
-        let w = backend.download(&s.weights)?.to_f32().expect("weights are f32");
         let n = t * k;
-        debug_assert!(s.ids.len() >= n);
+        let ids = backend.download_prefix(&s.ids, n)?.into_u32().expect("ids are u32");
+        let w = backend
+            .download_prefix(&s.weights, n)?
+            .to_f32()
+            .expect("weights are f32");
         Ok((
             Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
             Array2::from_shape_vec((t, k), w[..n].to_vec())
@@ -390,10 +392,18 @@ struct SharedScratch<B: Backend> {
 
 /// One MoE layer's weights on a backend.
 ///
-/// `forward` runs: router GEMM (f32), route, permute, grouped matmul with
-/// SwiGLU, grouped matmul down, combine, then the shared expert (as a
-/// one-expert grouped matmul, combined into the output with weight 1 or the
-/// Qwen2-MoE gate). Nothing is read back to the host between kernels.
+/// `forward` runs, on the backend's kernels and nothing else (an engine calling them itself gets
+/// the same bits):
+/// 1. `router_logits` (f32), `route`;
+/// 2. `permute_matmul` (permute and gate/up with SwiGLU), `grouped_matmul` down, `combine` into the
+///    output;
+/// 3. with a shared expert, on every token as one expert (offsets `[0, T]`): `grouped_matmul`
+///    gate/up with SwiGLU and down, then `combine` with `top_k` 1, `accumulate`, ids all 0 and
+///    slots `0..T`, weighted 1 or, for Qwen2-MoE's gated one, by the gate's `router_logits` (one
+///    output) routed with [`RouterSpec::shared_expert_gate`] (its sigmoid, on the same `route`
+///    as the experts').
+///
+/// Nothing is read back to the host between kernels.
 pub struct MoeLayer<B: Backend> {
     backend: B,
     spec: RouterSpec,
@@ -405,15 +415,9 @@ pub struct MoeLayer<B: Backend> {
     down: B::Buffer,
     shared: Option<SharedDev<B>>,
     scratch: LayerScratch<B>,
-}
-
-/// The gate of Qwen2-MoE's shared expert, as a one-expert sigmoid router.
-fn shared_gate_spec() -> RouterSpec {
-    RouterSpec {
-        scoring: Scoring::Sigmoid,
-        renorm: Renorm::None,
-        ..RouterSpec::softmax_topk(1, 1, false)
-    }
+    /// Bytes of the largest activation buffer per token, and the tokens a kernel's binding takes.
+    token_bytes: u64,
+    max_tokens: usize,
 }
 
 impl<B: Backend> MoeLayer<B> {
@@ -450,7 +454,26 @@ impl<B: Backend> MoeLayer<B> {
                 })
             }
         };
+        // Each activation buffer of a forward is bound whole by some kernel: the largest per token
+        // sets the tokens one call takes.
+        let size = dtype.size();
+        let (e, k, i) = (r.num_experts, r.top_k, weights.intermediate_size);
+        let per_token = [
+            k * h * size,
+            k * i * size,
+            h * size,
+            e * 4,
+            k * 4,
+            weights.shared.as_ref().map_or(0, |s| s.intermediate_size * size),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1)
+        .max(1) as u64;
+        let max_tokens = usize::try_from(caps.max_binding_bytes / per_token).unwrap_or(usize::MAX);
         Ok(MoeLayer {
+            token_bytes: per_token,
+            max_tokens,
             spec: weights.router.clone(),
             dtype,
             hidden: weights.hidden_size,
@@ -481,6 +504,14 @@ impl<B: Backend> MoeLayer<B> {
     }
     pub fn router(&self) -> &RouterSpec {
         &self.spec
+    }
+
+    /// The most tokens one forward takes: each activation buffer (`[T, k, H]` permuted rows and
+    /// expert outputs, `[T, k, I]` activations, `[T, E]` logits, ...) within the backend's
+    /// [`Capabilities::max_binding_bytes`](crate::Capabilities::max_binding_bytes). Unbounded in
+    /// practice on the CPU; on a GPU API with a per-binding limit, split larger batches.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     fn dims(&self) -> Dims {
@@ -516,6 +547,19 @@ impl<B: Backend> MoeLayer<B> {
         crate::check::buffer("layer input", x, self.dtype, checked_mul(tokens, h, "tokens * hidden")?)?;
         crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
         let b = &self.backend;
+        if tokens > self.max_tokens {
+            return Err(MoeError::unsupported(
+                b.name(),
+                format!("a layer forward of {tokens} tokens"),
+                format!(
+                    "at most {} tokens a call for this layer: its largest buffer takes {} bytes a token \
+                     and a kernel binds at most {} bytes of a buffer; split the batch",
+                    self.max_tokens,
+                    self.token_bytes,
+                    b.capabilities().max_binding_bytes
+                ),
+            ));
+        }
         let s = scratch.ensure(b, self.dims(), tokens)?;
         let (spec, router_weight, gate_up, down, shared) =
             (&self.spec, &self.router_weight, &self.gate_up, &self.down, &self.shared);
@@ -625,7 +669,7 @@ fn kernels<B: Backend>(
             )?;
             b.route(
                 &ss.gate_logits,
-                &shared_gate_spec(),
+                &RouterSpec::shared_expert_gate(),
                 tokens,
                 &mut ss.zeros,
                 &mut ss.weights,

@@ -1,5 +1,5 @@
 //! moe-hal core: the routing contract ([`spec`]), the [`Backend`] trait, the
-//! error type, the float64 [`reference`] of every kernel, and [`MoeLayer`].
+//! error type, the float64 [`reference`](mod@reference) of every kernel, and [`MoeLayer`].
 //!
 //! Read [`backend`] for the numerical contract that every backend meets.
 
@@ -15,8 +15,8 @@ pub mod reference;
 pub mod spec;
 
 pub use backend::{
-    checked_mul, checked_product, tolerance, Activation, Backend, Capabilities, CombineShape, DeviceBuffer, GemmShape,
-    Kernel, KernelCaps, LayerShapes, PermuteShape, Permuted, RouterShape,
+    check_prefix, checked_mul, checked_product, tolerance, Activation, Backend, Capabilities, CombineShape,
+    DeviceBuffer, GemmShape, Kernel, KernelCaps, LayerShapes, PermuteShape, Permuted, RouterShape,
 };
 pub use config::{ModelFamily, MoeConfig, SharedExpertConfig};
 pub use dtype::{DType, Element, HostSlice, HostVec};

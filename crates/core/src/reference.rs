@@ -22,7 +22,7 @@ fn rank(values: &[f64], a: usize, b: usize) -> Ordering {
     }
 }
 
-/// Indices of `values` in rank order (see [`rank`]).
+/// Indices of `values` in rank order: descending, NaN below every number, ties to the lower index.
 pub fn ranked(values: &[f64]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
     idx.sort_by(|&a, &b| rank(values, a, b));

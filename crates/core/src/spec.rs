@@ -70,7 +70,7 @@ pub enum Renorm {
     SumEps(f32),
 }
 
-/// One router: every variant of routing-spec.md.
+/// One router: every router of the public models (the module docs above say what each computes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouterSpec {
     pub num_experts: usize,
@@ -87,6 +87,16 @@ pub struct RouterSpec {
 pub const DEEPSEEK_RENORM_EPS: f32 = 1e-20;
 
 impl RouterSpec {
+    /// The gate of Qwen2-MoE's shared expert as a one-expert router: `route` on its one logit gives
+    /// `sigmoid(logit)`, the weight [`crate::MoeLayer`] gives the shared expert's output.
+    pub fn shared_expert_gate() -> Self {
+        RouterSpec {
+            scoring: Scoring::Sigmoid,
+            renorm: Renorm::None,
+            ..RouterSpec::softmax_topk(1, 1, false)
+        }
+    }
+
     /// Softmax top-k with optional plain renormalisation (Mixtral, Qwen).
     pub fn softmax_topk(num_experts: usize, top_k: usize, renormalize: bool) -> Self {
         RouterSpec {

@@ -224,7 +224,7 @@ impl CpuBackend {
     }
 
     /// The same backend with bf16 expert weights from `upload_weights` packed for, or not for,
-    /// `vdpbf16ps` ([`pack`]'s `kpairs` layout, two products per lane and instruction; other dtypes
+    /// `vdpbf16ps` (the `kpairs` layout of the crate's `pack` module, two products per lane and instruction; other dtypes
     /// are unchanged). By default it is on where the CPU has AVX512-BF16 and `vdpbf16ps` issues
     /// about as fast as an f32 FMA (timed once per process, a few tens of microseconds; AMD Zen 5:
     /// 1.86 times the FMAs' products per second, the Intel Xeon of the earlier sessions 0.46);
@@ -376,7 +376,7 @@ impl Backend for CpuBackend {
     }
 
     /// Runs `f` on the backend's pool (so the kernels inside run their tiles there without a
-    /// hand-off each), waiting without taking other work (see [`CpuBackend::install`]).
+    /// hand-off each), waiting without taking other work (see the private `CpuBackend::install`).
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.install(f)
     }
@@ -478,6 +478,14 @@ impl Backend for CpuBackend {
             Some(p) => self.install(|| p.unpack(&buf.0)),
             None => buf.0.clone(),
         })
+    }
+
+    fn download_prefix(&self, buf: &CpuBuffer, len: usize) -> Result<HostVec> {
+        moe_hal_core::check_prefix(buf, len)?;
+        match buf.1 {
+            Some(_) => Ok(self.download(buf)?.as_slice().prefix(len).to_vec()),
+            None => Ok(buf.0.as_slice().prefix(len).to_vec()),
+        }
     }
 
     fn synchronize(&self) -> Result<()> {

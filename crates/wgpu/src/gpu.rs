@@ -126,7 +126,7 @@ impl Gpu {
             return Err(MoeError::unavailable(
                 NAME,
                 format!(
-                    "WGPU_BACKEND={:?} names no graphics API that wgpu knows; expected vulkan, metal, dx12 or gl (comma separated)",
+                    "WGPU_BACKEND={:?} names no graphics API that wgpu knows; expected vulkan, metal or dx12 (comma separated; this build has no gl)",
                     std::env::var("WGPU_BACKEND").unwrap_or_default()
                 ),
             ));

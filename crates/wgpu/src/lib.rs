@@ -368,6 +368,19 @@ impl Backend for WgpuBackend {
         Ok(host_from_bytes(buf.dtype, &data[..bytes]))
     }
 
+    fn download_prefix(&self, buf: &WgpuBuffer, len: usize) -> Result<HostVec> {
+        self.mine(&[("download source", buf)])?;
+        moe_hal_core::check_prefix(buf, len)?;
+        let bytes = len * buf.dtype.size();
+        if bytes == 0 {
+            self.gpu.wait()?;
+            return Ok(host_from_bytes(buf.dtype, &[]));
+        }
+        // Whole words: the buffer's own size is a multiple of 4 (`pad4` at allocation).
+        let data = self.read_bytes(&buf.buf, 0, pad4(bytes as u64))?;
+        Ok(host_from_bytes(buf.dtype, &data[..bytes]))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.gpu.wait()
     }

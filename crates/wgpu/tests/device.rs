@@ -626,3 +626,39 @@ fn device_time_without_timestamps_and_errors() {
         assert_close(&b.download(&g.y).unwrap().to_f32().unwrap(), &g.want);
     }
 }
+
+/// A layer forward past what one binding holds is refused up front, naming the tokens a call
+/// takes (it used to fail inside permute, after the work buffers grew and route ran); exactly that
+/// many tokens run and match the float64 reference.
+#[test]
+fn layer_forward_past_the_binding_is_refused_with_its_token_limit() {
+    if backend().is_none() {
+        return;
+    }
+    use moe_hal_core::conformance::{layer_input, random_layer};
+    use moe_hal_core::{LayerScratch, MoeLayer, RouterSpec};
+    // k * H * 4 = 2 * 16 * 4 = 128 bytes a token is the largest buffer: 4096 / 128 = 32 tokens.
+    let b = WgpuBackend::with_binding_limit(4096).unwrap();
+    let w = random_layer(3, RouterSpec::softmax_topk(8, 2, true), 16, 12, Some((20, true)));
+    let layer = MoeLayer::new(b.clone(), &w).unwrap();
+    assert_eq!(layer.max_tokens(), 32);
+    let mut scratch = LayerScratch::new();
+    let x = layer_input(5, &w, 33, DType::F32).unwrap();
+    let xb = b.upload(HostSlice::F32(&x)).unwrap();
+    let mut out = b.alloc(DType::F32, 33 * 16).unwrap();
+    let err = layer.forward_with(&mut scratch, &xb, 33, &mut out).unwrap_err();
+    assert!(
+        matches!(err, MoeError::Unsupported { .. }) && err.to_string().contains("at most 32 tokens"),
+        "{err}"
+    );
+    assert_eq!(scratch.capacity(), 0, "nothing was allocated for the refused call");
+    layer.forward_with(&mut scratch, &xb, 32, &mut out).unwrap();
+    let x64: Vec<f64> = x[..32 * 16].iter().map(|&v| v as f64).collect();
+    let want = w.reference_forward(&x64, 32).unwrap();
+    let got: Vec<f64> = b.download(&out).unwrap().to_f32().unwrap()[..32 * 16]
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let err = moe_hal_core::reference::rel_l2(&got, &want.output);
+    assert!(err < 1e-5, "relative L2 error {err}");
+}
