@@ -357,9 +357,25 @@ impl<B: DeviceBuffer> Permuted<B> {
             rows: backend.alloc(dtype, checked_mul(tk, shape.hidden, "tokens * top_k * hidden")?)?,
         })
     }
+
+    /// [`Permuted::alloc`] with an empty `rows`: for [`Backend::permute_matmul`] where
+    /// [`Backend::permute_matmul_copies_rows`] says it writes none.
+    pub fn alloc_without_rows<K: Backend<Buffer = B> + ?Sized>(
+        backend: &K,
+        shape: PermuteShape,
+        dtype: DType,
+    ) -> Result<Self> {
+        let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;
+        Ok(Permuted {
+            counts: backend.alloc(DType::U32, shape.experts)?,
+            offsets: backend.alloc(DType::U32, shape.experts + 1)?,
+            slot_of: backend.alloc(DType::U32, tk)?,
+            source_of: backend.alloc(DType::U32, tk)?,
+            rows: backend.alloc(dtype, 0)?,
+        })
+    }
 }
 
-/// `a * b`, or a shape error when it overflows.
 /// `len` elements fit in `buf` (for [`Backend::download_prefix`]).
 pub fn check_prefix<B: DeviceBuffer + ?Sized>(buf: &B, len: usize) -> Result<()> {
     if len > buf.len() {
@@ -372,6 +388,7 @@ pub fn check_prefix<B: DeviceBuffer + ?Sized>(buf: &B, len: usize) -> Result<()>
     Ok(())
 }
 
+/// `a * b`, or a shape error when it overflows.
 pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b)
         .ok_or_else(|| MoeError::shape(what, format!("{a} * {b}"), "a product that fits in usize"))
@@ -549,6 +566,15 @@ pub trait Backend: Send + Sync {
         crate::check::permute_matmul(shape, gemm)?;
         self.permute(hidden, ids, shape, out)?;
         self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm)
+    }
+
+    /// Whether [`Backend::permute_matmul`] on `hidden` of this dtype and these weights writes
+    /// `out.rows`, the permuted copy of the hidden rows. Where it does not (its matmul reads each
+    /// row where it lies in `hidden`), `out.rows` may be empty ([`Permuted::alloc_without_rows`]),
+    /// which saves `T * k * H` elements: [`crate::MoeLayer`] asks this. Default: true.
+    fn permute_matmul_copies_rows(&self, hidden: DType, weight: &Self::Buffer) -> bool {
+        let _ = (hidden, weight);
+        true
     }
 
     /// `output[t] (+)= sum_j weights[t, j] * expert_out[slot_of[t*k + j]]`,

@@ -149,6 +149,25 @@ pub fn permute<B: DeviceBuffer>(
     s: PermuteShape,
     out: &Permuted<B>,
 ) -> Result<()> {
+    permute_maps(backend, caps, hidden, ids, s, out)?;
+    let tk = s.tokens * s.top_k;
+    buffer(
+        "permuted rows",
+        &out.rows,
+        hidden.dtype(),
+        checked_mul(tk, s.hidden, "tokens * top_k * hidden")?,
+    )
+}
+
+/// [`permute`]'s checks but the permuted rows' (for a `permute_matmul` that writes none).
+pub fn permute_maps<B: DeviceBuffer>(
+    backend: &str,
+    caps: &Capabilities,
+    hidden: &B,
+    ids: &B,
+    s: PermuteShape,
+    out: &Permuted<B>,
+) -> Result<()> {
     nonzero("experts", s.experts)?;
     nonzero("top_k", s.top_k)?;
     let dt = float_dtype("hidden", hidden)?;
@@ -171,13 +190,7 @@ pub fn permute<B: DeviceBuffer>(
     buffer("counts", &out.counts, DType::U32, s.experts)?;
     buffer("offsets", &out.offsets, DType::U32, offsets_len(s.experts)?)?;
     buffer("slot_of", &out.slot_of, DType::U32, tk)?;
-    buffer("source_of", &out.source_of, DType::U32, tk)?;
-    buffer(
-        "permuted rows",
-        &out.rows,
-        dt,
-        checked_mul(tk, s.hidden, "tokens * top_k * hidden")?,
-    )
+    buffer("source_of", &out.source_of, DType::U32, tk)
 }
 
 /// The gate/up GEMM of [`crate::Backend::permute_matmul`] reads the permute's rows: its rows,
@@ -209,17 +222,31 @@ pub fn grouped_matmul<B: DeviceBuffer + ?Sized>(
     output: &B,
     s: GemmShape,
 ) -> Result<()> {
-    nonzero("experts", s.experts)?;
-    nonzero("in_features", s.in_features)?;
-    nonzero("out_features", s.out_features)?;
     let dt = float_dtype("input", input)?;
-    caps.check(backend, Kernel::GroupedMatmul, dt)?;
+    grouped_matmul_gathered(backend, caps, dt, offsets, weight, output, s)?;
     buffer(
         "input",
         input,
         dt,
         checked_mul(s.rows, s.in_features, "rows * in_features")?,
-    )?;
+    )
+}
+
+/// [`grouped_matmul`]'s checks but the input's length, for inputs of dtype `dt` read by index (a
+/// `permute_matmul` that gathers the hidden rows).
+pub fn grouped_matmul_gathered<B: DeviceBuffer + ?Sized>(
+    backend: &str,
+    caps: &Capabilities,
+    dt: DType,
+    offsets: &B,
+    weight: &B,
+    output: &B,
+    s: GemmShape,
+) -> Result<()> {
+    nonzero("experts", s.experts)?;
+    nonzero("in_features", s.in_features)?;
+    nonzero("out_features", s.out_features)?;
+    caps.check(backend, Kernel::GroupedMatmul, dt)?;
     buffer("offsets", offsets, DType::U32, offsets_len(s.experts)?)?;
     buffer("weight", weight, dt, weight_len(s)?)?;
     buffer(

@@ -749,6 +749,26 @@ fn check_permute_matmul<B: Backend>(
             got[i], sep[i]
         ));
     }
+    // Where the backend says it writes no permuted rows, it takes an empty `rows` and gives the
+    // same bits; where it says it does, an empty one is refused.
+    let mut p3 = Permuted::alloc_without_rows(b, p, dtype).map_err(e2s)?;
+    let mut y3 = b.alloc(dtype, tk * inter).map_err(e2s)?;
+    let without = b.permute_matmul(&xb, &idb, p, &mut p3, &wb, &mut y3, g);
+    match (b.permute_matmul_copies_rows(dtype, &wb), without) {
+        (false, Ok(())) => {
+            check_permute_index(b, &p3, &ids, p)?;
+            if floats(b, &y3, tk * inter)?
+                .iter()
+                .zip(&got)
+                .any(|(a, c)| a.to_bits() != c.to_bits())
+            {
+                return Err("permute_matmul without permuted rows changed the output".into());
+            }
+        }
+        (false, Err(e)) => return Err(format!("permute_matmul said it copies no rows, then refused none: {e}")),
+        (true, Ok(())) if tk > 0 => return Err("permute_matmul that copies rows took an empty rows buffer".into()),
+        (true, _) => {}
+    }
     let rows = reference::gather(&x.to_f64(), p.hidden, p.top_k, &m.source_of);
     let want = reference::grouped_matmul(&rows, &m.offsets, &w.to_f64(), g);
     Ok((rel_l2(&got, &want), tolerance(dtype)))

@@ -243,6 +243,8 @@ struct Dims {
     inter: usize,
     dtype: DType,
     shared_inter: Option<usize>,
+    /// `permute_matmul` writes the permuted rows ([`Backend::permute_matmul_copies_rows`]).
+    copies_rows: bool,
 }
 
 /// Work buffers, grown to the largest token count seen.
@@ -339,7 +341,14 @@ impl<B: Backend> LayerScratch<B> {
             inter,
             dtype,
             shared_inter,
+            copies_rows,
         } = dims;
+        let perm_shape = PermuteShape {
+            tokens: cap,
+            hidden: h,
+            top_k: k,
+            experts: e,
+        };
         let tk = checked_mul(cap, k, "tokens * top_k")?;
         let shared = match shared_inter {
             None => None,
@@ -362,16 +371,11 @@ impl<B: Backend> LayerScratch<B> {
             logits: b.alloc(DType::F32, checked_mul(cap, e, "tokens * experts")?)?,
             ids: b.alloc(DType::U32, tk)?,
             weights: b.alloc(DType::F32, tk)?,
-            perm: Permuted::alloc(
-                b,
-                PermuteShape {
-                    tokens: cap,
-                    hidden: h,
-                    top_k: k,
-                    experts: e,
-                },
-                dtype,
-            )?,
+            perm: if copies_rows {
+                Permuted::alloc(b, perm_shape, dtype)?
+            } else {
+                Permuted::alloc_without_rows(b, perm_shape, dtype)?
+            },
             act: b.alloc(dtype, checked_mul(tk, inter, "tokens * top_k * intermediate")?)?,
             expert_out: b.alloc(dtype, checked_mul(tk, h, "tokens * top_k * hidden")?)?,
             shared,
@@ -418,6 +422,7 @@ pub struct MoeLayer<B: Backend> {
     /// Bytes of the largest activation buffer per token, and the tokens a kernel's binding takes.
     token_bytes: u64,
     max_tokens: usize,
+    copies_rows: bool,
 }
 
 impl<B: Backend> MoeLayer<B> {
@@ -472,6 +477,7 @@ impl<B: Backend> MoeLayer<B> {
         .max(1) as u64;
         let max_tokens = usize::try_from(caps.max_binding_bytes / per_token).unwrap_or(usize::MAX);
         Ok(MoeLayer {
+            copies_rows: backend.permute_matmul_copies_rows(dtype, &gate_up),
             token_bytes: per_token,
             max_tokens,
             spec: weights.router.clone(),
@@ -522,6 +528,7 @@ impl<B: Backend> MoeLayer<B> {
             inter: self.inter,
             dtype: self.dtype,
             shared_inter: self.shared.as_ref().map(|s| s.inter),
+            copies_rows: self.copies_rows,
         }
     }
 

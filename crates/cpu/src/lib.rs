@@ -298,6 +298,11 @@ impl CpuBackend {
     ) -> Result<()> {
         check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
         plain("input", input)?;
+        Self::check_weight_output(weight, output, s)
+    }
+
+    /// The output is plain and packed weights are of the shape `s`.
+    fn check_weight_output(weight: &CpuBuffer, output: &CpuBuffer, s: GemmShape) -> Result<()> {
         plain("output", output)?;
         if let Some(p) = weight.1 {
             if (p.experts, p.rows, p.k) != (s.experts, s.weight_rows(), s.in_features) {
@@ -597,12 +602,15 @@ impl Backend for CpuBackend {
         gemm: GemmShape,
     ) -> Result<()> {
         // Both calls' checks but the offsets' (which the permute writes), before anything is
-        // written.
+        // written; the permuted rows' only where they are written.
         check::permute_matmul(shape, gemm)?;
-        check::permute(NAME, &self.capabilities(), hidden, ids, shape, out)?;
+        let caps = self.capabilities();
+        check::permute_maps(NAME, &caps, hidden, ids, shape, out)?;
         plain("hidden", hidden)?;
-        self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
-        if !matmul::gathers(self.simd, float_slice(hidden), float_slice(weight), weight.1) {
+        check::grouped_matmul_gathered(NAME, &caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
+        Self::check_weight_output(weight, output, gemm)?;
+        if self.permute_matmul_copies_rows(hidden.0.dtype(), weight) {
+            self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
         }
@@ -626,6 +634,18 @@ impl Backend for CpuBackend {
             )
         });
         Ok(())
+    }
+
+    /// False where the packed kernels read the hidden rows by index (packed
+    /// weights with AVX-512).
+    fn permute_matmul_copies_rows(&self, hidden: DType, weight: &CpuBuffer) -> bool {
+        let input = match hidden {
+            DType::F32 => matmul::Floats::F32(&[]),
+            DType::BF16 => matmul::Floats::BF16(&[]),
+            DType::F16 => matmul::Floats::F16(&[]),
+            DType::U32 => return true,
+        };
+        !(weight.0.dtype().is_float() && matmul::gathers(self.simd, input, float_slice(weight), weight.1))
     }
 
     fn combine(
@@ -678,6 +698,33 @@ mod tests {
 
     /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
     /// kernels called inside it still work and give the same bits as outside.
+    /// Packed weights with AVX-512 gather the hidden rows (no permuted copy); weights as stored,
+    /// and every level without AVX-512, copy them. The conformance suite checks both answers'
+    /// behaviour at every level.
+    #[test]
+    fn permute_matmul_copies_rows_where_it_does_not_gather() {
+        let shape = GemmShape {
+            rows: 0,
+            in_features: 64,
+            out_features: 32,
+            experts: 2,
+            activation: Activation::SwiGlu,
+        };
+        let w: Vec<bf16> = (0..2 * 64 * 64).map(|i| bf16::from_f32((i % 7) as f32 * 0.1)).collect();
+        for simd in Simd::supported() {
+            let b = CpuBackend::new().unwrap().with_simd(simd).unwrap();
+            let plain = b.upload(HostSlice::BF16(&w)).unwrap();
+            let packed = b.upload_weights(HostSlice::BF16(&w), shape).unwrap();
+            assert!(b.permute_matmul_copies_rows(DType::BF16, &plain), "{simd:?}");
+            assert_eq!(
+                b.permute_matmul_copies_rows(DType::BF16, &packed),
+                !(simd.avx512() && packed.1.is_some()),
+                "{simd:?}"
+            );
+            assert!(b.permute_matmul_copies_rows(DType::U32, &packed));
+        }
+    }
+
     #[test]
     fn run_executes_on_the_pool() {
         let b = CpuBackend::with_threads(2).unwrap();
