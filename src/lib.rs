@@ -15,6 +15,45 @@
 //! # Ok::<(), moe_hal::MoeError>(())
 //! ```
 //!
+//! The layer is the backend's kernels in order; an engine may call them itself (here without a
+//! shared expert; [`MoeLayer`]'s docs give the whole sequence) and gets the same bits:
+//!
+//! ```
+//! use moe_hal::conformance::{layer_input, random_layer};
+//! use moe_hal::{cpu::CpuBackend, Backend, DType, HostSlice, LayerShapes, MoeLayer, Permuted, RouterSpec};
+//!
+//! let (t, h, i, e, k) = (5, 32, 16, 8, 2);
+//! let w = random_layer(1, RouterSpec::softmax_topk(e, k, true), h, i, None);
+//! let b = CpuBackend::new()?;
+//! let s = LayerShapes::new(t, h, i, e, k)?;
+//! // Weights once, at load (`upload_weights` packs them for the backend's kernels).
+//! let router = b.upload(HostSlice::F32(&w.router_weight))?;
+//! let gate_up = b.upload_weights(w.gate_up.as_slice(), s.gate_up)?;
+//! let down = b.upload_weights(w.down.as_slice(), s.down)?;
+//! // Work buffers, reusable for any token count up to the one they are sized for.
+//! let mut logits = b.alloc(DType::F32, t * e)?;
+//! let (mut ids, mut weights) = (b.alloc(DType::U32, t * k)?, b.alloc(DType::F32, t * k)?);
+//! let mut perm = if b.permute_matmul_copies_rows(DType::F32, &gate_up) {
+//!     Permuted::alloc(&b, s.permute, DType::F32)?
+//! } else {
+//!     Permuted::alloc_without_rows(&b, s.permute, DType::F32)?
+//! };
+//! let mut act = b.alloc(DType::F32, t * k * i)?;
+//! let mut expert_out = b.alloc(DType::F32, t * k * h)?;
+//! let mut out = b.alloc(DType::F32, t * h)?;
+//!
+//! let x = b.upload(HostSlice::F32(&layer_input(2, &w, t, DType::F32)?))?;
+//! b.router_logits(&x, &router, &mut logits, s.router)?;
+//! b.route(&logits, &w.router, t, &mut ids, &mut weights)?;
+//! b.permute_matmul(&x, &ids, s.permute, &mut perm, &gate_up, &mut act, s.gate_up)?;
+//! b.grouped_matmul(&act, &perm.offsets, &down, &mut expert_out, s.down)?;
+//! b.combine(&expert_out, &ids, &weights, &perm.slot_of, &mut out, s.combine)?;
+//!
+//! let mut layer = MoeLayer::new(b.clone(), &w)?;
+//! assert_eq!(b.download(&out)?, b.download(&layer.forward(&x, t)?)?);
+//! # Ok::<(), moe_hal::MoeError>(())
+//! ```
+//!
 //! Backends are cargo features (`cpu` by default; `wgpu`, `cuda`, `cann`);
 //! [`registry::probe_all`] says which are compiled in and which can run here.
 

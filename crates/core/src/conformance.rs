@@ -882,7 +882,9 @@ pub struct LayerCase {
     pub input: Vec<f32>,
 }
 
-/// Random layer weights for `spec` (f32), shaped like the model families.
+/// Random layer weights for `spec` (f32), shaped like the model families: hidden size `h`,
+/// expert intermediate size `i`, and `shared: Some((intermediate size, gated))` for a shared
+/// expert (gated: Qwen2-MoE's sigmoid gate; not gated: DeepSeek's plain one).
 pub fn random_layer(seed: u64, spec: RouterSpec, h: usize, i: usize, shared: Option<(usize, bool)>) -> LayerWeights {
     let mut rng = Rng::new(seed);
     let e = spec.num_experts;
