@@ -349,13 +349,12 @@ impl<B: DeviceBuffer> Permuted<B> {
     /// Allocates outputs for `shape` with rows in `dtype`.
     pub fn alloc<K: Backend<Buffer = B> + ?Sized>(backend: &K, shape: PermuteShape, dtype: DType) -> Result<Self> {
         let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;
-        Ok(Permuted {
-            counts: backend.alloc(DType::U32, shape.experts)?,
-            offsets: backend.alloc(DType::U32, shape.experts + 1)?,
-            slot_of: backend.alloc(DType::U32, tk)?,
-            source_of: backend.alloc(DType::U32, tk)?,
-            rows: backend.alloc(dtype, checked_mul(tk, shape.hidden, "tokens * top_k * hidden")?)?,
-        })
+        Self::with_rows(
+            backend,
+            shape,
+            dtype,
+            checked_mul(tk, shape.hidden, "tokens * top_k * hidden")?,
+        )
     }
 
     /// [`Permuted::alloc`] with an empty `rows`: for [`Backend::permute_matmul`] where
@@ -365,13 +364,22 @@ impl<B: DeviceBuffer> Permuted<B> {
         shape: PermuteShape,
         dtype: DType,
     ) -> Result<Self> {
+        Self::with_rows(backend, shape, dtype, 0)
+    }
+
+    fn with_rows<K: Backend<Buffer = B> + ?Sized>(
+        backend: &K,
+        shape: PermuteShape,
+        dtype: DType,
+        rows: usize,
+    ) -> Result<Self> {
         let tk = checked_mul(shape.tokens, shape.top_k, "tokens * top_k")?;
         Ok(Permuted {
             counts: backend.alloc(DType::U32, shape.experts)?,
             offsets: backend.alloc(DType::U32, shape.experts + 1)?,
             slot_of: backend.alloc(DType::U32, tk)?,
             source_of: backend.alloc(DType::U32, tk)?,
-            rows: backend.alloc(dtype, 0)?,
+            rows: backend.alloc(dtype, rows)?,
         })
     }
 }

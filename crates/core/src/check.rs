@@ -149,7 +149,7 @@ pub fn permute<B: DeviceBuffer>(
     s: PermuteShape,
     out: &Permuted<B>,
 ) -> Result<()> {
-    permute_maps(backend, caps, hidden, ids, s, out)?;
+    permute_without_rows(backend, caps, hidden, ids, s, out)?;
     let tk = s.tokens * s.top_k;
     buffer(
         "permuted rows",
@@ -160,7 +160,7 @@ pub fn permute<B: DeviceBuffer>(
 }
 
 /// [`permute`]'s checks but the permuted rows' (for a `permute_matmul` that writes none).
-pub fn permute_maps<B: DeviceBuffer>(
+pub fn permute_without_rows<B: DeviceBuffer>(
     backend: &str,
     caps: &Capabilities,
     hidden: &B,

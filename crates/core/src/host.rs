@@ -23,7 +23,12 @@ pub fn download_array<B: Backend + ?Sized, T: Element>(
     shape: &[usize],
 ) -> Result<ArrayD<T>> {
     let n = crate::backend::checked_product("download shape", shape)?;
-    let host = backend.download(buf)?;
+    // Only what the shape takes where the buffer holds it (a longer one's tail is not copied).
+    let host = if n <= crate::DeviceBuffer::len(buf) {
+        backend.download_prefix(buf, n)?
+    } else {
+        backend.download(buf)?
+    };
     let got = host.dtype();
     let mut v = T::from_host(host).ok_or_else(|| MoeError::DType {
         what: "downloaded buffer".into(),

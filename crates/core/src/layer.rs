@@ -243,6 +243,8 @@ struct Dims {
     inter: usize,
     dtype: DType,
     shared_inter: Option<usize>,
+    /// The shared expert's gate overwrites the shared weights that an ungated one reads as 1.
+    shared_gated: bool,
     /// `permute_matmul` writes the permuted rows ([`Backend::permute_matmul_copies_rows`]).
     copies_rows: bool,
 }
@@ -273,7 +275,8 @@ struct Scratch<B: Backend> {
 ///
 /// Empty until first used, then grown to the largest token count seen, for the last layer's
 /// shapes (another shape reallocates, so give layers of different shapes their own). Its buffers
-/// belong to the backend of the layers that used it. [`LayerScratch::clear`] frees them.
+/// belong to the backend of the layers that used it: a layer on another device (a GPU backend's
+/// other instance) refuses them until [`LayerScratch::clear`], which frees them.
 pub struct LayerScratch<B: Backend> {
     bufs: Option<Scratch<B>>,
     last_tokens: usize,
@@ -319,9 +322,8 @@ impl<B: Backend> LayerScratch<B> {
             .to_f32()
             .expect("weights are f32");
         Ok((
-            Array2::from_shape_vec((t, k), ids[..n].to_vec()).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
-            Array2::from_shape_vec((t, k), w[..n].to_vec())
-                .map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
+            Array2::from_shape_vec((t, k), ids).map_err(|e| MoeError::shape("ids", n, e.to_string()))?,
+            Array2::from_shape_vec((t, k), w).map_err(|e| MoeError::shape("weights", n, e.to_string()))?,
         ))
     }
 
@@ -342,6 +344,7 @@ impl<B: Backend> LayerScratch<B> {
             dtype,
             shared_inter,
             copies_rows,
+            ..
         } = dims;
         let perm_shape = PermuteShape {
             tokens: cap,
@@ -528,6 +531,7 @@ impl<B: Backend> MoeLayer<B> {
             inter: self.inter,
             dtype: self.dtype,
             shared_inter: self.shared.as_ref().map(|s| s.inter),
+            shared_gated: self.shared.as_ref().is_some_and(|s| s.gate.is_some()),
             copies_rows: self.copies_rows,
         }
     }
@@ -551,28 +555,36 @@ impl<B: Backend> MoeLayer<B> {
         out: &mut B::Buffer,
     ) -> Result<()> {
         let (h, i) = (self.hidden, self.inter);
-        crate::check::buffer("layer input", x, self.dtype, checked_mul(tokens, h, "tokens * hidden")?)?;
-        crate::check::buffer("layer output", out, self.dtype, tokens * h)?;
+        let len = self.check_call(x, tokens)?;
+        crate::check::buffer("layer output", out, self.dtype, len)?;
         let b = &self.backend;
-        if tokens > self.max_tokens {
-            return Err(MoeError::unsupported(
-                b.name(),
-                format!("a layer forward of {tokens} tokens"),
-                format!(
-                    "at most {} tokens a call for this layer: its largest buffer takes {} bytes a token \
-                     and a kernel binds at most {} bytes of a buffer; split the batch",
-                    self.max_tokens,
-                    self.token_bytes,
-                    b.capabilities().max_binding_bytes
-                ),
-            ));
-        }
         let s = scratch.ensure(b, self.dims(), tokens)?;
         let (spec, router_weight, gate_up, down, shared) =
             (&self.spec, &self.router_weight, &self.gate_up, &self.down, &self.shared);
         let done = b.run(|| kernels(b, spec, router_weight, gate_up, down, shared, s, x, tokens, (h, i), out));
         scratch.last_tokens = if done.is_ok() { tokens } else { 0 };
         done
+    }
+
+    /// The input holds `tokens` rows, and one call takes them ([`MoeLayer::max_tokens`]): checked
+    /// before anything is allocated. Returns the elements of `[T, H]`.
+    fn check_call(&self, x: &B::Buffer, tokens: usize) -> Result<usize> {
+        let len = checked_mul(tokens, self.hidden, "tokens * hidden")?;
+        crate::check::buffer("layer input", x, self.dtype, len)?;
+        if tokens > self.max_tokens {
+            return Err(MoeError::unsupported(
+                self.backend.name(),
+                format!("a layer forward of {tokens} tokens"),
+                format!(
+                    "at most {} tokens a call for this layer: its largest buffer takes {} bytes a token \
+                     and a kernel binds at most {} bytes of a buffer; split the batch",
+                    self.max_tokens,
+                    self.token_bytes,
+                    self.backend.capabilities().max_binding_bytes
+                ),
+            ));
+        }
+        Ok(len)
     }
 
     /// Frees the layer's own work buffers (those of [`MoeLayer::forward`]); the next forward
@@ -583,9 +595,8 @@ impl<B: Backend> MoeLayer<B> {
 
     /// Runs the layer on `x[T, H]`, returning a new `[T, H]` buffer.
     pub fn forward(&mut self, x: &B::Buffer, tokens: usize) -> Result<B::Buffer> {
-        let len = checked_mul(tokens, self.hidden, "tokens * hidden")?;
         // The input first: a wrong token count must not allocate (and fill) an output for it.
-        crate::check::buffer("layer input", x, self.dtype, len)?;
+        let len = self.check_call(x, tokens)?;
         let mut out = self.backend.alloc(self.dtype, len)?;
         self.forward_into(x, tokens, &mut out)?;
         Ok(out)

@@ -150,6 +150,11 @@ fn packs_f32(simd: Simd) -> bool {
     false
 }
 
+thread_local! {
+    /// This thread is a worker of some `CpuBackend`'s pool (see [`CpuBackend::install`]).
+    static BACKEND_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
 #[derive(Clone)]
 pub struct CpuBackend {
@@ -172,6 +177,7 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("moe-hal-cpu-{i}"))
+            .start_handler(|_| BACKEND_WORKER.set(true))
             .build()
             .map_err(|e| MoeError::Device {
                 backend: NAME.into(),
@@ -198,10 +204,14 @@ impl CpuBackend {
     /// that pool's other jobs on the waiting thread. A job that took a lock (a `Mutex` around a
     /// layer) and called the backend would then meet another job on this stack that waits for the
     /// same lock, and deadlock. From such a thread `f` is spawned on the pool instead, and the thread
-    /// waits for it blocked, taking nothing. On the backend's own workers (inside [`Backend::run`])
-    /// `f` runs inline, and on any other thread `install` already blocks.
+    /// waits for it blocked, taking nothing (so a closure given to [`Backend::run`] must not wait
+    /// for jobs of the caller's pool: all its threads may be waiting in calls). On the backend's
+    /// own workers (inside [`Backend::run`]) `f` runs inline; on another `CpuBackend`'s workers
+    /// rayon's wait, which runs that pool's jobs, lets calls go back and forth between backends
+    /// (`a.run(|| b.run(|| a.run(..)))` on one thread each); any other thread already blocks.
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        if rayon::current_thread_index().is_none() || self.pool.current_thread_index().is_some() {
+        if rayon::current_thread_index().is_none() || self.pool.current_thread_index().is_some() || BACKEND_WORKER.get()
+        {
             return self.pool.install(f);
         }
         let (done, wait) = std::sync::mpsc::sync_channel(1);
@@ -605,7 +615,7 @@ impl Backend for CpuBackend {
         // written; the permuted rows' only where they are written.
         check::permute_matmul(shape, gemm)?;
         let caps = self.capabilities();
-        check::permute_maps(NAME, &caps, hidden, ids, shape, out)?;
+        check::permute_without_rows(NAME, &caps, hidden, ids, shape, out)?;
         plain("hidden", hidden)?;
         check::grouped_matmul_gathered(NAME, &caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
         Self::check_weight_output(weight, output, gemm)?;

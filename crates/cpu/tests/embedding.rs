@@ -164,3 +164,57 @@ fn kernels_from_an_application_pool_match() {
     });
     assert!(got.iter().all(|g| *g == want));
 }
+
+/// A gated shared expert's gate overwrites the shared weights an ungated one reads as 1: one
+/// scratch through a gated layer then a plain one of the same sizes gave the plain one gated
+/// outputs.
+#[test]
+fn one_scratch_through_gated_and_plain_shared_experts() {
+    let b = CpuBackend::with_threads(2).unwrap();
+    let spec = RouterSpec::softmax_topk(8, 2, true);
+    let (gated, plain) = (
+        random_layer(1, spec.clone(), 32, 16, Some((24, true))),
+        random_layer(1, spec, 32, 16, Some((24, false))),
+    );
+    let x = input(&b, &gated, 9);
+    let own = |w: &LayerWeights| {
+        let mut l = MoeLayer::new(b.clone(), w).unwrap();
+        bits(&b, &l.forward(&x, 9).unwrap(), 9 * 32)
+    };
+    let (want_g, want_p) = (own(&gated), own(&plain));
+    let (lg, lp) = (
+        MoeLayer::new(b.clone(), &gated).unwrap(),
+        MoeLayer::new(b.clone(), &plain).unwrap(),
+    );
+    let mut scratch = LayerScratch::new();
+    let mut out = b.alloc(DType::F32, 9 * 32).unwrap();
+    for _ in 0..2 {
+        lg.forward_with(&mut scratch, &x, 9, &mut out).unwrap();
+        assert_eq!(bits(&b, &out, 9 * 32), want_g);
+        lp.forward_with(&mut scratch, &x, 9, &mut out).unwrap();
+        assert_eq!(
+            bits(&b, &out, 9 * 32),
+            want_p,
+            "the plain shared expert after a gated one"
+        );
+    }
+}
+
+/// Calls that go from one backend's pool to another's and back finish, on one thread each (a
+/// blocked wait there would leave no thread to run the inner call).
+#[test]
+fn calls_back_and_forth_between_backends() {
+    within(60, "a.run(b.run(a.run(..))) on one-thread pools", || {
+        let (a, b) = (
+            CpuBackend::with_threads(1).unwrap(),
+            CpuBackend::with_threads(1).unwrap(),
+        );
+        assert_eq!(a.run(|| b.run(|| a.run(|| 7))), 7);
+        let w = weights(DType::F32);
+        let la = MoeLayer::new(a.clone(), &w).unwrap();
+        let x = input(&a, &w, 3);
+        let mut out = a.alloc(DType::F32, 3 * 200).unwrap();
+        b.run(|| la.forward_with(&mut LayerScratch::new(), &x, 3, &mut out))
+            .unwrap();
+    });
+}
