@@ -210,8 +210,8 @@ impl CpuBackend {
     /// rayon's wait, which runs that pool's jobs, lets calls go back and forth between backends
     /// (`a.run(|| b.run(|| a.run(..)))` on one thread each); any other thread already blocks.
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        if rayon::current_thread_index().is_none() || self.pool.current_thread_index().is_some() || BACKEND_WORKER.get()
-        {
+        // Any backend's worker (this one's runs `f` inline) or no rayon thread at all.
+        if rayon::current_thread_index().is_none() || BACKEND_WORKER.get() {
             return self.pool.install(f);
         }
         let (done, wait) = std::sync::mpsc::sync_channel(1);
@@ -615,15 +615,17 @@ impl Backend for CpuBackend {
         // written; the permuted rows' only where they are written.
         check::permute_matmul(shape, gemm)?;
         let caps = self.capabilities();
-        check::permute_without_rows(NAME, &caps, hidden, ids, shape, out)?;
-        plain("hidden", hidden)?;
-        check::grouped_matmul_gathered(NAME, &caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
-        Self::check_weight_output(weight, output, gemm)?;
         if self.permute_matmul_copies_rows(hidden.0.dtype(), weight) {
+            check::permute(NAME, &caps, hidden, ids, shape, out)?;
+            plain("hidden", hidden)?;
             self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
         }
+        check::permute_without_rows(NAME, &caps, hidden, ids, shape, out)?;
+        plain("hidden", hidden)?;
+        check::grouped_matmul_gathered(NAME, &caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
+        Self::check_weight_output(weight, output, gemm)?;
         self.install(|| permute::index(u32_slice(ids), shape, out))?;
         let offsets = matmul::checked_offsets(&u32_slice(&out.offsets)[..gemm.experts + 1], gemm.rows)?;
         let src = matmul::InputRows::Gathered {
