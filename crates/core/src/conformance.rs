@@ -742,13 +742,13 @@ fn check_permute_matmul<B: Backend>(
     b.grouped_matmul(&p1.rows, &p1.offsets, &wb, &mut y1, g).map_err(e2s)?;
     b.permute_matmul(&xb, &idb, p, &mut p2, &wb, &mut y2, g).map_err(e2s)?;
     let m = check_permute_index(b, &p2, &ids, p)?;
-    let (got, sep) = (floats(b, &y2, tk * inter)?, floats(b, &y1, tk * inter)?);
-    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != sep[i].to_bits()) {
-        return Err(format!(
-            "output[{i}] is {} fused, {} from permute then grouped_matmul",
-            got[i], sep[i]
-        ));
-    }
+    let got = floats(b, &y2, tk * inter)?;
+    same_bits(
+        &got,
+        "fused",
+        &floats(b, &y1, tk * inter)?,
+        "from permute then grouped_matmul",
+    )?;
     // Where the backend says it writes no permuted rows, it takes an empty `rows` and gives the
     // same bits; where it says it does, an empty one is refused.
     let mut p3 = Permuted::alloc_without_rows(b, p, dtype).map_err(e2s)?;
@@ -757,13 +757,7 @@ fn check_permute_matmul<B: Backend>(
     match (b.permute_matmul_copies_rows(dtype, &wb), without) {
         (false, Ok(())) => {
             check_permute_index(b, &p3, &ids, p)?;
-            if floats(b, &y3, tk * inter)?
-                .iter()
-                .zip(&got)
-                .any(|(a, c)| a.to_bits() != c.to_bits())
-            {
-                return Err("permute_matmul without permuted rows changed the output".into());
-            }
+            same_bits(&floats(b, &y3, tk * inter)?, "without permuted rows", &got, "with them")?;
         }
         (false, Err(e)) => return Err(format!("permute_matmul said it copies no rows, then refused none: {e}")),
         (true, Ok(())) if tk > 0 => return Err("permute_matmul that copies rows took an empty rows buffer".into()),
@@ -772,6 +766,17 @@ fn check_permute_matmul<B: Backend>(
     let rows = reference::gather(&x.to_f64(), p.hidden, p.top_k, &m.source_of);
     let want = reference::grouped_matmul(&rows, &m.offsets, &w.to_f64(), g);
     Ok((rel_l2(&got, &want), tolerance(dtype)))
+}
+
+/// The first element where two runs of a kernel differ in their bits, named by how each ran.
+fn same_bits(a: &[f64], how_a: &str, b: &[f64], how_b: &str) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("{} outputs {how_a}, {} {how_b}", a.len(), b.len()));
+    }
+    match (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+        Some(i) => Err(format!("output[{i}] is {} {how_a}, {} {how_b}", a[i], b[i])),
+        None => Ok(()),
+    }
 }
 
 fn ragged_offsets(rng: &mut Rng, rows: usize, experts: usize, used: usize) -> Vec<u32> {
@@ -1573,4 +1578,17 @@ pub fn bias_and_groups_matter(c: &RouteCase) -> (usize, usize) {
         by_groups += (g != base) as usize;
     }
     (by_bias, by_groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_bits;
+
+    #[test]
+    fn same_bits_names_the_first_difference() {
+        assert!(same_bits(&[1.0, f64::NAN], "a", &[1.0, f64::NAN], "b").is_ok());
+        let e = same_bits(&[1.0, 0.0, 2.0], "fused", &[1.0, -0.0, 3.0], "apart").unwrap_err();
+        assert_eq!(e, "output[1] is 0 fused, -0 apart");
+        assert!(same_bits(&[1.0], "a", &[1.0, 2.0], "b").is_err());
+    }
 }
