@@ -83,16 +83,8 @@ fn write_output(path: &Path, out: &Output) -> Result<(), String> {
         ("router.topk_weights", view(Dtype::F32, vec![t, k], &weights)?),
     ];
     let bytes = safetensors::serialize(tensors, None).map_err(|e| e.to_string())?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| format!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     // Named as the user gave it: the temporary file beside it is ours.
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot move the output into {}: {e}", path.display())
-    })
+    crate::report::write_atomic(path, &bytes)
 }
 
 pub fn run(model: &Path, layer: usize, input: &Path, output: &Path, backend: &str, dtype: &str) -> Result<(), String> {

@@ -211,6 +211,20 @@ pub struct RouterShape {
     pub experts: usize,
 }
 
+impl RouterShape {
+    /// The router GEMM as a grouped matmul of one expert: `tokens` rows against an
+    /// `experts x hidden` weight, no activation.
+    pub fn as_gemm(self) -> GemmShape {
+        GemmShape {
+            rows: self.tokens,
+            in_features: self.hidden,
+            out_features: self.experts,
+            experts: 1,
+            activation: Activation::None,
+        }
+    }
+}
+
 /// Dispatch of `tokens` rows of width `hidden`, each to `top_k` of `experts`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PermuteShape {

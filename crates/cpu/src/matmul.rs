@@ -1156,13 +1156,7 @@ pub fn grouped_matmul(
 
 /// `logits = hidden · weight^T`, one expert of every token row.
 pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
-    let shape = GemmShape {
-        rows: s.tokens,
-        in_features: s.hidden,
-        out_features: s.experts,
-        experts: 1,
-        activation: Activation::None,
-    };
+    let shape = s.as_gemm();
     let w = Weights {
         floats: Floats::F32(weight),
         packed: None,

@@ -557,13 +557,7 @@ impl Backend for CudaBackend {
             Data::U32(_) => unreachable!("dtype checked before"),
         };
         let offsets = self.router_offsets(s.tokens)?;
-        let shape = GemmShape {
-            rows: s.tokens,
-            in_features: s.hidden,
-            out_features: s.experts,
-            experts: 1,
-            activation: Activation::None,
-        };
+        let shape = s.as_gemm();
         self.gemm_f32(x, &offsets, weight.f32(), logits.f32_mut(), shape)
     }
 
