@@ -155,6 +155,13 @@ thread_local! {
     static BACKEND_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+fn caps_for(simd: Simd, pack_f32: bool) -> Arc<Capabilities> {
+    Arc::new(
+        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
+            .packing(packed_dtypes(simd, pack_f32)),
+    )
+}
+
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
 #[derive(Clone)]
 pub struct CpuBackend {
@@ -164,6 +171,9 @@ pub struct CpuBackend {
     dp_packed: bool,
     /// f32 weights are packed ([`CpuBackend::with_packed_f32`]).
     pack_f32: bool,
+    /// What [`Backend::capabilities`] returns, built when `simd` or `pack_f32` change: every
+    /// kernel call checks against it, and building it takes a dozen small allocations.
+    caps: Arc<Capabilities>,
 }
 
 impl CpuBackend {
@@ -194,6 +204,7 @@ impl CpuBackend {
             simd,
             dp_packed,
             pack_f32: packs_f32(simd),
+            caps: caps_for(simd, packs_f32(simd)),
         })
     }
 
@@ -265,7 +276,7 @@ impl CpuBackend {
             ));
         }
         self.pack_f32 = on;
-        Ok(self)
+        Ok(self.with_caps())
     }
 
     /// Whether bf16 weights from `upload_weights` are packed for `vdpbf16ps`
@@ -289,7 +300,12 @@ impl CpuBackend {
         self.simd = simd;
         self.dp_packed &= simd.has_bf16();
         self.pack_f32 = packs_f32(simd);
-        Ok(self)
+        Ok(self.with_caps())
+    }
+
+    fn with_caps(mut self) -> Self {
+        self.caps = caps_for(self.simd, self.pack_f32);
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -306,7 +322,7 @@ impl CpuBackend {
         output: &CpuBuffer,
         s: GemmShape,
     ) -> Result<()> {
-        check::grouped_matmul(NAME, &self.capabilities(), input, offsets, weight, output, s)?;
+        check::grouped_matmul(NAME, &self.caps, input, offsets, weight, output, s)?;
         plain("input", input)?;
         Self::check_weight_output(weight, output, s)
     }
@@ -386,8 +402,7 @@ impl Backend for CpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
-            .packing(packed_dtypes(self.simd, self.pack_f32))
+        (*self.caps).clone()
     }
 
     /// Runs `f` on the backend's pool (so the kernels inside run their tiles there without a
@@ -514,7 +529,7 @@ impl Backend for CpuBackend {
         logits: &mut CpuBuffer,
         s: RouterShape,
     ) -> Result<()> {
-        check::router_logits(NAME, &self.capabilities(), hidden, weight, logits, s)?;
+        check::router_logits(NAME, &self.caps, hidden, weight, logits, s)?;
         plain("hidden", hidden)?;
         plain("router weight", weight)?;
         plain("logits", logits)?;
@@ -533,7 +548,7 @@ impl Backend for CpuBackend {
         ids: &mut CpuBuffer,
         weights: &mut CpuBuffer,
     ) -> Result<()> {
-        check::route(NAME, &self.capabilities(), logits, spec, tokens, ids, weights)?;
+        check::route(NAME, &self.caps, logits, spec, tokens, ids, weights)?;
         plain("logits", logits)?;
         plain("weights", weights)?;
         let (ids, weights) = (u32_mut(ids), f32_mut(weights));
@@ -550,7 +565,7 @@ impl Backend for CpuBackend {
         ids: &mut CpuBuffer,
         out: &mut CpuBuffer,
     ) -> Result<()> {
-        check::topk(NAME, &self.capabilities(), values, rows, cols, k, ids, out)?;
+        check::topk(NAME, &self.caps, values, rows, cols, k, ids, out)?;
         plain("values", values)?;
         plain("out", out)?;
         let (ids, out) = (u32_mut(ids), f32_mut(out));
@@ -565,7 +580,7 @@ impl Backend for CpuBackend {
         s: PermuteShape,
         out: &mut Permuted<CpuBuffer>,
     ) -> Result<()> {
-        check::permute(NAME, &self.capabilities(), hidden, ids, s, out)?;
+        check::permute(NAME, &self.caps, hidden, ids, s, out)?;
         plain("hidden", hidden)?;
         plain("permuted rows", &out.rows)?;
         self.install(|| permute::permute(hidden, u32_slice(ids), s, out))
@@ -614,17 +629,17 @@ impl Backend for CpuBackend {
         // Both calls' checks but the offsets' (which the permute writes), before anything is
         // written; the permuted rows' only where they are written.
         check::permute_matmul(shape, gemm)?;
-        let caps = self.capabilities();
+        let caps = &*self.caps;
         if self.permute_matmul_copies_rows(hidden.0.dtype(), weight) {
-            check::permute(NAME, &caps, hidden, ids, shape, out)?;
+            check::permute(NAME, caps, hidden, ids, shape, out)?;
             plain("hidden", hidden)?;
             self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
         }
-        check::permute_without_rows(NAME, &caps, hidden, ids, shape, out)?;
+        check::permute_without_rows(NAME, caps, hidden, ids, shape, out)?;
         plain("hidden", hidden)?;
-        check::grouped_matmul_gathered(NAME, &caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
+        check::grouped_matmul_gathered(NAME, caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
         Self::check_weight_output(weight, output, gemm)?;
         self.install(|| permute::index(u32_slice(ids), shape, out))?;
         let offsets = matmul::checked_offsets(&u32_slice(&out.offsets)[..gemm.experts + 1], gemm.rows)?;
@@ -669,7 +684,7 @@ impl Backend for CpuBackend {
         output: &mut CpuBuffer,
         s: CombineShape,
     ) -> Result<()> {
-        check::combine(NAME, &self.capabilities(), expert_out, ids, weights, slot_of, output, s)?;
+        check::combine(NAME, &self.caps, expert_out, ids, weights, slot_of, output, s)?;
         plain("expert_out", expert_out)?;
         plain("weights", weights)?;
         plain("output", output)?;

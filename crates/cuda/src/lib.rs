@@ -164,6 +164,8 @@ struct Device {
     name: String,
     arch: (i32, i32),
     total_mem: usize,
+    /// What [`Backend::capabilities`] returns, built once: every kernel call checks against it.
+    caps: Capabilities,
 }
 
 /// The CUDA backend on one device. Cheap to clone.
@@ -319,12 +321,20 @@ fn init_device(ordinal: usize) -> Result<Device> {
         combine_f16: f("combine.cu", "combine_f16")?,
         combine_bf16: f("combine.cu", "combine_bf16")?,
     };
+    let total_mem = ctx.total_mem().unwrap_or(0);
+    let floats: &[DType] = if kernels.gmm_bf16.is_some() {
+        &[DType::F32, DType::BF16, DType::F16]
+    } else {
+        &[DType::F32, DType::F16]
+    };
+    let caps = Capabilities::with_floats(floats, total_mem as u64, launch::MAX_EXPERTS, launch::MAX_TOP_K);
     Ok(Device {
         biases: Mutex::new(Vec::new()),
         router_offsets: Mutex::new(HashMap::new()),
         stream: ctx.default_stream(),
         name: ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
-        total_mem: ctx.total_mem().unwrap_or(0),
+        total_mem,
+        caps,
         arch: (major, minor),
         kernels,
         gemm_policy,
@@ -363,8 +373,8 @@ impl CudaBackend {
         &self.dev.stream
     }
 
-    fn caps(&self) -> Capabilities {
-        self.capabilities()
+    fn caps(&self) -> &Capabilities {
+        &self.dev.caps
     }
 }
 
@@ -412,17 +422,7 @@ impl Backend for CudaBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let floats: &[DType] = if self.dev.kernels.gmm_bf16.is_some() {
-            &[DType::F32, DType::BF16, DType::F16]
-        } else {
-            &[DType::F32, DType::F16]
-        };
-        Capabilities::with_floats(
-            floats,
-            self.dev.total_mem as u64,
-            launch::MAX_EXPERTS,
-            launch::MAX_TOP_K,
-        )
+        self.dev.caps.clone()
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
@@ -529,7 +529,7 @@ impl Backend for CudaBackend {
         s: RouterShape,
     ) -> Result<()> {
         self.mine(&[("hidden", hidden), ("router weight", weight), ("logits", logits)])?;
-        check::router_logits(NAME, &self.caps(), hidden, weight, logits, s)?;
+        check::router_logits(NAME, self.caps(), hidden, weight, logits, s)?;
         if s.tokens == 0 {
             return Ok(());
         }
@@ -570,7 +570,7 @@ impl Backend for CudaBackend {
         weights: &mut CudaBuffer,
     ) -> Result<()> {
         self.mine(&[("logits", logits), ("ids", ids), ("weights", weights)])?;
-        check::route(NAME, &self.caps(), logits, spec, tokens, ids, weights)?;
+        check::route(NAME, self.caps(), logits, spec, tokens, ids, weights)?;
         let a = launch::route_args(spec, tokens)?;
         if tokens == 0 {
             return Ok(());
@@ -609,7 +609,7 @@ impl Backend for CudaBackend {
         out: &mut CudaBuffer,
     ) -> Result<()> {
         self.mine(&[("values", values), ("ids", ids), ("out", out)])?;
-        check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
+        check::topk(NAME, self.caps(), values, rows, cols, k, ids, out)?;
         // One byte of dynamic shared memory per column, beside 256 bytes of static scratch.
         if cols.saturating_add(256) > launch::MAX_DYNAMIC_SMEM {
             let most = launch::MAX_DYNAMIC_SMEM - 256;
@@ -644,7 +644,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.mine(&[("hidden", hidden), ("ids", ids)])?;
         self.mine(&out.named())?;
-        check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
+        check::permute(NAME, self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let (n32, e32) = (n as u32, grid_u32("experts", s.experts)?);
         let chunks = launch::permute_chunks(n);
@@ -725,7 +725,7 @@ impl Backend for CudaBackend {
             ("weight", weight),
             ("output", output),
         ])?;
-        check::grouped_matmul(NAME, &self.caps(), input, offsets, weight, output, s)?;
+        check::grouped_matmul(NAME, self.caps(), input, offsets, weight, output, s)?;
         match (&input.data, &weight.data, &mut output.data) {
             (Data::F32(x), Data::F32(w), Data::F32(y)) => self.gemm_f32(x, offsets.u32(), w, y, s),
             (Data::B16(x), Data::B16(w), Data::B16(y)) => {
@@ -770,7 +770,7 @@ impl Backend for CudaBackend {
             ("slot_of", slot_of),
             ("output", output),
         ])?;
-        check::combine(NAME, &self.caps(), expert_out, ids, weights, slot_of, output, s)?;
+        check::combine(NAME, self.caps(), expert_out, ids, weights, slot_of, output, s)?;
         if s.tokens == 0 || s.hidden == 0 {
             return Ok(());
         }

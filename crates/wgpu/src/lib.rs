@@ -107,6 +107,9 @@ const TILE_K: usize = 16;
 #[derive(Clone)]
 pub struct WgpuBackend {
     gpu: Arc<Gpu>,
+    /// What [`Backend::capabilities`] returns (fixed by the device): built once, since every
+    /// kernel call checks against it.
+    caps: Arc<Capabilities>,
 }
 
 /// A device buffer: at least 4 bytes on the device (wgpu refuses empty
@@ -175,9 +178,16 @@ impl WgpuBackend {
     /// Opens the first WebGPU adapter (high-performance preferred) among the
     /// backends in `WGPU_BACKEND` (default: Vulkan, Metal, DX12).
     pub fn new() -> Result<Self> {
-        Ok(WgpuBackend {
-            gpu: Arc::new(Gpu::new(None, true)?),
-        })
+        Ok(Self::on(Gpu::new(None, true)?))
+    }
+
+    fn on(gpu: Gpu) -> Self {
+        let caps = Capabilities::with_floats(&FLOAT_VARIANTS, gpu.max_buffer_bytes(), 1 << 16, 1 << 10)
+            .binding_limit(gpu.max_binding);
+        WgpuBackend {
+            gpu: Arc::new(gpu),
+            caps: Arc::new(caps),
+        }
     }
 
     /// Destroys the device, as a driver reset would (tests of device loss).
@@ -190,18 +200,14 @@ impl WgpuBackend {
     /// `bytes`: for tests of the paths that big buffers take on real devices.
     #[doc(hidden)]
     pub fn with_binding_limit(bytes: u64) -> Result<Self> {
-        Ok(WgpuBackend {
-            gpu: Arc::new(Gpu::new(Some(bytes), true)?),
-        })
+        Ok(Self::on(Gpu::new(Some(bytes), true)?))
     }
 
     /// Like [`WgpuBackend::new`], without asking for timestamp queries: for tests of the
     /// wall-clock fallback of [`Backend::device_time_ms`] on adapters that have them.
     #[doc(hidden)]
     pub fn without_device_clock_for_tests() -> Result<Self> {
-        Ok(WgpuBackend {
-            gpu: Arc::new(Gpu::new(None, false)?),
-        })
+        Ok(Self::on(Gpu::new(None, false)?))
     }
 
     /// Whether [`Backend::device_time_ms`] reads the device clock: the adapter offers
@@ -264,8 +270,8 @@ impl WgpuBackend {
         }
     }
 
-    fn caps(&self) -> Capabilities {
-        self.capabilities()
+    fn caps(&self) -> &Capabilities {
+        &self.caps
     }
 }
 
@@ -292,8 +298,7 @@ impl Backend for WgpuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::with_floats(&FLOAT_VARIANTS, self.gpu.max_buffer_bytes(), 1 << 16, 1 << 10)
-            .binding_limit(self.gpu.max_binding)
+        (*self.caps).clone()
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
@@ -397,7 +402,7 @@ impl Backend for WgpuBackend {
         s: RouterShape,
     ) -> Result<()> {
         self.mine(&[("hidden", hidden), ("router weight", weight), ("logits", logits)])?;
-        check::router_logits(NAME, &self.caps(), hidden, weight, logits, s)?;
+        check::router_logits(NAME, self.caps(), hidden, weight, logits, s)?;
         if s.tokens == 0 {
             return Ok(());
         }
@@ -443,7 +448,7 @@ impl Backend for WgpuBackend {
         weights: &mut WgpuBuffer,
     ) -> Result<()> {
         self.mine(&[("logits", logits), ("ids", ids), ("weights", weights)])?;
-        check::route(NAME, &self.caps(), logits, spec, tokens, ids, weights)?;
+        check::route(NAME, self.caps(), logits, spec, tokens, ids, weights)?;
         if tokens == 0 {
             return Ok(());
         }
@@ -530,7 +535,7 @@ impl Backend for WgpuBackend {
         out: &mut WgpuBuffer,
     ) -> Result<()> {
         self.mine(&[("values", values), ("ids", ids), ("out", out)])?;
-        check::topk(NAME, &self.caps(), values, rows, cols, k, ids, out)?;
+        check::topk(NAME, self.caps(), values, rows, cols, k, ids, out)?;
         if rows == 0 {
             return Ok(());
         }
@@ -562,7 +567,7 @@ impl Backend for WgpuBackend {
     ) -> Result<()> {
         self.mine(&[("hidden", hidden), ("ids", ids)])?;
         self.mine(&out.named())?;
-        check::permute(NAME, &self.caps(), hidden, ids, s, out)?;
+        check::permute(NAME, self.caps(), hidden, ids, s, out)?;
         let n = s.tokens * s.top_k;
         let elements = n.saturating_mul(s.hidden);
         // Chunks of the flat ids (permute.wgsl): PERMUTE_CHUNK each, longer where the chunk
@@ -647,7 +652,7 @@ impl Backend for WgpuBackend {
             ("weight", weight),
             ("output", output),
         ])?;
-        check::grouped_matmul(NAME, &self.caps(), input, offsets, weight, output, s)?;
+        check::grouped_matmul(NAME, self.caps(), input, offsets, weight, output, s)?;
         if s.rows == 0 {
             return Ok(());
         }
@@ -747,7 +752,7 @@ impl Backend for WgpuBackend {
             ("slot_of", slot_of),
             ("output", output),
         ])?;
-        check::combine(NAME, &self.caps(), expert_out, ids, weights, slot_of, output, s)?;
+        check::combine(NAME, self.caps(), expert_out, ids, weights, slot_of, output, s)?;
         let elements = s.tokens * s.hidden;
         if elements == 0 {
             return Ok(());
