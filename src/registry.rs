@@ -85,12 +85,4 @@ pub fn probe_all() -> Vec<BackendStatus> {
     BACKENDS.iter().filter_map(|n| probe(n)).collect()
 }
 
-/// Backends named in `MOE_REQUIRE_BACKENDS` (comma separated).
-pub fn required_backends() -> Vec<String> {
-    std::env::var("MOE_REQUIRE_BACKENDS")
-        .unwrap_or_default()
-        .split(',')
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
+pub use moe_hal_core::conformance::required_backends;

@@ -1553,6 +1553,26 @@ pub fn run_all<B: Backend + Clone>(b: &B, quick: bool) -> Report {
     r
 }
 
+/// Backends named in `MOE_REQUIRE_BACKENDS` (comma separated, any case): the ones whose absence
+/// fails a test run instead of skipping (CI requires `cpu,wgpu`).
+pub fn required_backends() -> Vec<String> {
+    std::env::var("MOE_REQUIRE_BACKENDS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// For a test harness whose backend `name` cannot run here: panics if [`required_backends`]
+/// names it, else prints `SKIPPED backend {name}: {why}` so that the skip is seen in the log.
+pub fn absent_backend(name: &str, why: impl std::fmt::Display) {
+    if required_backends().iter().any(|r| r == name) {
+        panic!("backend {name} is required by MOE_REQUIRE_BACKENDS but unavailable: {why}");
+    }
+    eprintln!("SKIPPED backend {name}: {why}");
+}
+
 /// Group scoring check helper for tests: how many tokens change choice when
 /// the bias or the group mask is removed (a case that never changes proves nothing).
 pub fn bias_and_groups_matter(c: &RouteCase) -> (usize, usize) {
