@@ -1,7 +1,7 @@
 //! Reading one MoE layer out of a Hugging Face model folder.
 //!
-//! `config.json` plus `model.safetensors`, or a sharded
-//! `model.safetensors.index.json` with its shards. Files are memory-mapped
+//! `config.json` plus `model.safetensors` or, where that file is absent (transformers' order), a
+//! sharded `model.safetensors.index.json` with its shards. Files are memory-mapped
 //! and only the requested layer's tensors are read; every other tensor is
 //! ignored. Stored f32/bf16/f16 are converted to the compute dtype.
 
@@ -26,7 +26,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads `config.json` and the index (or finds `model.safetensors`).
+    /// Reads `config.json` and finds `model.safetensors`, else reads the index.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let cfg_path = dir.join("config.json");
         let text =
@@ -35,7 +35,9 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let mut weight_map = HashMap::new();
-        if index.exists() {
+        // transformers' order: the single file first, the index only where it is absent (saving
+        // a sharded model unsharded leaves the old index beside the new file).
+        if !single.exists() && index.exists() {
             let text =
                 std::fs::read_to_string(&index).map_err(|e| ck(format!("cannot read {}: {e}", index.display())))?;
             let v: serde_json::Value =
@@ -52,12 +54,12 @@ impl Checkpoint {
                     .as_str()
                     .ok_or_else(|| ck(format!("{}: weight_map[{name:?}] is not a file name", index.display())))?;
                 // Shards live in the model folder: no absolute path or way out of it.
-                let inside = Path::new(file)
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                let path = Path::new(file);
+                let inside = path.file_name().is_some()
+                    && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
                 if !inside {
                     return Err(ck(format!(
-                        "{}: weight_map[{name:?}] = {file:?}; expected a file inside the model folder",
+                        "{}: weight_map[{name:?}] = {file:?}; expected the name of a file inside the model folder",
                         index.display()
                     )));
                 }
@@ -90,10 +92,7 @@ impl Checkpoint {
     fn mapped(&mut self, file: &str) -> Result<&Mmap> {
         if !self.maps.contains_key(file) {
             let path = self.dir.join(file);
-            let f = File::open(&path).map_err(|e| ck(format!("cannot open {}: {e}", path.display())))?;
-            // SAFETY: the map is read-only and lives as long as this Checkpoint; as with every
-            // memory-mapped checkpoint reader, the file must not be truncated while it is open.
-            let m = unsafe { Mmap::map(&f) }.map_err(|e| ck(format!("cannot map {}: {e}", path.display())))?;
+            let m = map_file(&path)?;
             parse(&m, &path)?;
             self.maps.insert(file.to_string(), m);
         }
@@ -271,6 +270,26 @@ pub fn load_layer(dir: &Path, layer: usize, dtype: DType) -> Result<LayerWeights
     Checkpoint::open(dir)?.load_layer(layer, dtype)
 }
 
+/// A tensor file mapped into memory: only the pages of the tensors read are loaded.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).map_err(|e| ck(format!("cannot open {}: {e}", path.display())))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(ck(format!(
+            "{} is not a file; expected a safetensors file",
+            path.display()
+        )));
+    }
+    if meta.len() == 0 {
+        return Err(ck(format!("{} is empty; expected a safetensors file", path.display())));
+    }
+    // SAFETY: the map is read-only and its owner keeps it no longer than it needs the bytes; as
+    // with every memory-mapped checkpoint reader, the file must not be truncated while mapped.
+    unsafe { Mmap::map(&f) }.map_err(|e| ck(format!("cannot map {}: {e}", path.display())))
+}
+
 /// The tensors of a file's bytes, or an error naming the file.
 fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
     SafeTensors::deserialize(bytes).map_err(|e| {
@@ -284,7 +303,7 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
 /// Tensor `name` of a tensor file as (shape, values widened to f32), from F32, BF16 or F16; the
 /// file's other tensors are not read.
 pub fn read_tensor_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = map_file(path)?;
     let st = parse(&bytes, path)?;
     let t = st
         .tensor(name)
@@ -304,7 +323,7 @@ pub type TensorsF32 = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Reads a tensor file into name -> (shape, f32 values); used for inputs and fixtures.
 pub fn read_tensors_f32(path: &Path) -> Result<TensorsF32> {
-    let bytes = std::fs::read(path).map_err(|e| ck(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = map_file(path)?;
     let st = parse(&bytes, path)?;
     let mut out = BTreeMap::new();
     for (name, t) in st.tensors() {

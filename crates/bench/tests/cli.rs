@@ -212,8 +212,10 @@ fn bad_inputs_fail_cleanly() {
         &out,
         "model.layers.1.mlp.experts.0.gate_proj.weight",
     );
-    // An index whose weight_map is empty.
+    // An index whose weight_map is empty (read only where model.safetensors is absent, as
+    // transformers does).
     std::fs::write(dir.join("config.json"), &cfg).unwrap();
+    std::fs::remove_file(&model).unwrap();
     std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map":{}}"#).unwrap();
     assert_fails(&run(&dir, "1", &io, &out, &[]), &out, "empty");
     // A shard outside the model folder.

@@ -165,11 +165,14 @@ impl MoeConfig {
         match family {
             ModelFamily::DeepseekV3 => {
                 let e = need_usize(cfg, &["n_routed_experts"])?;
-                let scoring = cfg.get("scoring_func").and_then(Value::as_str).unwrap_or("sigmoid");
-                if scoring != "sigmoid" {
-                    return Err(MoeError::Config(format!(
-                        "scoring_func = {scoring:?}; expected \"sigmoid\" for DeepSeek-V3"
-                    )));
+                match cfg.get("scoring_func") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) if s == "sigmoid" => {}
+                    Some(v) => {
+                        return Err(MoeError::Config(format!(
+                            "scoring_func = {v}; expected \"sigmoid\" for DeepSeek-V3"
+                        )))
+                    }
                 }
                 c.intermediate_size = need_usize(cfg, &["moe_intermediate_size"])?;
                 // transformers' DeepseekV3Config defaults (module docs).
@@ -245,15 +248,23 @@ impl MoeConfig {
             )));
         }
         // The correction bias comes with the checkpoint; the rest of the router validates now.
-        c.router
-            .validate()
-            .map_err(|e| match (family, cfg.get("n_group"), cfg.get("topk_group")) {
-                (ModelFamily::DeepseekV3, None, _) | (ModelFamily::DeepseekV3, _, None) => MoeError::Config(format!(
+        c.router.validate().map_err(|e| {
+            // Point at transformers' group defaults only where they are what fails: the same
+            // router without groups validates.
+            let defaulted = cfg.get("n_group").is_none() || cfg.get("topk_group").is_none();
+            let ungrouped = RouterSpec {
+                grouping: None,
+                ..c.router.clone()
+            };
+            if family == ModelFamily::DeepseekV3 && defaulted && ungrouped.validate().is_ok() {
+                MoeError::Config(format!(
                     "{e} (config.json does not set n_group or topk_group, which then take transformers' \
-                 defaults, 8 and 4)"
-                )),
-                _ => e,
-            })?;
+                     defaults, 8 and 4)"
+                ))
+            } else {
+                e
+            }
+        })?;
         Ok(c)
     }
 
