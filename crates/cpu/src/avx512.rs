@@ -12,8 +12,8 @@
 //!   one fused multiply-add per 16 lanes;
 //! - [`DpBf16`]: bf16 inputs and bf16 weights, `vdpbf16ps` (AVX512-BF16) on
 //!   32 lanes: bf16 products are exact in f32 and accumulate in f32, with no
-//!   widening step (denormal bf16 inputs count as zero, as on every
-//!   AVX512-BF16 and AMX unit).
+//!   widening step (denormal bf16 inputs count as zero and denormal sums are
+//!   flushed to zero, whatever MXCSR says, as on every AVX512-BF16 unit).
 //!
 //! Every dot-product output, whatever block it is computed in, is the same
 //! sequence of steps over its lane chunks (the last one masked) followed by
