@@ -8,7 +8,7 @@
 
 use moe_hal_core::conformance::Rng;
 use moe_hal_core::{reference, Activation, Backend, DType, GemmShape, HostSlice, HostVec, PermuteShape, Permuted};
-use moe_hal_cpu::{CpuBackend, Simd};
+use moe_hal_cpu::{CpuBackend, CpuBuffer, Simd};
 
 fn configs(threads: usize) -> Vec<(String, CpuBackend)> {
     let mut v = Vec::new();
@@ -77,6 +77,21 @@ fn case(dtype: DType, k: usize, n: usize, act: Activation, lead: usize, per: &[u
 
 const SENTINEL: f32 = 7.0;
 
+/// Expert weights of `s` by `upload_weights` where `packed`, else as a plain buffer.
+fn weights(b: &CpuBackend, w: &HostVec, s: GemmShape, packed: bool) -> CpuBuffer {
+    if packed {
+        b.upload_weights(w.as_slice(), GemmShape { rows: 0, ..s }).unwrap()
+    } else {
+        b.upload(w.as_slice()).unwrap()
+    }
+}
+
+/// Fails with the first 40 failures listed.
+fn report(fails: &[String]) {
+    let shown: Vec<&str> = fails.iter().take(40).map(String::as_str).collect();
+    assert!(fails.is_empty(), "{} failures:\n{}", fails.len(), shown.join("\n"));
+}
+
 /// `got` within `tol` of `want`, relative above 1 and absolute below; NaN is never close.
 fn close(got: f64, want: f64, tol: f64) -> bool {
     (got - want).abs() <= tol * (1.0 + want.abs())
@@ -91,11 +106,7 @@ fn run_case(b: &CpuBackend, c: &Case, packed: bool) -> Result<(), String> {
     let dtype = c.x.dtype();
     let xb = b.upload(c.x.as_slice()).unwrap();
     let ob = b.upload(HostSlice::U32(&c.offsets)).unwrap();
-    let wb = if packed {
-        b.upload_weights(c.w.as_slice(), GemmShape { rows: 0, ..s }).unwrap()
-    } else {
-        b.upload(c.w.as_slice()).unwrap()
-    };
+    let wb = weights(b, &c.w, GemmShape { rows: 0, ..s }, packed);
     let n = s.out_features;
     let init = HostVec::from_f32(&vec![SENTINEL; s.rows * n], dtype).unwrap();
     let mut yb = b.upload(init.as_slice()).unwrap();
@@ -139,10 +150,7 @@ fn sweep(name: &str, cases: &[Shape], threads: usize) {
         }
     }
     eprintln!("{name}: {} cases x {} configs", cases.len(), cfgs.len());
-    for f in fails.iter().take(60) {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
 
 /// Per-expert row counts covering every tile-height regime, experts with no rows between.
@@ -198,6 +206,42 @@ fn many_experts_few_rows() {
     sweep("many_experts", &cases, 2);
 }
 
+/// A fused permute + gate/up case: routing, inputs and weights of `(tokens, hidden, top_k,
+/// experts, inter, activation)`.
+struct Fused {
+    p: PermuteShape,
+    g: GemmShape,
+    ids: Vec<u32>,
+    x: HostVec,
+    w: HostVec,
+}
+
+fn fused(
+    seed: u64,
+    dtype: DType,
+    (t, h, topk, e, inter, act): (usize, usize, usize, usize, usize, Activation),
+) -> Fused {
+    let mut rng = Rng::new(seed);
+    let p = PermuteShape {
+        tokens: t,
+        hidden: h,
+        top_k: topk,
+        experts: e,
+    };
+    let g = GemmShape {
+        rows: t * topk,
+        in_features: h,
+        out_features: inter,
+        experts: e,
+        activation: act,
+    };
+    let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(e, topk)).collect();
+    let scale = 1.0 / (h as f32).sqrt();
+    let x = HostVec::from_f32(&rng.vec(t * h, -1.0, 1.0), dtype).unwrap();
+    let w = HostVec::from_f32(&rng.vec(e * g.weight_rows() * h, -scale, scale), dtype).unwrap();
+    Fused { p, g, ids, x, w }
+}
+
 /// permute_matmul (gathered where the backend gathers) against the reference, at every level.
 #[test]
 fn permute_matmul_every_level() {
@@ -215,24 +259,7 @@ fn permute_matmul_every_level() {
     .enumerate()
     {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let mut rng = Rng::new(77 + ci as u64);
-            let p = PermuteShape {
-                tokens: t,
-                hidden: h,
-                top_k: topk,
-                experts: e,
-            };
-            let g = GemmShape {
-                rows: t * topk,
-                in_features: h,
-                out_features: inter,
-                experts: e,
-                activation: act,
-            };
-            let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(e, topk)).collect();
-            let scale = 1.0 / (h as f32).sqrt();
-            let x = HostVec::from_f32(&rng.vec(t * h, -1.0, 1.0), dtype).unwrap();
-            let w = HostVec::from_f32(&rng.vec(e * g.weight_rows() * h, -scale, scale), dtype).unwrap();
+            let Fused { p, g, ids, x, w } = fused(77 + ci as u64, dtype, (t, h, topk, e, inter, act));
             let m = reference::permute_maps(&ids, t, topk, e);
             let rows = reference::gather(&x.to_f64(), h, topk, &m.source_of);
             let want = reference::grouped_matmul(&rows, &m.offsets, &w.to_f64(), g);
@@ -240,11 +267,7 @@ fn permute_matmul_every_level() {
                 for packed in [false, true] {
                     let xb = b.upload(x.as_slice()).unwrap();
                     let ib = b.upload(HostSlice::U32(&ids)).unwrap();
-                    let wb = if packed {
-                        b.upload_weights(w.as_slice(), g).unwrap()
-                    } else {
-                        b.upload(w.as_slice()).unwrap()
-                    };
+                    let wb = weights(b, &w, g, packed);
                     let mut perm = if b.permute_matmul_copies_rows(dtype, &wb) {
                         Permuted::alloc(b, p, dtype).unwrap()
                     } else {
@@ -266,10 +289,7 @@ fn permute_matmul_every_level() {
             }
         }
     }
-    for f in &fails {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
 
 /// router_logits (f32 weights, hidden of any dtype) at every level against f64.
@@ -330,10 +350,7 @@ fn router_logits_every_level() {
             }
         }
     }
-    for f in fails.iter().take(40) {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
 
 /// permute_matmul gives the bits of permute then grouped_matmul at every level (the conformance
@@ -353,32 +370,11 @@ fn permute_matmul_bits_every_level_and_threads() {
             .enumerate()
             {
                 for dtype in [DType::F32, DType::BF16, DType::F16] {
-                    let mut rng = Rng::new(99 + ci as u64);
-                    let p = PermuteShape {
-                        tokens: t,
-                        hidden: h,
-                        top_k: topk,
-                        experts: e,
-                    };
-                    let g = GemmShape {
-                        rows: t * topk,
-                        in_features: h,
-                        out_features: inter,
-                        experts: e,
-                        activation: act,
-                    };
-                    let ids: Vec<u32> = (0..t).flat_map(|_| rng.distinct(e, topk)).collect();
-                    let scale = 1.0 / (h as f32).sqrt();
-                    let x = HostVec::from_f32(&rng.vec(t * h, -1.0, 1.0), dtype).unwrap();
-                    let w = HostVec::from_f32(&rng.vec(e * g.weight_rows() * h, -scale, scale), dtype).unwrap();
+                    let Fused { p, g, ids, x, w } = fused(99 + ci as u64, dtype, (t, h, topk, e, inter, act));
                     for packed in [false, true] {
                         let xb = b.upload(x.as_slice()).unwrap();
                         let ib = b.upload(HostSlice::U32(&ids)).unwrap();
-                        let wb = if packed {
-                            b.upload_weights(w.as_slice(), g).unwrap()
-                        } else {
-                            b.upload(w.as_slice()).unwrap()
-                        };
+                        let wb = weights(&b, &w, g, packed);
                         let mut p1 = Permuted::alloc(&b, p, dtype).unwrap();
                         let mut y1 = b.alloc(dtype, t * topk * inter).unwrap();
                         b.permute(&xb, &ib, p, &mut p1).unwrap();
@@ -397,10 +393,7 @@ fn permute_matmul_bits_every_level_and_threads() {
             }
         }
     }
-    for f in &fails {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
 
 /// Packed tiles of many lane blocks with short last passes (122 rows: 10 x 12 + 2), ranges of k.
@@ -420,11 +413,7 @@ fn bits_of(b: &CpuBackend, c: &Case, packed: bool) -> HostVec {
     let s = c.s;
     let xb = b.upload(c.x.as_slice()).unwrap();
     let ob = b.upload(HostSlice::U32(&c.offsets)).unwrap();
-    let wb = if packed {
-        b.upload_weights(c.w.as_slice(), GemmShape { rows: 0, ..s }).unwrap()
-    } else {
-        b.upload(c.w.as_slice()).unwrap()
-    };
+    let wb = weights(b, &c.w, GemmShape { rows: 0, ..s }, packed);
     let mut yb = b.alloc(c.x.dtype(), s.rows * s.out_features).unwrap();
     b.grouped_matmul(&xb, &ob, &wb, &mut yb, s).unwrap();
     b.download(&yb).unwrap()
@@ -469,10 +458,7 @@ fn bits_do_not_depend_on_threads() {
             }
         }
     }
-    for f in &fails {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
 
 /// Non-finite inputs propagate as in the f64 reference (no NaN from padding lanes).
@@ -513,8 +499,5 @@ fn non_finite_inputs() {
             }
         }
     }
-    for f in fails.iter().take(40) {
-        eprintln!("FAIL {f}");
-    }
-    assert!(fails.is_empty(), "{} failures", fails.len());
+    report(&fails);
 }
