@@ -243,9 +243,7 @@ pub fn grouped_matmul_gathered<B: DeviceBuffer + ?Sized>(
     output: &B,
     s: GemmShape,
 ) -> Result<()> {
-    nonzero("experts", s.experts)?;
-    nonzero("in_features", s.in_features)?;
-    nonzero("out_features", s.out_features)?;
+    nonzero_gemm(s)?;
     caps.check(backend, Kernel::GroupedMatmul, dt)?;
     buffer("offsets", offsets, DType::U32, offsets_len(s.experts)?)?;
     buffer("weight", weight, dt, weight_len(s)?)?;
@@ -255,6 +253,13 @@ pub fn grouped_matmul_gathered<B: DeviceBuffer + ?Sized>(
         dt,
         checked_mul(s.rows, s.out_features, "rows * out_features")?,
     )
+}
+
+/// A grouped matmul's sizes that must not be 0.
+fn nonzero_gemm(s: GemmShape) -> Result<()> {
+    nonzero("experts", s.experts)?;
+    nonzero("in_features", s.in_features)?;
+    nonzero("out_features", s.out_features)
 }
 
 /// Elements of the expert weights of grouped matmuls of shape `s`: `experts * weight rows *
@@ -276,9 +281,7 @@ fn weight_len(s: GemmShape) -> Result<usize> {
 /// Expert weights for [`crate::Backend::upload_weights`]: a float dtype, and exactly
 /// `experts * weight_rows * in_features` elements.
 pub fn weights(data: &crate::HostSlice<'_>, s: GemmShape) -> Result<()> {
-    nonzero("experts", s.experts)?;
-    nonzero("in_features", s.in_features)?;
-    nonzero("out_features", s.out_features)?;
+    nonzero_gemm(s)?;
     if !data.dtype().is_float() {
         return Err(MoeError::DType {
             what: "expert weights".to_string(),
