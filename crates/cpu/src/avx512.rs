@@ -998,8 +998,8 @@ impl Wide32 for f16 {
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
 /// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights in
-/// a tile of one lane block (tiles of several: [`Ahead`]): one stream per block is too few for the
-/// hardware prefetchers to keep up. On the Intel Xeon of the earlier sessions (one thread, 8
+/// a tile of one lane block (tiles of several: [`Ahead`]), where [`one_pass_prefetch`] says: one
+/// stream per block was too few for the Intel Xeon's hardware prefetchers to keep up. On the Intel Xeon of the earlier sessions (one thread, 8
 /// experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8 / 16 rows; standalone copy of the
 /// kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB 141-145 / 121-141, 8 KiB 128-144 /
 /// 110-141. On an AMD EPYC (Zen 5; two threads, 8 experts of gate/up from DRAM, three runs
@@ -1008,6 +1008,38 @@ const PACKED_NB: usize = 4;
 /// before this counted bytes) at 16 and 24 rows 3.51-3.73 with 8 KiB against 3.49-3.80 with 16 KiB,
 /// at one row 2.10-2.22 against 2.23-2.37.
 const PACKED_AHEAD_BYTES: usize = 8 << 10;
+
+/// How a packed register block prefetches its weights: the kernels' `PF`, a constant, since
+/// computing the spread addresses for the one-pass kernels too made decode 4-5% slower.
+/// - [`PF_AHEAD`]: one pass, [`PACKED_AHEAD_BYTES`] ahead of each step's weights.
+/// - [`PF_NONE`]: one pass, the hardware prefetchers alone ([`one_pass_prefetch`]).
+/// - [`PF_SPREAD`]: a pass among several, spread over the range after next ([`Ahead`]).
+const PF_AHEAD: u8 = 0;
+const PF_NONE: u8 = 1;
+const PF_SPREAD: u8 = 2;
+
+/// Whether the one-pass packed kernels (tiles of up to [`crate::pack::PACKED_LANES`] rows: decode)
+/// prefetch their weights [`PACKED_AHEAD_BYTES`] ahead, or leave the stream to the hardware
+/// prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by default it is off on AMD CPUs, on elsewhere.
+///
+/// - The Intel Xeon of the earlier sessions needed it (one thread, bf16 gate/up at 8 rows, see
+///   [`PACKED_AHEAD_BYTES`]: 41-70 GFLOP/s without, 128-144 with).
+/// - On the AMD EPYC (Zen 5) VM the hardware prefetchers keep up with the four streams of a
+///   register block, and the prefetches only took load slots. qwen3-30b-a3b's layer, 16 token
+///   batches, two threads, without against with, alternated in blocks of four calls
+///   (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios; the VM's slow bandwidth mode
+///   unless said): bf16 at one token 0.980-0.988 (fast mode 0.954-0.963), 16 tokens 0.982-0.991;
+///   f32 at one token 1.000-1.004, 16 tokens 0.986-0.988.
+/// - Only the one-pass kernels: the spread prefetches of the passes of taller tiles were measured
+///   on that AMD CPU and pay there.
+pub fn one_pass_prefetch() -> bool {
+    static AHEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AHEAD.get_or_init(|| match std::env::var("MOE_CPU_PREFETCH").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !crate::is_amd(),
+    })
+}
 
 /// Where a packed register block prefetches its weights.
 ///
@@ -1024,8 +1056,7 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 ///   range [`SPREAD_LEAD`] ranges ahead, one prefetch a step, so that the requests reach memory
 ///   evenly over the range's time.
 ///
-/// The kernels take the kind as a constant (`SPREAD`): computing the spread addresses for the
-/// one-pass kernels too made decode 4-5% slower.
+/// The kernels take the kind as a constant ([`PF_AHEAD`], [`PF_NONE`], [`PF_SPREAD`]).
 ///
 /// Measured on 128 experts of qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5). The
 /// kernels of 67b140b and these were alternated call by call in one process, each on its own
@@ -1118,7 +1149,7 @@ unsafe fn packed_store<const R: usize, const NB: usize>(acc: &[[[__m512; 2]; NB]
 /// The CPU must have AVX-512 F and BW; `x` must be readable up to `x[(k1 - 1) * lanes + R - 1]`,
 /// `w` up to `w[(NB - 1) * stride + 32 * k1 - 1]`, and `io` must hold `R * PACKED_OUT` f32.
 #[inline(always)]
-unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const SPREAD: bool>(
+unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const PF: u8>(
     x: *const f32,
     lanes: usize,
     (k0, k1): (usize, usize),
@@ -1131,11 +1162,11 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const SPREAD: 
     for i in k0..k1 {
         let mut wv = [[_mm512_setzero_ps(); 2]; NB];
         for j in 0..NB {
-            if SPREAD {
+            if PF == PF_SPREAD {
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (i - k0) * pf.step));
                 _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (i - k0) * pf.step));
-            } else {
+            } else if PF == PF_AHEAD {
                 let ahead = (w.wrapping_add(j * stride + i * 32) as *const i8).wrapping_add(PACKED_AHEAD_BYTES);
                 for l in 0..W::LINES {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64));
@@ -1170,7 +1201,7 @@ trait PackedBlock {
     const STEP: usize;
     /// # Safety
     /// As the kernel it runs.
-    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
+    unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const Self::X,
         lanes: usize,
         range: (usize, usize),
@@ -1189,7 +1220,7 @@ impl<W: Wide32> PackedBlock for Widen<W> {
     type W = W;
     const STEP: usize = 32;
     #[inline(always)]
-    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
+    unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const f32,
         lanes: usize,
         k: (usize, usize),
@@ -1198,7 +1229,7 @@ impl<W: Wide32> PackedBlock for Widen<W> {
         io: *mut f32,
         pf: Ahead,
     ) {
-        packed_rows::<W, R, NB, SPREAD>(x, lanes, k, w, stride, io, pf)
+        packed_rows::<W, R, NB, PF>(x, lanes, k, w, stride, io, pf)
     }
 }
 
@@ -1210,7 +1241,7 @@ impl PackedBlock for DpPairs {
     type W = bf16;
     const STEP: usize = 64;
     #[inline(always)]
-    unsafe fn run<const R: usize, const NB: usize, const SPREAD: bool>(
+    unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const u32,
         lanes: usize,
         p: (usize, usize),
@@ -1219,7 +1250,7 @@ impl PackedBlock for DpPairs {
         io: *mut f32,
         pf: Ahead,
     ) {
-        packed_dp_rows::<R, NB, SPREAD>(x, lanes, p, w, stride, io, pf)
+        packed_dp_rows::<R, NB, PF>(x, lanes, p, w, stride, io, pf)
     }
 }
 
@@ -1238,44 +1269,66 @@ unsafe fn packed_rows_n<K: PackedBlock>(
     w: *const K::W,
     stride: usize,
     out: *mut f32,
-    (pf, spread): (Ahead, bool),
+    (pf, mode): (Ahead, u8),
 ) {
-    if spread {
-        // A pass of several: a tile of 13 rows or more, so one block at a time and 6 rows or more.
-        match r {
-            6 => return K::run::<6, 1, true>(x, lanes, range, w, stride, out, pf),
-            7 => return K::run::<7, 1, true>(x, lanes, range, w, stride, out, pf),
-            8 => return K::run::<8, 1, true>(x, lanes, range, w, stride, out, pf),
-            9 => return K::run::<9, 1, true>(x, lanes, range, w, stride, out, pf),
-            10 => return K::run::<10, 1, true>(x, lanes, range, w, stride, out, pf),
-            11 => return K::run::<11, 1, true>(x, lanes, range, w, stride, out, pf),
-            12 => return K::run::<12, 1, true>(x, lanes, range, w, stride, out, pf),
-            // Not reached (packed_lanes); the one-pass kernels below compute the same outputs.
-            _ => {}
+    match mode {
+        PF_SPREAD => {
+            // A pass of several: a tile of 13 rows or more, so one block at a time and 6 rows or more.
+            match r {
+                6 => K::run::<6, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                7 => K::run::<7, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                8 => K::run::<8, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                9 => K::run::<9, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                10 => K::run::<10, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                11 => K::run::<11, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                12 => K::run::<12, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                // Not reached (packed_lanes); the one-pass kernels compute the same outputs.
+                _ => one_pass::<K, PF_AHEAD>((r, nb), x, lanes, range, w, stride, out, pf),
+            }
         }
+        PF_AHEAD => one_pass::<K, PF_AHEAD>((r, nb), x, lanes, range, w, stride, out, pf),
+        _ => one_pass::<K, PF_NONE>((r, nb), x, lanes, range, w, stride, out, pf),
     }
+}
+
+/// [`packed_rows_n`] for a tile of one pass, prefetching as `PF` says.
+///
+/// # Safety
+/// As [`packed_rows_n`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn one_pass<K: PackedBlock, const PF: u8>(
+    (r, nb): (usize, usize),
+    x: *const K::X,
+    lanes: usize,
+    range: (usize, usize),
+    w: *const K::W,
+    stride: usize,
+    out: *mut f32,
+    pf: Ahead,
+) {
     match (nb, r) {
-        (4, 1) => K::run::<1, 4, false>(x, lanes, range, w, stride, out, pf),
-        (4, 2) => K::run::<2, 4, false>(x, lanes, range, w, stride, out, pf),
-        (4, 3) => K::run::<3, 4, false>(x, lanes, range, w, stride, out, pf),
-        (2, 1) => K::run::<1, 2, false>(x, lanes, range, w, stride, out, pf),
-        (2, 2) => K::run::<2, 2, false>(x, lanes, range, w, stride, out, pf),
-        (2, 3) => K::run::<3, 2, false>(x, lanes, range, w, stride, out, pf),
-        (2, 4) => K::run::<4, 2, false>(x, lanes, range, w, stride, out, pf),
-        (2, 5) => K::run::<5, 2, false>(x, lanes, range, w, stride, out, pf),
-        (2, 6) => K::run::<6, 2, false>(x, lanes, range, w, stride, out, pf),
-        (1, 1) => K::run::<1, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 2) => K::run::<2, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 3) => K::run::<3, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 4) => K::run::<4, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 5) => K::run::<5, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 6) => K::run::<6, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 7) => K::run::<7, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 8) => K::run::<8, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 9) => K::run::<9, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 10) => K::run::<10, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 11) => K::run::<11, 1, false>(x, lanes, range, w, stride, out, pf),
-        (1, 12) => K::run::<12, 1, false>(x, lanes, range, w, stride, out, pf),
+        (4, 1) => K::run::<1, 4, PF>(x, lanes, range, w, stride, out, pf),
+        (4, 2) => K::run::<2, 4, PF>(x, lanes, range, w, stride, out, pf),
+        (4, 3) => K::run::<3, 4, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 1) => K::run::<1, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 2) => K::run::<2, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 3) => K::run::<3, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 4) => K::run::<4, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 5) => K::run::<5, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (2, 6) => K::run::<6, 2, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 1) => K::run::<1, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 2) => K::run::<2, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 3) => K::run::<3, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 4) => K::run::<4, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 5) => K::run::<5, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 6) => K::run::<6, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 7) => K::run::<7, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 8) => K::run::<8, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 9) => K::run::<9, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 10) => K::run::<10, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 11) => K::run::<11, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 12) => K::run::<12, 1, PF>(x, lanes, range, w, stride, out, pf),
         // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
         // register block are at most 12 / nb: anything else would read and write past the buffers
         // sized for them.
@@ -1331,6 +1384,7 @@ pub unsafe fn packed<W: Wide32>(
     cols: usize,
     io: &mut Vec<f32>,
     out: &mut [f32],
+    ahead: bool,
 ) {
     let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
     assert!(
@@ -1338,7 +1392,7 @@ pub unsafe fn packed<W: Wide32>(
             && w.len() >= b1 * crate::pack::PACK_ROWS * k
             && out.len() >= rows * cols
     );
-    packed_blocks::<Widen<W>>(xt.as_ptr(), rows, k, w.as_ptr(), (first, cols), io, out)
+    packed_blocks::<Widen<W>>(xt.as_ptr(), rows, k, w.as_ptr(), (first, cols), io, out, ahead)
 }
 
 /// The loop of [`packed`] and [`packed_dp`]: `K`'s register blocks over `steps` steps (inputs or
@@ -1350,6 +1404,7 @@ pub unsafe fn packed<W: Wide32>(
 /// # Safety
 /// The CPU must have `K`'s features; `x`, `w` and `out` must hold what the callers check.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn packed_blocks<K: PackedBlock>(
     x: *const K::X,
     rows: usize,
@@ -1358,6 +1413,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     (first, cols): (usize, usize),
     io: &mut Vec<f32>,
     out: &mut [f32],
+    ahead: bool,
 ) {
     use crate::pack::PACK_ROWS;
     let (b0, b1) = (first / PACK_ROWS, (first + cols).div_ceil(PACK_ROWS));
@@ -1400,7 +1456,12 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         step: step_bytes / passes,
                     }
                 };
-                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, passes > 1));
+                let mode = match (passes, ahead) {
+                    (1, true) => PF_AHEAD,
+                    (1, false) => PF_NONE,
+                    _ => PF_SPREAD,
+                };
+                packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, mode));
             }
         }
         // The wanted columns of the nb blocks.
@@ -1419,7 +1480,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
 /// `x[(p1 - 1) * lanes + R - 1]`, `w` up to `w[(NB - 1) * stride + 64 * p1 - 1]`, and `io` must
 /// hold `R * PACKED_OUT` f32.
 #[inline(always)]
-unsafe fn packed_dp_rows<const R: usize, const NB: usize, const SPREAD: bool>(
+unsafe fn packed_dp_rows<const R: usize, const NB: usize, const PF: u8>(
     x: *const u32,
     lanes: usize,
     (p0, p1): (usize, usize),
@@ -1434,11 +1495,11 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize, const SPREAD: bool>(
     for p in p0..p1 {
         let mut wv = [[bh(_mm512_setzero_si512()); 2]; NB];
         for (j, v) in wv.iter_mut().enumerate() {
-            if SPREAD {
+            if PF == PF_SPREAD {
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (p - p0) * pf.step));
                 _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (p - p0) * pf.step));
-            } else {
+            } else if PF == PF_AHEAD {
                 // 128 bytes per pair of inputs and block of 32 rows.
                 let ahead =
                     (w.wrapping_add(j * stride + p * 64) as *const i8).wrapping_add(PACKED_AHEAD_BYTES + pf.extra);
@@ -1545,6 +1606,7 @@ pub unsafe fn packed_dp(
     cols: usize,
     io: &mut Vec<f32>,
     out: &mut [f32],
+    ahead: bool,
 ) {
     let kp = k.div_ceil(2);
     let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
@@ -1553,7 +1615,16 @@ pub unsafe fn packed_dp(
             && w.len() >= b1 * crate::pack::PACK_ROWS * 2 * kp
             && out.len() >= rows * cols
     );
-    packed_blocks::<DpPairs>(xt.as_ptr() as *const u32, rows, kp, w.as_ptr(), (first, cols), io, out)
+    packed_blocks::<DpPairs>(
+        xt.as_ptr() as *const u32,
+        rows,
+        kp,
+        w.as_ptr(),
+        (first, cols),
+        io,
+        out,
+        ahead,
+    )
 }
 
 /// Whether `vdpbf16ps` issues about as fast as an f32 FMA on this CPU, so that [`packed_dp`] (two
@@ -2228,6 +2299,93 @@ mod tests {
             check(rows, cols, k, &wb, |v| v.to_f32());
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             check(rows, cols, k, &wh, |v| v.to_f32());
+        }
+    }
+
+    /// The one-pass kernels give the same bits with and without their prefetches
+    /// ([`one_pass_prefetch`] picks one per CPU, so a machine runs only one of them in a layer),
+    /// and the passes of taller tiles too, at heights of 1 to 13 rows, `k` over many ranges,
+    /// columns starting inside a block. Both agree with f64 sums.
+    #[test]
+    fn prefetch_changes_no_bits() {
+        use crate::matmul::{interleave, interleaved_len, Floats, InputRows};
+        use crate::pack::{packed_lanes, Packing};
+        use moe_hal_core::{HostSlice, HostVec};
+        if skipped_without_avx512() {
+            return;
+        }
+        let (k, n, first, cols) = (3001, 224, 5, 200);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 230.0).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let packing = |kpairs| Packing {
+            experts: 1,
+            rows: n,
+            k,
+            kpairs,
+        };
+        let Ok(HostVec::F32(pw)) = packing(false).pack(HostSlice::F32(&w)) else {
+            panic!("f32 weights pack as f32");
+        };
+        let Ok(HostVec::BF16(pb)) = packing(true).pack(HostSlice::BF16(&wb)) else {
+            panic!("bf16 weights pack as bf16");
+        };
+        for rows in [1, 2, 3, 4, 6, 7, 12, 13] {
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 170.0).collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut xt = vec![0.0; interleaved_len(rows, k, packed_lanes(rows))];
+            interleave(
+                Floats::F32(&x),
+                InputRows::InOrder,
+                0,
+                rows,
+                k,
+                packed_lanes(rows),
+                &mut xt,
+            );
+            let mut xp = vec![0.0; bf16_pairs_len(rows, k)];
+            interleave_bf16_pairs(&xb, |r| r, rows, k, &mut xp);
+            let run = |dp: bool, ahead: bool| {
+                let (mut io, mut out) = (Vec::new(), vec![f32::NAN; rows * cols]);
+                // SAFETY: AVX-512 was checked above, AVX512-BF16 before each `packed_dp`; the
+                // kernels check the slices' lengths.
+                unsafe {
+                    if dp {
+                        packed_dp(&xp, rows, k, &pb, first, cols, &mut io, &mut out, ahead)
+                    } else {
+                        packed(&xt, rows, k, &pw, first, cols, &mut io, &mut out, ahead)
+                    }
+                }
+                out
+            };
+            let kernels: &[(bool, &[f32], &[f32])] = if has_avx512_bf16() {
+                &[(false, &x, &w), (true, &x, &w)]
+            } else {
+                &[(false, &x, &w)]
+            };
+            for &(dp, x, w) in kernels {
+                let (with, without) = (run(dp, true), run(dp, false));
+                if let Some(i) = (0..with.len()).find(|&i| with[i].to_bits() != without[i].to_bits()) {
+                    panic!(
+                        "{rows} rows, vdpbf16ps {dp}: output {i} is {} with the prefetches, {} without",
+                        with[i], without[i]
+                    );
+                }
+                let round = |v: f32| if dp { bf16::from_f32(v).to_f64() } else { v as f64 };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let row = &w[(first + c) * k..][..k];
+                        let (want, mag) = row.iter().zip(&x[r * k..]).fold((0.0, 0.0), |(s, m), (&a, &b)| {
+                            let p = round(a) * round(b);
+                            (s + p, m + p.abs())
+                        });
+                        let got = with[r * cols + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag,
+                            "{rows} rows, vdpbf16ps {dp}, output ({r}, {c}): {got}, want {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

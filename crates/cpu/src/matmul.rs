@@ -794,12 +794,14 @@ fn product(
     let (weight, at) = (w.floats, wrow * k);
     if let Some(p) = w.packed {
         let (e, first) = (wrow / p.rows, wrow % p.rows);
+        #[cfg(target_arch = "x86_64")]
+        let ahead = crate::avx512::one_pass_prefetch();
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
         #[cfg(target_arch = "x86_64")]
         if let (Some(xt), true, Floats::BF16(v)) = (xt, p.kpairs, weight) {
             // SAFETY: kpairs tiles get interleaved rows only with Layout::Bf16Pairs, chosen where
             // the level has AVX512-BF16 (Layout::of); `packed_dp` checks the slices' lengths.
-            unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst) };
+            unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -808,9 +810,15 @@ fn product(
             // AVX-512 (Simd::avx512 in run_tiles); `packed` checks the slices' lengths.
             unsafe {
                 match weight {
-                    Floats::F32(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
-                    Floats::BF16(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
-                    Floats::F16(v) => crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst),
+                    Floats::F32(v) => {
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                    }
+                    Floats::BF16(v) => {
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                    }
+                    Floats::F16(v) => {
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                    }
                 }
             }
             return;

@@ -46,18 +46,40 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
 
 /// Runs `base(i)` and `current(i)` for `i` in `0..warmup + pairs`, which one goes first
 /// alternating from pair to pair, and summarises the timed pairs after the first `warmup`.
+///
+/// Each backend has its own pool, whose threads spin for a while after a call before they sleep
+/// (tens of microseconds of `sched_yield`); right after the other backend's call they share the
+/// cores with it. On the 2-vCPU AMD EPYC VM that made a one-token bf16 layer take 1.7 ms instead
+/// of the 1.2 ms it takes alone. Two settings keep the pools apart:
+/// - `PAIRED_BLOCK=n`: each side of a pair runs `n` calls in a row (calls `i * n ..`), and its
+///   time is the mean of all but the first, which absorbs the switch: back-to-back calls on one
+///   pool, as a benchmark loop makes them.
+/// - `PAIRED_GAP_US=us`: waits that long (untimed) before each call, so that the other pool
+///   sleeps and each call pays for waking its own, as a layer called between other work does.
 pub fn paired(warmup: usize, pairs: usize, mut base: impl FnMut(usize), mut current: impl FnMut(usize)) -> String {
+    let env = |name: &str| std::env::var(name).ok().map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}: a number")));
+    let gap = env("PAIRED_GAP_US").map(std::time::Duration::from_micros);
+    let block = env("PAIRED_BLOCK").unwrap_or(1).max(1) as usize;
     let (mut ta, mut tb) = (vec![], vec![]);
     for i in 0..warmup + pairs {
         for first_base in [i % 2 == 0, i % 2 == 1] {
-            let t0 = Instant::now();
-            if first_base {
-                base(i)
-            } else {
-                current(i)
+            let mut timed = 0.0;
+            for j in 0..block {
+                if let Some(g) = gap {
+                    std::thread::sleep(g);
+                }
+                let t0 = Instant::now();
+                if first_base {
+                    base(i * block + j)
+                } else {
+                    current(i * block + j)
+                }
+                if j > 0 || block == 1 {
+                    timed += t0.elapsed().as_secs_f64() * 1e3;
+                }
             }
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
             if i >= warmup {
+                let ms = timed / (block - 1).max(1) as f64;
                 if first_base { &mut ta } else { &mut tb }.push(ms);
             }
         }
@@ -65,21 +87,44 @@ pub fn paired(warmup: usize, pairs: usize, mut base: impl FnMut(usize), mut curr
     summary(&ta, &tb)
 }
 
-/// The two series' medians and the median and quartiles of their paired ratios (`b / a`).
+/// The two series' medians and the median and quartiles of their paired ratios (`b / a`), then
+/// the same ratios split at the median time of a pair (the sum of its two, so that a slow base
+/// alone does not pick the pair): the host's bandwidth moves between two modes (on the AMD EPYC
+/// VM about 45 and 80 GB/s), and a change can matter in one mode only.
 fn summary(a: &[f64], b: &[f64]) -> String {
-    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| y / x).collect();
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    for v in [&mut r, &mut a, &mut b] {
-        v.sort_by(f64::total_cmp);
-    }
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| y / x).collect();
+    let (mut sa, mut sb) = (a.to_vec(), b.to_vec());
+    sa.sort_by(f64::total_cmp);
+    sb.sort_by(f64::total_cmp);
     let q = |v: &[f64], f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+    let pair: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect();
+    let ratios = |keep: &dyn Fn(f64) -> bool| {
+        let mut v: Vec<f64> = pair.iter().zip(&r).filter(|(x, _)| keep(**x)).map(|(_, r)| *r).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let mut sp = pair.clone();
+    sp.sort_by(f64::total_cmp);
+    let mid = q(&sp, 0.5);
+    let (all, fast, slow) = (ratios(&|_| true), ratios(&|x| x <= mid), ratios(&|x| x > mid));
+    let part = |v: &[f64]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:.3} ({:.3}-{:.3}, {})", q(v, 0.5), q(v, 0.25), q(v, 0.75), v.len())
+        }
+    };
     format!(
-        "base {:.3} ms, current {:.3} ms, paired current/base {:.3} (quartiles {:.3}-{:.3}, {} pairs)",
-        q(&a, 0.5),
-        q(&b, 0.5),
-        q(&r, 0.5),
-        q(&r, 0.25),
-        q(&r, 0.75),
-        r.len()
+        "base {:.3} ms, current {:.3} ms, paired current/base {:.3} (quartiles {:.3}-{:.3}, {} pairs); \
+         pairs of at most {:.3} ms a call: {}, above: {}",
+        q(&sa, 0.5),
+        q(&sb, 0.5),
+        q(&all, 0.5),
+        q(&all, 0.25),
+        q(&all, 0.75),
+        all.len(),
+        mid,
+        part(&fast),
+        part(&slow)
     )
 }

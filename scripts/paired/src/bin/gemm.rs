@@ -88,14 +88,15 @@ fn main() {
     let oa: Vec<_> = offs.iter().map(|o| a.upload(HostSlice::U32(o)).unwrap()).collect();
     let ob: Vec<_> = offs.iter().map(|o| b.upload(HostSlice::U32(o)).unwrap()).collect();
     let shape_of = |i: usize| GemmShape {
-        rows: *offs[i].last().unwrap() as usize,
+        // With PAIRED_BLOCK, indices go past the calls drawn.
+        rows: *offs[i % calls].last().unwrap() as usize,
         ..shape
     };
     let summary = paired(
         2,
         calls - 2,
-        |i| a.grouped_matmul(&xa, &oa[i], &wa, &mut ya, shape_of(i)).unwrap(),
-        |i| b.grouped_matmul(&xbb, &ob[i], &wbb, &mut yb, shape_of(i)).unwrap(),
+        |i| a.grouped_matmul(&xa, &oa[i % calls], &wa, &mut ya, shape_of(i)).unwrap(),
+        |i| b.grouped_matmul(&xbb, &ob[i % calls], &wbb, &mut yb, shape_of(i)).unwrap(),
     );
     println!("{} {} rows {}: {}", args[1], args[3], args[2], summary);
 }
