@@ -7,9 +7,13 @@
 # against the current moe-hal-core (so REV's CPU crate must compile against it). Each backend gets
 # its own weights; calls alternate one by one, and the median of the paired time ratios cancels
 # the host's slow drifts (the shared VMs' memory bandwidth moves by 10-40% between invocations).
+# Each backend has its own pool, whose spinning threads slow the other's next call: on 2 vCPUs
+# set PAIRED_BLOCK=3 or 4 (each side runs that many calls in a row, the first untimed) or
+# PAIRED_GAP_US (a sleep before each call); see scripts/paired/src/lib.rs. Then rerun the binary
+# as target/paired/release/NAME ... without rebuilding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,9p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,13p "$0"; exit 2; }
 rev=$1; shift
 base=scripts/paired/base
 rm -rf "$base" && mkdir -p "$base"

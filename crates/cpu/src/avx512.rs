@@ -1012,26 +1012,30 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 /// How a packed register block prefetches its weights: the kernels' `PF`, a constant, since
 /// computing the spread addresses for the one-pass kernels too made decode 4-5% slower.
 /// - [`PF_AHEAD`]: one pass, [`PACKED_AHEAD_BYTES`] ahead of each step's weights.
-/// - [`PF_NONE`]: one pass, the hardware prefetchers alone ([`one_pass_prefetch`]).
+/// - [`PF_NONE`]: one pass, the hardware prefetchers alone (tiles of up to 3 rows where
+///   [`one_pass_prefetch`] is off).
 /// - [`PF_SPREAD`]: a pass among several, spread over the range after next ([`Ahead`]).
 const PF_AHEAD: u8 = 0;
 const PF_NONE: u8 = 1;
 const PF_SPREAD: u8 = 2;
 
-/// Whether the one-pass packed kernels (tiles of up to [`crate::pack::PACKED_LANES`] rows: decode)
-/// prefetch their weights [`PACKED_AHEAD_BYTES`] ahead, or leave the stream to the hardware
-/// prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by default it is off on AMD CPUs, on elsewhere.
+/// Whether the packed kernels prefetch their weights [`PACKED_AHEAD_BYTES`] ahead in tiles of up
+/// to 3 rows (one pass over register blocks of four weight blocks: decode), or leave those streams
+/// to the hardware prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by default it is off on AMD
+/// CPUs, on elsewhere. Taller one-pass tiles always prefetch.
 ///
 /// - The Intel Xeon of the earlier sessions needed it (one thread, bf16 gate/up at 8 rows, see
 ///   [`PACKED_AHEAD_BYTES`]: 41-70 GFLOP/s without, 128-144 with).
-/// - On the AMD EPYC (Zen 5) VM the hardware prefetchers keep up with the four streams of a
+/// - On the AMD EPYC (Zen 5) VM the hardware prefetchers keep up with the four streams of such a
 ///   register block, and the prefetches only took load slots. qwen3-30b-a3b's layer, 16 token
-///   batches, two threads, without against with, alternated in blocks of four calls
-///   (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios; the VM's slow bandwidth mode
-///   unless said): bf16 at one token 0.980-0.988 (fast mode 0.954-0.963), 16 tokens 0.982-0.991;
-///   f32 at one token 1.000-1.004, 16 tokens 0.986-0.988.
-/// - Only the one-pass kernels: the spread prefetches of the passes of taller tiles were measured
-///   on that AMD CPU and pay there.
+///   batches, two threads, without against with, alternated in blocks of three or four calls
+///   (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios; the VM's slow bandwidth
+///   mode unless said): bf16 at one token 0.980-0.988 (fast mode 0.954-0.964), 16 tokens
+///   0.982-0.991; f32 at one token 1.000-1.004, 16 tokens 0.986-0.988.
+/// - In taller one-pass tiles (4 to 12 rows, one or two blocks a register block) it lost: the
+///   layer at 256 tokens, where most tiles of up to 12 rows are such, took 1.017-1.033 times as
+///   long without (bf16); with them prefetching, 1.001-1.002 (bf16) and 0.997 (f32).
+/// - The spread prefetches of the passes of taller tiles were measured on that AMD CPU and stay.
 pub fn one_pass_prefetch() -> bool {
     static AHEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| match std::env::var("MOE_CPU_PREFETCH").as_deref() {
@@ -1369,7 +1373,8 @@ const PACKED_CHUNK_BYTES: usize = 8 << 10;
 /// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer;
 /// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
-/// ascending order, so it does not depend on the blocking.
+/// ascending order, so it does not depend on the blocking. `ahead`: tiles of up to 3 rows
+/// prefetch their weights too ([`one_pass_prefetch`]); it changes no bits.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
@@ -1399,7 +1404,7 @@ pub unsafe fn packed<W: Wide32>(
 /// pairs of inputs) of the blocks that hold the weight rows `first .. first + cols`, every register
 /// block of a range of steps before the next range, then the wanted columns into `out`. `x` is
 /// the interleaved input (lane blocks of `lanes`, `steps` values per lane), `w` one expert's
-/// packed weights (`steps * K::STEP` per block).
+/// packed weights (`steps * K::STEP` per block); `ahead` as for [`packed`].
 ///
 /// # Safety
 /// The CPU must have `K`'s features; `x`, `w` and `out` must hold what the callers check.
@@ -1456,9 +1461,10 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         step: step_bytes / passes,
                     }
                 };
+                // Register blocks of four weight blocks: tiles of up to 3 rows.
                 let mode = match (passes, ahead) {
-                    (1, true) => PF_AHEAD,
-                    (1, false) => PF_NONE,
+                    (1, false) if nb == 4 => PF_NONE,
+                    (1, _) => PF_AHEAD,
                     _ => PF_SPREAD,
                 };
                 packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, mode));
