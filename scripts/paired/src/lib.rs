@@ -57,7 +57,11 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
 /// - `PAIRED_GAP_US=us`: waits that long (untimed) before each call, so that the other pool
 ///   sleeps and each call pays for waking its own, as a layer called between other work does.
 pub fn paired(warmup: usize, pairs: usize, mut base: impl FnMut(usize), mut current: impl FnMut(usize)) -> String {
-    let env = |name: &str| std::env::var(name).ok().map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}: a number")));
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}: a number")))
+    };
     let gap = env("PAIRED_GAP_US").map(std::time::Duration::from_micros);
     let block = env("PAIRED_BLOCK").unwrap_or(1).max(1) as usize;
     let (mut ta, mut tb) = (vec![], vec![]);
@@ -99,7 +103,12 @@ fn summary(a: &[f64], b: &[f64]) -> String {
     let q = |v: &[f64], f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
     let pair: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect();
     let ratios = |keep: &dyn Fn(f64) -> bool| {
-        let mut v: Vec<f64> = pair.iter().zip(&r).filter(|(x, _)| keep(**x)).map(|(_, r)| *r).collect();
+        let mut v: Vec<f64> = pair
+            .iter()
+            .zip(&r)
+            .filter(|(x, _)| keep(**x))
+            .map(|(_, r)| *r)
+            .collect();
         v.sort_by(f64::total_cmp);
         v
     };

@@ -95,8 +95,14 @@ fn main() {
     let summary = paired(
         2,
         calls - 2,
-        |i| a.grouped_matmul(&xa, &oa[i % calls], &wa, &mut ya, shape_of(i)).unwrap(),
-        |i| b.grouped_matmul(&xbb, &ob[i % calls], &wbb, &mut yb, shape_of(i)).unwrap(),
+        |i| {
+            a.grouped_matmul(&xa, &oa[i % calls], &wa, &mut ya, shape_of(i))
+                .unwrap()
+        },
+        |i| {
+            b.grouped_matmul(&xbb, &ob[i % calls], &wbb, &mut yb, shape_of(i))
+                .unwrap()
+        },
     );
     println!("{} {} rows {}: {}", args[1], args[3], args[2], summary);
 }
