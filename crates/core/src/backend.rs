@@ -590,6 +590,27 @@ pub trait Backend: Send + Sync {
         self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm)
     }
 
+    /// The routed experts' MLP: [`Backend::permute_matmul`] (`gemms.0`, gate/up with SwiGLU, into
+    /// `act`), then [`Backend::grouped_matmul`] of `act` by `down` (`gemms.1`) into `expert_out` on
+    /// the permute's offsets: the same outputs and bits as those two calls, which the default
+    /// makes. A backend may run the two as one piece of work per expert: the CPU does at decode,
+    /// where a join between them idled a core (see its `matmul::mlp`).
+    #[allow(clippy::too_many_arguments)]
+    fn permute_mlp(
+        &self,
+        hidden: &Self::Buffer,
+        ids: &Self::Buffer,
+        shape: PermuteShape,
+        out: &mut Permuted<Self::Buffer>,
+        (gate_up, down): (&Self::Buffer, &Self::Buffer),
+        act: &mut Self::Buffer,
+        expert_out: &mut Self::Buffer,
+        gemms: (GemmShape, GemmShape),
+    ) -> Result<()> {
+        self.permute_matmul(hidden, ids, shape, out, gate_up, act, gemms.0)?;
+        self.grouped_matmul(act, &out.offsets, down, expert_out, gemms.1)
+    }
+
     /// Whether [`Backend::permute_matmul`] on `hidden` of this dtype and these weights writes
     /// `out.rows`, the permuted copy of the hidden rows. Where it does not (its matmul reads each
     /// row where it lies in `hidden`), `out.rows` may be empty ([`Permuted::alloc_without_rows`]),

@@ -768,6 +768,77 @@ fn check_permute_matmul<B: Backend>(
     Ok((rel_l2(&got, &want), tolerance(dtype)))
 }
 
+/// [`Backend::permute_mlp`] against the calls it replaces (`permute_matmul`, then `grouped_matmul`
+/// down), on separate outputs: the same index outputs, the same bits of the gate/up output and of
+/// the expert outputs, and those within tolerance of float64 (gate/up with SwiGLU, then down, on
+/// the gathered rows; the reference does not round between the two).
+fn check_permute_mlp<B: Backend>(
+    b: &B,
+    dtype: DType,
+    p: PermuteShape,
+    inter: usize,
+    seed: u64,
+    packed: bool,
+) -> Result<(f64, f64), String> {
+    let mut rng = Rng::new(seed);
+    let ids = random_ids(&mut rng, p.tokens, p.top_k, p.experts, false);
+    let tk = p.tokens * p.top_k;
+    let up = GemmShape {
+        rows: tk,
+        in_features: p.hidden,
+        out_features: inter,
+        experts: p.experts,
+        activation: Activation::SwiGlu,
+    };
+    let dn = GemmShape {
+        in_features: inter,
+        out_features: p.hidden,
+        activation: Activation::None,
+        ..up
+    };
+    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
+    let (su, sd) = (1.0 / (p.hidden as f32).sqrt(), 1.0 / (inter as f32).sqrt());
+    let wu = host_in(&rng.vec(p.experts * up.weight_rows() * p.hidden, -su, su), dtype);
+    let wd = host_in(&rng.vec(p.experts * p.hidden * inter, -sd, sd), dtype);
+    let (xb, idb) = (
+        b.upload(x.as_slice()).map_err(e2s)?,
+        b.upload(HostSlice::U32(&ids)).map_err(e2s)?,
+    );
+    let (wub, wdb) = (
+        upload_expert_weights(b, &wu, up, packed)?,
+        upload_expert_weights(b, &wd, dn, packed)?,
+    );
+    let mut pm = Vec::new();
+    let mut outs = Vec::new();
+    for fused in [false, true] {
+        let mut perm = if b.permute_matmul_copies_rows(dtype, &wub) {
+            Permuted::alloc(b, p, dtype)
+        } else {
+            Permuted::alloc_without_rows(b, p, dtype)
+        }
+        .map_err(e2s)?;
+        let mut act = b.alloc(dtype, tk * inter).map_err(e2s)?;
+        let mut y = b.alloc(dtype, tk * p.hidden).map_err(e2s)?;
+        if fused {
+            b.permute_mlp(&xb, &idb, p, &mut perm, (&wub, &wdb), &mut act, &mut y, (up, dn))
+                .map_err(e2s)?;
+        } else {
+            b.permute_matmul(&xb, &idb, p, &mut perm, &wub, &mut act, up)
+                .map_err(e2s)?;
+            b.grouped_matmul(&act, &perm.offsets, &wdb, &mut y, dn).map_err(e2s)?;
+        }
+        outs.push((floats(b, &act, tk * inter)?, floats(b, &y, tk * p.hidden)?));
+        pm.push(perm);
+    }
+    let m = check_permute_index(b, &pm[1], &ids, p)?;
+    same_bits(&outs[1].0, "gate/up in permute_mlp", &outs[0].0, "from permute_matmul")?;
+    same_bits(&outs[1].1, "down in permute_mlp", &outs[0].1, "from grouped_matmul")?;
+    let rows = reference::gather(&x.to_f64(), p.hidden, p.top_k, &m.source_of);
+    let act = reference::grouped_matmul(&rows, &m.offsets, &wu.to_f64(), up);
+    let want = reference::grouped_matmul(&act, &m.offsets, &wd.to_f64(), dn);
+    Ok((rel_l2(&outs[1].1, &want), tolerance(dtype)))
+}
+
 /// The first element where two runs of a kernel differ in their bits, named by how each ran.
 fn same_bits(a: &[f64], how_a: &str, b: &[f64], how_b: &str) -> Result<(), String> {
     if a.len() != b.len() {
@@ -1171,6 +1242,57 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             "permute_matmul: output too short".into(),
             b.permute_matmul(&x, &ids, s, &mut p, &pw, &mut f(8 * 3 - 1)?, pg),
         ));
+        // down on the gate/up output: 6 outputs of 3 inputs per expert.
+        let dg = GemmShape {
+            in_features: 3,
+            out_features: 6,
+            activation: Activation::None,
+            ..pg
+        };
+        let (dw, mut dy) = (f(8 * 6 * 3)?, f(8 * 6)?);
+        v.push((
+            "permute_mlp: down rows are not the gate/up rows".into(),
+            b.permute_mlp(
+                &x,
+                &ids,
+                s,
+                &mut p,
+                (&pw, &dw),
+                &mut py,
+                &mut dy,
+                (pg, GemmShape { rows: 9, ..dg }),
+            ),
+        ));
+        v.push((
+            "permute_mlp: down output too short".into(),
+            b.permute_mlp(&x, &ids, s, &mut p, (&pw, &dw), &mut py, &mut f(8 * 6 - 1)?, (pg, dg)),
+        ));
+        v.push((
+            "permute_mlp: down weight too short".into(),
+            b.permute_mlp(
+                &x,
+                &ids,
+                s,
+                &mut p,
+                (&pw, &f(8 * 6 * 3 - 1)?),
+                &mut py,
+                &mut dy,
+                (pg, dg),
+            ),
+        ));
+        v.push((
+            "permute_mlp: gate/up rows are not tokens * top_k".into(),
+            b.permute_mlp(
+                &x,
+                &ids,
+                s,
+                &mut p,
+                (&pw, &dw),
+                &mut py,
+                &mut dy,
+                (GemmShape { rows: 7, ..pg }, dg),
+            ),
+        ));
         let cs = CombineShape {
             tokens: 4,
             hidden: 6,
@@ -1438,7 +1560,8 @@ pub fn gemm_suite<B: Backend>(b: &B, quick: bool) -> Report {
     r
 }
 
-/// [`Backend::permute_matmul`] against permute then grouped matmul (same index outputs and output bits).
+/// [`Backend::permute_matmul`] against permute then grouped matmul, and [`Backend::permute_mlp`]
+/// against `permute_matmul` then `grouped_matmul` (same index outputs and output bits).
 pub fn permute_matmul_suite<B: Backend>(b: &B, quick: bool) -> Report {
     let mut r = Report {
         backend: b.name().into(),
@@ -1466,8 +1589,14 @@ pub fn permute_matmul_suite<B: Backend>(b: &B, quick: bool) -> Report {
                 for packed in [false, true] {
                     let how = if packed { "upload_weights" } else { "upload" };
                     let name = format!("T={t} H={hidden} k={k} E={e} I={inter} {act:?} weights by {how}");
+                    let seed = (t * 13 + hidden + e) as u64;
+                    if act == Activation::SwiGlu {
+                        r.push("permute_mlp", name.clone(), dtype, || {
+                            check_permute_mlp(b, dtype, s, inter, seed, packed)
+                        });
+                    }
                     r.push("permute_matmul", name, dtype, || {
-                        check_permute_matmul(b, dtype, s, (inter, act), (t * 13 + hidden + e) as u64, packed)
+                        check_permute_matmul(b, dtype, s, (inter, act), seed, packed)
                     });
                 }
             }

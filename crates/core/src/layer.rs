@@ -402,8 +402,8 @@ struct SharedScratch<B: Backend> {
 /// `forward` runs, on the backend's kernels and nothing else (an engine calling them itself gets
 /// the same bits):
 /// 1. `router_logits` (f32), `route`;
-/// 2. `permute_matmul` (permute and gate/up with SwiGLU), `grouped_matmul` down, `combine` into the
-///    output;
+/// 2. `permute_mlp` (permute, gate/up with SwiGLU, down: `permute_matmul` then `grouped_matmul`),
+///    `combine` into the output;
 /// 3. with a shared expert, on every token as one expert (offsets `[0, T]`): `grouped_matmul`
 ///    gate/up with SwiGLU and down, then `combine` with `top_k` 1, `accumulate`, ids all 0 and
 ///    slots `0..T`, weighted 1 or, for Qwen2-MoE's gated one, by the gate's `router_logits` (one
@@ -666,8 +666,16 @@ fn kernels<B: Backend>(
     let ls = LayerShapes::new(tokens, h, i, e, k)?;
     b.router_logits(x, router_weight, &mut s.logits, ls.router)?;
     b.route(&s.logits, spec, tokens, &mut s.ids, &mut s.weights)?;
-    b.permute_matmul(x, &s.ids, ls.permute, &mut s.perm, gate_up, &mut s.act, ls.gate_up)?;
-    b.grouped_matmul(&s.act, &s.perm.offsets, down, &mut s.expert_out, ls.down)?;
+    b.permute_mlp(
+        x,
+        &s.ids,
+        ls.permute,
+        &mut s.perm,
+        (gate_up, down),
+        &mut s.act,
+        &mut s.expert_out,
+        (ls.gate_up, ls.down),
+    )?;
     b.combine(&s.expert_out, &s.ids, &s.weights, &s.perm.slot_of, out, ls.combine)?;
     if let (Some(sh), Some(ss)) = (shared, s.shared.as_mut()) {
         b.write(&mut ss.offsets, HostSlice::U32(&[0, tokens as u32]))?;

@@ -334,6 +334,37 @@ impl CpuBackend {
         Self::check_weight_output(weight, output, s)
     }
 
+    /// The checks of a `permute_matmul` that gathers its rows (no permuted copy), but the
+    /// offsets' contents, which the permute writes.
+    #[allow(clippy::too_many_arguments)]
+    fn check_gathered(
+        &self,
+        hidden: &CpuBuffer,
+        ids: &CpuBuffer,
+        shape: PermuteShape,
+        out: &Permuted<CpuBuffer>,
+        weight: &CpuBuffer,
+        output: &CpuBuffer,
+        gemm: GemmShape,
+    ) -> Result<()> {
+        check::permute_without_rows(NAME, &self.caps, hidden, ids, shape, out)?;
+        plain("hidden", hidden)?;
+        check::grouped_matmul_gathered(NAME, &self.caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
+        Self::check_weight_output(weight, output, gemm)
+    }
+
+    /// The permute's index outputs (no rows), and the offsets checked for `gemm`.
+    fn index_gathered(
+        &self,
+        ids: &CpuBuffer,
+        shape: PermuteShape,
+        out: &mut Permuted<CpuBuffer>,
+        gemm: GemmShape,
+    ) -> Result<Vec<usize>> {
+        self.install(|| permute::index(u32_slice(ids), shape, out))?;
+        matmul::checked_offsets(&u32_slice(&out.offsets)[..gemm.experts + 1], gemm.rows)
+    }
+
     /// The output is plain and packed weights are of the shape `s`.
     fn check_weight_output(weight: &CpuBuffer, output: &CpuBuffer, s: GemmShape) -> Result<()> {
         plain("output", output)?;
@@ -352,6 +383,14 @@ impl CpuBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// The rows a gate/up matmul gathers from the hidden rows by the permute's `source_of`.
+fn gathered_rows<'a>(out: &'a Permuted<CpuBuffer>, shape: PermuteShape, gemm: GemmShape) -> matmul::InputRows<'a> {
+    matmul::InputRows::Gathered {
+        source_of: &u32_slice(&out.source_of)[..gemm.rows],
+        top_k: shape.top_k,
     }
 }
 
@@ -636,24 +675,16 @@ impl Backend for CpuBackend {
         // Both calls' checks but the offsets' (which the permute writes), before anything is
         // written; the permuted rows' only where they are written.
         check::permute_matmul(shape, gemm)?;
-        let caps = &*self.caps;
         if self.permute_matmul_copies_rows(hidden.0.dtype(), weight) {
-            check::permute(NAME, caps, hidden, ids, shape, out)?;
+            check::permute(NAME, &self.caps, hidden, ids, shape, out)?;
             plain("hidden", hidden)?;
             self.check_matmul(&out.rows, &out.offsets, weight, output, gemm)?;
             self.permute(hidden, ids, shape, out)?;
             return self.grouped_matmul(&out.rows, &out.offsets, weight, output, gemm);
         }
-        check::permute_without_rows(NAME, caps, hidden, ids, shape, out)?;
-        plain("hidden", hidden)?;
-        check::grouped_matmul_gathered(NAME, caps, hidden.0.dtype(), &out.offsets, weight, output, gemm)?;
-        Self::check_weight_output(weight, output, gemm)?;
-        self.install(|| permute::index(u32_slice(ids), shape, out))?;
-        let offsets = matmul::checked_offsets(&u32_slice(&out.offsets)[..gemm.experts + 1], gemm.rows)?;
-        let src = matmul::InputRows::Gathered {
-            source_of: &u32_slice(&out.source_of)[..gemm.rows],
-            top_k: shape.top_k,
-        };
+        self.check_gathered(hidden, ids, shape, out, weight, output, gemm)?;
+        let offsets = self.index_gathered(ids, shape, out, gemm)?;
+        let src = gathered_rows(out, shape, gemm);
         let dst = matmul::OutPtr::from_buffer(&mut output.0);
         self.install(|| {
             matmul::grouped_matmul(
@@ -665,6 +696,54 @@ impl Backend for CpuBackend {
                 weight.1,
                 dst,
                 gemm,
+            )
+        });
+        Ok(())
+    }
+
+    /// At decode on packed weights with AVX-512 ([`matmul::mlp_interleaves`]), the gate/up and
+    /// `down` tiles run as one list, each expert's `down` after its gate/up; otherwise the two
+    /// calls.
+    fn permute_mlp(
+        &self,
+        hidden: &CpuBuffer,
+        ids: &CpuBuffer,
+        shape: PermuteShape,
+        out: &mut Permuted<CpuBuffer>,
+        (gate_up, down): (&CpuBuffer, &CpuBuffer),
+        act: &mut CpuBuffer,
+        expert_out: &mut CpuBuffer,
+        (up, dn): (GemmShape, GemmShape),
+    ) -> Result<()> {
+        // `down` must read the gate/up output as it lies for one list; otherwise (or to get the
+        // second call's own error) the two calls.
+        let chained = (dn.rows, dn.experts, dn.in_features) == (up.rows, up.experts, up.out_features);
+        if !chained || self.permute_matmul_copies_rows(hidden.0.dtype(), gate_up) {
+            self.permute_matmul(hidden, ids, shape, out, gate_up, act, up)?;
+            return self.grouped_matmul(act, &out.offsets, down, expert_out, dn);
+        }
+        // Both calls' checks but the offsets' contents (which the permute writes), before
+        // anything is written.
+        check::permute_matmul(shape, up)?;
+        self.check_gathered(hidden, ids, shape, out, gate_up, act, up)?;
+        self.check_matmul(act, &out.offsets, down, expert_out, dn)?;
+        let offsets = self.index_gathered(ids, shape, out, up)?;
+        let src = gathered_rows(out, shape, up);
+        let (act, expert_out) = (
+            matmul::OutPtr::from_buffer(&mut act.0),
+            matmul::OutPtr::from_buffer(&mut expert_out.0),
+        );
+        self.install(|| {
+            matmul::mlp(
+                self.simd,
+                float_slice(hidden),
+                src,
+                &offsets,
+                (float_slice(gate_up), gate_up.1),
+                act,
+                (float_slice(down), down.1),
+                expert_out,
+                (up, dn),
             )
         });
         Ok(())

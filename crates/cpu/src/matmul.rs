@@ -355,6 +355,30 @@ impl OutPtr {
     }
 }
 
+impl OutPtr {
+    /// Elements `start .. start + len` as a read-only buffer.
+    ///
+    /// # Safety
+    /// No thread may write that range while the result lives.
+    unsafe fn view<'a>(self, start: usize, len: usize) -> Floats<'a> {
+        let end = start + len;
+        match self {
+            OutPtr::F32(p, n) => {
+                assert!(end <= n);
+                Floats::F32(std::slice::from_raw_parts(p.add(start), len))
+            }
+            OutPtr::BF16(p, n) => {
+                assert!(end <= n);
+                Floats::BF16(std::slice::from_raw_parts(p.add(start), len))
+            }
+            OutPtr::F16(p, n) => {
+                assert!(end <= n);
+                Floats::F16(std::slice::from_raw_parts(p.add(start), len))
+            }
+        }
+    }
+}
+
 /// Offsets as usize after checking they are non-decreasing and end within `rows`.
 pub fn checked_offsets(offsets: &[u32], rows: usize) -> Result<Vec<usize>> {
     let off: Vec<usize> = offsets.iter().map(|&o| o as usize).collect();
@@ -499,68 +523,188 @@ fn run_tiles(
     out: OutPtr,
     s: GemmShape,
 ) {
-    let (k, n, weight) = (s.in_features, s.out_features, w.floats);
-    let layout = Layout::of(simd, input, w);
-    let interleaved = packed_interleaved(simd, layout, w);
-    // The tiles that read their rows in place cannot gather them.
-    assert!(
-        interleaved || matches!(src, InputRows::InOrder),
-        "gathered rows need packed kernels"
-    );
-    let (mut tiles, mut ranges) = (Vec::new(), Vec::new());
-    for (expert, &(a, b)) in groups.iter().enumerate() {
-        for row0 in (a..b).step_by(TILE_ROWS) {
-            let rows = TILE_ROWS.min(b - row0);
-            let head = match w.packed {
-                _ if interleaved => rows,
-                Some(_) => 0,
-                None => simd.bcast_rows(input, weight, rows, k),
-            };
-            let xt = (head > 0).then(|| {
-                ranges.push((row0, head));
-                ranges.len() - 1
-            });
-            // Only tiles whose rows run the broadcast kernels take their layout's width (a short
-            // f32 tile on dot products keeps the dot products' grid).
-            let kernel = if head > 0 { layout } else { Layout::Lanes(LANE_ROWS) };
-            let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu, kernel);
-            // A decode GEMM with few columns (the router's 128 at one token) in two tiles at least,
-            // so that both cores stream its weights: qwen3-30b-a3b's bf16 layer at one token,
-            // paired against one tile, about 0.994 (0.982-0.984 against 0.988-0.992 beside the
-            // older kernels). Expert GEMMs have more columns than two decode tiles take.
-            let width = if rows <= STREAM_ROWS {
-                width.min(n.div_ceil(2).next_multiple_of(TILE_COLS))
-            } else {
-                width
-            };
-            for col0 in (0..n).step_by(width) {
-                let cols = width.min(n - col0);
-                // The broadcast rows, then the rest on dot products, next to each other in the list
-                // so that the same thread tends to run both while the weights are in its cache.
-                for (row0, rows, xt) in [(row0, head, xt), (row0 + head, rows - head, None)] {
-                    if rows > 0 {
-                        tiles.push(Tile {
-                            expert,
-                            row0,
-                            rows,
-                            col0,
-                            cols,
-                            xt,
-                        });
+    let plan = Plan::new(simd, input, src, groups, w, out, s);
+    let parts = plan.parts(plan.input, 0);
+    plan.tiles.par_iter().for_each(|t| plan.run(&parts, t));
+}
+
+/// A grouped matmul cut into tiles: [`run_tiles`] runs them all, [`mlp`] two matmuls' tiles
+/// interleaved by expert.
+struct Plan<'a> {
+    simd: Simd,
+    input: Floats<'a>,
+    src: InputRows<'a>,
+    w: Weights<'a>,
+    out: OutPtr,
+    s: GemmShape,
+    layout: Layout,
+    tiles: Vec<Tile>,
+    /// The row ranges of the broadcast and packed tiles ([`Parts`]).
+    ranges: Vec<(usize, usize)>,
+    call: u64,
+}
+
+impl<'a> Plan<'a> {
+    /// The tiles of the matmul; `groups[e]` is expert `e`'s row range, whose rows `src` places in
+    /// `input`.
+    fn new(
+        simd: Simd,
+        input: Floats<'a>,
+        src: InputRows<'a>,
+        groups: &[(usize, usize)],
+        w: Weights<'a>,
+        out: OutPtr,
+        s: GemmShape,
+    ) -> Self {
+        let (k, n, weight) = (s.in_features, s.out_features, w.floats);
+        let layout = Layout::of(simd, input, w);
+        let interleaved = packed_interleaved(simd, layout, w);
+        // The tiles that read their rows in place cannot gather them.
+        assert!(
+            interleaved || matches!(src, InputRows::InOrder),
+            "gathered rows need packed kernels"
+        );
+        let (mut tiles, mut ranges) = (Vec::new(), Vec::new());
+        for (expert, &(a, b)) in groups.iter().enumerate() {
+            for row0 in (a..b).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(b - row0);
+                let head = match w.packed {
+                    _ if interleaved => rows,
+                    Some(_) => 0,
+                    None => simd.bcast_rows(input, weight, rows, k),
+                };
+                let xt = (head > 0).then(|| {
+                    ranges.push((row0, head));
+                    ranges.len() - 1
+                });
+                // Only tiles whose rows run the broadcast kernels take their layout's width (a short
+                // f32 tile on dot products keeps the dot products' grid).
+                let kernel = if head > 0 { layout } else { Layout::Lanes(LANE_ROWS) };
+                let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu, kernel);
+                // A decode GEMM with few columns (the router's 128 at one token) in two tiles at least,
+                // so that both cores stream its weights: qwen3-30b-a3b's bf16 layer at one token,
+                // paired against one tile, about 0.994 (0.982-0.984 against 0.988-0.992 beside the
+                // older kernels). Expert GEMMs have more columns than two decode tiles take.
+                let width = if rows <= STREAM_ROWS {
+                    width.min(n.div_ceil(2).next_multiple_of(TILE_COLS))
+                } else {
+                    width
+                };
+                for col0 in (0..n).step_by(width) {
+                    let cols = width.min(n - col0);
+                    // The broadcast rows, then the rest on dot products, next to each other in the list
+                    // so that the same thread tends to run both while the weights are in its cache.
+                    for (row0, rows, xt) in [(row0, head, xt), (row0 + head, rows - head, None)] {
+                        if rows > 0 {
+                            tiles.push(Tile {
+                                expert,
+                                row0,
+                                rows,
+                                col0,
+                                cols,
+                                xt,
+                            });
+                        }
                     }
                 }
             }
         }
+        Plan {
+            simd,
+            input,
+            src,
+            w,
+            out,
+            s,
+            layout,
+            tiles,
+            ranges,
+            call: CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
     }
-    let parts = Parts {
-        call: CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        ranges: &ranges,
-        layout,
-        input,
-        src,
-        k,
-    };
-    run_tile_list(simd, input, &tiles, &parts, w, out, s);
+
+    /// The interleaving of this plan's row ranges from `input`, whose row 0 is the plan's row
+    /// `base` ([`Parts::base`]).
+    fn parts<'p>(&'p self, input: Floats<'p>, base: usize) -> Parts<'p> {
+        Parts {
+            call: self.call,
+            ranges: &self.ranges,
+            base,
+            layout: self.layout,
+            input,
+            src: self.src,
+            k: self.s.in_features,
+        }
+    }
+
+    /// Computes tile `t`, reading its input rows through `parts` (whose `base` is 0 unless the
+    /// tile reads interleaved rows).
+    fn run(&self, parts: &Parts, t: &Tile) {
+        assert!(
+            parts.base == 0 || t.xt.is_some(),
+            "only interleaved rows are read from an offset"
+        );
+        let (s, w, out, input) = (self.s, self.w, self.out, parts.input);
+        let (k, n) = (s.in_features, s.out_features);
+        let wrows = s.weight_rows();
+        // Packed weights never take the bf16 dot products.
+        let simd = if w.packed.is_some() {
+            self.simd.without_bf16()
+        } else {
+            self.simd
+        };
+        let weight = w.floats;
+        // The tile's interleaved rows, for the broadcast and packed kernels.
+        let run = |xt: Option<&[f32]>| {
+            SCRATCH.with(|sc| {
+                let sc = &mut *sc.borrow_mut();
+                let wbase = t.expert * wrows;
+                // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
+                let lhs = if simd.bf16_direct(input, weight, t.rows) || xt.is_some() {
+                    std::ptr::null()
+                } else {
+                    input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
+                };
+                sc.gate.resize(t.rows * t.cols, 0.0);
+                product(
+                    simd,
+                    input,
+                    lhs,
+                    xt,
+                    w,
+                    wbase + t.col0,
+                    t,
+                    k,
+                    &mut sc.gate_w,
+                    &mut sc.gate,
+                );
+                if s.activation == Activation::SwiGlu {
+                    sc.up.resize(t.rows * t.cols, 0.0);
+                    product(
+                        simd,
+                        input,
+                        lhs,
+                        xt,
+                        w,
+                        wbase + n + t.col0,
+                        t,
+                        k,
+                        &mut sc.up_w,
+                        &mut sc.up,
+                    );
+                    swiglu(simd, &mut sc.gate, &sc.up);
+                }
+                for r in 0..t.rows {
+                    // SAFETY: tile (row0 + r, col0 .. col0 + cols) belongs to this tile only.
+                    unsafe { out.store(simd, (t.row0 + r) * n + t.col0, &sc.gate[r * t.cols..(r + 1) * t.cols]) };
+                }
+            })
+        };
+        match t.xt {
+            Some(p) => parts.with(p, |xt| run(Some(xt))),
+            None => run(None),
+        }
+    }
 }
 
 /// Calls of [`run_tiles`] so far: with a range's index, the key of a thread's interleaved rows.
@@ -588,6 +732,9 @@ thread_local! {
 struct Parts<'a> {
     call: u64,
     ranges: &'a [(usize, usize)],
+    /// The range's row that is `input`'s row 0: 0, or (the `down` tiles of [`mlp`]) the first row
+    /// of the one expert whose rows `input` holds.
+    base: usize,
     layout: Layout,
     input: Floats<'a>,
     src: InputRows<'a>,
@@ -610,7 +757,8 @@ impl Parts<'_> {
             let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
             let xt = &mut buf[skip..skip + len];
             if *key != (self.call, part) {
-                self.layout.interleave(self.input, self.src, row0, rows, self.k, xt);
+                self.layout
+                    .interleave(self.input, self.src, row0 - self.base, rows, self.k, xt);
                 *key = (self.call, part);
             }
             f(xt)
@@ -701,68 +849,6 @@ impl Layout {
 
 /// f32 per cache line.
 const LINE_F32: usize = 64 / std::mem::size_of::<f32>();
-
-/// Computes `tiles` (see [`run_tiles`]); `parts` interleaves the rows of broadcast and packed
-/// tiles.
-fn run_tile_list(simd: Simd, input: Floats, tiles: &[Tile], parts: &Parts, w: Weights, out: OutPtr, s: GemmShape) {
-    let (k, n) = (s.in_features, s.out_features);
-    let wrows = s.weight_rows();
-    // Packed weights never take the bf16 dot products.
-    let simd = if w.packed.is_some() { simd.without_bf16() } else { simd };
-    let weight = w.floats;
-    tiles.par_iter().for_each(|t| {
-        // The tile's interleaved rows, for the broadcast and packed kernels.
-        let run = |xt: Option<&[f32]>| {
-            SCRATCH.with(|sc| {
-                let sc = &mut *sc.borrow_mut();
-                let wbase = t.expert * wrows;
-                // bf16 dot products read the bf16 input as it is; every other path reads it as f32.
-                let lhs = if simd.bf16_direct(input, weight, t.rows) || xt.is_some() {
-                    std::ptr::null()
-                } else {
-                    input.as_f32(t.row0 * k, t.rows * k, &mut sc.lhs)
-                };
-                sc.gate.resize(t.rows * t.cols, 0.0);
-                product(
-                    simd,
-                    input,
-                    lhs,
-                    xt,
-                    w,
-                    wbase + t.col0,
-                    t,
-                    k,
-                    &mut sc.gate_w,
-                    &mut sc.gate,
-                );
-                if s.activation == Activation::SwiGlu {
-                    sc.up.resize(t.rows * t.cols, 0.0);
-                    product(
-                        simd,
-                        input,
-                        lhs,
-                        xt,
-                        w,
-                        wbase + n + t.col0,
-                        t,
-                        k,
-                        &mut sc.up_w,
-                        &mut sc.up,
-                    );
-                    swiglu(simd, &mut sc.gate, &sc.up);
-                }
-                for r in 0..t.rows {
-                    // SAFETY: tile (row0 + r, col0 .. col0 + cols) belongs to this tile only.
-                    unsafe { out.store(simd, (t.row0 + r) * n + t.col0, &sc.gate[r * t.cols..(r + 1) * t.cols]) };
-                }
-            })
-        };
-        match t.xt {
-            Some(p) => parts.with(p, |xt| run(Some(xt))),
-            None => run(None),
-        }
-    });
-}
 
 /// The weights of a grouped matmul: as stored, or packed at upload ([`crate::pack`]).
 #[derive(Clone, Copy)]
@@ -1160,6 +1246,135 @@ pub fn grouped_matmul(
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
     run_tiles(simd, input, src, &groups, Weights { floats: weight, packed }, out, s);
+}
+
+/// Whether [`mlp`] interleaves the two matmuls of these experts' rows (`offsets`, as
+/// [`grouped_matmul`] takes them) on these weights: where every expert has at most
+/// [`STREAM_ROWS`] rows (decode), and both matmuls run the packed kernels on interleaved rows.
+pub fn mlp_interleaves(
+    simd: Simd,
+    input: Floats,
+    offsets: &[usize],
+    (gate_up, gate_up_packed): (Floats, Option<Packing>),
+    (down, down_packed): (Floats, Option<Packing>),
+) -> bool {
+    let gate_up = Weights {
+        floats: gate_up,
+        packed: gate_up_packed,
+    };
+    let down = Weights {
+        floats: down,
+        packed: down_packed,
+    };
+    let decode = offsets.windows(2).all(|w| w[1] - w[0] <= STREAM_ROWS);
+    decode
+        && packed_interleaved(simd, Layout::of(simd, input, gate_up), gate_up)
+        && packed_interleaved(simd, Layout::of(simd, input, down), down)
+}
+
+/// The routed experts' MLP: [`grouped_matmul`] of `input` (rows where `src` says) by `gate_up`
+/// (SwiGLU) into `act`, then of `act` by `down` into `out`, with the same bits as those two calls.
+/// Where [`mlp_interleaves`] holds, the two run as one list of tiles: an expert's `down` tiles
+/// follow the next expert's gate/up tiles, and a thread that takes one first waits for its own
+/// expert's gate/up tiles to end (usually done by then). Decode streams every chosen expert's
+/// weights once, and a join between the two matmuls left one core idle while the other ended its
+/// last tile, then started both on cold streams. Elsewhere it makes the two calls.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp(
+    simd: Simd,
+    input: Floats,
+    src: InputRows,
+    offsets: &[usize],
+    (gate_up, gate_up_packed): (Floats, Option<Packing>),
+    act: OutPtr,
+    (down, down_packed): (Floats, Option<Packing>),
+    out: OutPtr,
+    (s_up, s_down): (GemmShape, GemmShape),
+) {
+    let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
+    let interleaves = mlp_interleaves(simd, input, offsets, (gate_up, gate_up_packed), (down, down_packed));
+    let gate_up = Weights {
+        floats: gate_up,
+        packed: gate_up_packed,
+    };
+    let down = Weights {
+        floats: down,
+        packed: down_packed,
+    };
+    if !interleaves {
+        run_tiles(simd, input, src, &groups, gate_up, act, s_up);
+        // SAFETY: the gate/up tiles have all ended; nothing writes `act` while `down` reads it.
+        let act_in = unsafe { act.view(0, s_down.rows * s_down.in_features) };
+        run_tiles(simd, act_in, InputRows::InOrder, &groups, down, out, s_down);
+        return;
+    }
+    let up = Plan::new(simd, input, src, &groups, gate_up, act, s_up);
+    // `act`'s rows are read per expert, through views made once its gate/up tiles have ended; the
+    // plan takes an empty buffer of its dtype for the layout.
+    let none = match input {
+        Floats::F32(_) => Floats::F32(&[]),
+        Floats::BF16(_) => Floats::BF16(&[]),
+        Floats::F16(_) => Floats::F16(&[]),
+    };
+    let dn = Plan::new(simd, none, InputRows::InOrder, &groups, down, out, s_down);
+    // Each plan lists its tiles expert by expert: gate/up of e0, e1, then down of e0, gate/up of
+    // e2, down of e1, ...
+    let spans = |p: &Plan| {
+        let mut at = vec![0usize; groups.len() + 1];
+        for t in &p.tiles {
+            at[t.expert + 1] += 1;
+        }
+        for e in 0..groups.len() {
+            at[e + 1] += at[e];
+        }
+        at
+    };
+    let (su, sd) = (spans(&up), spans(&dn));
+    let busy: Vec<usize> = (0..groups.len()).filter(|&e| sd[e + 1] > sd[e]).collect();
+    let mut order = Vec::with_capacity(up.tiles.len() + dn.tiles.len());
+    for (i, &e) in busy.iter().enumerate() {
+        order.extend((su[e]..su[e + 1]).map(|t| (true, t)));
+        if i > 0 {
+            let p = busy[i - 1];
+            order.extend((sd[p]..sd[p + 1]).map(|t| (false, t)));
+        }
+    }
+    if let Some(&e) = busy.last() {
+        order.extend((sd[e]..sd[e + 1]).map(|t| (false, t)));
+    }
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ended: Vec<AtomicUsize> = (0..groups.len()).map(|_| AtomicUsize::new(0)).collect();
+    let next = AtomicUsize::new(0);
+    let up_parts = up.parts(up.input, 0);
+    let k = s_down.in_features;
+    rayon::broadcast(|_| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&(is_up, t)) = order.get(i) else { break };
+        if is_up {
+            let t = &up.tiles[t];
+            // Counted as ended even if it unwinds, so that no `down` tile waits for it forever
+            // (rayon re-raises the panic once every thread is out).
+            struct End<'a>(&'a AtomicUsize);
+            impl Drop for End<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_add(1, Ordering::Release);
+                }
+            }
+            let _end = End(&ended[t.expert]);
+            up.run(&up_parts, t);
+        } else {
+            let t = &dn.tiles[t];
+            let e = t.expert;
+            while ended[e].load(Ordering::Acquire) < su[e + 1] - su[e] {
+                std::hint::spin_loop();
+            }
+            let (a, b) = groups[e];
+            // SAFETY: expert e's gate/up tiles, the only writers of its rows of `act`, have
+            // ended (the acquire above pairs with their release), and no tile writes them again.
+            let rows = unsafe { act.view(a * k, (b - a) * k) };
+            dn.run(&dn.parts(rows, a), t);
+        }
+    });
 }
 
 /// `logits = hidden · weight^T`, one expert of every token row.
