@@ -1019,10 +1019,11 @@ const PF_AHEAD: u8 = 0;
 const PF_NONE: u8 = 1;
 const PF_SPREAD: u8 = 2;
 
-/// Whether the packed kernels prefetch their weights [`PACKED_AHEAD_BYTES`] ahead in tiles of up
-/// to 3 rows (one pass over register blocks of four weight blocks: decode), or leave those streams
-/// to the hardware prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by default it is off on AMD
-/// CPUs, on elsewhere. Taller one-pass tiles always prefetch.
+/// Whether the packed kernel on widened weights prefetches its weights [`PACKED_AHEAD_BYTES`]
+/// ahead in tiles of up to 3 rows (one pass over register blocks of four weight blocks: decode),
+/// or leaves those streams to the hardware prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by
+/// default it is off on AMD CPUs, on elsewhere. Taller one-pass tiles, and the `vdpbf16ps`
+/// kernel's decode tiles (one stream each, [`packed_nb`]), always prefetch.
 ///
 /// - The Intel Xeon of the earlier sessions needed it (one thread, bf16 gate/up at 8 rows, see
 ///   [`PACKED_AHEAD_BYTES`]: 41-70 GFLOP/s without, 128-144 with).
@@ -1203,6 +1204,8 @@ trait PackedBlock {
     type W;
     /// Weights of one block per step of the kernel (one input, or one pair of inputs).
     const STEP: usize;
+    /// Weight blocks per register block in tiles of up to 3 rows (decode): see [`packed_nb`].
+    const DECODE_NB: usize;
     /// # Safety
     /// As the kernel it runs.
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
@@ -1223,6 +1226,7 @@ impl<W: Wide32> PackedBlock for Widen<W> {
     type X = f32;
     type W = W;
     const STEP: usize = 32;
+    const DECODE_NB: usize = 4;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const f32,
@@ -1244,6 +1248,7 @@ impl PackedBlock for DpPairs {
     type X = u32;
     type W = bf16;
     const STEP: usize = 64;
+    const DECODE_NB: usize = 1;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const u32,
@@ -1258,8 +1263,8 @@ impl PackedBlock for DpPairs {
     }
 }
 
-/// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks (4 for up to 3 rows, 2 for up to
-/// 6, else 1).
+/// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks (for up to 3 rows `K`'s
+/// [`PackedBlock::DECODE_NB`], 2 for up to 6, else 1).
 ///
 /// # Safety
 /// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
@@ -1341,10 +1346,21 @@ unsafe fn one_pass<K: PackedBlock, const PF: u8>(
 }
 
 /// Blocks per register block for `rows` rows with `left` blocks to go: the accumulators stay at
-/// most 24 `zmm`, and there is no 3-block kernel.
-fn packed_nb(rows: usize, left: usize) -> usize {
+/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks:
+/// - 4 for the kernel on widened weights, whose decode tiles run without software prefetch on AMD
+///   CPUs ([`one_pass_prefetch`]): 4 streams a register block;
+/// - 1 for the `vdpbf16ps` kernel, so that a tile reads its weights as one stream (block after
+///   block, as they lie), prefetched [`PACKED_AHEAD_BYTES`] ahead across the blocks' ends. With
+///   four blocks, three streams started cold at each register block (every 512 KiB of qwen3-30b-a3b
+///   gate/up, 192 KiB of `down`). The layer on an AMD EPYC (Zen 5), 16 token batches, paired
+///   against 4 blocks without prefetch (`PAIRED_BLOCK=3|4 scripts/paired.sh`, medians of the time
+///   ratios): bf16 at one token 0.971-1.003 in six runs (four of 0.971-0.986), 16 tokens 0.964-0.982 in
+///   four; one block
+///   without prefetch was 1.005-1.016 and 1.038-1.042 against one block with it. The f32 kernel
+///   with one block and prefetch: one token 0.994-1.001, 16 tokens 1.001-1.013, so it keeps 4.
+fn packed_nb(rows: usize, left: usize, decode: usize) -> usize {
     let nb = match rows {
-        0..=3 => 4,
+        0..=3 => decode,
         4..=6 => 2,
         _ => 1,
     };
@@ -1370,7 +1386,8 @@ const PACKED_CHUNK_BYTES: usize = 8 << 10;
 /// ([`crate::matmul::interleave`]) in lane blocks of [`crate::pack::packed_lanes`] as `xt`, against
 /// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12
 /// input rows)
-/// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer;
+/// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer
+/// ([`packed_nb`]; the `vdpbf16ps` kernel keeps one block there);
 /// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
 /// ascending order, so it does not depend on the blocking. `ahead`: tiles of up to 3 rows
@@ -1430,7 +1447,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     );
     let mut b = b0;
     while b < b1 {
-        let nb = packed_nb(rows, b1 - b);
+        let nb = packed_nb(rows, b1 - b, K::DECODE_NB);
         let wp = w.add(b * stride);
         let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
         let block_bytes = steps * step_bytes;
@@ -1461,7 +1478,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         step: step_bytes / passes,
                     }
                 };
-                // Register blocks of four weight blocks: tiles of up to 3 rows.
+                // Register blocks of four weight blocks: the widened kernel's tiles of up to 3 rows.
                 let mode = match (passes, ahead) {
                     (1, false) if nb == 4 => PF_NONE,
                     (1, _) => PF_AHEAD,
