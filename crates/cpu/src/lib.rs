@@ -701,7 +701,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    /// At decode on packed weights with AVX-512 ([`matmul::mlp_interleaves`]), the gate/up and
+    /// At decode on packed weights with AVX-512 (every expert with at most 8 rows), the gate/up and
     /// `down` tiles run as one list, each expert's `down` after its gate/up; otherwise the two
     /// calls.
     fn permute_mlp(
