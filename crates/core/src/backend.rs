@@ -511,7 +511,9 @@ pub trait Backend: Send + Sync {
     }
 
     /// `logits[T, E]` (f32) `= hidden[T, H] · weight[E, H]^T`; `weight` is f32,
-    /// `hidden` any float dtype, accumulated in f32.
+    /// `hidden` any float dtype, accumulated in f32. `weight` may come from
+    /// [`Backend::upload_weights`] for [`RouterShape::as_gemm`] (any token count), packed where
+    /// the backend packs f32 weights ([`crate::MoeLayer`] uploads it so).
     fn router_logits(
         &self,
         hidden: &Self::Buffer,

@@ -443,11 +443,11 @@ impl<B: Backend> MoeLayer<B> {
             caps.check(backend.name(), k, dtype)?;
         }
         backend.check_router(&weights.router)?;
-        let router_weight = backend.upload(HostSlice::F32(&weights.router_weight))?;
-        // Expert weights go up for the shapes of the forward pass (any token count), packed where
-        // the backend packs them.
+        // Expert weights and the router's go up for the shapes of the forward pass (any token
+        // count), packed where the backend packs them.
         let (h, r) = (weights.hidden_size, &weights.router);
         let ls = LayerShapes::new(0, h, weights.intermediate_size, r.num_experts, r.top_k)?;
+        let router_weight = backend.upload_weights(HostSlice::F32(&weights.router_weight), ls.router.as_gemm())?;
         let gate_up = backend.upload_weights(weights.gate_up.as_slice(), ls.gate_up)?;
         let down = backend.upload_weights(weights.down.as_slice(), ls.down)?;
         let shared = match &weights.shared {

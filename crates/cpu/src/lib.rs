@@ -577,11 +577,11 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check::router_logits(NAME, &self.caps, hidden, weight, logits, s)?;
         plain("hidden", hidden)?;
-        plain("router weight", weight)?;
         plain("logits", logits)?;
+        Self::check_weight_output(weight, logits, s.as_gemm())?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.install(|| {
-            matmul::router_logits(self.simd, float_slice(hidden), f32_slice(weight), out, s);
+            matmul::router_logits(self.simd, float_slice(hidden), (f32_slice(weight), weight.1), out, s);
         });
         Ok(())
     }
@@ -814,6 +814,46 @@ mod tests {
     /// Packed weights with AVX-512 gather the hidden rows (no permuted copy); weights as stored,
     /// and every level without AVX-512, copy them. The conformance suite checks both answers'
     /// behaviour at every level.
+    /// A router weight packed by `upload_weights` for one shape is refused for another of the same
+    /// length, and the same weight packed for another GEMM (two experts) too, with an error.
+    #[test]
+    fn packed_router_weight_of_another_shape_is_an_error() {
+        use moe_hal_core::RouterShape;
+        let b = CpuBackend::new().unwrap().with_packed_f32(true).unwrap();
+        let w = vec![0.5f32; 16 * 8];
+        let s = RouterShape {
+            tokens: 2,
+            hidden: 8,
+            experts: 16,
+        };
+        let packed = b.upload_weights(HostSlice::F32(&w), s.as_gemm()).unwrap();
+        if packed.1.is_none() {
+            return; // a level that does not pack f32
+        }
+        let two = b
+            .upload_weights(
+                HostSlice::F32(&w),
+                GemmShape {
+                    experts: 2,
+                    out_features: 8,
+                    ..s.as_gemm()
+                },
+            )
+            .unwrap();
+        let x = b.upload(HostSlice::F32(&[1.0; 2 * 16])).unwrap();
+        let mut l = b.alloc(DType::F32, 2 * 16).unwrap();
+        let other = RouterShape {
+            hidden: 16,
+            experts: 8,
+            ..s
+        };
+        assert!(b.router_logits(&x, &packed, &mut l, other).is_err());
+        assert!(b.router_logits(&x, &two, &mut l, s).is_err());
+        b.router_logits(&x, &packed, &mut l, s).unwrap();
+        let got = b.download(&l).unwrap().to_f64();
+        assert!(got[..2 * 16].iter().all(|&v| v == 4.0), "{got:?}");
+    }
+
     #[test]
     fn permute_matmul_copies_rows_where_it_does_not_gather() {
         let shape = GemmShape {

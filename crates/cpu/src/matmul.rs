@@ -1377,12 +1377,19 @@ pub fn mlp(
     });
 }
 
-/// `logits = hidden · weight^T`, one expert of every token row.
-pub fn router_logits(simd: Simd, hidden: Floats, weight: &[f32], out: OutPtr, s: RouterShape) {
+/// `logits = hidden · weight^T`, one expert of every token row; `weight` as stored or packed (for
+/// `s.as_gemm()`, which the caller checked).
+pub fn router_logits(
+    simd: Simd,
+    hidden: Floats,
+    (weight, packed): (&[f32], Option<Packing>),
+    out: OutPtr,
+    s: RouterShape,
+) {
     let shape = s.as_gemm();
     let w = Weights {
         floats: Floats::F32(weight),
-        packed: None,
+        packed,
     };
     run_tiles(simd, hidden, InputRows::InOrder, &[(0, s.tokens)], w, out, shape);
 }

@@ -292,7 +292,8 @@ fn permute_matmul_every_level() {
     report(&fails);
 }
 
-/// router_logits (f32 weights, hidden of any dtype) at every level against f64.
+/// router_logits (f32 weights as uploaded, and as `upload_weights` packs them where the level
+/// packs f32; hidden of any dtype) at every level against f64.
 #[test]
 fn router_logits_every_level() {
     use moe_hal_core::RouterShape;
@@ -323,9 +324,14 @@ fn router_logits_every_level() {
                     hidden,
                     experts,
                 };
-                for (cname, b) in &cfgs {
+                for ((cname, b), packed) in cfgs.iter().flat_map(|c| [(c, false), (c, true)]) {
                     let xb = b.upload(x.as_slice()).unwrap();
-                    let wb = b.upload(HostSlice::F32(&wv)).unwrap();
+                    let wb = if packed {
+                        b.upload_weights(HostSlice::F32(&wv), s.as_gemm()).unwrap()
+                    } else {
+                        b.upload(HostSlice::F32(&wv)).unwrap()
+                    };
+                    let cname = format!("{cname}{}", if packed { " upload_weights" } else { "" });
                     let mut lb = b.upload(HostSlice::F32(&vec![SENTINEL; tokens * experts + 3])).unwrap();
                     b.router_logits(&xb, &wb, &mut lb, s).unwrap();
                     let got = b.download(&lb).unwrap().to_f64();
