@@ -27,7 +27,7 @@
 //! let b = CpuBackend::new()?;
 //! let s = LayerShapes::new(t, h, i, e, k)?;
 //! // Weights once, at load (`upload_weights` packs them for the backend's kernels).
-//! let router = b.upload(HostSlice::F32(&w.router_weight))?;
+//! let router = b.upload_weights(HostSlice::F32(&w.router_weight), s.router.as_gemm())?;
 //! let gate_up = b.upload_weights(w.gate_up.as_slice(), s.gate_up)?;
 //! let down = b.upload_weights(w.down.as_slice(), s.down)?;
 //! // Work buffers, reusable for any token count up to the one they are sized for.
@@ -45,8 +45,9 @@
 //! let x = b.upload(HostSlice::F32(&layer_input(2, &w, t, DType::F32)?))?;
 //! b.router_logits(&x, &router, &mut logits, s.router)?;
 //! b.route(&logits, &w.router, t, &mut ids, &mut weights)?;
-//! b.permute_matmul(&x, &ids, s.permute, &mut perm, &gate_up, &mut act, s.gate_up)?;
-//! b.grouped_matmul(&act, &perm.offsets, &down, &mut expert_out, s.down)?;
+//! // `permute_matmul` (gate/up), then `grouped_matmul` (down): the same bits as those two calls.
+//! let (mlp, shapes) = ((&gate_up, &down), (s.gate_up, s.down));
+//! b.permute_mlp(&x, &ids, s.permute, &mut perm, mlp, &mut act, &mut expert_out, shapes)?;
 //! b.combine(&expert_out, &ids, &weights, &perm.slot_of, &mut out, s.combine)?;
 //!
 //! let mut layer = MoeLayer::new(b.clone(), &w)?;

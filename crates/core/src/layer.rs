@@ -401,7 +401,8 @@ struct SharedScratch<B: Backend> {
 ///
 /// `forward` runs, on the backend's kernels and nothing else (an engine calling them itself gets
 /// the same bits):
-/// 1. `router_logits` (f32), `route`;
+/// 1. `router_logits` (f32, on the router weight as `upload_weights` stored it for
+///    [`RouterShape::as_gemm`]), `route`;
 /// 2. `permute_mlp` (permute, gate/up with SwiGLU, down: `permute_matmul` then `grouped_matmul`),
 ///    `combine` into the output;
 /// 3. with a shared expert, on every token as one expert (offsets `[0, T]`): `grouped_matmul`
