@@ -701,6 +701,33 @@ fn upload_expert_weights<B: Backend>(b: &B, w: &HostVec, s: GemmShape, packed: b
     .map_err(e2s)
 }
 
+/// A permute case's inputs drawn from `rng`: the expert ids and the hidden rows (host), then both
+/// uploaded.
+#[allow(clippy::type_complexity)]
+fn permute_inputs<B: Backend>(
+    b: &B,
+    rng: &mut Rng,
+    p: PermuteShape,
+    dtype: DType,
+) -> Result<(Vec<u32>, HostVec, B::Buffer, B::Buffer), String> {
+    let ids = random_ids(rng, p.tokens, p.top_k, p.experts, false);
+    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
+    let xb = b.upload(x.as_slice()).map_err(e2s)?;
+    let idb = b.upload(HostSlice::U32(&ids)).map_err(e2s)?;
+    Ok((ids, x, xb, idb))
+}
+
+/// The gate/up GEMM on a permute's rows: `inter` outputs (each of gate and up with SwiGLU).
+fn gate_up_shape(p: PermuteShape, inter: usize, activation: Activation) -> GemmShape {
+    GemmShape {
+        rows: p.tokens * p.top_k,
+        in_features: p.hidden,
+        out_features: inter,
+        experts: p.experts,
+        activation,
+    }
+}
+
 /// [`Backend::permute_matmul`] against the two calls it replaces, on separate outputs: the same
 /// index outputs (and the reference's), the same bits of the matmul, and the matmul within
 /// tolerance of float64 on the gathered rows. `packed`: weights by [`Backend::upload_weights`].
@@ -713,22 +740,11 @@ fn check_permute_matmul<B: Backend>(
     packed: bool,
 ) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
-    let ids = random_ids(&mut rng, p.tokens, p.top_k, p.experts, false);
+    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype)?;
     let tk = p.tokens * p.top_k;
-    let g = GemmShape {
-        rows: tk,
-        in_features: p.hidden,
-        out_features: inter,
-        experts: p.experts,
-        activation: act,
-    };
-    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
+    let g = gate_up_shape(p, inter, act);
     let scale = 1.0 / (p.hidden as f32).sqrt();
     let w = host_in(&rng.vec(p.experts * g.weight_rows() * p.hidden, -scale, scale), dtype);
-    let (xb, idb) = (
-        b.upload(x.as_slice()).map_err(e2s)?,
-        b.upload(HostSlice::U32(&ids)).map_err(e2s)?,
-    );
     let wb = upload_expert_weights(b, &w, g, packed)?;
     let (mut p1, mut p2) = (
         Permuted::alloc(b, p, dtype).map_err(e2s)?,
@@ -781,29 +797,18 @@ fn check_permute_mlp<B: Backend>(
     packed: bool,
 ) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
-    let ids = random_ids(&mut rng, p.tokens, p.top_k, p.experts, false);
+    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype)?;
     let tk = p.tokens * p.top_k;
-    let up = GemmShape {
-        rows: tk,
-        in_features: p.hidden,
-        out_features: inter,
-        experts: p.experts,
-        activation: Activation::SwiGlu,
-    };
+    let up = gate_up_shape(p, inter, Activation::SwiGlu);
     let dn = GemmShape {
         in_features: inter,
         out_features: p.hidden,
         activation: Activation::None,
         ..up
     };
-    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
     let (su, sd) = (1.0 / (p.hidden as f32).sqrt(), 1.0 / (inter as f32).sqrt());
     let wu = host_in(&rng.vec(p.experts * up.weight_rows() * p.hidden, -su, su), dtype);
     let wd = host_in(&rng.vec(p.experts * p.hidden * inter, -sd, sd), dtype);
-    let (xb, idb) = (
-        b.upload(x.as_slice()).map_err(e2s)?,
-        b.upload(HostSlice::U32(&ids)).map_err(e2s)?,
-    );
     let (wub, wdb) = (
         upload_expert_weights(b, &wu, up, packed)?,
         upload_expert_weights(b, &wd, dn, packed)?,
@@ -1249,50 +1254,24 @@ fn check_bad_input<B: Backend + Clone>(b: &B) -> Vec<(String, Outcome)> {
             activation: Activation::None,
             ..pg
         };
-        let (dw, mut dy) = (f(8 * 6 * 3)?, f(8 * 6)?);
-        v.push((
-            "permute_mlp: down rows are not the gate/up rows".into(),
-            b.permute_mlp(
-                &x,
-                &ids,
-                s,
-                &mut p,
-                (&pw, &dw),
-                &mut py,
-                &mut dy,
-                (pg, GemmShape { rows: 9, ..dg }),
+        let (dw, short_dw, mut dy, mut short_dy) = (f(8 * 6 * 3)?, f(8 * 6 * 3 - 1)?, f(8 * 6)?, f(8 * 6 - 1)?);
+        let mut mlp = |down: &B::Buffer, dy: &mut B::Buffer, shapes| {
+            b.permute_mlp(&x, &ids, s, &mut p, (&pw, down), &mut py, dy, shapes)
+        };
+        for (what, r) in [
+            (
+                "permute_mlp: down rows are not the gate/up rows",
+                mlp(&dw, &mut dy, (pg, GemmShape { rows: 9, ..dg })),
             ),
-        ));
-        v.push((
-            "permute_mlp: down output too short".into(),
-            b.permute_mlp(&x, &ids, s, &mut p, (&pw, &dw), &mut py, &mut f(8 * 6 - 1)?, (pg, dg)),
-        ));
-        v.push((
-            "permute_mlp: down weight too short".into(),
-            b.permute_mlp(
-                &x,
-                &ids,
-                s,
-                &mut p,
-                (&pw, &f(8 * 6 * 3 - 1)?),
-                &mut py,
-                &mut dy,
-                (pg, dg),
+            ("permute_mlp: down output too short", mlp(&dw, &mut short_dy, (pg, dg))),
+            ("permute_mlp: down weight too short", mlp(&short_dw, &mut dy, (pg, dg))),
+            (
+                "permute_mlp: gate/up rows are not tokens * top_k",
+                mlp(&dw, &mut dy, (GemmShape { rows: 7, ..pg }, dg)),
             ),
-        ));
-        v.push((
-            "permute_mlp: gate/up rows are not tokens * top_k".into(),
-            b.permute_mlp(
-                &x,
-                &ids,
-                s,
-                &mut p,
-                (&pw, &dw),
-                &mut py,
-                &mut dy,
-                (GemmShape { rows: 7, ..pg }, dg),
-            ),
-        ));
+        ] {
+            v.push((what.into(), r));
+        }
         let cs = CombineShape {
             tokens: 4,
             hidden: 6,

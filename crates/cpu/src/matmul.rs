@@ -1251,21 +1251,7 @@ pub fn grouped_matmul(
 /// Whether [`mlp`] interleaves the two matmuls of these experts' rows (`offsets`, as
 /// [`grouped_matmul`] takes them) on these weights: where every expert has at most
 /// [`STREAM_ROWS`] rows (decode), and both matmuls run the packed kernels on interleaved rows.
-pub fn mlp_interleaves(
-    simd: Simd,
-    input: Floats,
-    offsets: &[usize],
-    (gate_up, gate_up_packed): (Floats, Option<Packing>),
-    (down, down_packed): (Floats, Option<Packing>),
-) -> bool {
-    let gate_up = Weights {
-        floats: gate_up,
-        packed: gate_up_packed,
-    };
-    let down = Weights {
-        floats: down,
-        packed: down_packed,
-    };
+fn mlp_interleaves(simd: Simd, input: Floats, offsets: &[usize], gate_up: Weights, down: Weights) -> bool {
     let decode = offsets.windows(2).all(|w| w[1] - w[0] <= STREAM_ROWS);
     decode
         && packed_interleaved(simd, Layout::of(simd, input, gate_up), gate_up)
@@ -1292,7 +1278,6 @@ pub fn mlp(
     (s_up, s_down): (GemmShape, GemmShape),
 ) {
     let groups: Vec<(usize, usize)> = offsets.windows(2).map(|w| (w[0], w[1])).collect();
-    let interleaves = mlp_interleaves(simd, input, offsets, (gate_up, gate_up_packed), (down, down_packed));
     let gate_up = Weights {
         floats: gate_up,
         packed: gate_up_packed,
@@ -1301,7 +1286,7 @@ pub fn mlp(
         floats: down,
         packed: down_packed,
     };
-    if !interleaves {
+    if !mlp_interleaves(simd, input, offsets, gate_up, down) {
         run_tiles(simd, input, src, &groups, gate_up, act, s_up);
         // SAFETY: the gate/up tiles have all ended; nothing writes `act` while `down` reads it.
         let act_in = unsafe { act.view(0, s_down.rows * s_down.in_features) };
