@@ -368,6 +368,11 @@ impl CpuBackend {
     /// The output is plain and packed weights are of the shape `s`.
     fn check_weight_output(weight: &CpuBuffer, output: &CpuBuffer, s: GemmShape) -> Result<()> {
         plain("output", output)?;
+        Self::check_packed_shape(weight, s)
+    }
+
+    /// Weights packed by `upload_weights` were packed for the shape `s` (plain ones pass).
+    fn check_packed_shape(weight: &CpuBuffer, s: GemmShape) -> Result<()> {
         if let Some(p) = weight.1 {
             if (p.experts, p.rows, p.k) != (s.experts, s.weight_rows(), s.in_features) {
                 return Err(MoeError::shape(
@@ -578,7 +583,7 @@ impl Backend for CpuBackend {
         check::router_logits(NAME, &self.caps, hidden, weight, logits, s)?;
         plain("hidden", hidden)?;
         plain("logits", logits)?;
-        Self::check_weight_output(weight, logits, s.as_gemm())?;
+        Self::check_packed_shape(weight, s.as_gemm())?;
         let out = matmul::OutPtr::new(f32_mut(logits));
         self.install(|| {
             matmul::router_logits(self.simd, float_slice(hidden), (f32_slice(weight), weight.1), out, s);
