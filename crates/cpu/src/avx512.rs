@@ -998,7 +998,7 @@ impl Wide32 for f16 {
 /// Most packed blocks of one register block (for blocks of at most 3 rows).
 const PACKED_NB: usize = 4;
 /// Bytes of each block ahead that [`packed_rows`] and [`packed_dp_rows`] prefetch their weights in
-/// a tile of one lane block (tiles of several: [`Ahead`]), where [`one_pass_prefetch`] says: one
+/// a tile of one lane block (tiles of several: [`Ahead`]), as [`OnePass`] says: one
 /// stream per block was too few for the Intel Xeon's hardware prefetchers to keep up. On the Intel Xeon of the earlier sessions (one thread, 8
 /// experts of qwen3-30b-a3b gate/up in DRAM, bf16, GFLOP/s at 8 / 16 rows; standalone copy of the
 /// kernel): none 41-70 / 71-74, 2 KiB 134-139 / 97-107, 4 KiB 141-145 / 121-141, 8 KiB 128-144 /
@@ -1011,39 +1011,60 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 
 /// How a packed register block prefetches its weights: the kernels' `PF`, a constant, since
 /// computing the spread addresses for the one-pass kernels too made decode 4-5% slower.
-/// - [`PF_AHEAD`]: one pass, [`PACKED_AHEAD_BYTES`] ahead of each step's weights.
-/// - [`PF_NONE`]: one pass, the hardware prefetchers alone (tiles of up to 3 rows where
-///   [`one_pass_prefetch`] is off).
+/// - [`PF_T0`]: one pass, [`PACKED_AHEAD_BYTES`] ahead of each step's weights, into L1.
+/// - [`PF_NTA`]: the same, non-temporal (`prefetchnta`): a one-pass tile reads each weight line
+///   once, and what stays cached from call to call (the router's weight, the activations) then
+///   stays ([`OnePass`]).
 /// - [`PF_SPREAD`]: a pass among several, spread over the range after next ([`Ahead`]).
-const PF_AHEAD: u8 = 0;
-const PF_NONE: u8 = 1;
+const PF_T0: u8 = 0;
+const PF_NTA: u8 = 1;
 const PF_SPREAD: u8 = 2;
 
-/// Whether the packed kernel on widened weights prefetches its weights [`PACKED_AHEAD_BYTES`]
-/// ahead in tiles of up to 3 rows (one pass over register blocks of four weight blocks: decode),
-/// or leaves those streams to the hardware prefetchers. `MOE_CPU_PREFETCH=0` or `1` pins it; by
-/// default it is off on AMD CPUs, on elsewhere. Taller one-pass tiles, and the `vdpbf16ps`
-/// kernel's decode tiles (one stream each, [`packed_nb`]), always prefetch.
-///
-/// - The Intel Xeon of the earlier sessions needed it (one thread, bf16 gate/up at 8 rows, see
-///   [`PACKED_AHEAD_BYTES`]: 41-70 GFLOP/s without, 128-144 with).
-/// - On the AMD EPYC (Zen 5) VM the hardware prefetchers keep up with the four streams of such a
-///   register block, and the prefetches only took load slots. qwen3-30b-a3b's layer, 16 token
-///   batches, two threads, without against with, alternated in blocks of three or four calls
-///   (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios; the VM's slow bandwidth
-///   mode unless said): bf16 at one token 0.980-0.988 (fast mode 0.954-0.964), 16 tokens
-///   0.982-0.991; f32 at one token 1.000-1.004, 16 tokens 0.986-0.988.
-/// - In taller one-pass tiles (4 to 12 rows, one or two blocks a register block) it lost: the
-///   layer at 256 tokens, where most tiles of up to 12 rows are such, took 1.017-1.033 times as
-///   long without (bf16); with them prefetching, 1.001-1.002 (bf16) and 0.997 (f32).
-/// - The spread prefetches of the passes of taller tiles were measured on that AMD CPU and stay.
-pub fn one_pass_prefetch() -> bool {
-    static AHEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AHEAD.get_or_init(|| match std::env::var("MOE_CPU_PREFETCH").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => !crate::is_amd(),
+/// How the packed kernel on widened weights ([`packed`]) streams the weights of a tile of one
+/// pass (up to 12 rows). The `vdpbf16ps` kernel ([`packed_dp`]) always runs
+/// [`OnePass::OneStreamNta`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnePass {
+    /// Tiles of up to 3 rows (decode) in register blocks of four weight blocks (four streams),
+    /// every one-pass tile prefetching into L1 (`prefetcht0`). The Intel Xeon of the earlier
+    /// sessions needed the prefetches (one thread, bf16 gate/up at 8 rows, see
+    /// [`PACKED_AHEAD_BYTES`]: 41-70 GFLOP/s without, 128-144 with).
+    FourStreamsT0,
+    /// Tiles of up to 3 rows in register blocks of one weight block, so that a tile reads its
+    /// weights as one stream (block after block, as they lie), and every one-pass tile
+    /// prefetching non-temporally ([`PF_NTA`]). On the AMD EPYC (Zen 5) VM, qwen3-30b-a3b's layer
+    /// with f32 weights, 16 token batches, paired against four blocks with no software prefetch
+    /// (the AMD default until then, whose hardware prefetchers kept up with four streams better
+    /// than with T0 prefetches; `PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios):
+    /// 16 tokens 0.962 and 0.970 in the VM's fast bandwidth mode, 0.990 and 0.990 in the slow one;
+    /// one token 0.997-0.999; 256 tokens 0.996-0.998 (one-pass tiles of 4 to 12 rows,
+    /// non-temporal there too). One block with T0 prefetches instead was 0.994-1.013.
+    OneStreamNta,
+}
+
+/// [`OnePass`] for [`packed`] on this CPU: [`OnePass::OneStreamNta`] on AMD CPUs,
+/// [`OnePass::FourStreamsT0`] elsewhere; `MOE_CPU_DECODE_STREAMS=1` or `4` pins one.
+pub fn one_pass_scheme() -> OnePass {
+    static SCHEME: std::sync::OnceLock<OnePass> = std::sync::OnceLock::new();
+    *SCHEME.get_or_init(|| match std::env::var("MOE_CPU_DECODE_STREAMS").as_deref() {
+        Ok("1") => OnePass::OneStreamNta,
+        Ok("4") => OnePass::FourStreamsT0,
+        _ if crate::is_amd() => OnePass::OneStreamNta,
+        _ => OnePass::FourStreamsT0,
     })
+}
+
+/// Prefetches the line at `p` as the one-pass mode `PF` says ([`PF_T0`] or [`PF_NTA`]).
+#[inline(always)]
+fn prefetch_one_pass<const PF: u8>(p: *const i8) {
+    // SAFETY: a prefetch touches no memory the program sees and does not fault, whatever `p`.
+    unsafe {
+        if PF == PF_NTA {
+            _mm_prefetch::<_MM_HINT_NTA>(p);
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p);
+        }
+    }
 }
 
 /// Where a packed register block prefetches its weights.
@@ -1061,7 +1082,7 @@ pub fn one_pass_prefetch() -> bool {
 ///   range [`SPREAD_LEAD`] ranges ahead, one prefetch a step, so that the requests reach memory
 ///   evenly over the range's time.
 ///
-/// The kernels take the kind as a constant ([`PF_AHEAD`], [`PF_NONE`], [`PF_SPREAD`]).
+/// The kernels take the kind as a constant ([`PF_T0`], [`PF_NTA`], [`PF_SPREAD`]).
 ///
 /// Measured on 128 experts of qwen3-30b-a3b from DRAM, two threads on an AMD EPYC (Zen 5). The
 /// kernels of 67b140b and these were alternated call by call in one process, each on its own
@@ -1171,10 +1192,10 @@ unsafe fn packed_rows<W: Wide32, const R: usize, const NB: usize, const PF: u8>(
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (i - k0) * pf.step));
                 _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (i - k0) * pf.step));
-            } else if PF == PF_AHEAD {
+            } else {
                 let ahead = (w.wrapping_add(j * stride + i * 32) as *const i8).wrapping_add(PACKED_AHEAD_BYTES);
                 for l in 0..W::LINES {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64));
+                    prefetch_one_pass::<PF>(ahead.wrapping_add(l * 64));
                 }
             }
         }
@@ -1204,8 +1225,6 @@ trait PackedBlock {
     type W;
     /// Weights of one block per step of the kernel (one input, or one pair of inputs).
     const STEP: usize;
-    /// Weight blocks per register block in tiles of up to 3 rows (decode): see [`packed_nb`].
-    const DECODE_NB: usize;
     /// # Safety
     /// As the kernel it runs.
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
@@ -1226,7 +1245,6 @@ impl<W: Wide32> PackedBlock for Widen<W> {
     type X = f32;
     type W = W;
     const STEP: usize = 32;
-    const DECODE_NB: usize = 4;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const f32,
@@ -1248,7 +1266,6 @@ impl PackedBlock for DpPairs {
     type X = u32;
     type W = bf16;
     const STEP: usize = 64;
-    const DECODE_NB: usize = 1;
     #[inline(always)]
     unsafe fn run<const R: usize, const NB: usize, const PF: u8>(
         x: *const u32,
@@ -1263,8 +1280,7 @@ impl PackedBlock for DpPairs {
     }
 }
 
-/// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks (for up to 3 rows `K`'s
-/// [`PackedBlock::DECODE_NB`], 2 for up to 6, else 1).
+/// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks ([`packed_nb`]).
 ///
 /// # Safety
 /// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
@@ -1292,11 +1308,11 @@ unsafe fn packed_rows_n<K: PackedBlock>(
                 11 => K::run::<11, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 12 => K::run::<12, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 // Not reached (packed_lanes); the one-pass kernels compute the same outputs.
-                _ => one_pass::<K, PF_AHEAD>((r, nb), x, lanes, range, w, stride, out, pf),
+                _ => one_pass::<K, PF_NTA>((r, nb), x, lanes, range, w, stride, out, pf),
             }
         }
-        PF_AHEAD => one_pass::<K, PF_AHEAD>((r, nb), x, lanes, range, w, stride, out, pf),
-        _ => one_pass::<K, PF_NONE>((r, nb), x, lanes, range, w, stride, out, pf),
+        PF_T0 => one_pass::<K, PF_T0>((r, nb), x, lanes, range, w, stride, out, pf),
+        _ => one_pass::<K, PF_NTA>((r, nb), x, lanes, range, w, stride, out, pf),
     }
 }
 
@@ -1346,18 +1362,15 @@ unsafe fn one_pass<K: PackedBlock, const PF: u8>(
 }
 
 /// Blocks per register block for `rows` rows with `left` blocks to go: the accumulators stay at
-/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks:
-/// - 4 for the kernel on widened weights, whose decode tiles run without software prefetch on AMD
-///   CPUs ([`one_pass_prefetch`]): 4 streams a register block;
-/// - 1 for the `vdpbf16ps` kernel, so that a tile reads its weights as one stream (block after
-///   block, as they lie), prefetched [`PACKED_AHEAD_BYTES`] ahead across the blocks' ends. With
-///   four blocks, three streams started cold at each register block (every 512 KiB of qwen3-30b-a3b
-///   gate/up, 192 KiB of `down`). The layer on an AMD EPYC (Zen 5), 16 token batches, paired
-///   against 4 blocks without prefetch (`PAIRED_BLOCK=3|4 scripts/paired.sh`, medians of the time
-///   ratios): bf16 at one token 0.971-1.003 in six runs (four of 0.971-0.986), 16 tokens 0.964-0.982 in
-///   four; one block
-///   without prefetch was 1.005-1.016 and 1.038-1.042 against one block with it. The f32 kernel
-///   with one block and prefetch: one token 0.994-1.001, 16 tokens 1.001-1.013, so it keeps 4.
+/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks: 4 for
+/// [`OnePass::FourStreamsT0`], else 1, so that a tile reads its weights as one stream (block after
+/// block, as they lie), prefetched [`PACKED_AHEAD_BYTES`] ahead across the blocks' ends. With four
+/// blocks, three streams started cold at each register block (every 512 KiB of qwen3-30b-a3b
+/// gate/up, 192 KiB of `down`). The layer on an AMD EPYC (Zen 5), 16 token batches, paired against
+/// 4 blocks without prefetch (`PAIRED_BLOCK=3|4 scripts/paired.sh`, medians of the time ratios):
+/// `vdpbf16ps` at one token 0.971-1.003 in six runs (four of 0.971-0.986), 16 tokens 0.964-0.982
+/// in four; one block without prefetch was 1.005-1.016 and 1.038-1.042 against one block with it.
+/// The kernel on widened weights: [`OnePass::OneStreamNta`].
 fn packed_nb(rows: usize, left: usize, decode: usize) -> usize {
     let nb = match rows {
         0..=3 => decode,
@@ -1387,11 +1400,10 @@ const PACKED_CHUNK_BYTES: usize = 8 << 10;
 /// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12
 /// input rows)
 /// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer
-/// ([`packed_nb`]; the `vdpbf16ps` kernel keeps one block there);
+/// ([`packed_nb`] and `scheme`, [`one_pass_scheme`] for the layer);
 /// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
-/// ascending order, so it does not depend on the blocking. `ahead`: tiles of up to 3 rows
-/// prefetch their weights too ([`one_pass_prefetch`]); it changes no bits.
+/// ascending order, so it does not depend on the blocking, nor on `scheme`.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VL.
@@ -1406,7 +1418,7 @@ pub unsafe fn packed<W: Wide32>(
     cols: usize,
     io: &mut Vec<f32>,
     out: &mut [f32],
-    ahead: bool,
+    scheme: OnePass,
 ) {
     let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
     assert!(
@@ -1414,14 +1426,14 @@ pub unsafe fn packed<W: Wide32>(
             && w.len() >= b1 * crate::pack::PACK_ROWS * k
             && out.len() >= rows * cols
     );
-    packed_blocks::<Widen<W>>(xt.as_ptr(), rows, k, w.as_ptr(), (first, cols), io, out, ahead)
+    packed_blocks::<Widen<W>>(xt.as_ptr(), rows, k, w.as_ptr(), (first, cols), io, out, scheme)
 }
 
 /// The loop of [`packed`] and [`packed_dp`]: `K`'s register blocks over `steps` steps (inputs or
 /// pairs of inputs) of the blocks that hold the weight rows `first .. first + cols`, every register
 /// block of a range of steps before the next range, then the wanted columns into `out`. `x` is
 /// the interleaved input (lane blocks of `lanes`, `steps` values per lane), `w` one expert's
-/// packed weights (`steps * K::STEP` per block); `ahead` as for [`packed`].
+/// packed weights (`steps * K::STEP` per block); `scheme` as for [`packed`].
 ///
 /// # Safety
 /// The CPU must have `K`'s features; `x`, `w` and `out` must hold what the callers check.
@@ -1435,7 +1447,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     (first, cols): (usize, usize),
     io: &mut Vec<f32>,
     out: &mut [f32],
-    ahead: bool,
+    scheme: OnePass,
 ) {
     use crate::pack::PACK_ROWS;
     let (b0, b1) = (first / PACK_ROWS, (first + cols).div_ceil(PACK_ROWS));
@@ -1447,7 +1459,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     );
     let mut b = b0;
     while b < b1 {
-        let nb = packed_nb(rows, b1 - b, K::DECODE_NB);
+        let nb = packed_nb(rows, b1 - b, if scheme == OnePass::FourStreamsT0 { 4 } else { 1 });
         let wp = w.add(b * stride);
         let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
         let block_bytes = steps * step_bytes;
@@ -1478,10 +1490,9 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         step: step_bytes / passes,
                     }
                 };
-                // Register blocks of four weight blocks: the widened kernel's tiles of up to 3 rows.
-                let mode = match (passes, ahead) {
-                    (1, false) if nb == 4 => PF_NONE,
-                    (1, _) => PF_AHEAD,
+                let mode = match (passes, scheme) {
+                    (1, OnePass::FourStreamsT0) => PF_T0,
+                    (1, OnePass::OneStreamNta) => PF_NTA,
                     _ => PF_SPREAD,
                 };
                 packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, mode));
@@ -1522,19 +1533,12 @@ unsafe fn packed_dp_rows<const R: usize, const NB: usize, const PF: u8>(
                 let base = w.wrapping_add(j * stride) as *const i8;
                 _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(pf.at + (p - p0) * pf.step));
                 _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(pf.at + L2_AHEAD_BYTES + (p - p0) * pf.step));
-            } else if PF == PF_AHEAD {
-                // 128 bytes per pair of inputs and block of 32 rows. Non-temporal: a one-pass
-                // tile reads each line once, and lines that stay cached from call to call (the
-                // router's weight, the activations) then stay. qwen3-30b-a3b's layer, 16 token
-                // batches, paired against T0 on an AMD EPYC (Zen 5): bf16 at one token
-                // 0.988-0.995 in the fast bandwidth mode (three runs), 0.976 in the slow one; 16
-                // tokens 0.972-0.988 fast (three), 1.000 slow; 256 tokens 0.990-0.997 fast. The
-                // f32 kernel's, likewise, were 0.993-0.996 in the slow mode (not measured in the
-                // fast one) and keep T0.
+            } else {
+                // 128 bytes per pair of inputs and block of 32 rows.
                 let ahead =
                     (w.wrapping_add(j * stride + p * 64) as *const i8).wrapping_add(PACKED_AHEAD_BYTES + pf.extra);
-                _mm_prefetch::<_MM_HINT_NTA>(ahead);
-                _mm_prefetch::<_MM_HINT_NTA>(ahead.wrapping_add(64));
+                prefetch_one_pass::<PF>(ahead);
+                prefetch_one_pass::<PF>(ahead.wrapping_add(64));
             }
             let at = w.add(j * stride + p * 64);
             *v = [
@@ -1621,7 +1625,8 @@ impl Load16 for Bf16Pair {
 
 /// [`packed`] for bf16 inputs against [`crate::pack::Packing::kpairs`] weights, on `vdpbf16ps`:
 /// `xt` from [`interleave_bf16_pairs`], `w` one expert's weights (`32 * k.next_multiple_of(2)`
-/// per block). The same register blocks as [`packed`], over ranges of pairs of the same bytes.
+/// per block). The same register blocks as [`packed`] with [`OnePass::OneStreamNta`], over
+/// ranges of pairs of the same bytes.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW, VL and BF16.
@@ -1636,7 +1641,6 @@ pub unsafe fn packed_dp(
     cols: usize,
     io: &mut Vec<f32>,
     out: &mut [f32],
-    ahead: bool,
 ) {
     let kp = k.div_ceil(2);
     let b1 = (first + cols).div_ceil(crate::pack::PACK_ROWS);
@@ -1653,7 +1657,7 @@ pub unsafe fn packed_dp(
         (first, cols),
         io,
         out,
-        ahead,
+        OnePass::OneStreamNta,
     )
 }
 
@@ -2332,12 +2336,13 @@ mod tests {
         }
     }
 
-    /// The one-pass kernels give the same bits with and without their prefetches
-    /// ([`one_pass_prefetch`] picks one per CPU, so a machine runs only one of them in a layer),
-    /// and the passes of taller tiles too, at heights of 1 to 13 rows, `k` over many ranges,
-    /// columns starting inside a block. Both agree with f64 sums.
+    /// The kernel on widened weights gives the same bits in both [`OnePass`] schemes (one block
+    /// or four a register block at decode, T0 or non-temporal prefetches; [`one_pass_scheme`]
+    /// picks one per CPU, so a machine runs only one of them in a layer), and the passes of
+    /// taller tiles too, at heights of 1 to 13 rows, `k` over many ranges, columns starting
+    /// inside a block. It and the `vdpbf16ps` kernel agree with f64 sums.
     #[test]
-    fn prefetch_changes_no_bits() {
+    fn one_pass_schemes_give_the_same_bits() {
         use crate::matmul::{interleave, interleaved_len, Floats, InputRows};
         use crate::pack::{packed_lanes, Packing};
         use moe_hal_core::{HostSlice, HostVec};
@@ -2374,15 +2379,15 @@ mod tests {
             );
             let mut xp = vec![0.0; bf16_pairs_len(rows, k)];
             interleave_bf16_pairs(&xb, |r| r, rows, k, &mut xp);
-            let run = |dp: bool, ahead: bool| {
+            let run = |dp: bool, scheme: OnePass| {
                 let (mut io, mut out) = (Vec::new(), vec![f32::NAN; rows * cols]);
                 // SAFETY: AVX-512 was checked above, AVX512-BF16 before each `packed_dp`; the
                 // kernels check the slices' lengths.
                 unsafe {
                     if dp {
-                        packed_dp(&xp, rows, k, &pb, first, cols, &mut io, &mut out, ahead)
+                        packed_dp(&xp, rows, k, &pb, first, cols, &mut io, &mut out)
                     } else {
-                        packed(&xt, rows, k, &pw, first, cols, &mut io, &mut out, ahead)
+                        packed(&xt, rows, k, &pw, first, cols, &mut io, &mut out, scheme)
                     }
                 }
                 out
@@ -2390,11 +2395,17 @@ mod tests {
             // `vdpbf16ps` (dp) only where the CPU has AVX512-BF16.
             let kernels: &[bool] = if has_avx512_bf16() { &[false, true] } else { &[false] };
             for &dp in kernels {
-                let (with, without) = (run(dp, true), run(dp, false));
-                if let Some(i) = (0..with.len()).find(|&i| with[i].to_bits() != without[i].to_bits()) {
+                // `packed_dp` has one scheme.
+                let with = run(dp, OnePass::OneStreamNta);
+                let four = if dp {
+                    with.clone()
+                } else {
+                    run(dp, OnePass::FourStreamsT0)
+                };
+                if let Some(i) = (0..with.len()).find(|&i| with[i].to_bits() != four[i].to_bits()) {
                     panic!(
-                        "{rows} rows, vdpbf16ps {dp}: output {i} is {} with the prefetches, {} without",
-                        with[i], without[i]
+                        "{rows} rows: output {i} is {} with one stream, {} with four",
+                        with[i], four[i]
                     );
                 }
                 let round = |v: f32| if dp { bf16::from_f32(v).to_f64() } else { v as f64 };

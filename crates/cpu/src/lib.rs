@@ -30,8 +30,8 @@
 //! [`moe_hal_core::MoeLayer`] does) are packed once: each expert's rows in blocks of 32,
 //! `[k][32]`. Their tiles run the packed kernel at every height: input rows interleaved in lane
 //! blocks of up to 12, filled evenly (16 rows as 8 + 8), each input broadcast against 32 output columns held in two registers (2 blocks
-//! at once for tiles of 4-6 rows, 4 for up to 3), the weights prefetched ahead in one stream per
-//! block and widened with a shift and a mask. Where `vdpbf16ps` issues as fast as an f32 FMA (AMD
+//! at once for tiles of 4-6 rows, 4 for up to 3 on CPUs other than AMD ones, else 1), the weights
+//! prefetched ahead in one stream per block and widened with a shift and a mask. Where `vdpbf16ps` issues as fast as an f32 FMA (AMD
 //! Zen 4/5; timed once per process), bf16 blocks are stored `[k / 2][32][2]` instead and each
 //! instruction adds two products per output (`CpuBackend::with_packed_dpbf16`).
 //!
@@ -147,7 +147,7 @@ fn packs_f32(simd: Simd) -> bool {
 
 /// Whether the CPU is an AMD one (CPUID vendor "AuthenticAMD"): some defaults were measured to
 /// differ between the AMD and Intel CPUs of our VMs ([`packs_f32`],
-/// [`avx512::one_pass_prefetch`]).
+/// [`avx512::one_pass_scheme`]).
 #[cfg(target_arch = "x86_64")]
 fn is_amd() -> bool {
     // SAFETY: CPUID leaf 0 (the vendor string) exists on every x86-64 CPU. (`__cpuid` is a safe

@@ -881,13 +881,13 @@ fn product(
     if let Some(p) = w.packed {
         let (e, first) = (wrow / p.rows, wrow % p.rows);
         #[cfg(target_arch = "x86_64")]
-        let ahead = crate::avx512::one_pass_prefetch();
+        let scheme = crate::avx512::one_pass_scheme();
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
         #[cfg(target_arch = "x86_64")]
         if let (Some(xt), true, Floats::BF16(v)) = (xt, p.kpairs, weight) {
             // SAFETY: kpairs tiles get interleaved rows only with Layout::Bf16Pairs, chosen where
             // the level has AVX512-BF16 (Layout::of); `packed_dp` checks the slices' lengths.
-            unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead) };
+            unsafe { crate::avx512::packed_dp(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -897,13 +897,13 @@ fn product(
             unsafe {
                 match weight {
                     Floats::F32(v) => {
-                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, scheme)
                     }
                     Floats::BF16(v) => {
-                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, scheme)
                     }
                     Floats::F16(v) => {
-                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, ahead)
+                        crate::avx512::packed(xt, t.rows, k, &v[span], first, t.cols, wscratch, dst, scheme)
                     }
                 }
             }
