@@ -1014,7 +1014,10 @@ const PACKED_AHEAD_BYTES: usize = 8 << 10;
 /// - [`PF_T0`]: one pass, [`PACKED_AHEAD_BYTES`] ahead of each step's weights, into L1.
 /// - [`PF_NTA`]: the same, non-temporal (`prefetchnta`): a one-pass tile reads each weight line
 ///   once, and what stays cached from call to call (the router's weight, the activations) then
-///   stays ([`OnePass`]).
+///   stays ([`OnePass`]). The `vdpbf16ps` kernel's, against T0 on an AMD EPYC (Zen 5),
+///   qwen3-30b-a3b's layer, 16 token batches, paired: bf16 at one token 0.988-0.995 in the fast
+///   bandwidth mode (three runs), 0.976 in the slow one; 16 tokens 0.972-0.988 fast, 1.000 slow;
+///   256 tokens 0.990-0.997 fast.
 /// - [`PF_SPREAD`]: a pass among several, spread over the range after next ([`Ahead`]).
 const PF_T0: u8 = 0;
 const PF_NTA: u8 = 1;
