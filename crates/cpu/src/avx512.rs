@@ -1039,9 +1039,12 @@ pub enum OnePass {
     /// with f32 weights, 16 token batches, paired against four blocks with no software prefetch
     /// (the AMD default until then, whose hardware prefetchers kept up with four streams better
     /// than with T0 prefetches; `PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios):
-    /// 16 tokens 0.962 and 0.970 in the VM's fast bandwidth mode, 0.990 and 0.990 in the slow one;
-    /// one token 0.997-0.999; 256 tokens 0.996-0.998 (one-pass tiles of 4 to 12 rows,
-    /// non-temporal there too). One block with T0 prefetches instead was 0.994-1.013.
+    /// 16 tokens 0.956-0.970 in the VM's fast bandwidth mode (four runs), 0.975-0.994 in the slow
+    /// one (six), but 1.016-1.027 in one slow stretch (four); one token 0.997-1.002; 256 tokens
+    /// 0.996-1.004 (one-pass tiles of 4 to 12 rows, non-temporal there too). One block with T0
+    /// prefetches instead was 0.994-1.013; four blocks with the non-temporal ones gained as much
+    /// as one (0.959-0.977): the gain is the hint, and one stream keeps one scheme with
+    /// [`packed_dp`].
     OneStreamNta,
 }
 
