@@ -1048,6 +1048,24 @@ pub enum OnePass {
     OneStreamNta,
 }
 
+impl OnePass {
+    /// Weight blocks per register block in tiles of up to 3 rows ([`packed_nb`]).
+    fn decode_blocks(self) -> usize {
+        match self {
+            OnePass::FourStreamsT0 => 4,
+            OnePass::OneStreamNta => 1,
+        }
+    }
+
+    /// The kernels' prefetch constant for a tile of one pass.
+    fn prefetch(self) -> u8 {
+        match self {
+            OnePass::FourStreamsT0 => PF_T0,
+            OnePass::OneStreamNta => PF_NTA,
+        }
+    }
+}
+
 /// [`OnePass`] for [`packed`] on this CPU: [`OnePass::OneStreamNta`] on AMD CPUs,
 /// [`OnePass::FourStreamsT0`] elsewhere; `MOE_CPU_DECODE_STREAMS=1` or `4` pins one.
 pub fn one_pass_scheme() -> OnePass {
@@ -1368,8 +1386,8 @@ unsafe fn one_pass<K: PackedBlock, const PF: u8>(
 }
 
 /// Blocks per register block for `rows` rows with `left` blocks to go: the accumulators stay at
-/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks: 4 for
-/// [`OnePass::FourStreamsT0`], else 1, so that a tile reads its weights as one stream (block after
+/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks
+/// ([`OnePass`]): 4 for [`OnePass::FourStreamsT0`], else 1, so that a tile reads its weights as one stream (block after
 /// block, as they lie), prefetched [`PACKED_AHEAD_BYTES`] ahead across the blocks' ends. With four
 /// blocks, three streams started cold at each register block (every 512 KiB of qwen3-30b-a3b
 /// gate/up, 192 KiB of `down`). The layer on an AMD EPYC (Zen 5), 16 token batches, paired against
@@ -1405,8 +1423,8 @@ const PACKED_CHUNK_BYTES: usize = 8 << 10;
 /// ([`crate::matmul::interleave`]) in lane blocks of [`crate::pack::packed_lanes`] as `xt`, against
 /// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12
 /// input rows)
-/// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and 4 for 3 rows or fewer
-/// ([`packed_nb`] and `scheme`, [`one_pass_scheme`] for the layer);
+/// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and, for 3 rows or fewer,
+/// by as many as `scheme` says ([`OnePass`]; [`one_pass_scheme`] for the layer);
 /// every register block
 /// goes over one range of `k` before the next. Each output is one f32 FMA chain over `k` in
 /// ascending order, so it does not depend on the blocking, nor on `scheme`.
@@ -1465,7 +1483,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
     );
     let mut b = b0;
     while b < b1 {
-        let nb = packed_nb(rows, b1 - b, if scheme == OnePass::FourStreamsT0 { 4 } else { 1 });
+        let nb = packed_nb(rows, b1 - b, scheme.decode_blocks());
         let wp = w.add(b * stride);
         let (passes, step_bytes) = (rows.div_ceil(lanes), K::STEP * std::mem::size_of::<K::W>());
         let block_bytes = steps * step_bytes;
@@ -1496,11 +1514,7 @@ unsafe fn packed_blocks<K: PackedBlock>(
                         step: step_bytes / passes,
                     }
                 };
-                let mode = match (passes, scheme) {
-                    (1, OnePass::FourStreamsT0) => PF_T0,
-                    (1, OnePass::OneStreamNta) => PF_NTA,
-                    _ => PF_SPREAD,
-                };
+                let mode = if passes == 1 { scheme.prefetch() } else { PF_SPREAD };
                 packed_rows_n::<K>((r, nb), xl, lanes, range, wp, stride, o, (pf, mode));
             }
         }
