@@ -814,11 +814,6 @@ mod tests {
     use half::bf16;
     use moe_hal_core::Activation;
 
-    /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
-    /// kernels called inside it still work and give the same bits as outside.
-    /// Packed weights with AVX-512 gather the hidden rows (no permuted copy); weights as stored,
-    /// and every level without AVX-512, copy them. The conformance suite checks both answers'
-    /// behaviour at every level.
     /// A router weight packed by `upload_weights` for one shape is refused for another of the same
     /// length, and the same weight packed for another GEMM (two experts) too, with an error.
     #[test]
@@ -859,6 +854,9 @@ mod tests {
         assert!(got[..2 * 16].iter().all(|&v| v == 4.0), "{got:?}");
     }
 
+    /// Packed weights with AVX-512 gather the hidden rows (no permuted copy); weights as stored,
+    /// and every level without AVX-512, copy them. The conformance suite checks both answers'
+    /// behaviour at every level.
     #[test]
     fn permute_matmul_copies_rows_where_it_does_not_gather() {
         let shape = GemmShape {
@@ -883,6 +881,8 @@ mod tests {
         }
     }
 
+    /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
+    /// kernels called inside it still work and give the same bits as outside.
     #[test]
     fn run_executes_on_the_pool() {
         let b = CpuBackend::with_threads(2).unwrap();
