@@ -674,11 +674,7 @@ fn check_permute<B: Backend>(
     skewed: bool,
     seed: u64,
 ) -> Result<(f64, f64), String> {
-    let mut rng = Rng::new(seed);
-    let ids = random_ids(&mut rng, s.tokens, s.top_k, s.experts, skewed);
-    let x = host_in(&rng.vec(s.tokens * s.hidden, -2.0, 2.0), dtype);
-    let xb = b.upload(x.as_slice()).map_err(e2s)?;
-    let idb = b.upload(HostSlice::U32(&ids)).map_err(e2s)?;
+    let (ids, x, xb, idb) = permute_inputs(b, &mut Rng::new(seed), s, dtype, (skewed, 2.0))?;
     let mut out = Permuted::alloc(b, s, dtype).map_err(e2s)?;
     b.permute(&xb, &idb, s, &mut out).map_err(e2s)?;
     let m = check_permute_index(b, &out, &ids, s)?;
@@ -701,17 +697,18 @@ fn upload_expert_weights<B: Backend>(b: &B, w: &HostVec, s: GemmShape, packed: b
     .map_err(e2s)
 }
 
-/// A permute case's inputs drawn from `rng`: the expert ids and the hidden rows (host), then both
-/// uploaded.
+/// A permute case's inputs drawn from `rng`: the expert ids (`skewed` as for `random_ids`) and the
+/// hidden rows, uniform in `[-amp, amp]` (host), then both uploaded.
 #[allow(clippy::type_complexity)]
 fn permute_inputs<B: Backend>(
     b: &B,
     rng: &mut Rng,
     p: PermuteShape,
     dtype: DType,
+    (skewed, amp): (bool, f32),
 ) -> Result<(Vec<u32>, HostVec, B::Buffer, B::Buffer), String> {
-    let ids = random_ids(rng, p.tokens, p.top_k, p.experts, false);
-    let x = host_in(&rng.vec(p.tokens * p.hidden, -1.0, 1.0), dtype);
+    let ids = random_ids(rng, p.tokens, p.top_k, p.experts, skewed);
+    let x = host_in(&rng.vec(p.tokens * p.hidden, -amp, amp), dtype);
     let xb = b.upload(x.as_slice()).map_err(e2s)?;
     let idb = b.upload(HostSlice::U32(&ids)).map_err(e2s)?;
     Ok((ids, x, xb, idb))
@@ -740,7 +737,7 @@ fn check_permute_matmul<B: Backend>(
     packed: bool,
 ) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
-    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype)?;
+    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype, (false, 1.0))?;
     let tk = p.tokens * p.top_k;
     let g = gate_up_shape(p, inter, act);
     let scale = 1.0 / (p.hidden as f32).sqrt();
@@ -797,7 +794,7 @@ fn check_permute_mlp<B: Backend>(
     packed: bool,
 ) -> Result<(f64, f64), String> {
     let mut rng = Rng::new(seed);
-    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype)?;
+    let (ids, x, xb, idb) = permute_inputs(b, &mut rng, p, dtype, (false, 1.0))?;
     let tk = p.tokens * p.top_k;
     let up = gate_up_shape(p, inter, Activation::SwiGlu);
     let dn = GemmShape {
