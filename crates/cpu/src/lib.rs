@@ -22,7 +22,8 @@
 //! `gemm` crate's cache-blocked kernels for tiles taller than 64 rows, on weights as stored; with
 //! AVX2, FMA and F16C, weights from `upload_weights` are packed (below) and run an AVX2 packed
 //! kernel at every height.
-//! The tile grid does not depend on the thread count, so results are
+//! Tile heights, which pick the kernels, do not depend on the thread count (the widths of decode
+//! tiles do, and no output column depends on its tile's width), so results are
 //! bit-identical whatever the number of threads. Accumulation is always f32;
 //! work buffers are per thread and reused across calls.
 //!

@@ -4,8 +4,9 @@
 //! `TILE_ROWS` rows, up to `TILE_COLS` output columns, more for packed weights, for the short
 //! tiles of decode and for the k-pair kernel's short weight rows: [`tile_cols`]); rayon spreads tiles
 //! over threads, so work is balanced by rows times columns rather than by
-//! expert, and the grid (hence every result bit) does not depend on the
-//! thread count. A tile is single-threaded, and which kernel runs it depends
+//! expert. Only the widths of decode tiles depend on the thread count (enough of them for every
+//! thread: [`stream_tile_bytes`]); every output column is computed alike whatever tile holds it,
+//! so no result bit depends on it. A tile is single-threaded, and which kernel runs it depends
 //! only on the dtypes, the instruction set, `k` and the tile's height:
 //! - with AVX-512, f32 input against f32 weights, tiles of [`BCAST_ROWS_F32`] rows or more
 //!   ([`BCAST_ROWS_LONG_K`] past [`SHORT_K`] inputs): the k-pair broadcast kernel
@@ -49,6 +50,12 @@ const STREAM_ROWS: usize = 8;
 /// (16.63); f32 `down` 16.84 (15.98) against 16.90 (16.64), gate/up (128) 34.6 (30.7) against 34.4
 /// (33.4); two rows each, f32 `down` 17.7 against 19.2. At one token that leaves 24-48 tiles.
 const STREAM_TILE_BYTES: usize = 2 << 20;
+/// Fewest decode tiles per thread of the pool: where [`STREAM_TILE_BYTES`] would leave fewer, the
+/// tiles shrink (down to [`TILE_COLS`] columns). A thread's last tile ends when it ends, so with
+/// few tiles a thread the others wait up to a whole tile at the end. On 16 cores (the Intel Xeon of
+/// the GPU machine, one token, 8 experts of qwen3-30b-a3b) 2 MiB tiles left 3.5 a thread. Two
+/// threads keep 2 MiB tiles at every shape of the presets.
+const DECODE_TILES_PER_THREAD: usize = 8;
 /// Output columns per tile of the packed kernels above [`STREAM_ROWS`] rows: each tile pays a task,
 /// its first weight range unfetched and its columns' copy, so fewer, longer tiles stream better.
 /// Two threads, 128 experts of qwen3-30b-a3b from DRAM, the two widths alternated call by call
@@ -471,14 +478,15 @@ fn swiglu(simd: Simd, gate: &mut [f32], up: &[f32]) {
 }
 
 /// Output columns per tile of `rows` rows: [`TILE_COLS`] ([`PACKED_TILE_COLS`] for packed tiles),
-/// or for short tiles enough for about
-/// [`STREAM_TILE_BYTES`] of weights (gate and up rows together), in whole multiples of `TILE_COLS`;
-/// tiles of the k-pair kernel (`layout`) at least [`PAIRS_TILE_BYTES`], in whole panels. Depends
-/// only on the shape, so the tile grid stays independent of the thread count.
-fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout) -> usize {
+/// or for short tiles enough for about `stream_bytes` of weights (gate and up rows together; see
+/// [`stream_tile_bytes`]), in whole multiples of `TILE_COLS`; tiles of the k-pair kernel (`layout`)
+/// at least [`PAIRS_TILE_BYTES`], in whole panels. Only the widths of short tiles depend on the
+/// thread count: a tile's height picks its kernel, and every output column is computed alike in
+/// whatever tile holds it, so the bits do not.
+fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout, stream_bytes: usize) -> usize {
     let per_col = (k * weight.elem_size() * if swiglu { 2 } else { 1 }).max(1);
     if rows <= STREAM_ROWS {
-        return (STREAM_TILE_BYTES / per_col).clamp(TILE_COLS, MAX_TILE_COLS) / TILE_COLS * TILE_COLS;
+        return (stream_bytes / per_col).clamp(TILE_COLS, MAX_TILE_COLS) / TILE_COLS * TILE_COLS;
     }
     match layout {
         #[cfg(target_arch = "x86_64")]
@@ -492,6 +500,13 @@ fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout
         Layout::Bf16Pairs => PACKED_TILE_COLS,
         _ => TILE_COLS,
     }
+}
+
+/// Weight bytes per decode tile of a matmul whose decode tiles (experts of at most [`STREAM_ROWS`]
+/// rows) read `bytes` of weights in all, on `threads` threads: [`STREAM_TILE_BYTES`], less where
+/// that leaves fewer than [`DECODE_TILES_PER_THREAD`] tiles a thread.
+fn stream_tile_bytes(bytes: usize, threads: usize) -> usize {
+    (bytes / (threads.max(1) * DECODE_TILES_PER_THREAD)).min(STREAM_TILE_BYTES)
 }
 
 /// Whether every tile of a grouped matmul on these weights runs the packed kernels on interleaved
@@ -564,6 +579,15 @@ impl<'a> Plan<'a> {
             interleaved || matches!(src, InputRows::InOrder),
             "gathered rows need packed kernels"
         );
+        let swiglu = s.activation == Activation::SwiGlu;
+        let decode_experts = groups
+            .iter()
+            .filter(|&&(a, b)| (1..=STREAM_ROWS).contains(&(b - a)))
+            .count();
+        let stream_bytes = stream_tile_bytes(
+            decode_experts * n * k * weight.elem_size() * if swiglu { 2 } else { 1 },
+            rayon::current_num_threads(),
+        );
         let (mut tiles, mut ranges) = (Vec::new(), Vec::new());
         for (expert, &(a, b)) in groups.iter().enumerate() {
             for row0 in (a..b).step_by(TILE_ROWS) {
@@ -580,7 +604,7 @@ impl<'a> Plan<'a> {
                 // Only tiles whose rows run the broadcast kernels take their layout's width (a short
                 // f32 tile on dot products keeps the dot products' grid).
                 let kernel = if head > 0 { layout } else { Layout::Lanes(LANE_ROWS) };
-                let width = tile_cols(rows, k, weight, s.activation == Activation::SwiGlu, kernel);
+                let width = tile_cols(rows, k, weight, swiglu, kernel, stream_bytes);
                 // A decode GEMM with few columns (the router's 128 at one token) in two tiles at least,
                 // so that both cores stream its weights: qwen3-30b-a3b's bf16 layer at one token,
                 // paired against one tile, about 0.994 (0.982-0.984 against 0.988-0.992 beside the
@@ -1261,8 +1285,8 @@ fn mlp_interleaves(simd: Simd, input: Floats, offsets: &[usize], gate_up: Weight
 /// The routed experts' MLP: [`grouped_matmul`] of `input` (rows where `src` says) by `gate_up`
 /// (SwiGLU) into `act`, then of `act` by `down` into `out`, with the same bits as those two calls.
 /// Where [`mlp_interleaves`] holds, the two run as one list of tiles: an expert's `down` tiles
-/// follow the next expert's gate/up tiles, and a thread that takes one first waits for its own
-/// expert's gate/up tiles to end (usually done by then). Decode streams every chosen expert's
+/// follow later experts' gate/up tiles (at least a tile per thread of the pool), and a thread that
+/// takes one first waits for its own expert's gate/up tiles to end (usually done by then). Decode streams every chosen expert's
 /// weights once, and a join between the two matmuls left one core idle while the other ended its
 /// last tile, then started both on cold streams. Elsewhere it makes the two calls.
 #[allow(clippy::too_many_arguments)]
@@ -1317,15 +1341,27 @@ pub fn mlp(
     let (su, sd) = (spans(&up), spans(&dn));
     let busy: Vec<usize> = (0..groups.len()).filter(|&e| sd[e + 1] > sd[e]).collect();
     let mut order = Vec::with_capacity(up.tiles.len() + dn.tiles.len());
-    for (i, &e) in busy.iter().enumerate() {
+    // An expert's `down` tiles go in once at least as many tiles as the pool has threads follow its
+    // last gate/up tile: by the time a thread takes one, every thread has taken a tile since, so
+    // that gate/up tile has usually ended. With two threads and three gate/up tiles an expert, that
+    // is right after the next expert's gate/up tiles; on 16 cores a lag of one expert left most
+    // threads spinning (qwen3-30b-a3b, 16 tokens: the layer took 7.2 ms against 4.5 for its
+    // matmuls apart).
+    let lag = rayon::current_num_threads();
+    let mut pending = std::collections::VecDeque::new();
+    for &e in &busy {
         order.extend((su[e]..su[e + 1]).map(|t| (true, t)));
-        if i > 0 {
-            let p = busy[i - 1];
+        while let Some(&(p, at)) = pending.front() {
+            if order.len() - at < lag {
+                break;
+            }
             order.extend((sd[p]..sd[p + 1]).map(|t| (false, t)));
+            pending.pop_front();
         }
+        pending.push_back((e, order.len()));
     }
-    if let Some(&e) = busy.last() {
-        order.extend((sd[e]..sd[e + 1]).map(|t| (false, t)));
+    for (p, _) in pending {
+        order.extend((sd[p]..sd[p + 1]).map(|t| (false, t)));
     }
     use std::sync::atomic::{AtomicUsize, Ordering};
     let ended: Vec<AtomicUsize> = (0..groups.len()).map(|_| AtomicUsize::new(0)).collect();
@@ -1507,20 +1543,26 @@ mod tests {
     fn tile_widths() {
         let (w, pairs, lanes) = (Floats::F32(&[]), Layout::Pairs, Layout::Lanes(LANE_ROWS));
         // qwen3-30b-a3b down (K 768): 171 columns make 512 KiB, rounded up to 4 panels.
-        assert_eq!(tile_cols(16, 768, w, false, pairs), 192);
-        assert_eq!(tile_cols(16, 768, w, false, lanes), TILE_COLS);
+        assert_eq!(tile_cols(16, 768, w, false, pairs, STREAM_TILE_BYTES), 192);
+        assert_eq!(tile_cols(16, 768, w, false, lanes, STREAM_TILE_BYTES), TILE_COLS);
         // gate/up (K 2048, two rows per column): 1 MiB at TILE_COLS already.
-        assert_eq!(tile_cols(16, 2048, w, true, pairs), TILE_COLS);
+        assert_eq!(tile_cols(16, 2048, w, true, pairs, STREAM_TILE_BYTES), TILE_COLS);
         // Short rows stop at the widest tile, in whole panels.
-        assert_eq!(tile_cols(16, 8, w, false, pairs), 480);
+        assert_eq!(tile_cols(16, 8, w, false, pairs, STREAM_TILE_BYTES), 480);
         // Decode tiles stream about 2 MiB whatever the kernel.
-        assert_eq!(tile_cols(8, 768, w, false, pairs), 512);
-        assert_eq!(tile_cols(8, 2048, w, true, pairs), 128);
+        assert_eq!(tile_cols(8, 768, w, false, pairs, STREAM_TILE_BYTES), 512);
+        assert_eq!(tile_cols(8, 2048, w, true, pairs, STREAM_TILE_BYTES), 128);
         // Packed tiles above the decode heights take PACKED_TILE_COLS; at decode, the stream width.
         for packed in [Layout::Packed, Layout::Bf16Pairs] {
-            assert_eq!(tile_cols(16, 2048, w, true, packed), PACKED_TILE_COLS);
-            assert_eq!(tile_cols(128, 768, w, false, packed), PACKED_TILE_COLS);
-            assert_eq!(tile_cols(8, 2048, w, true, packed), 128);
+            assert_eq!(
+                tile_cols(16, 2048, w, true, packed, STREAM_TILE_BYTES),
+                PACKED_TILE_COLS
+            );
+            assert_eq!(
+                tile_cols(128, 768, w, false, packed, STREAM_TILE_BYTES),
+                PACKED_TILE_COLS
+            );
+            assert_eq!(tile_cols(8, 2048, w, true, packed, STREAM_TILE_BYTES), 128);
         }
     }
 
