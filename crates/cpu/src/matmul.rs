@@ -42,7 +42,7 @@ const TILE_ROWS: usize = 128;
 const TILE_COLS: usize = 64;
 /// Tiles of at most this many rows (decode) only stream their weights once: they are cut into
 /// [`STREAM_TILE_BYTES`] of weight rows instead of [`TILE_COLS`] columns.
-const STREAM_ROWS: usize = 8;
+pub(crate) const STREAM_ROWS: usize = 8;
 /// Weight bytes per tile of at most [`STREAM_ROWS`] rows: each tile starts with its first weight
 /// rows not yet fetched, so fewer, larger tiles stall less. Two threads, 64 experts with weights in
 /// DRAM, one row each, 5 runs of best of 15, median (min) ms against 64-column tiles: bf16 `down`
@@ -416,6 +416,8 @@ struct Tile {
     /// The tile's range of interleaved input rows in its batch ([`Parts`]), for the broadcast and
     /// packed kernels.
     xt: Option<usize>,
+    /// The range is laid out for AMX ([`Layout::Amx`]): the tile runs [`crate::amx::packed`].
+    amx: bool,
 }
 
 #[derive(Default)]
@@ -497,7 +499,7 @@ fn tile_cols(rows: usize, k: usize, weight: Floats, swiglu: bool, layout: Layout
         }
         Layout::Packed => PACKED_TILE_COLS,
         #[cfg(target_arch = "x86_64")]
-        Layout::Bf16Pairs => PACKED_TILE_COLS,
+        Layout::Bf16Pairs | Layout::Amx => PACKED_TILE_COLS,
         _ => TILE_COLS,
     }
 }
@@ -552,10 +554,9 @@ struct Plan<'a> {
     w: Weights<'a>,
     out: OutPtr,
     s: GemmShape,
-    layout: Layout,
     tiles: Vec<Tile>,
-    /// The row ranges of the broadcast and packed tiles ([`Parts`]).
-    ranges: Vec<(usize, usize)>,
+    /// The row ranges of the broadcast and packed tiles, and how each is interleaved ([`Parts`]).
+    ranges: Vec<(usize, usize, Layout)>,
     call: u64,
 }
 
@@ -588,6 +589,13 @@ impl<'a> Plan<'a> {
             decode_experts * n * k * weight.elem_size() * if swiglu { 2 } else { 1 },
             rayon::current_num_threads(),
         );
+        // Packed bf16 tiles of bf16 rows run on AMX from `amx::min_rows` rows, where the level has it.
+        #[cfg(target_arch = "x86_64")]
+        let amx_rows = (simd.amx()
+            && interleaved
+            && matches!((input, weight), (Floats::BF16(_), Floats::BF16(_)))
+            && w.packed.is_some_and(|p| !p.kpairs))
+        .then(crate::amx::min_rows);
         let (mut tiles, mut ranges) = (Vec::new(), Vec::new());
         for (expert, &(a, b)) in groups.iter().enumerate() {
             for row0 in (a..b).step_by(TILE_ROWS) {
@@ -597,8 +605,13 @@ impl<'a> Plan<'a> {
                     Some(_) => 0,
                     None => simd.bcast_rows(input, weight, rows, k),
                 };
+                #[cfg(target_arch = "x86_64")]
+                let layout = match amx_rows {
+                    Some(min) if head >= min => Layout::Amx,
+                    _ => layout,
+                };
                 let xt = (head > 0).then(|| {
-                    ranges.push((row0, head));
+                    ranges.push((row0, head, layout));
                     ranges.len() - 1
                 });
                 // Only tiles whose rows run the broadcast kernels take their layout's width (a short
@@ -627,6 +640,7 @@ impl<'a> Plan<'a> {
                                 col0,
                                 cols,
                                 xt,
+                                amx: xt.is_some() && kernel.amx(),
                             });
                         }
                     }
@@ -640,7 +654,6 @@ impl<'a> Plan<'a> {
             w,
             out,
             s,
-            layout,
             tiles,
             ranges,
             call: CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -654,7 +667,6 @@ impl<'a> Plan<'a> {
             call: self.call,
             ranges: &self.ranges,
             base,
-            layout: self.layout,
             input,
             src: self.src,
             k: self.s.in_features,
@@ -755,11 +767,10 @@ thread_local! {
 /// pass over every range first waited on memory with no tile running.
 struct Parts<'a> {
     call: u64,
-    ranges: &'a [(usize, usize)],
+    ranges: &'a [(usize, usize, Layout)],
     /// The range's row that is `input`'s row 0: 0, or (the `down` tiles of [`mlp`]) the first row
     /// of the one expert whose rows `input` holds.
     base: usize,
-    layout: Layout,
     input: Floats<'a>,
     src: InputRows<'a>,
     k: usize,
@@ -769,8 +780,8 @@ impl Parts<'_> {
     /// Runs `f` on range `part` interleaved, in this thread's buffer: as a previous tile of this
     /// thread left it, or interleaved now.
     fn with<R>(&self, part: usize, f: impl FnOnce(&[f32]) -> R) -> R {
-        let (row0, rows) = self.ranges[part];
-        let len = self.layout.len(rows, self.k);
+        let (row0, rows, layout) = self.ranges[part];
+        let len = layout.len(rows, self.k);
         ROWS.with(|c| {
             let (key, buf) = &mut *c.borrow_mut();
             // The lane blocks start on a cache line: each of their vector loads then reads one
@@ -781,8 +792,7 @@ impl Parts<'_> {
             let skip = buf.as_ptr().align_offset(64).min(LINE_F32);
             let xt = &mut buf[skip..skip + len];
             if *key != (self.call, part) {
-                self.layout
-                    .interleave(self.input, self.src, row0 - self.base, rows, self.k, xt);
+                layout.interleave(self.input, self.src, row0 - self.base, rows, self.k, xt);
                 *key = (self.call, part);
             }
             f(xt)
@@ -804,6 +814,10 @@ enum Layout {
     /// [`crate::avx512::packed_dp`].
     #[cfg(target_arch = "x86_64")]
     Bf16Pairs,
+    /// bf16 rows as they are, padded to whole tiles, for [`crate::amx::packed`] (a range at a time:
+    /// the plan's other ranges keep the plan's layout).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Layout {
@@ -824,6 +838,15 @@ impl Layout {
         Layout::Lanes(LANE_ROWS)
     }
 
+    /// Whether the range's tiles run on AMX.
+    fn amx(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Layout::Amx = self {
+            return true;
+        }
+        false
+    }
+
     /// Whether packed tiles run [`crate::avx512::packed_dp`].
     fn bf16_pairs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -842,6 +865,8 @@ impl Layout {
             Layout::Pairs => crate::avx512::pairs_len(rows, k),
             #[cfg(target_arch = "x86_64")]
             Layout::Bf16Pairs => crate::avx512::bf16_pairs_len(rows, k),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Amx => crate::amx::rows_len(rows, k),
         }
     }
 
@@ -865,6 +890,10 @@ impl Layout {
             }
             #[cfg(target_arch = "x86_64")]
             (Layout::Bf16Pairs, _) => unreachable!("bf16 pairs are chosen for bf16 inputs only"),
+            #[cfg(target_arch = "x86_64")]
+            (Layout::Amx, Floats::BF16(v)) => crate::amx::copy_rows(v, |r| src.row(row0 + r), rows, k, dst),
+            #[cfg(target_arch = "x86_64")]
+            (Layout::Amx, _) => unreachable!("AMX is chosen for bf16 inputs only"),
             (Layout::Lanes(lanes), _) => interleave(x, src, row0, rows, k, lanes, dst),
             (Layout::Packed, _) => interleave(x, src, row0, rows, k, packed_lanes(rows), dst),
         }
@@ -907,6 +936,25 @@ fn product(
         #[cfg(target_arch = "x86_64")]
         let scheme = crate::avx512::one_pass_scheme();
         let span = e * p.expert_len()..(e + 1) * p.expert_len();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(xt), true, Floats::BF16(v)) = (xt, t.amx, weight) {
+            // SAFETY: tiles run on AMX only at the Amx level (Plan::new), which `amx::available`
+            // grants; `packed` checks the slices' lengths.
+            unsafe {
+                crate::amx::packed(
+                    &mut crate::amx::Hw,
+                    xt,
+                    t.rows,
+                    k,
+                    &v[span],
+                    first,
+                    t.cols,
+                    wscratch,
+                    dst,
+                )
+            };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if let (Some(xt), true, Floats::BF16(v)) = (xt, p.kpairs, weight) {
             // SAFETY: kpairs tiles get interleaved rows only with Layout::Bf16Pairs, chosen where
@@ -987,6 +1035,10 @@ fn product(
 /// Instruction set of the narrow-tile dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
+    /// [`Simd::Avx512Bf16`], plus AMX for packed bf16 tiles of many bf16 rows
+    /// ([`crate::amx`]; Intel Sapphire Rapids and later, where Linux grants the tile state).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// [`Simd::Avx512`], plus `vdpbf16ps` dot products for short tiles of bf16 inputs against bf16
     /// weights.
     #[cfg(target_arch = "x86_64")]
@@ -1066,6 +1118,9 @@ impl Simd {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::amx::hardware_granted() {
+                v.push(Simd::Amx);
+            }
             if crate::avx512::has_avx512_bf16() {
                 v.push(Simd::Avx512Bf16);
             }
@@ -1080,10 +1135,13 @@ impl Simd {
         v
     }
 
-    /// The best level this CPU has.
+    /// The best level this CPU has (AMX unless `MOE_CPU_AMX=0`).
     pub fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::amx::available() {
+                return Simd::Amx;
+            }
             if crate::avx512::has_avx512_bf16() {
                 return Simd::Avx512Bf16;
             }
@@ -1100,6 +1158,8 @@ impl Simd {
     /// The instruction set in words, for `device_name`.
     pub fn label(self) -> &'static str {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Amx => "AVX-512 + AVX512-BF16 + AMX-BF16",
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512Bf16 => "AVX-512 + AVX512-BF16",
             #[cfg(target_arch = "x86_64")]
@@ -1126,7 +1186,7 @@ impl Simd {
     #[inline]
     fn bcast_rows(self, input: Floats, weight: Floats, rows: usize, k: usize) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
+        if self.avx512() {
             let min = match (input, weight) {
                 (Floats::F32(_), Floats::F32(_)) if k > SHORT_K => BCAST_ROWS_LONG_K,
                 (Floats::F32(_), Floats::F32(_)) => BCAST_ROWS_F32,
@@ -1161,7 +1221,7 @@ impl Simd {
     #[inline]
     pub(crate) fn avx512(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Simd::Avx512 | Simd::Avx512Bf16) {
+        if matches!(self, Simd::Avx512 | Simd::Avx512Bf16 | Simd::Amx) {
             return true;
         }
         false
@@ -1171,17 +1231,28 @@ impl Simd {
     #[inline]
     pub fn has_bf16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512Bf16 {
+        if matches!(self, Simd::Avx512Bf16 | Simd::Amx) {
             return true;
         }
         false
     }
 
-    /// The same level without `vdpbf16ps` dot products.
+    /// Whether this level runs tall packed bf16 tiles on AMX.
+    #[inline]
+    pub fn amx(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Simd::Amx {
+            return true;
+        }
+        false
+    }
+
+    /// The same level without `vdpbf16ps` dot products (packed weights never take them; their AMX
+    /// tiles are chosen by the plan, [`Tile::amx`]).
     #[inline]
     fn without_bf16(self) -> Simd {
         #[cfg(target_arch = "x86_64")]
-        if self == Simd::Avx512Bf16 {
+        if matches!(self, Simd::Avx512Bf16 | Simd::Amx) {
             return Simd::Avx512;
         }
         self
@@ -1226,7 +1297,7 @@ impl Simd {
         match self {
             // SAFETY: the variant is only chosen after detecting the feature on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 | Simd::Avx512Bf16 => unsafe { dots_avx512(x, rows, k, w, start, cols, out) },
+            Simd::Avx512 | Simd::Avx512Bf16 | Simd::Amx => unsafe { dots_avx512(x, rows, k, w, start, cols, out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => unsafe { dots_avx2(x, rows, k, w, start, cols, out) },
