@@ -36,6 +36,10 @@
 //! Zen 4/5; timed once per process), bf16 blocks are stored `[k / 2][32][2]` instead and each
 //! instruction adds two products per output (`CpuBackend::with_packed_dpbf16`).
 //!
+//! Where the CPU has AMX-BF16 and Linux grants the tile state (`Simd::Amx`, Intel Sapphire
+//! Rapids and later), packed bf16 tiles of 16 or more bf16 rows run `tdpbf16ps` instead (the
+//! crate's `amx` module); `MOE_CPU_AMX=0` keeps the AVX-512 kernels.
+//!
 //! Buffers of 4 MiB or more are advised onto transparent huge pages on Linux (`mem`): the
 //! weights stream with fewer TLB misses.
 
