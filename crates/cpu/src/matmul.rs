@@ -1036,7 +1036,7 @@ fn product(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
     /// [`Simd::Avx512Bf16`], plus AMX for packed bf16 tiles of many bf16 rows
-    /// ([`crate::amx`]; Intel Sapphire Rapids and later, where Linux grants the tile state).
+    /// (the crate's `amx` module; Intel Sapphire Rapids and later, where Linux grants the tile state).
     #[cfg(target_arch = "x86_64")]
     Amx,
     /// [`Simd::Avx512`], plus `vdpbf16ps` dot products for short tiles of bf16 inputs against bf16
