@@ -477,11 +477,9 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()>;
 
     /// Runs `f`, a sequence of this backend's kernels, as one piece of work. The default calls `f`.
-    /// The CPU backend runs it on its thread pool, so that the kernels inside start on a pool
-    /// thread instead of each handing its work to the pool and putting the caller to sleep until
-    /// it is done (six hand-offs and wake-ups per decode layer; qwen3-30b-a3b bf16 at one token with
-    /// cached weights, best of 15: 1.8-2.0 -> 1.6 ms). [`crate::MoeLayer`] runs its forward pass
-    /// this way.
+    /// The CPU backend runs it on the calling thread with its own threads installed; its kernels'
+    /// parallel sections run on the caller and those threads, which stay awake between the
+    /// sections of one call. [`crate::MoeLayer`] runs its forward pass this way.
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R
     where
         Self: Sized,

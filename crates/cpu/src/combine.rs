@@ -3,7 +3,6 @@
 use crate::matmul::{bf16_to_f32, f16_to_f32, f32_to_bf16, Floats};
 use half::{bf16, f16};
 use moe_hal_core::{CombineShape, HostVec};
-use rayon::prelude::*;
 
 /// Outputs per step of a token's row: the step's accumulators stay in registers while all `k`
 /// expert rows are added, instead of one pass over a work row per expert. DeepSeek-V3 shape (H
@@ -119,7 +118,9 @@ pub fn combine(
     };
     macro_rules! run {
         ($o:expr, $store:expr) => {
-            $o[..rows].par_chunks_mut(h).enumerate().for_each_init(
+            crate::pool::for_chunks_mut_init(
+                &mut $o[..rows],
+                h,
                 || {
                     (
                         Vec::with_capacity(k),

@@ -1,6 +1,7 @@
 //! The CPU backend: always present, the embedded default.
 //!
-//! Multithreaded with `rayon` on the backend's own pool. Grouped matmuls cut
+//! Multithreaded on the backend's own threads (the caller and `threads - 1` workers, `pool`).
+//! Grouped matmuls cut
 //! the output into a fixed grid of tiles (one expert, up to 128 rows, 64
 //! output columns, 256 for packed weights, more for decode and for the k-pair kernel's short
 //! weight rows) spread over
@@ -54,6 +55,7 @@ mod matmul;
 mod mem;
 mod pack;
 mod permute;
+mod pool;
 mod route;
 
 pub use matmul::Simd;
@@ -164,11 +166,6 @@ fn is_amd() -> bool {
     (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163) // "AuthenticAMD"
 }
 
-thread_local! {
-    /// This thread is a worker of some `CpuBackend`'s pool (see [`CpuBackend::install`]).
-    static BACKEND_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 fn caps_for(simd: Simd, pack_f32: bool) -> Arc<Capabilities> {
     Arc::new(
         Capabilities::with_floats(&DType::FLOATS, isize::MAX as u64, 1 << 20, 1 << 20)
@@ -179,7 +176,7 @@ fn caps_for(simd: Simd, pack_f32: bool) -> Arc<Capabilities> {
 /// The CPU backend. Cheap to clone: clones share the thread pool and work buffers.
 #[derive(Clone)]
 pub struct CpuBackend {
-    pool: Arc<rayon::ThreadPool>,
+    pool: Arc<pool::Pool>,
     simd: Simd,
     /// bf16 weights are packed for `vdpbf16ps` ([`CpuBackend::with_packed_dpbf16`]).
     dp_packed: bool,
@@ -196,17 +193,21 @@ impl CpuBackend {
         Self::with_threads(0)
     }
 
-    /// A backend with `threads` worker threads (0: one per core).
+    /// A backend running its kernels on `threads` threads, the calling thread one of them (0: one
+    /// per core, or `RAYON_NUM_THREADS` where set, as before the backend had its own pool).
     pub fn with_threads(threads: usize) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("moe-hal-cpu-{i}"))
-            .start_handler(|_| BACKEND_WORKER.set(true))
-            .build()
-            .map_err(|e| MoeError::Device {
-                backend: NAME.into(),
-                message: format!("cannot start threads: {e}"),
-            })?;
+        let threads = match threads {
+            0 => std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            n => n,
+        };
+        let pool = pool::Pool::new(threads, |i| format!("moe-hal-cpu-{i}")).map_err(|e| MoeError::Device {
+            backend: NAME.into(),
+            message: format!("cannot start {} worker threads: {e}", threads - 1),
+        })?;
         let simd = Simd::detect();
         let dp_packed = match std::env::var("MOE_CPU_PACKED_DPBF16").as_deref() {
             Ok("0") => false,
@@ -222,40 +223,13 @@ impl CpuBackend {
         })
     }
 
-    /// Runs `f` on the backend's pool and waits for it, running nothing else on this thread
-    /// meanwhile.
-    ///
-    /// rayon's `install`, called from a worker of another pool (an engine's own rayon pool), runs
-    /// that pool's other jobs on the waiting thread. A job that took a lock (a `Mutex` around a
-    /// layer) and called the backend would then meet another job on this stack that waits for the
-    /// same lock, and deadlock. From such a thread `f` is spawned on the pool instead, and the thread
-    /// waits for it blocked, taking nothing (so a closure given to [`Backend::run`] must not wait
-    /// for jobs of the caller's pool: all its threads may be waiting in calls). On the backend's
-    /// own workers (inside [`Backend::run`]) `f` runs inline; on another `CpuBackend`'s workers
-    /// rayon's wait, which runs that pool's jobs, lets calls go back and forth between backends
-    /// (`a.run(|| b.run(|| a.run(..)))` on one thread each); any other thread already blocks.
+    /// Runs `f` on this thread with the backend's threads as the ones its kernels' sections use
+    /// (the `pool` module). Nothing is handed to another thread, so a call from any thread, an
+    /// engine's rayon worker holding a lock included, blocks only while a section of its own or
+    /// of another caller of this backend runs; calls from several threads take turns a section at
+    /// a time.
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        // Any backend's worker (this one's runs `f` inline) or no rayon thread at all.
-        if rayon::current_thread_index().is_none() || BACKEND_WORKER.get() {
-            return self.pool.install(f);
-        }
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
-            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
-        });
-        // SAFETY: only the lifetime changes, from this call's to 'static, as a scoped thread's does.
-        // The job's borrows (`f` and what it captured, the result) live until this call returns,
-        // and it returns only after the job has sent its result, which is the job's last use of
-        // them (`f` ran or unwound inside `catch_unwind`; dropping the sender after the send
-        // touches no value). `recv` fails only if the job was dropped unrun, and rayon drops no
-        // spawned job while its pool (which `self` keeps alive) lives.
-        let job: Box<dyn FnOnce() + Send + 'static> = unsafe { std::mem::transmute(job) };
-        self.pool.spawn(job);
-        match wait.recv() {
-            Ok(Ok(r)) => r,
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            Err(_) => unreachable!("a job spawned on a live pool runs"),
-        }
+        self.pool.install(f)
     }
 
     /// The same backend with bf16 expert weights from `upload_weights` packed for, or not for,
@@ -322,8 +296,9 @@ impl CpuBackend {
         self
     }
 
+    /// Threads that run the kernels' parallel sections, the calling thread included.
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.pool.threads()
     }
 
     /// A grouped matmul's checks but its offsets' (a fused permute writes them after): the shared
@@ -463,8 +438,8 @@ impl Backend for CpuBackend {
         (*self.caps).clone()
     }
 
-    /// Runs `f` on the backend's pool (so the kernels inside run their tiles there without a
-    /// hand-off each), waiting without taking other work (see the private `CpuBackend::install`).
+    /// Runs `f` on this thread with the backend's threads installed, so that the kernels inside
+    /// find them without a lookup each (see the private `CpuBackend::install`).
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.install(f)
     }
@@ -888,13 +863,15 @@ mod tests {
         }
     }
 
-    /// `run` executes on the backend's own pool (so the kernels inside skip the hand-off), and
-    /// kernels called inside it still work and give the same bits as outside.
+    /// `run` executes on the calling thread with the backend's threads installed, and kernels
+    /// called inside it still work and give the same bits as outside.
     #[test]
     fn run_executes_on_the_pool() {
         let b = CpuBackend::with_threads(2).unwrap();
-        assert_eq!(rayon::current_thread_index(), None);
-        assert!(b.run(|| rayon::current_thread_index().is_some()));
+        let me = std::thread::current().id();
+        assert_eq!(pool::threads(), 1);
+        assert!(b.run(|| pool::threads() == 2 && std::thread::current().id() == me));
+        assert_eq!(pool::threads(), 1);
         let x = b.upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0])).unwrap();
         let w = b.upload(HostSlice::F32(&[0.5, -1.0, 2.0, 0.25])).unwrap();
         let off = b.upload(HostSlice::U32(&[0, 2])).unwrap();

@@ -2,8 +2,8 @@
 //!
 //! The output is cut into a fixed grid of tiles (one expert, up to
 //! `TILE_ROWS` rows, up to `TILE_COLS` output columns, more for packed weights, for the short
-//! tiles of decode and for the k-pair kernel's short weight rows: [`tile_cols`]); rayon spreads tiles
-//! over threads, so work is balanced by rows times columns rather than by
+//! tiles of decode and for the k-pair kernel's short weight rows: [`tile_cols`]); the backend's
+//! threads share the tiles out (`crate::pool::for_each`), so work is balanced by rows times columns rather than by
 //! expert. Only the widths of decode tiles depend on the thread count (enough of them for every
 //! thread: [`stream_tile_bytes`]); every output column is computed alike whatever tile holds it,
 //! so no result bit depends on it. A tile is single-threaded, and which kernel runs it depends
@@ -35,7 +35,6 @@
 use crate::pack::{packed_lanes, Packing};
 use half::{bf16, f16};
 use moe_hal_core::{Activation, GemmShape, HostVec, MoeError, Result, RouterShape};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 const TILE_ROWS: usize = 128;
@@ -542,7 +541,7 @@ fn run_tiles(
 ) {
     let plan = Plan::new(simd, input, src, groups, w, out, s);
     let parts = plan.parts(plan.input, 0);
-    plan.tiles.par_iter().for_each(|t| plan.run(&parts, t));
+    crate::pool::for_each(plan.tiles.len(), |i| plan.run(&parts, &plan.tiles[i]));
 }
 
 /// A grouped matmul cut into tiles: [`run_tiles`] runs them all, [`mlp`] two matmuls' tiles
@@ -587,7 +586,7 @@ impl<'a> Plan<'a> {
             .count();
         let stream_bytes = stream_tile_bytes(
             decode_experts * n * k * weight.elem_size() * if swiglu { 2 } else { 1 },
-            rayon::current_num_threads(),
+            crate::pool::threads(),
         );
         // Packed bf16 tiles of bf16 rows run on AMX from `amx::min_rows` rows, where the level has it.
         #[cfg(target_arch = "x86_64")]
@@ -754,8 +753,8 @@ thread_local! {
 
 /// The row ranges of a call's broadcast and packed tiles, `(first row, rows)`, each interleaved by
 /// a tile that reads it into its thread's buffer ([`ROWS`]), where the thread's next tiles, which
-/// are mostly of the same range (the list holds a range's tiles one after another, and rayon gives
-/// each thread runs of it), find it.
+/// are mostly of the same range (the list holds a range's tiles one after another, and
+/// `crate::pool::for_each` gives each thread runs of it), find it.
 ///
 /// A buffer per call, each range interleaved once into it by the first tile that read it, was
 /// 8 MiB at 256 tokens of qwen3-30b-a3b gate/up in bf16 (16 in f32): written once, read by the
@@ -1418,7 +1417,7 @@ pub fn mlp(
     // is right after the next expert's gate/up tiles; on 16 cores a lag of one expert left most
     // threads spinning (qwen3-30b-a3b, 16 tokens: the layer took 7.2 ms against 4.5 for its
     // matmuls apart).
-    let lag = rayon::current_num_threads();
+    let lag = crate::pool::threads();
     let mut pending = std::collections::VecDeque::new();
     for &e in &busy {
         order.extend((su[e]..su[e + 1]).map(|t| (true, t)));
@@ -1439,13 +1438,13 @@ pub fn mlp(
     let next = AtomicUsize::new(0);
     let up_parts = up.parts(up.input, 0);
     let k = s_down.in_features;
-    rayon::broadcast(|_| loop {
+    crate::pool::broadcast(|_| loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(&(is_up, t)) = order.get(i) else { break };
         if is_up {
             let t = &up.tiles[t];
             // Counted as ended even if it unwinds, so that no `down` tile waits for it forever
-            // (rayon re-raises the panic once every thread is out).
+            // (the pool raises the panic once every thread is out).
             struct End<'a>(&'a AtomicUsize);
             impl Drop for End<'_> {
                 fn drop(&mut self) {

@@ -28,7 +28,6 @@
 use crate::matmul::{bf16_to_f32, f16_to_f32, Floats};
 use half::{bf16, f16};
 use moe_hal_core::{HostSlice, HostVec, Result};
-use rayon::prelude::*;
 
 /// Weight rows per packed block: two `zmm` of f32.
 pub const PACK_ROWS: usize = 32;
@@ -136,17 +135,15 @@ impl Packing {
         if k == 0 {
             return Ok(dst);
         }
-        dst.par_chunks_mut(PACK_ROWS * self.k_stored())
-            .enumerate()
-            .for_each(|(eb, blk)| {
-                let (e, b) = (eb / blocks, eb % blocks);
-                for j in 0..PACK_ROWS.min(self.rows - b * PACK_ROWS) {
-                    let row = &src[(e * self.rows + b * PACK_ROWS + j) * k..][..k];
-                    for (i, &v) in row.iter().enumerate() {
-                        blk[self.at(pairs, j, i)] = v;
-                    }
+        crate::pool::for_chunks_mut(&mut dst, PACK_ROWS * self.k_stored(), |eb, blk| {
+            let (e, b) = (eb / blocks, eb % blocks);
+            for j in 0..PACK_ROWS.min(self.rows - b * PACK_ROWS) {
+                let row = &src[(e * self.rows + b * PACK_ROWS + j) * k..][..k];
+                for (i, &v) in row.iter().enumerate() {
+                    blk[self.at(pairs, j, i)] = v;
                 }
-            });
+            }
+        });
         Ok(dst)
     }
 
@@ -156,7 +153,7 @@ impl Packing {
         if k == 0 {
             return dst;
         }
-        dst.par_chunks_mut(k).enumerate().for_each(|(er, row)| {
+        crate::pool::for_chunks_mut(&mut dst, k, |er, row| {
             let (e, r) = (er / self.rows, er % self.rows);
             let blk = &src[(e * blocks + r / PACK_ROWS) * PACK_ROWS * self.k_stored()..];
             for (i, d) in row.iter_mut().enumerate() {

@@ -2,7 +2,6 @@
 
 use crate::CpuBuffer;
 use moe_hal_core::{HostVec, MoeError, PermuteShape, Permuted, Result};
-use rayon::prelude::*;
 
 fn u32s(b: &mut CpuBuffer) -> &mut [u32] {
     match b {
@@ -39,18 +38,19 @@ unsafe fn scatter<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], h: usize, k: 
         return;
     }
     let rows = Rows(dst.as_mut_ptr());
-    src[..n / k * h]
-        .par_chunks(h)
-        .zip(slot_of.par_chunks(k))
-        .for_each(|(from, slots)| {
-            let rows = &rows;
-            for &slot in slots {
+    let tokens = n / k;
+    crate::pool::for_ranges(tokens, crate::pool::grain(tokens), |r| {
+        let rows = &rows;
+        for t in r {
+            let from = &src[t * h..(t + 1) * h];
+            for &slot in &slot_of[t * k..(t + 1) * k] {
                 // SAFETY: `slot < n` (the caller's permutation), so the row lies inside `dst`'s
                 // first `n * h` elements (asserted above), and no other task writes it (see `Rows`).
                 let row = unsafe { std::slice::from_raw_parts_mut(rows.0.add(slot as usize * h), h) };
                 row.copy_from_slice(from);
             }
-        });
+        }
+    });
 }
 
 /// [`moe_hal_core::Backend::permute`].

@@ -1,7 +1,7 @@
 //! Routing and generic top-k, one token (row) per task.
 
+use crate::pool::{self, Chunks};
 use moe_hal_core::{GroupScore, Renorm, RouterSpec, Scoring};
-use rayon::prelude::*;
 
 /// Scores of one token into `s`, with the contract's non-finite rules and its flush of scores
 /// below f32's normal range to 0; sigmoid and softmax on 16 lanes with `avx512`
@@ -338,36 +338,46 @@ fn route_token(logits: &[f32], spec: &RouterSpec, avx512: bool, ids: &mut [u32],
 /// Routes `tokens` rows of `logits`; `avx512` where the backend runs AVX-512 (sigmoid on 16 lanes).
 pub fn route(logits: &[f32], spec: &RouterSpec, tokens: usize, avx512: bool, ids: &mut [u32], weights: &mut [f32]) {
     let (e, k) = (spec.num_experts, spec.top_k);
-    logits[..tokens * e]
-        .par_chunks(e)
-        .zip(ids[..tokens * k].par_chunks_mut(k))
-        .zip(weights[..tokens * k].par_chunks_mut(k))
-        .for_each_init(Scratch::default, |m, ((l, i), w)| route_token(l, spec, avx512, i, w, m));
+    let (ids, weights) = (
+        Chunks::new(&mut ids[..tokens * k], k),
+        Chunks::new(&mut weights[..tokens * k], k),
+    );
+    pool::for_ranges(tokens, pool::grain(tokens), |r| {
+        let mut m = Scratch::default();
+        for t in r {
+            // SAFETY: token t's chunks are its own, and each token is in one range only.
+            let (i, w) = unsafe { (ids.get(t), weights.get(t)) };
+            route_token(&logits[t * e..(t + 1) * e], spec, avx512, i, w, &mut m);
+        }
+    });
 }
 
 pub fn topk(values: &[f32], rows: usize, cols: usize, k: usize, ids: &mut [u32], out: &mut [f32]) {
     if rows == 0 {
         return;
     }
-    values[..rows * cols]
-        .par_chunks(cols)
-        .zip(ids[..rows * k].par_chunks_mut(k))
-        .zip(out[..rows * k].par_chunks_mut(k))
-        .for_each(|((v, ids), out)| {
-            // NaN ranks below every number; ties go to the lower index.
-            let better = |a: usize, b: usize| match (v[a].is_nan(), v[b].is_nan()) {
-                (false, true) => true,
-                (true, false) => false,
-                (true, true) => a < b,
-                _ => v[a] > v[b] || (v[a] == v[b] && a < b),
-            };
-            let mut chosen = Vec::with_capacity(k);
-            select_any(cols, |_| true, k, better, &mut chosen);
-            for (j, &i) in chosen.iter().enumerate() {
-                ids[j] = i as u32;
-                out[j] = v[i];
-            }
-        });
+    let (ids, out) = (
+        Chunks::new(&mut ids[..rows * k], k),
+        Chunks::new(&mut out[..rows * k], k),
+    );
+    pool::for_each(rows, |r| {
+        let v = &values[r * cols..(r + 1) * cols];
+        // SAFETY: row r's chunks are its own, and each row runs once.
+        let (ids, out) = unsafe { (ids.get(r), out.get(r)) };
+        // NaN ranks below every number; ties go to the lower index.
+        let better = |a: usize, b: usize| match (v[a].is_nan(), v[b].is_nan()) {
+            (false, true) => true,
+            (true, false) => false,
+            (true, true) => a < b,
+            _ => v[a] > v[b] || (v[a] == v[b] && a < b),
+        };
+        let mut chosen = Vec::with_capacity(k);
+        select_any(cols, |_| true, k, better, &mut chosen);
+        for (j, &i) in chosen.iter().enumerate() {
+            ids[j] = i as u32;
+            out[j] = v[i];
+        }
+    });
 }
 
 #[cfg(test)]
