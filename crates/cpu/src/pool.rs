@@ -1,7 +1,7 @@
 //! The backend's threads: the calling thread and `threads - 1` workers of its own.
 //!
 //! A kernel's parallel section ([`broadcast`]) runs its job on the caller and on every worker, and
-//! returns once all have ended it. Workers spin for a while ([`SPIN`]) after a section before they
+//! returns once all have ended it. Workers spin for a while ([`spin`]) after a section before they
 //! sleep, so the sections of one forward (router GEMM, routing, matmul tiles, combine) start on
 //! threads that are awake, and the caller never sleeps waiting for them. rayon's `install`, which
 //! this replaces, ran the forward on a worker while the caller slept: two wake-ups a call (about 3
@@ -22,8 +22,19 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a worker keeps spinning for the next section before it sleeps, and how long the caller
-/// spins for the workers to end one before it yields between checks.
-const SPIN: Duration = Duration::from_micros(50);
+/// spins for the workers to end one before it yields between checks: 50 µs, or
+/// `MOE_CPU_SPIN_US` (an engine that runs other work on the same cores between calls may want
+/// less; 0 sleeps at once).
+fn spin() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("MOE_CPU_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
 
 type Job<'a> = dyn Fn(usize) + Sync + 'a;
 type Panic = Box<dyn Any + Send>;
@@ -140,7 +151,7 @@ impl Pool {
         let own = run_job(job, 0);
         let start = Instant::now();
         while s.pending.load(Ordering::Acquire) > 0 {
-            if start.elapsed() < SPIN {
+            if start.elapsed() < spin() {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -199,7 +210,7 @@ fn worker(s: &Shared, i: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < spin() {
                 std::hint::spin_loop();
                 continue;
             }
