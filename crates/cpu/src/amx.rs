@@ -452,6 +452,20 @@ mod tests {
     use super::*;
     use crate::pack::Packing;
 
+    /// One expert of `rows` bf16 weight rows of `k` inputs, packed `[k][32]`.
+    fn pack(w: &[bf16], rows: usize, k: usize) -> Vec<bf16> {
+        let p = Packing {
+            experts: 1,
+            rows,
+            k,
+            kpairs: false,
+        };
+        match p.pack(moe_hal_core::HostSlice::BF16(w)).unwrap() {
+            moe_hal_core::HostVec::BF16(v) => v,
+            _ => unreachable!("bf16 packs to bf16"),
+        }
+    }
+
     /// [`packed`] through the model of the unit, against f64 sums of the same bf16 values, for
     /// row counts around the tile edges, `k` not a multiple of 32, and weight rows starting inside
     /// a block; the AVX-512 and portable weight rewrites give the same steps.
@@ -471,16 +485,7 @@ mod tests {
         ] {
             let x: Vec<bf16> = (0..rows * k).map(|_| bf16::from_f32(next())).collect();
             let wl: Vec<bf16> = (0..wrows * k).map(|_| bf16::from_f32(next())).collect();
-            let p = Packing {
-                experts: 1,
-                rows: wrows,
-                k,
-                kpairs: false,
-            };
-            let packed_w = match p.pack(moe_hal_core::HostSlice::BF16(&wl)).unwrap() {
-                moe_hal_core::HostVec::BF16(v) => v,
-                _ => unreachable!(),
-            };
+            let packed_w = pack(&wl, wrows, k);
             let mut xr = vec![f32::NAN; rows_len(rows, k)];
             copy_rows(&x, |r| r, rows, k, &mut xr);
             let mut dst = vec![f32::NAN; rows * cols];
@@ -539,16 +544,7 @@ mod tests {
         let wl: Vec<bf16> = (0..wrows * k)
             .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 64.0))
             .collect();
-        let p = Packing {
-            experts: 1,
-            rows: wrows,
-            k,
-            kpairs: false,
-        };
-        let packed_w = match p.pack(moe_hal_core::HostSlice::BF16(&wl)).unwrap() {
-            moe_hal_core::HostVec::BF16(v) => v,
-            _ => unreachable!(),
-        };
+        let packed_w = pack(&wl, wrows, k);
         let mut xr = vec![0.0; rows_len(rows, k)];
         copy_rows(&x, |r| r, rows, k, &mut xr);
         let (mut hw, mut emu) = (vec![f32::NAN; rows * wrows], vec![f32::NAN; rows * wrows]);
