@@ -18,10 +18,13 @@
 //! thread count; a machine without AMX computes the same rows with the other kernels, whose bits
 //! differ, within the dtype's tolerance.
 //!
-//! The tile instructions are written with `asm!`: Rust's AMX intrinsics are unstable. The compiler
-//! never uses the tile registers itself, so they keep their contents between the `asm!` blocks of
-//! one call ([`Hw`]); the OS saves them across context switches once the process has asked for
-//! them ([`available`]). `Emu` computes the same steps in plain Rust, so that the data layout is
+//! The tile instructions are written with `asm!`: Rust's AMX intrinsics are unstable. Each block
+//! declares every tile register clobbered, but the tiles' contents carry from one block to the
+//! next ([`Hw`]), which the `asm!` rules leave undefined. It holds because nothing between the
+//! blocks of one call touches a tile register (the compiler allocates none outside AMX intrinsics,
+//! which this crate does not use), and the OS saves them across context switches once the process
+//! has asked for them ([`available`]). One `asm!` loop per block of sums would follow the rules; it
+//! is not written, since no machine here has AMX to test it on. `Emu` computes the same steps in plain Rust, so that the data layout is
 //! tested on every machine.
 
 use half::bf16;
@@ -173,51 +176,51 @@ impl Tiles for Hw {
             cfg[16 + 2 * t] = 64;
             cfg[48 + t] = TILE_ROWS as u8;
         }
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.as_ptr(), out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly));
     }
 
     unsafe fn zero(&mut self, t: usize) {
         use std::arch::asm;
         tile_match!(t,
-            0 => asm!("tilezero tmm0", options(nostack, nomem)),
-            1 => asm!("tilezero tmm1", options(nostack, nomem)),
-            2 => asm!("tilezero tmm2", options(nostack, nomem)),
-            3 => asm!("tilezero tmm3", options(nostack, nomem)),
+            0 => asm!("tilezero tmm0", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            1 => asm!("tilezero tmm1", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            2 => asm!("tilezero tmm2", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            3 => asm!("tilezero tmm3", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
         )
     }
 
     unsafe fn load(&mut self, t: usize, src: *const u8, stride: usize) {
         use std::arch::asm;
         tile_match!(t,
-            4 => asm!("tileloadd tmm4, [{0} + {1} * 1]", in(reg) src, in(reg) stride, options(nostack, readonly)),
-            5 => asm!("tileloadd tmm5, [{0} + {1} * 1]", in(reg) src, in(reg) stride, options(nostack, readonly)),
-            6 => asm!("tileloadd tmm6, [{0} + {1} * 1]", in(reg) src, in(reg) stride, options(nostack, readonly)),
-            7 => asm!("tileloadd tmm7, [{0} + {1} * 1]", in(reg) src, in(reg) stride, options(nostack, readonly)),
+            4 => asm!("tileloadd tmm4, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
+            5 => asm!("tileloadd tmm5, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
+            6 => asm!("tileloadd tmm6, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
+            7 => asm!("tileloadd tmm7, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
         )
     }
 
     unsafe fn dp(&mut self, c: usize, a: usize, b: usize) {
         use std::arch::asm;
         tile_match!((c, a, b),
-            (0, 4, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem)),
-            (1, 4, 7) => asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)),
-            (2, 5, 6) => asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem)),
-            (3, 5, 7) => asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem)),
+            (0, 4, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            (1, 4, 7) => asm!("tdpbf16ps tmm1, tmm4, tmm7", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            (2, 5, 6) => asm!("tdpbf16ps tmm2, tmm5, tmm6", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            (3, 5, 7) => asm!("tdpbf16ps tmm3, tmm5, tmm7", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
         )
     }
 
     unsafe fn store(&mut self, t: usize, dst: *mut u8, stride: usize) {
         use std::arch::asm;
         tile_match!(t,
-            0 => asm!("tilestored [{0} + {1} * 1], tmm0", in(reg) dst, in(reg) stride, options(nostack)),
-            1 => asm!("tilestored [{0} + {1} * 1], tmm1", in(reg) dst, in(reg) stride, options(nostack)),
-            2 => asm!("tilestored [{0} + {1} * 1], tmm2", in(reg) dst, in(reg) stride, options(nostack)),
-            3 => asm!("tilestored [{0} + {1} * 1], tmm3", in(reg) dst, in(reg) stride, options(nostack)),
+            0 => asm!("tilestored [{0} + {1} * 1], tmm0", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
+            1 => asm!("tilestored [{0} + {1} * 1], tmm1", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
+            2 => asm!("tilestored [{0} + {1} * 1], tmm2", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
+            3 => asm!("tilestored [{0} + {1} * 1], tmm3", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
         )
     }
 
     unsafe fn release(&mut self) {
-        std::arch::asm!("tilerelease", options(nostack, nomem));
+        std::arch::asm!("tilerelease", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem));
     }
 }
 

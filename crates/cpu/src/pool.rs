@@ -11,8 +11,10 @@
 //!
 //! Calls from several threads at once take turns a section at a time ([`Pool`]'s lock). A section
 //! started inside another (a job that calls a kernel, or a call from inside a job of any pool) runs
-//! its job inline, one index after another on the current thread: nothing waits on a pool that is
-//! waiting on it.
+//! its job inline, on the current thread: nothing waits on a pool that is waiting on it. A thread
+//! that a job starts and waits for is not inside the section: a kernel it called on the same
+//! backend would wait for the section's turn, held by the job's caller (no job of this crate
+//! starts threads).
 
 use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
@@ -226,7 +228,14 @@ fn worker(s: &Shared, i: usize) {
         let job = unsafe { (*s.job.get()).map(|p| &*p) };
         if let Some(job) = job {
             if let Err(p) = run_job(job, i) {
-                s.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+                let mut first = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+                if first.is_none() {
+                    *first = Some(p);
+                } else {
+                    // Dropping a payload runs its `Drop`, which may panic itself and take this
+                    // worker down before it ends the section: a second payload is leaked.
+                    std::mem::forget(p);
+                }
             }
         }
         s.pending.fetch_sub(1, Ordering::Release);
@@ -325,28 +334,29 @@ pub fn grain(n: usize) -> usize {
     n.div_ceil(threads() * 8).max(1)
 }
 
-/// A raw view of a slice that sections write disjoint chunks of.
-#[derive(Clone, Copy)]
-pub struct Chunks<T> {
+/// A slice borrowed mutably for `'a`, that sections write disjoint chunks of.
+pub struct Chunks<'a, T> {
     ptr: *mut T,
     len: usize,
     chunk: usize,
+    _slice: std::marker::PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: chunks handed out by `get` are disjoint for distinct indices; callers take each index
-// once (`for_chunks_mut`), so no element is reachable from two threads.
-unsafe impl<T: Send> Sync for Chunks<T> {}
+// SAFETY: chunks handed out by `get` are disjoint for distinct indices, and its callers take each
+// index once, so no element is reachable from two threads; `T: Send` lets a chunk be written on
+// another thread.
+unsafe impl<T: Send> Sync for Chunks<'_, T> {}
 // SAFETY: as above.
-unsafe impl<T: Send> Send for Chunks<T> {}
+unsafe impl<T: Send> Send for Chunks<'_, T> {}
 
-impl<T> Chunks<T> {
-    /// `v` in pieces of `chunk` (the last may be shorter); `v` stays borrowed by the caller, who
-    /// must not use it while chunks are live.
-    pub fn new(v: &mut [T], chunk: usize) -> Self {
+impl<'a, T> Chunks<'a, T> {
+    /// `v` in pieces of `chunk` (the last may be shorter), borrowed for as long as the view lives.
+    pub fn new(v: &'a mut [T], chunk: usize) -> Self {
         Chunks {
             ptr: v.as_mut_ptr(),
             len: v.len(),
             chunk: chunk.max(1),
+            _slice: std::marker::PhantomData,
         }
     }
 
@@ -356,10 +366,14 @@ impl<T> Chunks<T> {
     /// No other live reference to chunk `i` may exist.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn get(&self, i: usize) -> &mut [T] {
-        let a = i * self.chunk;
-        assert!(a < self.len, "chunk {i} past the slice");
+        let a = i
+            .checked_mul(self.chunk)
+            .filter(|&a| a < self.len)
+            .unwrap_or_else(|| panic!("chunk {i} past the slice"));
         let n = self.chunk.min(self.len - a);
-        std::slice::from_raw_parts_mut(self.ptr.add(a), n)
+        // SAFETY: `a + n <= len`, within the slice borrowed for 'a (which outlives `&self`); the
+        // caller guarantees no other reference to these elements.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(a), n) }
     }
 }
 
