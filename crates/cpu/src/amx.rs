@@ -158,6 +158,28 @@ pub trait Tiles {
 /// The AMX unit.
 pub struct Hw;
 
+/// `asm!` with every tile register declared clobbered (the module docs say what that covers);
+/// `[...]` holds the other operands.
+macro_rules! tile_asm {
+    ($tmpl:literal, [], options($($opt:ident),*)) => {
+        std::arch::asm!(
+            $tmpl,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options($($opt),*)
+        )
+    };
+    ($tmpl:literal, [$($op:tt)*], options($($opt:ident),*)) => {
+        std::arch::asm!(
+            $tmpl,
+            $($op)*,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options($($opt),*)
+        )
+    };
+}
+
 macro_rules! tile_match {
     ($t:expr, $($n:pat => $asm:expr),+ $(,)?) => {
         match $t {
@@ -176,51 +198,47 @@ impl Tiles for Hw {
             cfg[16 + 2 * t] = 64;
             cfg[48 + t] = TILE_ROWS as u8;
         }
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.as_ptr(), out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly));
+        tile_asm!("ldtilecfg [{0}]", [in(reg) cfg.as_ptr()], options(nostack, readonly));
     }
 
     unsafe fn zero(&mut self, t: usize) {
-        use std::arch::asm;
         tile_match!(t,
-            0 => asm!("tilezero tmm0", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            1 => asm!("tilezero tmm1", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            2 => asm!("tilezero tmm2", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            3 => asm!("tilezero tmm3", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            0 => tile_asm!("tilezero tmm0", [], options(nostack, nomem)),
+            1 => tile_asm!("tilezero tmm1", [], options(nostack, nomem)),
+            2 => tile_asm!("tilezero tmm2", [], options(nostack, nomem)),
+            3 => tile_asm!("tilezero tmm3", [], options(nostack, nomem)),
         )
     }
 
     unsafe fn load(&mut self, t: usize, src: *const u8, stride: usize) {
-        use std::arch::asm;
         tile_match!(t,
-            4 => asm!("tileloadd tmm4, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
-            5 => asm!("tileloadd tmm5, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
-            6 => asm!("tileloadd tmm6, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
-            7 => asm!("tileloadd tmm7, [{0} + {1} * 1]", in(reg) src, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)),
+            4 => tile_asm!("tileloadd tmm4, [{0} + {1} * 1]", [in(reg) src, in(reg) stride], options(nostack, readonly)),
+            5 => tile_asm!("tileloadd tmm5, [{0} + {1} * 1]", [in(reg) src, in(reg) stride], options(nostack, readonly)),
+            6 => tile_asm!("tileloadd tmm6, [{0} + {1} * 1]", [in(reg) src, in(reg) stride], options(nostack, readonly)),
+            7 => tile_asm!("tileloadd tmm7, [{0} + {1} * 1]", [in(reg) src, in(reg) stride], options(nostack, readonly)),
         )
     }
 
     unsafe fn dp(&mut self, c: usize, a: usize, b: usize) {
-        use std::arch::asm;
         tile_match!((c, a, b),
-            (0, 4, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            (1, 4, 7) => asm!("tdpbf16ps tmm1, tmm4, tmm7", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            (2, 5, 6) => asm!("tdpbf16ps tmm2, tmm5, tmm6", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
-            (3, 5, 7) => asm!("tdpbf16ps tmm3, tmm5, tmm7", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem)),
+            (0, 4, 6) => tile_asm!("tdpbf16ps tmm0, tmm4, tmm6", [], options(nostack, nomem)),
+            (1, 4, 7) => tile_asm!("tdpbf16ps tmm1, tmm4, tmm7", [], options(nostack, nomem)),
+            (2, 5, 6) => tile_asm!("tdpbf16ps tmm2, tmm5, tmm6", [], options(nostack, nomem)),
+            (3, 5, 7) => tile_asm!("tdpbf16ps tmm3, tmm5, tmm7", [], options(nostack, nomem)),
         )
     }
 
     unsafe fn store(&mut self, t: usize, dst: *mut u8, stride: usize) {
-        use std::arch::asm;
         tile_match!(t,
-            0 => asm!("tilestored [{0} + {1} * 1], tmm0", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
-            1 => asm!("tilestored [{0} + {1} * 1], tmm1", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
-            2 => asm!("tilestored [{0} + {1} * 1], tmm2", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
-            3 => asm!("tilestored [{0} + {1} * 1], tmm3", in(reg) dst, in(reg) stride, out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack)),
+            0 => tile_asm!("tilestored [{0} + {1} * 1], tmm0", [in(reg) dst, in(reg) stride], options(nostack)),
+            1 => tile_asm!("tilestored [{0} + {1} * 1], tmm1", [in(reg) dst, in(reg) stride], options(nostack)),
+            2 => tile_asm!("tilestored [{0} + {1} * 1], tmm2", [in(reg) dst, in(reg) stride], options(nostack)),
+            3 => tile_asm!("tilestored [{0} + {1} * 1], tmm3", [in(reg) dst, in(reg) stride], options(nostack)),
         )
     }
 
     unsafe fn release(&mut self) {
-        std::arch::asm!("tilerelease", out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, nomem));
+        tile_asm!("tilerelease", [], options(nostack, nomem));
     }
 }
 
