@@ -205,7 +205,8 @@ impl Prefetch {
 /// block of one input row only), 16 tokens 0.847, 256 tokens 1.007 (within the spread). One block
 /// ahead was 0.874 / 0.937, four 0.872 / 0.962; into L2 (`prefetcht1`) 0.855 / 0.881. The same
 /// two blocks ahead into L2 for `bcast_pairs` instead of [`BCAST_AHEAD`] lost at 256 tokens
-/// (gate/up 1.057).
+/// (gate/up 1.057). Only within the tile: past its last rows lie other experts' weights, which
+/// another thread may read or none; against prefetching past it, one token 0.976, 256 tokens 0.995.
 const DOT_AHEAD: usize = 2;
 
 /// An `R x C` block: `out[(r0 + a) * cols + c0 + b] = x[r0 + a] · w[c0 + b]`.
@@ -233,10 +234,9 @@ unsafe fn block<S: Step, const R: usize, const C: usize>(
             }
         }
         // f32 weights (a chunk is a line); the row blocks after the first read the rows from cache.
-        if r0 == 0 && std::mem::size_of::<S::W>() == 4 {
+        // Rows `c0 + C * DOT_AHEAD + b` exist in the tile for every `b` where this holds.
+        if r0 == 0 && std::mem::size_of::<S::W>() == 4 && c0 + C * (DOT_AHEAD + 1) <= cols {
             for b in 0..C {
-                // Only a hint: past the last row it names memory the kernel never reads, which
-                // cannot fault.
                 _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((c0 + b + C * DOT_AHEAD) * k + i * S::LANES) as *const i8);
             }
         }
