@@ -4,7 +4,8 @@
 //! random, `dN` for N random experts of one row (a decoded token reads 8), or `tN` for the heights
 //! of N tokens each routed to 8 random experts (a new routing every call, as the layer's).
 //!
-//! `gemm DTYPE ROWS gateup|down`, e.g. `gemm bf16 16 down` or `gemm bf16 t256 gateup`.
+//! `gemm DTYPE ROWS gateup|down`, e.g. `gemm bf16 16 down` or `gemm bf16 t256 gateup`. `E` sets the
+//! experts (default 128; `E=1` keeps both copies of the weights in a 48 MiB L3).
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
@@ -23,7 +24,7 @@ fn main() {
     } else {
         (2048, 768, Activation::SwiGlu)
     };
-    let e = 128;
+    let e: usize = std::env::var("E").map_or(128, |v| v.parse().expect("E"));
     let mut st = 12345u64;
     let mut rnd = move || {
         st ^= st << 13;
