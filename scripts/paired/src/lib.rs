@@ -44,6 +44,14 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
     }
 }
 
+/// The number in environment variable `name`, if it is set (the harness's knobs: `E`, `N`,
+/// `PAIRED_BLOCK`, `PAIRED_GAP_US`); panics, naming it, where it is not a number.
+pub fn env_num(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: a number")))
+}
+
 /// Runs `base(i)` and `current(i)` for `i` in `0..warmup + pairs`, which one goes first
 /// alternating from pair to pair, and summarises the timed pairs after the first `warmup`.
 ///
@@ -57,13 +65,8 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
 /// - `PAIRED_GAP_US=us`: waits that long (untimed) before each call, so that the other pool
 ///   sleeps and each call pays for waking its own, as a layer called between other work does.
 pub fn paired(warmup: usize, pairs: usize, mut base: impl FnMut(usize), mut current: impl FnMut(usize)) -> String {
-    let env = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}: a number")))
-    };
-    let gap = env("PAIRED_GAP_US").map(std::time::Duration::from_micros);
-    let block = env("PAIRED_BLOCK").unwrap_or(1).max(1) as usize;
+    let gap = env_num("PAIRED_GAP_US").map(std::time::Duration::from_micros);
+    let block = env_num("PAIRED_BLOCK").unwrap_or(1).max(1) as usize;
     let (mut ta, mut tb) = (vec![], vec![]);
     for i in 0..warmup + pairs {
         for first_base in [i % 2 == 0, i % 2 == 1] {

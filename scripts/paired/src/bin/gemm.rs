@@ -9,7 +9,7 @@
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
-use moe_hal_paired::{paired, routed};
+use moe_hal_paired::{env_num, paired, routed};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -24,7 +24,7 @@ fn main() {
     } else {
         (2048, 768, Activation::SwiGlu)
     };
-    let e: usize = std::env::var("E").map_or(128, |v| v.parse().expect("E"));
+    let e = env_num("E").unwrap_or(128) as usize;
     let mut st = 12345u64;
     let mut rnd = move || {
         st ^= st << 13;

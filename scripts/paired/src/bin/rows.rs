@@ -11,7 +11,7 @@
 
 use half::bf16;
 use moe_hal_core::{Activation, Backend, DType, GemmShape, HostSlice};
-use moe_hal_paired::routed;
+use moe_hal_paired::{env_num, routed};
 
 /// Rows per expert of one height.
 fn counts(spec: &str, experts: usize) -> Vec<usize> {
@@ -56,8 +56,8 @@ fn main() {
     } else {
         (2048, 768, Activation::SwiGlu)
     };
-    let experts: usize = std::env::var("E").map_or(128, |v| v.parse().expect("E"));
-    let rounds: usize = std::env::var("N").map_or(40, |v| v.parse().expect("N")).max(1);
+    let experts = env_num("E").unwrap_or(128) as usize;
+    let rounds = env_num("N").unwrap_or(40).max(1) as usize;
     let specs: Vec<&str> = args[3].split(',').collect();
     let offs: Vec<Vec<u32>> = specs
         .iter()
