@@ -1045,7 +1045,7 @@ const PF_NTA: u8 = 1;
 const PF_SPREAD: u8 = 2;
 
 /// How the packed kernel on widened weights ([`packed`]) streams the weights of a tile of one
-/// pass (up to 12 rows). The `vdpbf16ps` kernel ([`packed_dp`]) always runs
+/// pass (up to [`crate::pack::PACKED_LANES`] rows). The `vdpbf16ps` kernel ([`packed_dp`]) always runs
 /// [`OnePass::OneStreamNta`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum OnePass {
@@ -1328,7 +1328,8 @@ impl PackedBlock for DpPairs {
 /// `K`'s kernel for `r` rows (1 to [`crate::pack::PACKED_LANES`]) and `nb` blocks ([`packed_nb`]).
 ///
 /// # Safety
-/// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r <= 12 / nb`.
+/// As `K`'s kernel, whose `R` is `r` and `NB` is `nb`; `r` as [`packed_nb`] pairs it with `nb`: up
+/// to [`crate::pack::PACKED_LANES`] with one block, 6 with two, 3 with four.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn packed_rows_n<K: PackedBlock>(
@@ -1343,7 +1344,7 @@ unsafe fn packed_rows_n<K: PackedBlock>(
 ) {
     match mode {
         PF_SPREAD => {
-            // A pass of several: a tile of 13 rows or more, so one block at a time and 6 rows or more.
+            // A pass of several: a tile of 15 rows or more, so one block at a time and 7 rows or more.
             match r {
                 6 => K::run::<6, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 7 => K::run::<7, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
@@ -1352,6 +1353,8 @@ unsafe fn packed_rows_n<K: PackedBlock>(
                 10 => K::run::<10, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 11 => K::run::<11, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 12 => K::run::<12, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                13 => K::run::<13, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
+                14 => K::run::<14, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 // Not reached (packed_lanes); the one-pass kernels compute the same outputs.
                 _ => one_pass::<K, PF_NTA>((r, nb), x, lanes, range, w, stride, out, pf),
             }
@@ -1399,15 +1402,17 @@ unsafe fn one_pass<K: PackedBlock, const PF: u8>(
         (1, 10) => K::run::<10, 1, PF>(x, lanes, range, w, stride, out, pf),
         (1, 11) => K::run::<11, 1, PF>(x, lanes, range, w, stride, out, pf),
         (1, 12) => K::run::<12, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 13) => K::run::<13, 1, PF>(x, lanes, range, w, stride, out, pf),
+        (1, 14) => K::run::<14, 1, PF>(x, lanes, range, w, stride, out, pf),
         // `packed` and `packed_dp` pick nb from the tile's rows (packed_nb), so the rows of a
-        // register block are at most 12 / nb: anything else would read and write past the buffers
-        // sized for them.
+        // register block are at most PACKED_LANES, 6 or 3 for 1, 2 or 4 blocks: anything else
+        // would read and write past the buffers sized for them.
         _ => unreachable!("packed register block of {r} rows by {nb} blocks"),
     }
 }
 
 /// Blocks per register block for `rows` rows with `left` blocks to go: the accumulators stay at
-/// most 24 `zmm`, and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks
+/// most 28 `zmm` (24 with several blocks), and there is no 3-block kernel. Up to 3 rows (decode), `decode` blocks
 /// ([`OnePass`]): 4 for [`OnePass::FourStreamsT0`], else 1, so that a tile reads its weights as one stream (block after
 /// block, as they lie), prefetched [`PACKED_AHEAD_BYTES`] ahead across the blocks' ends. With four
 /// blocks, three streams started cold at each register block (every 512 KiB of qwen3-30b-a3b
@@ -1442,7 +1447,7 @@ const PACKED_CHUNK_BYTES: usize = 8 << 10;
 
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows given interleaved
 /// ([`crate::matmul::interleave`]) in lane blocks of [`crate::pack::packed_lanes`] as `xt`, against
-/// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 12
+/// one expert's packed weights `w` ([`crate::pack`]). A register block is one lane block (up to 14
 /// input rows)
 /// by one 32-row weight block, or by 2 of them for tiles of 4 to 6 rows and, for 3 rows or fewer,
 /// by as many as `scheme` says ([`OnePass`]; [`one_pass_scheme`] for the layer);
@@ -2380,7 +2385,7 @@ mod tests {
     /// The kernel on widened weights gives the same bits in both [`OnePass`] schemes (one block
     /// or four a register block at decode, T0 or non-temporal prefetches; [`one_pass_scheme`]
     /// picks one per CPU, so a machine runs only one of them in a layer), and the passes of
-    /// taller tiles too, at heights of 1 to 13 rows, `k` over many ranges, columns starting
+    /// taller tiles too, at heights of 1 to 29 rows, `k` over many ranges, columns starting
     /// inside a block. It and the `vdpbf16ps` kernel agree with f64 sums.
     #[test]
     fn one_pass_schemes_give_the_same_bits() {
@@ -2405,7 +2410,7 @@ mod tests {
         let Ok(HostVec::BF16(pb)) = packing(true).pack(HostSlice::BF16(&wb)) else {
             panic!("bf16 weights pack as bf16");
         };
-        for rows in [1, 2, 3, 4, 6, 7, 12, 13] {
+        for rows in [1, 2, 3, 4, 6, 7, 12, 13, 14, 15, 28, 29] {
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 170.0).collect();
             let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             let mut xt = vec![0.0; interleaved_len(rows, k, packed_lanes(rows))];

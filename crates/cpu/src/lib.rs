@@ -31,7 +31,7 @@
 //! With AVX-512, bf16 expert weights uploaded with `upload_weights` (as
 //! [`moe_hal_core::MoeLayer`] does) are packed once: each expert's rows in blocks of 32,
 //! `[k][32]`. Their tiles run the packed kernel at every height: input rows interleaved in lane
-//! blocks of up to 12, filled evenly (16 rows as 8 + 8), each input broadcast against 32 output columns held in two registers (2 blocks
+//! blocks of up to 14, filled evenly (16 rows as 8 + 8), each input broadcast against 32 output columns held in two registers (2 blocks
 //! at once for tiles of 4-6 rows, 4 for up to 3 on CPUs other than AMD ones, else 1), the weights
 //! prefetched ahead in one stream per block and widened with a shift and a mask. Where `vdpbf16ps` issues as fast as an f32 FMA (AMD
 //! Zen 4/5; timed once per process), bf16 blocks are stored `[k / 2][32][2]` instead and each

@@ -1804,7 +1804,7 @@ mod tests {
     /// Packed weights ([`crate::pack`]): at every SIMD level, for f32, bf16 and f16 weights, every
     /// output is one multiply-add chain over its input row in ascending `k` (fused with AVX-512 and
     /// AVX2, a multiply then an add in the portable code), bit for bit, then SwiGLU as the kernel applies it, whatever
-    /// the rows per expert (register blocks of 1-12 rows, several lane blocks of 12, decode tiles
+    /// the rows per expert (register blocks of 1-14 rows, several lane blocks of up to 14, decode tiles
     /// taking 2 and 4 weight blocks at once), with weight rows in partial blocks, tiles and the up
     /// half that start inside a block, `k` over several ranges, and several batches.
     #[test]

@@ -33,10 +33,17 @@ use moe_hal_core::{HostSlice, HostVec, Result};
 pub const PACK_ROWS: usize = 32;
 
 /// Input rows per lane block of the packed kernel's interleaved input, and most rows of one
-/// register block: `2 * 12` accumulators, two widened weight vectors, the raw load and a mask fit
-/// the 32 `zmm`. Lane blocks of 16 ran as 8 + 8 rows (one thread, 8 experts of qwen3-30b-a3b,
-/// bf16, GFLOP/s at 12 rows 131-134, at 16 rows 91-128, at 128 rows 118-122).
-pub const PACKED_LANES: usize = 12;
+/// register block: `2 * 14` accumulators, the two widened weight vectors (or `vdpbf16ps`'s two
+/// weight vectors) and the input's broadcast fit the 32 `zmm` (`objdump`: no stack access in the
+/// loops of 13 and 14 rows). Lane blocks of 16 ran as 8 + 8 rows (one thread, 8 experts of
+/// qwen3-30b-a3b, bf16, GFLOP/s at 12 rows 131-134, at 16 rows 91-128, at 128 rows 118-122). 14
+/// instead of 12 runs 13 and 14 rows (about 15% of the experts at 256 tokens) in one pass instead
+/// of two of 6-7, and 25-28 in two instead of three. On the Intel Xeon (Ice Lake) VM, bf16 widened,
+/// 128 experts from DRAM, paired against 12 (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the
+/// time ratios): gate/up at 13 rows 0.849, 14 rows 0.858, 28 rows 0.941, as routed at 256 tokens
+/// 0.970; `down` at 13 rows 0.874, at 256 tokens 1.016 and 0.981; 16 rows (the same passes) 1.007;
+/// the layer at 256 tokens 0.982, 16 tokens 0.999 (1.043 in a disturbed run), one token 0.998.
+pub const PACKED_LANES: usize = 14;
 
 /// Rows per lane block of a packed tile of `rows` rows: as few lane blocks of at most
 /// [`PACKED_LANES`] as hold them, filled evenly (16 rows as 8 + 8, not 12 + 4). A register block of
