@@ -1344,7 +1344,8 @@ unsafe fn packed_rows_n<K: PackedBlock>(
 ) {
     match mode {
         PF_SPREAD => {
-            // A pass of several: a tile of 15 rows or more, so one block at a time and 7 rows or more.
+            // A pass of several: a tile of 15 rows or more, so one block at a time and 6 rows or more
+            // (tiles of up to 128 rows; 118 run as 8 passes of 14 and one of 6).
             match r {
                 6 => K::run::<6, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
                 7 => K::run::<7, 1, PF_SPREAD>(x, lanes, range, w, stride, out, pf),
