@@ -133,10 +133,13 @@ fn packed_dtypes(simd: Simd, f32: bool) -> &'static [DType] {
     }
 }
 
-/// Whether `upload_weights` packs f32 weights at `simd` by default: with AVX2 (no AVX-512) always,
-/// with AVX-512 on AMD CPUs, where the packed kernel beat `avx512::bcast_pairs` at every token
-/// count measured (Zen 5), but not on Intel ones, where it lost from 12 rows per expert (see
-/// `upload_weights`). `MOE_CPU_PACKED_F32=0` or `1` sets the default.
+/// Whether `upload_weights` packs f32 weights at `simd` by default: with AVX2 (no AVX-512) always;
+/// with AVX-512 on AMD CPUs (Zen 5: the packed kernel beat `avx512::bcast_pairs` at every token
+/// count) and on Intel ones without AVX512-BF16 (Ice Lake: it won on routed heights, from 16 tokens
+/// up, though `bcast_pairs` stays faster where every expert gets a multiple of 8 rows), but not on
+/// Intel ones with AVX512-BF16, where it lost from 12 rows per expert (a Xeon of family 6 model
+/// 207, measured before the packed register blocks of 13 and 14 rows; see `upload_weights`).
+/// `MOE_CPU_PACKED_F32=0` or `1` sets the default.
 fn packs_f32(simd: Simd) -> bool {
     match std::env::var("MOE_CPU_PACKED_F32").as_deref() {
         Ok("0") => return false,
@@ -145,10 +148,7 @@ fn packs_f32(simd: Simd) -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if simd == Simd::Avx2 {
-            return true;
-        }
-        simd.avx512() && is_amd()
+        simd == Simd::Avx2 || (simd.avx512() && (is_amd() || !simd.has_bf16()))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -499,7 +499,13 @@ impl Backend for CpuBackend {
     /// 119 against 130). On an AMD EPYC (Zen 5, 2 cores) packed f32 won at every token count: the
     /// layer at 1, 16 and 256 tokens (`--inputs 16`, alternated twice) took 2.39-2.41 ms against
     /// 2.97-3.07, 22.8-23.2 against 29.8-30.1 and 54.5-56.4 against 68.1, so `packs_f32` packs
-    /// them on AMD CPUs. There bf16 runs on `vdpbf16ps` too ([`CpuBackend::with_packed_dpbf16`]):
+    /// them on AMD CPUs. So it does on an Intel Xeon without AVX512-BF16 (Ice Lake, 2 vCPUs,
+    /// after the register blocks of 13 and 14 rows): paired against `bcast_pairs` in one process
+    /// (`PAIRED_BLOCK=4 scripts/paired.sh`, medians of the time ratios), the layer at 1, 16 and
+    /// 256 tokens 0.93-1.00, 0.965-0.983 and 0.90-1.00 (two to four runs each); gate/up / `down`
+    /// as routed at 16 tokens 0.950 / 0.922, at 256 0.930-0.936 / 0.898-1.014, gate/up at 1024
+    /// 0.904; but 1.04-1.17 where every expert gets 8, 12, 14, 16, 24 or 32 rows, which
+    /// `bcast_pairs` computes without padded lanes. There bf16 runs on `vdpbf16ps` too ([`CpuBackend::with_packed_dpbf16`]):
     /// 8 experts of gate/up from DRAM, 16 / 24 / 128 rows each, 0.70-0.81 / 0.64-0.69 / 0.55 of
     /// the time of the widening kernel, one row the same; the layer at 256 tokens 35.6-38.5 ms
     /// against 49.3-49.9.

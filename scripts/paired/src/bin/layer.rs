@@ -2,7 +2,8 @@
 //! alternated call by call (which one goes first alternates too), each with its own weights, over
 //! 16 token batches so that each call reads other experts.
 //!
-//! `layer DTYPE TOKENS CALLS`, e.g. `layer bf16 256 40`.
+//! `layer DTYPE TOKENS CALLS`, e.g. `layer bf16 256 40`; `PAIRED_PACKED_F32=0|1` sets the current
+//! side's f32 packing.
 
 use moe_hal_core::{Backend, DType, LayerWeights, MoeLayer, RouterSpec};
 use moe_hal_paired::{host, paired, random};
@@ -29,7 +30,12 @@ fn main() {
     };
     let xs: Vec<_> = (0..16).map(|_| host(random(&mut s, t * h, 1.0), bf)).collect();
     let ba = moe_hal_cpu_base::CpuBackend::new().expect("base backend");
-    let bb = moe_hal_cpu::CpuBackend::new().expect("current backend");
+    let mut bb = moe_hal_cpu::CpuBackend::new().expect("current backend");
+    // PAIRED_PACKED_F32=0|1 sets the current side's f32 packing (the base keeps its default), so
+    // that one commit's two f32 kernels can be paired: `paired.sh HEAD layer f32 256 40`.
+    if let Some(v) = moe_hal_paired::env_num("PAIRED_PACKED_F32") {
+        bb = bb.with_packed_f32(v != 0).expect("with_packed_f32");
+    }
     let mut la = MoeLayer::new(ba.clone(), &lw).expect("base layer");
     let mut lb = MoeLayer::new(bb.clone(), &lw).expect("current layer");
     drop(lw);
