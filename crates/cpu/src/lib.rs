@@ -505,10 +505,10 @@ impl Backend for CpuBackend {
     /// 256 tokens 0.93-1.00, 0.965-0.983 and 0.90-1.00 (two to four runs each); gate/up / `down`
     /// as routed at 16 tokens 0.950 / 0.922, at 256 0.930-0.936 / 0.898-1.014, gate/up at 1024
     /// 0.904; but 1.04-1.17 where every expert gets 8, 12, 14, 16, 24 or 32 rows, which
-    /// `bcast_pairs` computes without padded lanes. There bf16 runs on `vdpbf16ps` too ([`CpuBackend::with_packed_dpbf16`]):
-    /// 8 experts of gate/up from DRAM, 16 / 24 / 128 rows each, 0.70-0.81 / 0.64-0.69 / 0.55 of
-    /// the time of the widening kernel, one row the same; the layer at 256 tokens 35.6-38.5 ms
-    /// against 49.3-49.9.
+    /// `bcast_pairs` computes without padded lanes. On the AMD EPYC bf16 runs on `vdpbf16ps` too
+    /// ([`CpuBackend::with_packed_dpbf16`]): 8 experts of gate/up from DRAM, 16 / 24 / 128 rows
+    /// each, 0.70-0.81 / 0.64-0.69 / 0.55 of the time of the widening kernel, one row the same; the
+    /// layer at 256 tokens 35.6-38.5 ms against 49.3-49.9.
     fn upload_weights(&self, data: HostSlice<'_>, s: GemmShape) -> Result<CpuBuffer> {
         check::weights(&data, s)?;
         if !packed_dtypes(self.simd, self.pack_f32).contains(&data.dtype()) {
