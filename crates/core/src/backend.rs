@@ -454,10 +454,9 @@ pub trait Backend: Send + Sync {
     /// buffer is for grouped matmuls with the same experts, weight rows and `K` (another shape may
     /// get an error, and other kernels may refuse it), [`Backend::download`] returns the
     /// checkpoint layout, and [`Backend::write`] takes it too. The default checks the length and
-    /// calls [`Backend::upload`]; the CPU packs bf16 and f16 weights where it has AVX-512,
-    /// and f32 as well with AVX2, or with AVX-512 unless the CPU is an Intel one with
-    /// AVX512-BF16. A backend that
-    /// packs a dtype lists it in [`Capabilities::packed_weights`].
+    /// calls [`Backend::upload`]; the CPU packs bf16 and f16 weights where it has AVX-512, and f32
+    /// as well with AVX2, or with AVX-512 unless the CPU is an Intel one with AVX512-BF16. A
+    /// backend that packs a dtype lists it in [`Capabilities::packed_weights`].
     fn upload_weights(&self, data: HostSlice<'_>, shape: GemmShape) -> Result<Self::Buffer> {
         crate::check::weights(&data, shape)?;
         self.upload(data)

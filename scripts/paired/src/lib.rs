@@ -45,7 +45,8 @@ pub fn host(v: Vec<f32>, bf: bool) -> HostVec {
 }
 
 /// The number in environment variable `name`, if it is set (the harness's knobs: `E`, `N`,
-/// `PAIRED_BLOCK`, `PAIRED_GAP_US`); panics, naming it, where it is not a number.
+/// `PAIRED_BLOCK`, `PAIRED_GAP_US`, `PAIRED_PACKED_F32`); panics, naming it, where it is not a
+/// number.
 pub fn env_num(name: &str) -> Option<u64> {
     std::env::var(name)
         .ok()
