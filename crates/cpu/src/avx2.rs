@@ -59,6 +59,24 @@ impl Wide8 for f16 {
     }
 }
 
+/// Where a pass of [`rows_block`] prefetches its weights: `step` 0 for a tile of one pass, which
+/// prefetches [`AHEAD`] of each step's weights; else, from the block's start, `at` bytes, then
+/// `step` more each input index. Each of the `n` passes over a range of f32 weights pulls `1 / n`
+/// of the next range (the scheme of the AVX-512 kernel's `Ahead`), so the next range's reads
+/// overlap all the passes' FMAs; before, only the first pass over a range read it, and waited.
+///
+/// qwen3-30b-a3b gate/up as routed at 256 tokens, 128 experts from DRAM, two threads on an AMD
+/// EPYC (Zen 1, 32 KiB L1d), paired call by call against 6686fc0 (`PAIRED_BLOCK=4
+/// scripts/paired.sh 6686fc0 gemm f32 t256 gateup`, medians of the time ratios): f32 0.868 with
+/// ranges of 16 KiB one range ahead (0.875 two ranges ahead, 0.894-0.898 with 8 KiB, 0.958 with
+/// another `prefetcht1` two ranges further); bf16 1.004 and 1.012 (one and two ranges ahead), so
+/// bf16 and f16, whose FMAs wait on widening, not on memory, keep [`AHEAD`].
+#[derive(Clone, Copy)]
+struct Spread {
+    at: usize,
+    step: usize,
+}
+
 /// Input indices ahead that [`rows_block`] prefetches its block's weights (as the AVX-512 packed
 /// kernel does: one stream per block is too few for the hardware prefetchers).
 const AHEAD: usize = 64;
@@ -77,6 +95,7 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
     (k0, k1): (usize, usize),
     w: *const W,
     io: *mut f32,
+    pf: Spread,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     if k0 > 0 {
@@ -87,10 +106,15 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
         }
     }
     for i in k0..k1 {
-        // Past the block's end this names the next block, which follows it; a prefetch never faults.
-        let ahead = w.wrapping_add((i + AHEAD) * PACK_ROWS);
-        for l in 0..W::LINES {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
+        if pf.step == 0 {
+            // Past the block's end this names the next block, which follows it; a prefetch never
+            // faults.
+            let ahead = w.wrapping_add((i + AHEAD) * PACK_ROWS);
+            for l in 0..W::LINES {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
+            }
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(pf.at + (i - k0) * pf.step));
         }
         let wv = W::load4(w.add(i * PACK_ROWS));
         for (r, a) in acc.iter_mut().enumerate() {
@@ -138,19 +162,34 @@ pub unsafe fn packed<W: Wide8>(
     io.resize(rows * PACK_ROWS, 0.0);
     // No input index at all: every output is the empty sum.
     io.fill(0.0);
-    let chunk = (CHUNK_BYTES / (PACK_ROWS * std::mem::size_of::<W>())).max(1);
+    let step_bytes = PACK_ROWS * std::mem::size_of::<W>();
+    let chunk = (CHUNK_BYTES / step_bytes).max(1);
+    // Tiles of one pass, and the narrow weights, prefetch AHEAD as they go ([`Spread`]).
+    let passes = if W::LINES == 2 { rows.div_ceil(2) } else { 1 };
     let (xp, iop) = (x.as_ptr(), io.as_mut_ptr());
     for b in b0..b1 {
         let wp = w.as_ptr().add(b * PACK_ROWS * k);
         for k0 in (0..k).step_by(chunk) {
             let ks = (k0, (k0 + chunk).min(k));
+            // Pass p pulls its share of the next range, which the next block's first range follows
+            // in memory.
+            let spread = |p: usize| {
+                if passes == 1 {
+                    Spread { at: 0, step: 0 }
+                } else {
+                    Spread {
+                        at: (k0 + chunk) * step_bytes + p * chunk * step_bytes / passes,
+                        step: step_bytes / passes,
+                    }
+                }
+            };
             let mut r = 0;
             while r + 2 <= rows {
-                rows_block::<W, 2>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS));
+                rows_block::<W, 2>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS), spread(r / 2));
                 r += 2;
             }
             if r < rows {
-                rows_block::<W, 1>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS));
+                rows_block::<W, 1>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS), spread(r / 2));
             }
         }
         crate::pack::copy_block_cols(io, PACK_ROWS, b, (b + 1) * PACK_ROWS, rows, first, cols, out);
