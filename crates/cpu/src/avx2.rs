@@ -60,22 +60,36 @@ impl Wide8 for f16 {
 }
 
 /// Where a pass of [`rows_block`] prefetches its weights: `step` 0 for a tile of one pass, which
-/// prefetches [`AHEAD`] of each step's weights; else, from the block's start, `at` bytes, then
-/// `step` more each input index. Each of the `n` passes over a range of f32 weights pulls `1 / n`
-/// of the next range (the scheme of the AVX-512 kernel's `Ahead`), so the next range's reads
-/// overlap all the passes' FMAs; before, only the first pass over a range read it, and waited.
+/// prefetches [`AHEAD`] of each step's weights; else `at` for its first input index, then `step`
+/// bytes further each index. Each of the `n` passes over a range of f32 weights (or of narrow
+/// ones widened, [`WIDEN_PASSES`]) pulls `1 / n` of the next range (the scheme of the AVX-512
+/// kernel's `Ahead`), so the next range's reads overlap all the passes' FMAs; before, only the
+/// first pass over a range read it, and waited.
 ///
 /// qwen3-30b-a3b gate/up as routed at 256 tokens, 128 experts from DRAM, two threads on an AMD
 /// EPYC (Zen 1, 32 KiB L1d), paired call by call against 6686fc0 (`PAIRED_BLOCK=4
 /// scripts/paired.sh 6686fc0 gemm f32 t256 gateup`, medians of the time ratios): f32 0.868 with
 /// ranges of 16 KiB one range ahead (0.875 two ranges ahead, 0.894-0.898 with 8 KiB, 0.958 with
 /// another `prefetcht1` two ranges further); bf16 1.004 and 1.012 (one and two ranges ahead), so
-/// bf16 and f16, whose FMAs wait on widening, not on memory, keep [`AHEAD`].
+/// bf16 and f16 that widen in each pass, whose FMAs wait on the widening, not on memory, keep
+/// [`AHEAD`].
 #[derive(Clone, Copy)]
 struct Spread {
-    at: usize,
+    at: *const i8,
     step: usize,
 }
+
+/// Fewest passes (of two input rows) of a tile over a range of bf16 or f16 weights that widen the
+/// range once into f32 ([`widen_range`]) and run every pass on that copy, instead of widening in
+/// each pass. On the AMD EPYC (Zen 1) the widening (a shift and a mask per vector, or `vcvtph2ps`)
+/// competes with the FMAs for the vector ports: bf16 gate/up ran at 48-49 GFLOP/s against f32's
+/// 66 from 16 rows up. The copy costs a store per vector and a loop that waits for memory, which
+/// only enough passes make up for. qwen3-30b-a3b gate/up, 128 experts from DRAM, two threads,
+/// paired call by call against 6686fc0 (`PAIRED_BLOCK=4 scripts/paired.sh 6686fc0 gemm bf16 H
+/// gateup`, medians of the time ratios): widened from 2 passes, 4 rows 1.186; from 3, 6 rows
+/// 1.049; from 4, 8 rows 1.017; from 5, 12 rows 0.901, 16 rows 0.876, as routed at 256 tokens
+/// 0.858 (0.883 widened from 3).
+const WIDEN_PASSES: usize = 5;
 
 /// Input indices ahead that [`rows_block`] prefetches its block's weights (as the AVX-512 packed
 /// kernel does: one stream per block is too few for the hardware prefetchers).
@@ -84,10 +98,11 @@ const AHEAD: usize = 64;
 /// so that the range is read from memory once and then from L1.
 const CHUNK_BYTES: usize = 16 << 10;
 
-/// `R` input rows from `x` (`k` apart) against one packed block `w` over the input indices
-/// `k0 .. k1`, into `io[r * PACK_ROWS + c]` (started from zero when `k0` is 0): per input index, the
-/// block's 32 weights in four vectors, each feeding `R` FMAs with a broadcast input. Each output is
-/// one FMA chain over `k` in ascending order, carried in `io` between ranges.
+/// `R` input rows from `x` (`k` apart) against one packed block over the input indices `k0 ..
+/// k1`, whose weights start at `w` (the weights of index `k0`), into `io[r * PACK_ROWS + c]`
+/// (started from zero when `k0` is 0): per input index, the block's 32 weights in four vectors,
+/// each feeding `R` FMAs with a broadcast input. Each output is one FMA chain over `k` in ascending
+/// order, carried in `io` between ranges. Each step prefetches where `pf` says.
 #[inline(always)]
 unsafe fn rows_block<W: Wide8, const R: usize>(
     x: *const f32,
@@ -105,7 +120,7 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
             }
         }
     }
-    for i in k0..k1 {
+    for i in 0..k1 - k0 {
         if pf.step == 0 {
             // Past the block's end this names the next block, which follows it; a prefetch never
             // faults.
@@ -114,11 +129,11 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64 / std::mem::size_of::<W>()) as *const i8);
             }
         } else {
-            _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(pf.at + (i - k0) * pf.step));
+            _mm_prefetch::<_MM_HINT_T0>(pf.at.wrapping_add(i * pf.step));
         }
         let wv = W::load4(w.add(i * PACK_ROWS));
         for (r, a) in acc.iter_mut().enumerate() {
-            let b = _mm256_broadcast_ss(&*x.add(r * k + i));
+            let b = _mm256_broadcast_ss(&*x.add(r * k + k0 + i));
             for (a, v) in a.iter_mut().zip(&wv) {
                 *a = _mm256_fmadd_ps(b, *v, *a);
             }
@@ -131,12 +146,25 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
     }
 }
 
+/// Widens `n` steps of a packed block's narrow weights from `w` into `to` (`n * PACK_ROWS` f32,
+/// the f32 packed layout), prefetching [`AHEAD`] as it goes.
+#[inline(always)]
+unsafe fn widen_range<W: Wide8>(w: *const W, n: usize, to: *mut f32) {
+    for i in 0..n {
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((i + AHEAD) * PACK_ROWS) as *const i8);
+        for (j, v) in W::load4(w.add(i * PACK_ROWS)).iter().enumerate() {
+            _mm256_storeu_ps(to.add(i * PACK_ROWS + j * 8), *v);
+        }
+    }
+}
+
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32,
 /// `[rows][k]`) against one expert's packed weights `w` ([`crate::pack`]): per block of
 /// [`PACK_ROWS`] weight rows and range of `k` ([`CHUNK_BYTES`]), input rows two at a time (8 `ymm`
 /// accumulators, four weight vectors). Each output is one f32 FMA chain over `k` in ascending
 /// order, so it does not depend on the blocking (and equals the AVX-512 packed kernel's, bit for
-/// bit). `io` is scratch (`rows * PACK_ROWS` f32).
+/// bit). Narrow weights of [`WIDEN_PASSES`] passes or more are widened once per range into `io`
+/// first. `io` is scratch (`rows * PACK_ROWS` f32, plus a range of f32 weights when widening).
 ///
 /// Two rows at a time fill 8 of the 16 `ymm` with accumulators; three spilled (f32, one thread, 8
 /// experts of qwen3-30b-a3b gate/up in cache: 16 rows 37 against 46 GFLOP/s, 128 rows 47 against
@@ -159,40 +187,65 @@ pub unsafe fn packed<W: Wide8>(
     let end = first + cols;
     let (b0, b1) = (first / PACK_ROWS, end.div_ceil(PACK_ROWS));
     assert!(x.len() >= rows * k && w.len() >= b1 * PACK_ROWS * k && out.len() >= rows * cols);
-    io.resize(rows * PACK_ROWS, 0.0);
+    let passes = rows.div_ceil(2);
+    let widen = W::LINES == 1 && passes >= WIDEN_PASSES;
+    // Steps per range: CHUNK_BYTES of the weights as the passes read them.
+    let chunk = (CHUNK_BYTES / (PACK_ROWS * if widen { 4 } else { std::mem::size_of::<W>() })).max(1);
+    io.resize(rows * PACK_ROWS + if widen { chunk * PACK_ROWS } else { 0 }, 0.0);
     // No input index at all: every output is the empty sum.
     io.fill(0.0);
     let step_bytes = PACK_ROWS * std::mem::size_of::<W>();
-    let chunk = (CHUNK_BYTES / step_bytes).max(1);
-    // Tiles of one pass, and the narrow weights, prefetch AHEAD as they go ([`Spread`]).
-    let passes = if W::LINES == 2 { rows.div_ceil(2) } else { 1 };
     let (xp, iop) = (x.as_ptr(), io.as_mut_ptr());
+    let wide = iop.add(rows * PACK_ROWS);
     for b in b0..b1 {
         let wp = w.as_ptr().add(b * PACK_ROWS * k);
         for k0 in (0..k).step_by(chunk) {
             let ks = (k0, (k0 + chunk).min(k));
+            let wr = wp.add(k0 * PACK_ROWS);
             // Pass p pulls its share of the next range, which the next block's first range follows
-            // in memory.
+            // in memory; a tile of one pass and unwidened narrow weights prefetch AHEAD.
             let spread = |p: usize| {
-                if passes == 1 {
-                    Spread { at: 0, step: 0 }
+                if passes == 1 || (W::LINES == 1 && !widen) {
+                    Spread {
+                        at: std::ptr::null(),
+                        step: 0,
+                    }
                 } else {
                     Spread {
-                        at: (k0 + chunk) * step_bytes + p * chunk * step_bytes / passes,
-                        step: step_bytes / passes,
+                        at: (wr as *const i8).wrapping_add(chunk * step_bytes + p * chunk * step_bytes / passes),
+                        step: (step_bytes / passes).max(1),
                     }
                 }
             };
-            let mut r = 0;
-            while r + 2 <= rows {
-                rows_block::<W, 2>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS), spread(r / 2));
-                r += 2;
-            }
-            if r < rows {
-                rows_block::<W, 1>(xp.add(r * k), k, ks, wp, iop.add(r * PACK_ROWS), spread(r / 2));
+            if widen {
+                widen_range(wr, ks.1 - k0, wide);
+                passes_over::<f32>(xp, rows, k, ks, wide, iop, spread);
+            } else {
+                passes_over::<W>(xp, rows, k, ks, wr, iop, spread);
             }
         }
         crate::pack::copy_block_cols(io, PACK_ROWS, b, (b + 1) * PACK_ROWS, rows, first, cols, out);
+    }
+}
+
+/// Every pass of [`rows_block`] (two input rows each, one for an odd last) over one range.
+#[inline(always)]
+unsafe fn passes_over<W: Wide8>(
+    xp: *const f32,
+    rows: usize,
+    k: usize,
+    ks: (usize, usize),
+    w: *const W,
+    iop: *mut f32,
+    spread: impl Fn(usize) -> Spread,
+) {
+    let mut r = 0;
+    while r + 2 <= rows {
+        rows_block::<W, 2>(xp.add(r * k), k, ks, w, iop.add(r * PACK_ROWS), spread(r / 2));
+        r += 2;
+    }
+    if r < rows {
+        rows_block::<W, 1>(xp.add(r * k), k, ks, w, iop.add(r * PACK_ROWS), spread(r / 2));
     }
 }
 
