@@ -70,9 +70,9 @@ impl Wide8 for f16 {
 /// EPYC (Zen 1, 32 KiB L1d), paired call by call against 6686fc0 (`PAIRED_BLOCK=4
 /// scripts/paired.sh 6686fc0 gemm f32 t256 gateup`, medians of the time ratios): f32 0.868 with
 /// ranges of 16 KiB one range ahead (0.875 two ranges ahead, 0.894-0.898 with 8 KiB, 0.958 with
-/// another `prefetcht1` two ranges further); bf16 1.004 and 1.012 (one and two ranges ahead), so
-/// bf16 and f16 that widen in each pass, whose FMAs wait on the widening, not on memory, keep
-/// [`AHEAD`].
+/// another `prefetcht1` two ranges further). bf16 widened in each pass gained nothing from it (1.004
+/// and 1.012, one and two ranges ahead): its FMAs waited on the widening, not on memory. It spreads
+/// since it is widened once ([`WIDEN_PASSES`]).
 #[derive(Clone, Copy)]
 struct Spread {
     at: *const i8,
@@ -80,16 +80,19 @@ struct Spread {
 }
 
 /// Fewest passes (of two input rows) of a tile over a range of bf16 or f16 weights that widen the
-/// range once into f32 ([`widen_range`]) and run every pass on that copy, instead of widening in
-/// each pass. On the AMD EPYC (Zen 1) the widening (a shift and a mask per vector, or `vcvtph2ps`)
-/// competes with the FMAs for the vector ports: bf16 gate/up ran at 48-49 GFLOP/s against f32's
-/// 66 from 16 rows up. The copy costs a store per vector and a loop that waits for memory, which
-/// only enough passes make up for. qwen3-30b-a3b gate/up, 128 experts from DRAM, two threads,
-/// paired call by call against 6686fc0 (`PAIRED_BLOCK=4 scripts/paired.sh 6686fc0 gemm bf16 H
-/// gateup`, medians of the time ratios): widened from 2 passes, 4 rows 1.186; from 3, 6 rows
-/// 1.049; from 4, 8 rows 1.017; from 5, 12 rows 0.901, 16 rows 0.876, as routed at 256 tokens
-/// 0.858 (0.883 widened from 3).
-const WIDEN_PASSES: usize = 5;
+/// range once into f32 and run the other passes on that copy, instead of widening in each pass:
+/// the first pass stores the f32 weights it widens ([`rows_block`]'s `KEEP`). On the AMD EPYC
+/// (Zen 1) the widening (a shift and a mask per vector, or `vcvtph2ps`) competes with the FMAs for
+/// the vector ports: bf16 gate/up ran at 48-49 GFLOP/s against f32's 66 from 16 rows up.
+///
+/// qwen3-30b-a3b gate/up, 128 experts from DRAM, two threads, paired call by call against 6686fc0
+/// (`PAIRED_BLOCK=4 scripts/paired.sh 6686fc0 gemm bf16 H gateup`, medians of the time ratios):
+/// from 2 passes, 3 rows 0.978, 4 rows 0.929, 6 rows 0.869, 8 rows 0.832, as routed at 16 tokens
+/// 0.999 (most tiles of one pass) and at 256 tokens 0.808 and 0.821. Widened in a loop of its own
+/// before the passes instead, which waits for memory with nothing to overlap, as routed at 256
+/// tokens 0.858-0.883 from 3 or 5 passes, and 4 rows 1.186, 6 rows 1.049, 8 rows 1.017 from 2, 3
+/// and 4 passes.
+const WIDEN_PASSES: usize = 2;
 
 /// Input indices ahead that [`rows_block`] prefetches its block's weights (as the AVX-512 packed
 /// kernel does: one stream per block is too few for the hardware prefetchers).
@@ -102,15 +105,17 @@ const CHUNK_BYTES: usize = 16 << 10;
 /// k1`, whose weights start at `w` (the weights of index `k0`), into `io[r * PACK_ROWS + c]`
 /// (started from zero when `k0` is 0): per input index, the block's 32 weights in four vectors,
 /// each feeding `R` FMAs with a broadcast input. Each output is one FMA chain over `k` in ascending
-/// order, carried in `io` between ranges. Each step prefetches where `pf` says.
+/// order, carried in `io` between ranges. Each step prefetches where `pf` says; with `KEEP` it
+/// also stores the widened weights at `keep` (`(k1 - k0) * PACK_ROWS` f32, the f32 packed layout).
 #[inline(always)]
-unsafe fn rows_block<W: Wide8, const R: usize>(
+unsafe fn rows_block<W: Wide8, const R: usize, const KEEP: bool>(
     x: *const f32,
     k: usize,
     (k0, k1): (usize, usize),
     w: *const W,
     io: *mut f32,
     pf: Spread,
+    keep: *mut f32,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     if k0 > 0 {
@@ -132,6 +137,11 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
             _mm_prefetch::<_MM_HINT_T0>(pf.at.wrapping_add(i * pf.step));
         }
         let wv = W::load4(w.add(i * PACK_ROWS));
+        if KEEP {
+            for (j, v) in wv.iter().enumerate() {
+                _mm256_storeu_ps(keep.add(i * PACK_ROWS + j * 8), *v);
+            }
+        }
         for (r, a) in acc.iter_mut().enumerate() {
             let b = _mm256_broadcast_ss(&*x.add(r * k + k0 + i));
             for (a, v) in a.iter_mut().zip(&wv) {
@@ -146,25 +156,13 @@ unsafe fn rows_block<W: Wide8, const R: usize>(
     }
 }
 
-/// Widens `n` steps of a packed block's narrow weights from `w` into `to` (`n * PACK_ROWS` f32,
-/// the f32 packed layout), prefetching [`AHEAD`] as it goes.
-#[inline(always)]
-unsafe fn widen_range<W: Wide8>(w: *const W, n: usize, to: *mut f32) {
-    for i in 0..n {
-        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((i + AHEAD) * PACK_ROWS) as *const i8);
-        for (j, v) in W::load4(w.add(i * PACK_ROWS)).iter().enumerate() {
-            _mm256_storeu_ps(to.add(i * PACK_ROWS + j * 8), *v);
-        }
-    }
-}
-
 /// `out[r * cols + c] = x[r] · weight row (first + c)` for `rows` input rows `x` (f32,
 /// `[rows][k]`) against one expert's packed weights `w` ([`crate::pack`]): per block of
 /// [`PACK_ROWS`] weight rows and range of `k` ([`CHUNK_BYTES`]), input rows two at a time (8 `ymm`
 /// accumulators, four weight vectors). Each output is one f32 FMA chain over `k` in ascending
 /// order, so it does not depend on the blocking (and equals the AVX-512 packed kernel's, bit for
-/// bit). Narrow weights of [`WIDEN_PASSES`] passes or more are widened once per range into `io`
-/// first. `io` is scratch (`rows * PACK_ROWS` f32, plus a range of f32 weights when widening).
+/// bit). Over narrow weights, tiles of [`WIDEN_PASSES`] passes or more keep the first pass's
+/// widened range in `io` for the others. `io` is scratch (`rows * PACK_ROWS` f32, plus a range of f32 weights when widening).
 ///
 /// Two rows at a time fill 8 of the 16 `ymm` with accumulators; three spilled (f32, one thread, 8
 /// experts of qwen3-30b-a3b gate/up in cache: 16 rows 37 against 46 GFLOP/s, 128 rows 47 against
@@ -203,9 +201,9 @@ pub unsafe fn packed<W: Wide8>(
             let ks = (k0, (k0 + chunk).min(k));
             let wr = wp.add(k0 * PACK_ROWS);
             // Pass p pulls its share of the next range, which the next block's first range follows
-            // in memory; a tile of one pass and unwidened narrow weights prefetch AHEAD.
+            // in memory; a tile of one pass prefetches AHEAD.
             let spread = |p: usize| {
-                if passes == 1 || (W::LINES == 1 && !widen) {
+                if passes == 1 {
                     Spread {
                         at: std::ptr::null(),
                         step: 0,
@@ -218,18 +216,26 @@ pub unsafe fn packed<W: Wide8>(
                 }
             };
             if widen {
-                widen_range(wr, ks.1 - k0, wide);
-                passes_over::<f32>(xp, rows, k, ks, wide, iop, spread);
+                // The first pass widens as it goes and keeps the f32 weights for the others.
+                let r0 = rows.min(2);
+                if r0 == 2 {
+                    rows_block::<W, 2, true>(xp, k, ks, wr, iop, spread(0), wide);
+                } else {
+                    rows_block::<W, 1, true>(xp, k, ks, wr, iop, spread(0), wide);
+                }
+                passes_over::<f32>(xp, rows, k, ks, wide, iop, |p| spread(p + 1), r0);
             } else {
-                passes_over::<W>(xp, rows, k, ks, wr, iop, spread);
+                passes_over::<W>(xp, rows, k, ks, wr, iop, spread, 0);
             }
         }
         crate::pack::copy_block_cols(io, PACK_ROWS, b, (b + 1) * PACK_ROWS, rows, first, cols, out);
     }
 }
 
-/// Every pass of [`rows_block`] (two input rows each, one for an odd last) over one range.
+/// Every pass of [`rows_block`] (two input rows each, one for an odd last) over one range, from
+/// input row `from`; `spread` is given the pass's index among them.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn passes_over<W: Wide8>(
     xp: *const f32,
     rows: usize,
@@ -238,14 +244,32 @@ unsafe fn passes_over<W: Wide8>(
     w: *const W,
     iop: *mut f32,
     spread: impl Fn(usize) -> Spread,
+    from: usize,
 ) {
-    let mut r = 0;
+    let mut r = from;
+    let null = std::ptr::null_mut();
     while r + 2 <= rows {
-        rows_block::<W, 2>(xp.add(r * k), k, ks, w, iop.add(r * PACK_ROWS), spread(r / 2));
+        rows_block::<W, 2, false>(
+            xp.add(r * k),
+            k,
+            ks,
+            w,
+            iop.add(r * PACK_ROWS),
+            spread((r - from) / 2),
+            null,
+        );
         r += 2;
     }
     if r < rows {
-        rows_block::<W, 1>(xp.add(r * k), k, ks, w, iop.add(r * PACK_ROWS), spread(r / 2));
+        rows_block::<W, 1, false>(
+            xp.add(r * k),
+            k,
+            ks,
+            w,
+            iop.add(r * PACK_ROWS),
+            spread((r - from) / 2),
+            null,
+        );
     }
 }
 
